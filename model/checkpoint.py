@@ -1,0 +1,154 @@
+"""Checkpoint I/O: the official PonderV2 container (``torch.save`` dict, keys prefixed ``module.``) and our
+format (a folder with ``model.safetensors`` + ``config.json``).
+
+Official files are read with ``torch.load(weights_only=True)``; only the harmless numpy scalar types that
+the official trainer stores (``best_metric_value``) are allow-listed. Anything that needs full unpickling
+is refused unless the caller passes ``trust=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.build import build_model
+from model.config import ModelConfig
+from model.infer_config import infer_config
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model. The message says why."""
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: nn.Module
+    source: str
+
+
+def _numpy_safe_globals() -> list:
+    allowed = [np.dtype, np.core.multiarray.scalar]
+    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType"):
+        dtype_class = getattr(np.dtypes, name, None)
+        if dtype_class is not None:
+            allowed.append(dtype_class)
+    return allowed
+
+
+def read_official(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict of an official checkpoint, ``module.`` prefix removed."""
+    try:
+        if trust:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: the file needs full unpickling, which can run arbitrary code ({str(exc).splitlines()[0]}). "
+            "If you trust its origin, pass --trust-checkpoint (trust=True).") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: no state_dict of tensors found (expected a dict with 'state_dict')")
+    return strip_prefix(state)
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """Remove the DDP prefix when every key carries it (the tester's rule, not the trainer's blind key[7:])."""
+    if all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a message naming the first missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+        raise CheckpointError(f"{source}: checkpoint does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _read_config_file(folder: Path) -> ModelConfig | None:
+    for name in (CONFIG_FILE, "config.yaml", "config.yml"):
+        path = folder / name
+        if path.exists():
+            try:
+                data = json.loads(path.read_text()) if name.endswith(".json") else yaml.safe_load(path.read_text())
+                return ModelConfig.from_dict(data)
+            except (ValueError, TypeError, yaml.YAMLError) as exc:
+                raise CheckpointError(f"{path}: invalid model config ({exc})") from exc
+    return None
+
+
+def load_checkpoint(path: str | Path, trust: bool = False, config: ModelConfig | None = None) -> LoadedModel:
+    """Load our format (folder or ``.safetensors`` file with a config beside it) or an official ``.pth``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    if path.is_dir() or path.suffix == ".safetensors":
+        folder = path if path.is_dir() else path.parent
+        weights = folder / WEIGHTS_FILE if path.is_dir() else path
+        if not weights.exists():
+            raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} in the checkpoint folder")
+        try:
+            state = load_file(str(weights))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{weights}: not a valid safetensors file ({exc})") from exc
+        config = config or _read_config_file(folder) or infer_config(state)
+    else:
+        state = read_official(path, trust=trust)
+        try:
+            config = config or infer_config(state)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot infer the architecture from the state_dict ({exc})") from exc
+    model = build_model(config)
+    load_state_strict(model, state, str(path))
+    model.eval()
+    return LoadedModel(config=config, model=model, source=str(path))
+
+
+def save_checkpoint(model: nn.Module, config: ModelConfig, out_dir: str | Path) -> Path:
+    """Write our format: ``model.safetensors`` (contiguous CPU tensors) and ``config.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "kind": config.kind})
+    config.save(out / CONFIG_FILE)
+    return out
+
+
+def save_official(model: nn.Module, path: str | Path, epoch: int = 0, ddp_prefix: bool = True,
+                  extra: dict | None = None) -> Path:
+    """Write the official container (what PonderV2's CheckpointSaver writes), loadable by the official tester."""
+    prefix = "module." if ddp_prefix else ""
+    state = {prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"epoch": epoch, "state_dict": state, "best_metric_value": float("-inf"), **(extra or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,147 @@
+"""Predictor: one loaded model and the steps every caller shares (CLI, service workers, training eval).
+
+Flow: PointCloud → ``prepare`` (voxelize) → ``encode`` (backbone, batched) → ``classify`` (head) → per-point
+results through ``point_to_voxel``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import LoadedModel, load_checkpoint
+from model.config import ModelConfig
+from model.pointcloud.cloud import PointCloud
+from model.pointcloud.voxelize import VoxelizedCloud, voxelize
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str
+    conditions: tuple[str, ...]
+    class_names: dict[str, tuple[str, ...]]
+    feature_dim: int
+    grid_size: float
+    input_features: tuple[str, ...]
+    version: str
+
+
+@dataclass
+class FeatureResult:
+    voxel_features: np.ndarray   # (M, C) float32
+    point_to_voxel: np.ndarray   # (N,) int64
+    grid_coord: np.ndarray       # (M, 3) int32
+
+    def point_features(self) -> np.ndarray:
+        """(N, C) float32 features of every input point, in input order."""
+        return self.voxel_features[self.point_to_voxel]
+
+
+@dataclass
+class SegmentResult:
+    logits: np.ndarray           # (N, K) float32
+    labels: np.ndarray           # (N,) int32
+    class_names: tuple[str, ...]
+
+
+class Predictor:
+    """Thread-safe inference around one model. ``encode`` runs one forward pass over a batch of scenes;
+    rows of different scenes never interact (each scene gets its own batch index)."""
+
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu"):
+        self.config: ModelConfig = loaded.config
+        self.source = loaded.source
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+        self.model = loaded.model.to(self.device).eval()
+        self._lock = threading.Lock()
+        cfg = self.config
+        self.info = ModelInfo(name=cfg.name, kind=cfg.kind, conditions=cfg.conditions, class_names=cfg.class_names,
+                              feature_dim=cfg.feature_dim, grid_size=cfg.grid_size,
+                              input_features=cfg.input_features, version=cfg.version)
+
+    @property
+    def has_classifier(self) -> bool:
+        return bool(getattr(self.model, "has_classifier", False))
+
+    def resolve_condition(self, condition: str | None) -> str | None:
+        conditions = self.config.conditions
+        if not conditions:
+            if condition not in (None, "", "default"):
+                raise ValueError(f"this model takes no condition (got {condition!r})")
+            return None
+        if condition in (None, ""):
+            return self.config.default_condition()
+        if condition not in conditions:
+            raise ValueError(f"unknown condition {condition!r}; this model supports {list(conditions)}")
+        return condition
+
+    def prepare(self, cloud: PointCloud, grid_size: float | None = None) -> VoxelizedCloud:
+        return voxelize(cloud, grid_size or self.config.grid_size, self.config.input_features)
+
+    @torch.no_grad()
+    def encode(self, batch: list[VoxelizedCloud], condition: str | None = None) -> list[np.ndarray]:
+        """Per-voxel features (M_i, C) for each scene, from one forward pass over the whole batch."""
+        condition = self.resolve_condition(condition)
+        feat = torch.from_numpy(np.concatenate([v.feat for v in batch])).to(self.device)
+        grid = torch.from_numpy(np.concatenate([v.grid_coord for v in batch])).to(self.device)
+        index = torch.from_numpy(np.concatenate([np.full(v.num_voxels, i) for i, v in enumerate(batch)]))
+        with self._lock:  # spconv layers cache per-call state; one forward at a time per model
+            features = self.model.features(feat, grid, index.to(self.device), condition)
+        sizes = [v.num_voxels for v in batch]
+        return [f.float().cpu().numpy() for f in torch.split(features, sizes)]
+
+    @torch.no_grad()
+    def classify(self, voxel_features: list[np.ndarray], condition: str | None = None) -> list[np.ndarray]:
+        if not self.has_classifier:
+            raise ValueError(f"model {self.info.name!r} ({self.info.kind}) has no segmentation head")
+        condition = self.resolve_condition(condition)
+        out = []
+        for features in voxel_features:
+            logits = self.model.classify(torch.from_numpy(features).to(self.device), condition)
+            out.append(logits.float().cpu().numpy())
+        return out
+
+    def class_names(self, condition: str | None) -> tuple[str, ...]:
+        condition = self.resolve_condition(condition)
+        names = self.config.labels_for(condition)
+        return names
+
+    def features(self, cloud: PointCloud, condition: str | None = None, grid_size: float | None = None) -> FeatureResult:
+        voxels = self.prepare(cloud, grid_size)
+        (features,) = self.encode([voxels], condition)
+        return FeatureResult(features, voxels.point_to_voxel, voxels.grid_coord)
+
+    def segment(self, cloud: PointCloud, condition: str | None = None, grid_size: float | None = None) -> SegmentResult:
+        result = self.features(cloud, condition, grid_size)
+        (voxel_logits,) = self.classify([result.voxel_features], condition)
+        logits = voxel_logits[result.point_to_voxel]
+        names = self.class_names(condition)
+        if len(names) != logits.shape[1]:
+            names = tuple(f"class{i}" for i in range(logits.shape[1]))
+        return SegmentResult(logits=logits, labels=logits.argmax(axis=1).astype(np.int32), class_names=names)
+
+
+def default_checkpoint() -> Path:
+    """The bundled default model (shipped inside the package)."""
+    if not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
+        raise FileNotFoundError(f"the bundled default model is missing from {DEFAULT_MODEL_DIR}; "
+                                "pass --checkpoint to name one")
+    return DEFAULT_MODEL_DIR
+
+
+def load_predictor(checkpoint: str | Path | None = None, device: str = "cpu",
+                   trust_checkpoint: bool = False) -> Predictor:
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    loaded = load_checkpoint(path, trust=trust_checkpoint)
+    if loaded.config.name == "ponder" and checkpoint is not None:
+        loaded.config.name = path.stem if path.is_file() else path.name
+    return Predictor(loaded, device)

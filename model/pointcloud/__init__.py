@@ -1,0 +1,1 @@
+"""Point-cloud input: decoding, normals, voxelisation."""

@@ -1,0 +1,85 @@
+"""The decoded point cloud: the one in-memory form every reader produces and every consumer takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class PointCloudError(ValueError):
+    """Bad or unreadable point-cloud input. The message names the source and the problem."""
+
+
+@dataclass
+class PointCloud:
+    """A point cloud in metres, rows in input order.
+
+    coord:  (N, 3) float32, metres (z up for indoor scenes).
+    color:  (N, 3) uint8 RGB 0..255, or None when the source has no colour.
+    normal: (N, 3) float32 unit normals, or None when the source has none.
+    extras: other per-point arrays the source carried (e.g. ``intensity``, ``segment``,
+            ``instance``), each with N rows. Readers keep them; the model ignores them.
+    source: a human-readable name for error messages (file name, upload name).
+    """
+
+    coord: np.ndarray
+    color: np.ndarray | None = None
+    normal: np.ndarray | None = None
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        self.coord = np.ascontiguousarray(self.coord, dtype=np.float32)
+        if self.coord.ndim != 2 or self.coord.shape[1] != 3:
+            raise PointCloudError(f"{self.source}: coord must have shape (N, 3), got {self.coord.shape}")
+        n = len(self.coord)
+        if self.color is not None:
+            self.color = _as_color(self.color, self.source)
+            if len(self.color) != n:
+                raise PointCloudError(f"{self.source}: {len(self.color)} colours for {n} points")
+        if self.normal is not None:
+            self.normal = np.ascontiguousarray(self.normal, dtype=np.float32)
+            if self.normal.shape != (n, 3):
+                raise PointCloudError(f"{self.source}: normal must have shape ({n}, 3), got {self.normal.shape}")
+        for name, values in self.extras.items():
+            if len(values) != n:
+                raise PointCloudError(f"{self.source}: extra field {name!r} has {len(values)} rows for {n} points")
+
+    def __len__(self) -> int:
+        return len(self.coord)
+
+    def validate(self) -> "PointCloud":
+        """Refuse clouds the model cannot take: no points, or NaN/inf coordinates or normals."""
+        if len(self) == 0:
+            raise PointCloudError(f"{self.source}: the point cloud has no points")
+        bad = ~np.isfinite(self.coord).all(axis=1)
+        if bad.any():
+            raise PointCloudError(
+                f"{self.source}: {int(bad.sum())} of {len(self)} points have NaN or infinite coordinates "
+                f"(first at row {int(np.argmax(bad))})"
+            )
+        if self.normal is not None and not np.isfinite(self.normal).all():
+            raise PointCloudError(f"{self.source}: normals contain NaN or infinite values")
+        return self
+
+
+def _as_color(color: np.ndarray, source: str) -> np.ndarray:
+    """Colours as uint8 0..255. Float input in [0, 1] is scaled; float input in [0, 255] is rounded;
+    16-bit input (LAS) is scaled down."""
+    color = np.asarray(color)
+    if color.ndim != 2 or color.shape[1] != 3:
+        raise PointCloudError(f"{source}: color must have shape (N, 3), got {color.shape}")
+    if color.dtype == np.uint8:
+        return np.ascontiguousarray(color)
+    if np.issubdtype(color.dtype, np.floating):
+        if not np.isfinite(color).all():
+            raise PointCloudError(f"{source}: colours contain NaN or infinite values")
+        scale = 255.0 if color.size and color.max() <= 1.0 else 1.0
+        return np.clip(np.rint(color * scale), 0, 255).astype(np.uint8)
+    if np.issubdtype(color.dtype, np.integer):
+        top = int(color.max()) if color.size else 0
+        if top > 255:  # 16-bit colour (LAS, some PLY)
+            return np.clip(color // 257, 0, 255).astype(np.uint8)
+        return np.clip(color, 0, 255).astype(np.uint8)
+    raise PointCloudError(f"{source}: unsupported colour dtype {color.dtype}")

@@ -1,0 +1,55 @@
+"""LAS and LAZ through ``laspy`` (LAZ needs the ``lazrs`` backend, installed with ``laspy[lazrs]``).
+
+Coordinates are the scaled float64 values converted to float32 as they are (no offset removed):
+indoor scans are within metres of the origin; georeferenced survey coordinates lose precision here.
+"""
+
+from __future__ import annotations
+
+import io
+
+import laspy
+import numpy as np
+
+from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.pointcloud.formats import MAX_EXPANSION
+
+_EXTRAS = ("intensity", "classification")
+
+
+def read_las(data: bytes, source: str) -> PointCloud:
+    try:
+        with laspy.open(io.BytesIO(data)) as reader:
+            header = reader.header
+        _check_size(header, len(data), source)
+        las = laspy.read(io.BytesIO(data))
+    except (laspy.errors.LaspyException, ValueError, RuntimeError, OSError) as exc:
+        # RuntimeError covers lazrs.LazrsError (truncated or corrupt LAZ chunks).
+        raise PointCloudError(f"{source}: not a valid LAS/LAZ file ({exc})") from exc
+    declared, found = int(las.header.point_count), len(las.points)
+    if found != declared:
+        raise PointCloudError(f"{source}: LAS file is truncated: the header declares {declared} points, found {found}")
+    coord = np.empty((found, 3), dtype=np.float32)  # (N, 3) metres
+    for i, axis in enumerate("xyz"):
+        coord[:, i] = np.asarray(getattr(las, axis))
+    dimensions = set(las.point_format.dimension_names)
+    color = None
+    if {"red", "green", "blue"} <= dimensions:
+        color = np.stack([np.asarray(las[name]) for name in ("red", "green", "blue")], axis=1)  # uint16
+    extras = {name: np.array(las[name]) for name in _EXTRAS if name in dimensions}
+    return PointCloud(coord=coord, color=color, extras=extras, source=source)
+
+
+def _check_size(header: laspy.LasHeader, size: int, source: str) -> None:
+    """Refuse a point count the file cannot hold before laspy allocates the records."""
+    needed = int(header.point_count) * header.point_format.size
+    available = size - int(header.offset_to_point_data)
+    if not header.are_points_compressed and needed > available:
+        raise PointCloudError(
+            f"{source}: LAS file is truncated: the header declares {header.point_count} points "
+            f"({needed} bytes) but only {max(available, 0)} bytes follow"
+        )
+    if header.are_points_compressed and needed > MAX_EXPANSION * size:
+        raise PointCloudError(
+            f"{source}: LAZ header declares {header.point_count} points, implausibly many for a {size}-byte file"
+        )

@@ -1,0 +1,115 @@
+"""PCD (PCL point cloud data) in ASCII, binary and binary_compressed encodings through ``pypcd4``.
+
+pypcd4 parses the header; binary data is then viewed straight from the input buffer. Colour comes
+from a packed ``rgb``/``rgba`` field (float32 or uint32 bits 0x00RRGGBB) or from ``r``/``g``/``b``.
+The VIEWPOINT pose is not applied.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pydantic
+from pypcd4 import Encoding, MetaData
+from pypcd4 import PointCloud as PcdCloud
+
+from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.pointcloud.formats import MAX_EXPANSION
+from model.pointcloud.formats.columns import cloud_from_columns
+
+_MAX_HEADER_LINES = 64
+_PADDING_PREFIX = "#$%&~~"  # pypcd4's name for "_" padding fields
+
+
+def read_pcd(data: bytes, source: str) -> PointCloud:
+    metadata, offset = _parse_header(data, source)
+    dtype = metadata.build_dtype()
+    if metadata.data == Encoding.BINARY:
+        needed, available = metadata.points * dtype.itemsize, len(data) - offset
+        if available < needed:
+            raise PointCloudError(
+                f"{source}: PCD file is truncated: the header declares {metadata.points} points "
+                f"({needed} bytes) but only {available} bytes follow"
+            )
+        records = np.frombuffer(data, dtype=dtype, count=metadata.points, offset=offset)
+    else:
+        if metadata.data != Encoding.ASCII:
+            _check_compressed_sizes(data, offset, metadata.points * dtype.itemsize, source)
+        try:
+            records = PcdCloud.from_fileobj(io.BytesIO(data)).pc_data
+        except (ValueError, RuntimeError, OSError, IndexError) as exc:
+            raise PointCloudError(f"{source}: not a valid {metadata.data.value} PCD file ({exc})") from exc
+        if len(records) != metadata.points:
+            raise PointCloudError(
+                f"{source}: PCD file is truncated: the header declares {metadata.points} points, found {len(records)}"
+            )
+    columns = _columns(records, metadata)
+    for packed in ("rgb", "rgba"):
+        if packed in columns and columns[packed].ndim == 1 and columns[packed].dtype.itemsize == 4:
+            bits = columns.pop(packed).view(np.uint32)
+            columns.update(r=(bits >> 16) & 0xFF, g=(bits >> 8) & 0xFF, b=bits & 0xFF)
+            break
+    return cloud_from_columns(columns, source, "PCD")
+
+
+def _parse_header(data: bytes, source: str) -> tuple[MetaData, int]:
+    """Header lines up to DATA → (metadata, byte offset of the point data)."""
+    stream = io.BytesIO(data)
+    lines: list[str] = []
+    while not (lines and lines[-1].upper().startswith("DATA")):
+        raw = stream.readline()
+        if not raw or len(lines) >= _MAX_HEADER_LINES:
+            raise PointCloudError(f"{source}: not a valid PCD file (no DATA line in the header)")
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise PointCloudError(f"{source}: not a valid PCD file (header is not text)") from exc
+        if line and not line.startswith("#"):
+            lines.append(line)
+    try:
+        metadata = MetaData.parse_header(lines)
+    except (pydantic.ValidationError, ValueError, KeyError) as exc:
+        raise PointCloudError(f"{source}: not a valid PCD header ({exc})") from exc
+    counts = {len(metadata.fields), len(metadata.size), len(metadata.type), len(metadata.count)}
+    if len(counts) != 1:
+        raise PointCloudError(f"{source}: PCD header FIELDS/SIZE/TYPE/COUNT have different lengths")
+    try:
+        metadata.build_dtype()
+    except KeyError as exc:
+        raise PointCloudError(f"{source}: PCD header has an unsupported TYPE/SIZE pair {exc}") from exc
+    return metadata, stream.tell()
+
+
+def _check_compressed_sizes(data: bytes, offset: int, expected: int, source: str) -> None:
+    """binary_compressed data starts with uint32 compressed and uncompressed sizes; check both
+    before pypcd4 allocates the uncompressed buffer."""
+    if len(data) < offset + 8:
+        raise PointCloudError(f"{source}: PCD file is truncated: no compressed data block")
+    compressed, uncompressed = struct.unpack_from("<II", data, offset)
+    if uncompressed != expected:
+        raise PointCloudError(
+            f"{source}: not a valid PCD file (the header needs {expected} bytes of points, "
+            f"the compressed block holds {uncompressed})"
+        )
+    if compressed > len(data) - offset - 8:
+        raise PointCloudError(
+            f"{source}: PCD file is truncated: the compressed block is {compressed} bytes, "
+            f"{len(data) - offset - 8} follow"
+        )
+    if uncompressed > MAX_EXPANSION * max(compressed, 1):
+        raise PointCloudError(f"{source}: PCD compressed block claims an implausible {uncompressed} bytes")
+
+
+def _columns(records: np.ndarray, metadata: MetaData) -> dict[str, np.ndarray]:
+    """Field views; COUNT > 1 fields become (N, count) arrays; padding fields are dropped."""
+    columns: dict[str, np.ndarray] = {}
+    for name, count in zip(metadata.fields, metadata.count):
+        if name.startswith(_PADDING_PREFIX):
+            continue
+        if count == 1:
+            columns[name] = records[name]
+        else:
+            columns[name] = np.stack([records[f"{name}__{i:04d}"] for i in range(count)], axis=1)
+    return columns

@@ -1,0 +1,75 @@
+"""Plain-text XYZ tables (``.xyz``, ``.txt``): one point per row, whitespace- or comma-separated.
+
+Columns by count: 3 = x y z; 4 = x y z intensity; 6 = x y z r g b (0..255 or 0..1);
+9 = x y z r g b nx ny nz. Lines starting with ``#`` and one non-numeric header line are skipped.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from model.pointcloud.cloud import PointCloud, PointCloudError
+
+_COLUMN_COUNTS = (3, 4, 6, 9)
+
+
+def read_xyz(data: bytes, source: str) -> PointCloud:
+    skip, delimiter = _layout(data, source)
+    text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    try:
+        table = np.loadtxt(text, dtype=np.float64, comments="#", delimiter=delimiter, skiprows=skip, ndmin=2)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PointCloudError(f"{source}: not a valid XYZ text table ({exc})") from exc
+    columns = table.shape[1]
+    if columns not in _COLUMN_COUNTS:
+        raise PointCloudError(
+            f"{source}: XYZ table has {columns} columns; expected 3 (xyz), 4 (xyz intensity), "
+            "6 (xyz rgb) or 9 (xyz rgb normal)"
+        )
+    return PointCloud(
+        coord=table[:, 0:3],
+        color=table[:, 3:6] if columns >= 6 else None,
+        normal=table[:, 6:9] if columns == 9 else None,
+        extras={"intensity": table[:, 3].astype(np.float32)} if columns == 4 else {},
+        source=source,
+    )
+
+
+def write_xyz(cloud: PointCloud, path: Path) -> None:
+    """x y z [r g b [nx ny nz]], with enough digits to round-trip float32 exactly."""
+    if cloud.normal is not None and cloud.color is None:
+        raise PointCloudError(f"{cloud.source}: XYZ text can hold normals only together with colours")
+    parts, formats = [cloud.coord.astype(np.float64)], ["%.9g"] * 3
+    if cloud.color is not None:
+        parts.append(cloud.color.astype(np.float64))
+        formats += ["%d"] * 3
+    if cloud.normal is not None:
+        parts.append(cloud.normal.astype(np.float64))
+        formats += ["%.9g"] * 3
+    np.savetxt(path, np.hstack(parts), fmt=formats, delimiter=" ")
+
+
+def _layout(data: bytes, source: str) -> tuple[int, str | None]:
+    """(lines before the first data row, delimiter of that row); comments and one header line are skipped."""
+    seen_header = False
+    for index, raw in enumerate(io.BytesIO(data)):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        delimiter = "," if b"," in line else None
+        try:
+            [float(token) for token in line.decode("utf-8").split(delimiter)]
+        except UnicodeDecodeError as exc:
+            raise PointCloudError(f"{source}: not a valid XYZ text table (not UTF-8 text)") from exc
+        except ValueError as exc:
+            if seen_header:
+                raise PointCloudError(
+                    f"{source}: not a valid XYZ text table (line {index + 1} is not numeric: {line[:60]!r})"
+                ) from exc
+            seen_header = True  # a header line such as "x y z r g b"
+            continue
+        return index, delimiter
+    raise PointCloudError(f"{source}: XYZ text has no data rows")

@@ -1,0 +1,156 @@
+"""Read any supported point-cloud file into a validated :class:`PointCloud`, and write a few back.
+
+Input may be a path, the file's bytes, or a binary stream; it is read into memory once and each
+format decodes from that buffer (``np.frombuffer`` wherever the layout allows, so a large binary
+upload is not copied again). The format comes from ``format=``, else the name's suffix, else the
+magic bytes. Every failure, including a library's own exception, surfaces as
+:class:`PointCloudError` naming the source and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.pointcloud.formats.kitti import read_kitti_bin
+from model.pointcloud.formats.las import read_las
+from model.pointcloud.formats.numpy_files import read_npy, read_npz, write_npz
+from model.pointcloud.formats.pcd import read_pcd
+from model.pointcloud.formats.ply import read_ply, write_ply
+from model.pointcloud.formats.text import read_xyz, write_xyz
+
+Reader = Callable[[bytes, str], PointCloud]
+Writer = Callable[[PointCloud, Path], None]
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("ply", "las", "laz", "npy", "npz", "pcd", "xyz", "txt", "bin")
+WRITABLE_FORMATS: tuple[str, ...] = ("ply", "npz", "xyz", "txt")
+
+_READERS: dict[str, Reader] = {
+    "ply": read_ply,
+    "las": read_las,
+    "laz": read_las,
+    "npy": read_npy,
+    "npz": read_npz,
+    "pcd": read_pcd,
+    "xyz": read_xyz,
+    "txt": read_xyz,
+    "bin": read_kitti_bin,
+}
+_WRITERS: dict[str, Writer] = {"ply": write_ply, "npz": write_npz, "xyz": write_xyz, "txt": write_xyz}
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"ply", "ply"),
+    (b"LASF", "las"),  # LAZ too: laspy tells them apart from the header
+    (b"\x93NUMPY", "npy"),
+    (b"PK\x03\x04", "npz"),
+    (b"PK\x05\x06", "npz"),  # empty zip
+    (b"# .PCD", "pcd"),
+    (b"VERSION", "pcd"),
+    (b"FIELDS", "pcd"),
+)
+
+Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
+
+
+def format_from_name(name: str | os.PathLike | None) -> str | None:
+    """The format for a file name's suffix (case-insensitive), or None when unknown."""
+    if not name:
+        return None
+    suffix = Path(os.fspath(name)).suffix.lower().lstrip(".")
+    return suffix if suffix in _READERS else None
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The format from a file's first bytes, for the formats that have a signature (not xyz/bin)."""
+    head = head.lstrip() if head[:1].isspace() else head
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    return None
+
+
+def read_point_cloud(source: Source, format: str | None = None, name: str | None = None) -> PointCloud:
+    """Decode ``source`` (path, bytes or binary stream) into a validated PointCloud.
+
+    ``name`` labels error messages and, when ``format`` is None, its suffix picks the format
+    (an upload's file name, say); a path's own name is used otherwise.
+    """
+    data, label, own_name = _load(source, name)
+    if not data:
+        raise PointCloudError(f"{label}: the file is empty")
+    fmt = _resolve_format(format, (name, own_name), data, label)
+    try:
+        cloud = _READERS[fmt](data, label)
+    except (PointCloudError, MemoryError):
+        raise
+    except Exception as exc:  # a library's own error: keep its text, name the source and format
+        raise PointCloudError(f"{label}: not a valid {fmt.upper()} file ({type(exc).__name__}: {exc})") from exc
+    return cloud.validate()
+
+
+def write_point_cloud(cloud: PointCloud, path: str | os.PathLike, format: str | None = None) -> Path:
+    """Write ``cloud`` as binary PLY, NPZ (Pointcept keys) or XYZ text; returns the path."""
+    path = Path(path)
+    fmt = _normalise(format) if format else format_from_name(path)
+    writer = _WRITERS.get(fmt or "")
+    if writer is None:
+        raise PointCloudError(
+            f"{path}: cannot write format {fmt or path.suffix or '(none)'}; writable: {', '.join(WRITABLE_FORMATS)}"
+        )
+    writer(cloud, path)
+    return path
+
+
+def _is_path(source: Source) -> bool:
+    return isinstance(source, (str, os.PathLike))
+
+
+def _load(source: Source, name: str | None) -> tuple[bytes, str, str | None]:
+    """(the whole input as bytes, a label for messages, the path's or stream's own name).
+
+    bytes are used as they are (no copy); bytearray/memoryview are copied once into bytes.
+    """
+    if _is_path(source):
+        path = Path(source)
+        try:
+            return path.read_bytes(), name or str(path), str(path)
+        except OSError as exc:
+            raise PointCloudError(f"{name or path}: cannot read the file ({exc.strerror or exc})") from exc
+    if isinstance(source, bytes):
+        return source, name or "<bytes>", None
+    if isinstance(source, (bytearray, memoryview)):
+        return bytes(source), name or "<bytes>", None
+    read = getattr(source, "read", None)
+    if read is None:
+        raise TypeError(f"read_point_cloud takes a path, bytes or a binary stream, not {type(source).__name__}")
+    stream_name = getattr(source, "name", None)
+    own_name = os.fspath(stream_name) if isinstance(stream_name, (str, os.PathLike)) else None
+    label = name or own_name or "<stream>"
+    try:
+        data = read()
+    except OSError as exc:
+        raise PointCloudError(f"{label}: cannot read the stream ({exc})") from exc
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PointCloudError(f"{label}: the stream must be opened in binary mode")
+    return (data if isinstance(data, bytes) else bytes(data)), label, own_name
+
+
+def _normalise(format: str) -> str:
+    fmt = format.lower().lstrip(".")
+    if fmt not in _READERS:
+        raise PointCloudError(f"unknown point-cloud format {format!r}; supported: {', '.join(SUPPORTED_FORMATS)}")
+    return fmt
+
+
+def _resolve_format(format: str | None, names: tuple[str | None, ...], data: bytes, label: str) -> str:
+    if format:
+        return _normalise(format)
+    fmt = next((f for f in map(format_from_name, names) if f), None) or sniff_format(data[:64])
+    if fmt is None:
+        raise PointCloudError(
+            f"{label}: cannot tell the point-cloud format from the name or the content; "
+            f"pass format= (one of {', '.join(SUPPORTED_FORMATS)})"
+        )
+    return fmt

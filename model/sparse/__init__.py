@@ -1,0 +1,1 @@
+"""Sparse-convolution building blocks: spconv layer factories, kernel maps and gather-based ops."""

@@ -1,0 +1,83 @@
+"""spconv layer factories and the device-dependent choice of spconv algorithm.
+
+spconv picks its algorithm when a layer is built: the CUDA build defaults to implicit GEMM, which
+cannot run on a CPU. The official checkpoints do not depend on the algorithm, so layers are built
+with spconv's default and switched to ``ConvAlgo.Native`` whenever the model runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import spconv.pytorch as spconv
+import torch
+from spconv.pytorch import ConvAlgo
+from torch import nn
+
+_DEFAULT_ALGO = "_ponder_default_algo"
+
+
+def subm_conv(in_channels: int, out_channels: int, kernel_size: int, indice_key: str | None = None,
+              bias: bool = False) -> spconv.SubMConv3d:
+    """Submanifold conv (output sites = input sites). spconv ignores ``padding`` here; the kernel is centred."""
+    padding = 1 if kernel_size > 1 else 0
+    return _remember(spconv.SubMConv3d(in_channels, out_channels, kernel_size, padding=padding, bias=bias,
+                                       indice_key=indice_key))
+
+
+def down_conv(in_channels: int, out_channels: int, indice_key: str) -> spconv.SparseConv3d:
+    """k=2, stride=2 downsampling: every site p feeds the coarse site floor(p / 2)."""
+    return _remember(spconv.SparseConv3d(in_channels, out_channels, 2, stride=2, bias=False,
+                                         indice_key=indice_key))
+
+
+def inverse_conv(in_channels: int, out_channels: int, indice_key: str) -> spconv.SparseInverseConv3d:
+    """Inverse of the down conv with the same ``indice_key``: restores the fine sites, in their order."""
+    return _remember(spconv.SparseInverseConv3d(in_channels, out_channels, 2, bias=False,
+                                                indice_key=indice_key))
+
+
+def _remember(conv: spconv.conv.SparseConvolution) -> spconv.conv.SparseConvolution:
+    setattr(conv, _DEFAULT_ALGO, conv.algo)
+    return conv
+
+
+def use_device_algorithms(module: nn.Module, device: torch.device | str) -> None:
+    """Native algorithm on CPU (the only one spconv has there), spconv's default fast one on CUDA."""
+    device = torch.device(device)
+    for layer in module.modules():
+        if isinstance(layer, spconv.conv.SparseConvolution):
+            default = getattr(layer, _DEFAULT_ALGO, layer.algo)
+            layer.algo = ConvAlgo.Native if device.type != "cuda" else default
+
+
+def sync_algorithms(module: nn.Module, device: torch.device) -> None:
+    """Switch algorithms when the data's device changes (called at the top of each backbone forward)."""
+    if getattr(module, "_ponder_algo_device", None) != device.type:
+        use_device_algorithms(module, device)
+        module._ponder_algo_device = device.type
+
+
+def pointwise(features: torch.Tensor, conv: spconv.conv.SparseConvolution) -> torch.Tensor:
+    """A kernel-volume-1 spconv conv applied to plain features, exactly as spconv 2.x computes it.
+
+    spconv reinterprets the stored (C_out, 1, 1, 1, C_in) weight as a row-major (C_in, C_out) matrix
+    (spconv issue #450); the published checkpoints were trained with that, so we must do the same.
+    """
+    weight = conv.weight
+    out = features @ weight.reshape(weight.shape[-1], weight.shape[0])
+    if conv.bias is not None:
+        out = out + conv.bias
+    return out
+
+
+def make_sparse_tensor(feat: torch.Tensor, grid_coord: torch.Tensor, batch: torch.Tensor,
+                       margin: int = 96) -> spconv.SparseConvTensor:
+    """Build the SparseConvTensor the official backbones build.
+
+    feat (N, C) float, grid_coord (N, 3) non-negative int, batch (N,) scene index (sorted or not).
+    The spatial shape is max(grid_coord) + 96, the official rule (it keeps 4 halvings in range).
+    """
+    indices = torch.cat([batch.view(-1, 1).int(), grid_coord.int()], dim=1).contiguous()
+    spatial_shape = (grid_coord.max(dim=0).values + margin).tolist()
+    batch_size = int(batch.max().item()) + 1 if len(batch) else 1
+    return spconv.SparseConvTensor(features=feat, indices=indices, spatial_shape=spatial_shape,
+                                   batch_size=batch_size)

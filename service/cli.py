@@ -1,0 +1,146 @@
+"""Command-line handlers for ``ponder serve``, ``ponder worker`` and ``ponder extract``. The top-level
+parser (model/cli.py) adds each subcommand with ``add_*_arguments`` and calls ``run_*`` with the
+parsed namespace; each ``run_*`` returns the process exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--checkpoint", type=Path, help="checkpoint file or folder to serve (default: bundled model)")
+    group.add_argument("--models", type=Path, dest="models_dir",
+                       help="serve every checkpoint in this directory, named by file/folder stem")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--trust-checkpoint", action="store_true", default=None,
+                        help="allow full unpickling of the checkpoint (only for files you made yourself)")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--config", type=Path, dest="config_file", help="YAML/JSON settings file (PONDER_* vars win)")
+    parser.add_argument("--default-model", default=None, help="model used when a request names none")
+    parser.add_argument("--worker", choices=("inprocess", "triton"), default=None,
+                        help="run the models in process (default) or call Triton servers")
+    parser.add_argument("--triton-url", action="append", dest="triton_urls", default=None,
+                        help="Triton endpoint host:port (repeat for several; used round-robin)")
+    parser.add_argument("--triton-protocol", choices=("grpc", "http"), default=None)
+    parser.add_argument("--api-key", action="append", dest="api_keys", default=None,
+                        help="accepted API key (repeat for several); none = no authentication")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None)
+
+
+_SETTINGS_ARGS = ("checkpoint", "models_dir", "device", "trust_checkpoint", "config_file", "default_model",
+                  "worker", "triton_urls", "triton_protocol", "api_keys", "log_level")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    overrides = {name: getattr(args, name) for name in _SETTINGS_ARGS if getattr(args, name, None) is not None}
+    try:
+        settings = ServiceSettings(**overrides)
+    except (ValidationError, ValueError) as exc:
+        print(f"ponder serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    url = f"http://{args.host}:{args.port}"
+
+    def announce() -> None:
+        print(f"PonderV2 gateway serving at {url}  (API docs: {url}/docs)", flush=True)
+
+    app = create_app(settings, on_started=announce)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--triton", action="store_true", help="serve the model inside Triton (nvidia-pytriton)")
+    _model_arguments(parser)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    if not args.triton:
+        print("ponder worker: only Triton workers run standalone (pass --triton); the in-process worker runs "
+              "inside `ponder serve`", file=sys.stderr)
+        return 2
+    from service.logs import configure_logging
+    from service.workers.triton_server import serve_triton
+
+    configure_logging("INFO")
+    print(f"Triton worker: gRPC :{args.grpc_port}, HTTP :{args.http_port}; point the gateway at it with "
+          f"PONDER_WORKER=triton PONDER_TRITON_URLS=HOST:{args.grpc_port}", flush=True)
+    try:
+        serve_triton(args.checkpoint, args.models_dir, device=args.device or "cpu",
+                     trust_checkpoint=bool(args.trust_checkpoint), grpc_port=args.grpc_port,
+                     http_port=args.http_port, metrics_port=args.metrics_port)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ponder worker: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="input directory, glob, list file (.txt/.lst) or files")
+    parser.add_argument("--server", required=True, help="gateway URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("-o", "--output-dir", type=Path, required=True, help="where the feature files go")
+    parser.add_argument("--concurrency", type=int, default=4, help="uploads in flight (default 4)")
+    parser.add_argument("--format", choices=("npy", "parquet"), default="npy", dest="out_format")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--condition", default=None)
+    parser.add_argument("--grid-size", type=float, default=None)
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--api-key", default=None, help="API key (or PONDER_API_KEY)")
+    parser.add_argument("--retries", type=int, default=3, help="retries on 5xx/429/connection errors")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    import os
+
+    from service.extract import ExtractOptions, expand_inputs, extract
+
+    if args.concurrency < 1:
+        print("ponder extract: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        inputs = expand_inputs(args.inputs)
+    except ValueError as exc:
+        print(f"ponder extract: {exc}", file=sys.stderr)
+        return 2
+    opts = ExtractOptions(server=args.server, out_dir=args.output_dir, concurrency=args.concurrency,
+                          out_format=args.out_format, model=args.model, condition=args.condition,
+                          grid_size=args.grid_size, dtype=args.dtype,
+                          api_key=args.api_key or os.environ.get("PONDER_API_KEY"), retries=args.retries,
+                          timeout_s=args.timeout, progress=not args.no_progress)
+    report = asyncio.run(extract(inputs, opts))
+    print(report.summary(), flush=True)
+    return 1 if report.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m service.cli serve|worker|extract ...``) for when model/cli.py is absent."""
+    parser = argparse.ArgumentParser(prog="ponder")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, add, run in (("serve", add_serve_arguments, run_serve), ("worker", add_worker_arguments, run_worker),
+                           ("extract", add_extract_arguments, run_extract)):
+        add(sub.add_parser(name))
+    args = parser.parse_args(argv)
+    return {"serve": run_serve, "worker": run_worker, "extract": run_extract}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""FastAPI dependencies: the app-wide objects the lifespan created, looked up from ``app.state``."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from service.metrics import ServiceMetrics
+from service.pipeline import Pipeline
+from service.settings import ServiceSettings
+from service.workers.base import Worker
+
+
+def get_settings(request: Request) -> ServiceSettings:
+    return request.app.state.settings
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    return request.app.state.pipeline
+
+
+def get_worker(request: Request) -> Worker:
+    return request.app.state.worker
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics

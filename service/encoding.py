@@ -1,0 +1,219 @@
+"""Answer formats chosen by the ``Accept`` header: JSON (small answers), NPY (one array), NPZ (several
+arrays) and the Arrow IPC stream format (when pyarrow imports). Binary answers are streamed in chunks, so
+a million-point answer never needs a second full copy in memory; a JSON answer over the configured size
+is refused with 406 and a message naming the binary formats."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from starlette.responses import Response, StreamingResponse
+
+from service.errors import ApiError
+
+CHUNK = 1 << 20
+
+
+class OutputFormat(str, Enum):
+    JSON = "application/json"
+    NPY = "application/x-npy"
+    NPZ = "application/x-npz"
+    ARROW = "application/vnd.apache.arrow.stream"
+
+
+# Media types a client may send that mean one of ours.
+_ALIASES = {
+    "application/json": OutputFormat.JSON,
+    "application/x-npy": OutputFormat.NPY,
+    "application/octet-stream": OutputFormat.NPY,
+    "application/x-npz": OutputFormat.NPZ,
+    "application/zip": OutputFormat.NPZ,
+    "application/vnd.apache.arrow.stream": OutputFormat.ARROW,
+}
+
+
+def arrow_available() -> bool:
+    """pyarrow is optional at run time: a build that fails to import (e.g. one made for numpy 2) only
+    removes the Arrow format."""
+    try:
+        import pyarrow  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or numpy ABI errors raised at import
+        return False
+    return True
+
+
+def available_formats() -> list[OutputFormat]:
+    return [f for f in OutputFormat if f is not OutputFormat.ARROW or arrow_available()]
+
+
+def negotiate(accept: str | None) -> OutputFormat:
+    """The best format for an ``Accept`` header (q-values honoured; ``*/*`` or none -> JSON)."""
+    if not accept or not accept.strip():
+        return OutputFormat.JSON
+    offered = available_formats()
+    ranked: list[tuple[float, int, OutputFormat]] = []
+    for position, item in enumerate(accept.split(",")):
+        parts = [p.strip() for p in item.split(";")]
+        media = parts[0].lower()
+        q = 1.0
+        for param in parts[1:]:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        if q <= 0:
+            continue
+        if media in ("*/*", "application/*"):
+            candidates = offered
+        elif media in _ALIASES and _ALIASES[media] in offered:
+            candidates = [_ALIASES[media]]
+        else:
+            continue
+        for candidate in candidates:
+            ranked.append((-q, position, candidate))
+    if not ranked:
+        names = ", ".join(f.value for f in offered)
+        raise ApiError(406, f"cannot answer in {accept!r}; available formats: {names}")
+    return min(ranked, key=lambda r: (r[0], r[1]))[2]
+
+
+@dataclass
+class Payload:
+    """What an endpoint answers: named arrays (the first is the main one) and JSON-able metadata."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_values(self) -> int:
+        return sum(int(a.size) for a in self.arrays.values())
+
+
+def _meta_headers(meta: dict) -> dict[str, str]:
+    headers = {}
+    for key, value in meta.items():
+        if value is None:
+            continue
+        text = json.dumps(value) if not isinstance(value, str) else value
+        if len(text) <= 4096 and text.isascii():
+            headers["X-Ponder-" + key.replace("_", "-").title()] = text
+    return headers
+
+
+def encode(payload: Payload, fmt: OutputFormat, max_json_values: int) -> Response:
+    """Serialise ``payload`` as ``fmt`` (406 when the format cannot carry it)."""
+    if fmt is OutputFormat.JSON:
+        return _json(payload, max_json_values)
+    headers = _meta_headers(payload.meta)
+    if fmt is OutputFormat.NPY:
+        if len(payload.arrays) != 1:
+            names = ", ".join(payload.arrays)
+            raise ApiError(406, f"this answer has several arrays ({names}); NPY holds one: ask for "
+                                f"{OutputFormat.NPZ.value} or {OutputFormat.ARROW.value}")
+        (array,) = payload.arrays.values()
+        size, chunks = _npy_chunks(array)
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(chunks, media_type=fmt.value, headers=headers)
+    if fmt is OutputFormat.NPZ:
+        size, chunks = _npz_chunks(payload)
+        headers["Content-Length"] = str(size)
+        headers["Content-Disposition"] = 'attachment; filename="result.npz"'
+        return StreamingResponse(chunks, media_type=fmt.value, headers=headers)
+    lengths = {len(a) for a in payload.arrays.values()}
+    if len(lengths) != 1:
+        raise ApiError(406, "this answer mixes per-voxel and per-point arrays, which one Arrow table cannot "
+                            f"hold: ask for {OutputFormat.NPZ.value}")
+    return StreamingResponse(_arrow_chunks(payload), media_type=fmt.value, headers=headers)
+
+
+def _json(payload: Payload, max_json_values: int) -> Response:
+    if payload.num_values > max_json_values:
+        raise ApiError(406, f"the answer has {payload.num_values} values, more than the JSON limit of "
+                            f"{max_json_values} (PONDER_MAX_JSON_VALUES); ask for a binary format with "
+                            f"'Accept: {OutputFormat.NPY.value}', '{OutputFormat.NPZ.value}' or "
+                            f"'{OutputFormat.ARROW.value}'")
+    body = dict(payload.meta)
+    for name, array in payload.arrays.items():
+        body[name] = array.tolist()
+        body[f"{name}_shape"] = list(array.shape)
+        body[f"{name}_dtype"] = str(array.dtype)
+    return Response(json.dumps(body, separators=(",", ":")), media_type=OutputFormat.JSON.value)
+
+
+def _npy_chunks(array: np.ndarray) -> tuple[int, Iterator[bytes]]:
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    head = header.getvalue()
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        flat = memoryview(array.reshape(-1).view(np.uint8))
+        for start in range(0, len(flat), CHUNK):
+            yield bytes(flat[start:start + CHUNK])
+
+    return len(head) + array.nbytes, chunks()
+
+
+def _npz_chunks(payload: Payload) -> tuple[int, Iterator[bytes]]:
+    """Uncompressed NPZ spooled to a temporary file (memory up to 32 MiB, then disk), then streamed."""
+    spool = tempfile.SpooledTemporaryFile(max_size=32 << 20)
+    extra = {}
+    for key, value in payload.meta.items():
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            extra[key] = np.array(value, dtype=str)
+        elif isinstance(value, (str, int, float)):
+            extra[key] = np.array(value)
+    np.savez(spool, **payload.arrays, **extra)
+    size = spool.tell()
+    spool.seek(0)
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            while block := spool.read(CHUNK):
+                yield block
+        finally:
+            spool.close()
+
+    return size, chunks()
+
+
+def _arrow_chunks(payload: Payload, rows_per_batch: int = 65536) -> Iterator[bytes]:
+    """Arrow IPC stream: matrices become FixedSizeList columns; metadata rides in the schema."""
+    import pyarrow as pa
+
+    def column(array: np.ndarray) -> pa.Array:
+        if array.ndim == 1:
+            return pa.array(array)
+        flat = pa.array(np.ascontiguousarray(array).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, int(np.prod(array.shape[1:])))
+
+    names = list(payload.arrays)
+    first = payload.arrays[names[0]]
+    schema_meta = {k: json.dumps(v) for k, v in payload.meta.items()}
+    sample = pa.record_batch([column(a[:0]) for a in payload.arrays.values()], names=names)
+    schema = sample.schema.with_metadata(schema_meta)
+    sink = io.BytesIO()
+    writer = pa.ipc.new_stream(sink, schema)
+
+    def drain() -> bytes:
+        data = sink.getvalue()
+        sink.seek(0)
+        sink.truncate()
+        return data
+
+    yield drain()
+    for start in range(0, max(len(first), 1), rows_per_batch):
+        stop = start + rows_per_batch
+        batch = pa.record_batch([column(a[start:stop]) for a in payload.arrays.values()], schema=schema)
+        writer.write_batch(batch)
+        yield drain()
+    writer.close()
+    yield drain()

@@ -1,0 +1,190 @@
+"""Pure-ASGI middleware (no BaseHTTPMiddleware, so streamed bodies and answers pass through untouched):
+
+* :class:`RequestContextMiddleware` — request id (the client's ``X-Request-ID`` or a new one) on every
+  answer and log line, one JSON access-log line per request, and the HTTP metrics;
+* :class:`BodyLimitMiddleware` — refuses bodies over the limit with 413 from ``Content-Length`` at once,
+  or, for chunked uploads, as soon as the bytes read pass the limit;
+* :class:`AuthMiddleware` — optional API keys (401 missing / 403 wrong) and a per-key token bucket (429).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ApiError, problem_response
+from service.logs import request_id_var
+from service.metrics import ServiceMetrics
+
+ACCESS_LOG = logging.getLogger("service.access")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _route_label(scope: Scope) -> str:
+    """The matched route template (bounded label set); unmatched paths share one label."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "<unmatched>"
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if _VALID_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        status = 500
+        sent_bytes = 0
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, sent_bytes
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sent_bytes += len(message.get("body", b""))
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = _route_label(scope)
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route, str(status)).observe(elapsed)
+            ACCESS_LOG.info("%s %s %d", scope["method"], scope["path"], status,
+                            extra={"method": scope["method"], "path": scope["path"], "status": status,
+                                   "duration_ms": round(elapsed * 1000, 2), "response_bytes": sent_bytes,
+                                   "client": (scope.get("client") or ("?",))[0]})
+            request_id_var.reset(token)
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: str) -> ApiError:
+        return ApiError(413, f"request body {size} exceeds the limit of {self.max_bytes} bytes "
+                             f"(PONDER_MAX_UPLOAD_BYTES)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            err = self._too_large(f"of {int(declared)} bytes")
+            response = problem_response(413, err.detail, scope.get("state", {}).get("request_id"),
+                                        headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large(f"(more than {received} bytes read)")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class TokenBuckets:
+    """One token bucket per key: ``rate`` tokens a second up to ``burst``. Thread-safe."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """Take one token; returns 0 when allowed, else the seconds until a token is available."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = _Bucket(float(self.burst), now)
+            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
+            bucket.stamp = now
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return 0.0
+            return (1.0 - bucket.tokens) / self.rate
+
+
+class AuthMiddleware:
+    """Guards the API routes (``/v1/...``); health, metrics and docs stay open."""
+
+    def __init__(self, app: ASGIApp, api_keys: list[str], rate_per_s: float, burst: int,
+                 protected_prefix: str = "/v1/") -> None:
+        self.app = app
+        self.api_keys = [k.encode() for k in api_keys]
+        self.buckets = TokenBuckets(rate_per_s, burst) if rate_per_s > 0 else None
+        self.prefix = protected_prefix
+
+    def _key_of(self, headers: Headers) -> str | None:
+        key = headers.get("x-api-key")
+        if key:
+            return key
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip() or None
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        request_id = scope.get("state", {}).get("request_id")
+        headers = Headers(scope=scope)
+        key = self._key_of(headers)
+        if self.api_keys:
+            if key is None:
+                await problem_response(401, "missing API key: send it as 'X-API-Key: KEY' or "
+                                            "'Authorization: Bearer KEY'", request_id,
+                                       headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+            if not any(hmac.compare_digest(key.encode(), good) for good in self.api_keys):
+                await problem_response(403, "the API key is not valid", request_id)(scope, receive, send)
+                return
+        if self.buckets is not None:
+            client = key if (self.api_keys and key) else (scope.get("client") or ("anonymous",))[0]
+            wait = self.buckets.take(client)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                await problem_response(429, f"rate limit of {self.buckets.rate:g} requests/s "
+                                            f"(burst {self.buckets.burst}) exceeded; retry in {retry} s",
+                                       request_id, headers={"Retry-After": str(retry)})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

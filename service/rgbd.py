@@ -1,0 +1,202 @@
+"""Multi-view RGB-D fusion into one point cloud (numpy only; Pillow just decodes the images).
+
+Each view is a depth image (16-bit PNG, ``depth_scale`` units per metre, 0 = no reading), an optional
+colour image of the same size, and a pinhole camera in OpenCV axes (x right, y down, z forward; pixel
+(u, v) = (column, row), centres at integer coordinates). Valid depths are back-projected, moved to the
+world frame, merged, averaged per ``voxel_size`` voxel (coordinates and colours), and given normals
+from the shared normals estimator, turned to face the camera that saw them.
+
+Camera description (the ``cameras`` JSON part of an upload), per view id::
+
+    {"K": [[fx,0,cx],[0,fy,cy],[0,0,1]]}  or  {"fx":..,"fy":..,"cx":..,"cy":..}
+    plus {"world_to_camera": 4x4} or {"camera_to_world": 4x4} (identity when neither is given)
+
+given as ``{"views": {id: camera}}``, ``{"views": [camera, ...]}`` (ids 0, 1, ...) or ``{id: camera}``;
+an optional top-level ``depth_scale`` overrides the server's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.pointcloud.cloud import PointCloud
+
+
+class RGBDError(ValueError):
+    """Bad RGB-D input; the message names the view and the problem."""
+
+
+@dataclass
+class Camera:
+    K: np.ndarray  # (3, 3) float64 intrinsics
+    camera_to_world: np.ndarray  # (4, 4) float64 pose
+
+
+@dataclass
+class RGBDView:
+    depth: np.ndarray  # (H, W) raw depth units (uint16 PNG values), 0 = missing
+    camera: Camera
+    color: np.ndarray | None = None  # (H, W, 3) uint8
+    name: str = "view"
+
+
+def _matrix(value: object, shape: tuple[int, int], what: str) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise RGBDError(f"{what} must be a {shape[0]}x{shape[1]} matrix of numbers") from exc
+    if array.shape != shape or not np.isfinite(array).all():
+        raise RGBDError(f"{what} must be a finite {shape[0]}x{shape[1]} matrix, got shape {array.shape}")
+    return array
+
+
+def parse_camera(spec: object, name: str) -> Camera:
+    """One view's camera from its JSON object."""
+    if not isinstance(spec, dict):
+        raise RGBDError(f"camera {name!r}: expected a JSON object")
+    if "K" in spec:
+        K = _matrix(spec["K"], (3, 3), f"camera {name!r}: K")
+    else:
+        missing = [k for k in ("fx", "fy", "cx", "cy") if k not in spec]
+        if missing:
+            raise RGBDError(f"camera {name!r}: give K or fx, fy, cx, cy (missing {', '.join(missing)})")
+        try:
+            fx, fy, cx, cy = (float(spec[k]) for k in ("fx", "fy", "cx", "cy"))
+        except (TypeError, ValueError) as exc:
+            raise RGBDError(f"camera {name!r}: fx, fy, cx, cy must be numbers") from exc
+        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], dtype=np.float64)
+    if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise RGBDError(f"camera {name!r}: focal lengths must be positive and finite")
+    if "camera_to_world" in spec:
+        pose = _matrix(spec["camera_to_world"], (4, 4), f"camera {name!r}: camera_to_world")
+    elif "world_to_camera" in spec:
+        w2c = _matrix(spec["world_to_camera"], (4, 4), f"camera {name!r}: world_to_camera")
+        try:
+            pose = np.linalg.inv(w2c)
+        except np.linalg.LinAlgError as exc:
+            raise RGBDError(f"camera {name!r}: world_to_camera is not invertible") from exc
+    else:
+        pose = np.eye(4)
+    if not np.allclose(pose[3], [0, 0, 0, 1]):
+        raise RGBDError(f"camera {name!r}: the pose's last row must be [0, 0, 0, 1]")
+    return Camera(K=K, camera_to_world=pose)
+
+
+def parse_cameras(text: str | bytes) -> tuple[dict[str, Camera], float | None]:
+    """The ``cameras`` JSON part -> ({view id: Camera}, depth_scale override or None)."""
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RGBDError(f"the cameras part is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise RGBDError("the cameras part must be a JSON object")
+    depth_scale = doc.get("depth_scale")
+    if depth_scale is not None and (not isinstance(depth_scale, (int, float)) or not depth_scale > 0):
+        raise RGBDError("depth_scale must be a positive number (depth units per metre)")
+    views = doc.get("views", {k: v for k, v in doc.items() if k != "depth_scale"})
+    if isinstance(views, list):
+        views = {str(i): v for i, v in enumerate(views)}
+    if not isinstance(views, dict) or not views:
+        raise RGBDError("the cameras part names no views")
+    return {str(k): parse_camera(v, str(k)) for k, v in views.items()}, depth_scale
+
+
+def decode_depth(data: bytes, name: str) -> np.ndarray:
+    """A 16-bit (or 32-bit integer) single-channel PNG -> (H, W) array of depth units."""
+    image = _open_image(data, name)
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
+        raise RGBDError(f"{name}: depth must be a 16-bit single-channel PNG, got image mode {image.mode}")
+    depth = np.asarray(image)
+    if depth.ndim != 2:
+        raise RGBDError(f"{name}: depth must have one channel")
+    return depth.astype(np.int64 if depth.dtype.kind == "i" else depth.dtype)
+
+
+def decode_color(data: bytes, name: str) -> np.ndarray:
+    """A PNG or JPEG colour image -> (H, W, 3) uint8 RGB."""
+    image = _open_image(data, name)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _open_image(data: bytes, name: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise RGBDError(f"{name}: the image is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise RGBDError(f"{name}: not a readable PNG/JPEG image ({exc})") from exc
+    return image
+
+
+def back_project(view: RGBDView, depth_scale: float, max_depth: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Valid pixels of one view -> (world points (P, 3) float64, colours (P, 3) uint8 or None)."""
+    depth = view.depth
+    if depth.ndim != 2:
+        raise RGBDError(f"{view.name}: depth must be a 2-D image, got shape {depth.shape}")
+    if view.color is not None and view.color.shape[:2] != depth.shape:
+        raise RGBDError(f"{view.name}: colour image is {view.color.shape[1]}x{view.color.shape[0]} but depth is "
+                        f"{depth.shape[1]}x{depth.shape[0]}; they must be the same size")
+    z = depth.astype(np.float64) / depth_scale
+    valid = np.isfinite(z) & (z > 0) & (z <= max_depth)
+    v, u = np.nonzero(valid)  # rows, columns
+    z = z[v, u]
+    K = view.camera.K
+    x = (u - K[0, 2]) * z / K[0, 0]
+    y = (v - K[1, 2]) * z / K[1, 1]
+    cam = np.stack([x, y, z], axis=1)  # (P, 3) camera frame
+    pose = view.camera.camera_to_world
+    world = cam @ pose[:3, :3].T + pose[:3, 3]
+    color = view.color[v, u] if view.color is not None else None
+    return world, color
+
+
+def voxel_average(points: np.ndarray, colors: np.ndarray | None, voxel: float
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Average points (and colours) per voxel. Returns (points (M,3), colours (M,3) or None, first row (M,))."""
+    keys = np.floor(points / voxel).astype(np.int64)
+    _, first, inverse, counts = np.unique(keys, axis=0, return_index=True, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    sums = np.zeros((len(first), 3))
+    np.add.at(sums, inverse, points)
+    mean_points = sums / counts[:, None]
+    mean_colors = None
+    if colors is not None:
+        csum = np.zeros((len(first), 3))
+        np.add.at(csum, inverse, colors.astype(np.float64))
+        mean_colors = np.clip(np.rint(csum / counts[:, None]), 0, 255).astype(np.uint8)
+    return mean_points, mean_colors, first
+
+
+def fuse_views(views: list[RGBDView], depth_scale: float = 1000.0, voxel_size: float = 0.01,
+               max_depth: float = 10.0, normals: bool = True, source: str = "rgbd") -> PointCloud:
+    """Back-project, merge and voxel-average every view into one cloud (with camera-facing normals)."""
+    if not views:
+        raise RGBDError("no RGB-D views given")
+    with_color = [v.color is not None for v in views]
+    if any(with_color) and not all(with_color):
+        missing = [v.name for v in views if v.color is None]
+        raise RGBDError(f"views {', '.join(missing)} have no colour image while others do; give all or none")
+    parts = [back_project(v, depth_scale, max_depth) for v in views]
+    points = np.concatenate([p for p, _ in parts])
+    if len(points) == 0:
+        raise RGBDError(f"no valid depth in any view (depth 0 or beyond {max_depth} m everywhere)")
+    colors = np.concatenate([c for _, c in parts]) if all(with_color) else None
+    origin_of = np.concatenate([np.full(len(p), i) for i, (p, _) in enumerate(parts)])
+    fused, fused_colors, first = voxel_average(points, colors, voxel_size)
+    normal = None
+    if normals and len(fused) >= 3:
+        from model.pointcloud.normals import estimate_normals
+
+        normal = estimate_normals(fused.astype(np.float32)).astype(np.float64)
+        centres = np.stack([v.camera.camera_to_world[:3, 3] for v in views])[origin_of[first]]  # (M, 3)
+        flip = np.einsum("ij,ij->i", normal, centres - fused) < 0
+        normal[flip] *= -1
+    return PointCloud(coord=fused.astype(np.float32), color=fused_colors,
+                      normal=None if normal is None else normal.astype(np.float32), source=source)

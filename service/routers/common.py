@@ -1,0 +1,62 @@
+"""OpenAPI descriptions shared by the model routes (the bodies are read by hand, so they are declared here)."""
+
+from __future__ import annotations
+
+from model.pointcloud.readers import SUPPORTED_FORMATS
+from service.encoding import OutputFormat
+from service.errors import PROBLEM_JSON
+from service.schemas import Problem
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A point-cloud file as the raw body (format from ?format=, the Content-Type "
+                       "application/vnd.ponder.<format>, the file name or its magic bytes), or multipart with a "
+                       "'file' part, or multipart RGB-D views: depth_<id> (16-bit PNG), optional color_<id> "
+                       "(PNG/JPEG) and a 'cameras' JSON part.",
+        "content": {
+            "application/octet-stream": _BINARY,
+            **{f"application/vnd.ponder.{fmt}": _BINARY for fmt in SUPPORTED_FORMATS},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "cameras": {"type": "string", "description": "JSON: per view K or fx/fy/cx/cy and "
+                                                                      "world_to_camera or camera_to_world"},
+                        "depth_0": {"type": "string", "format": "binary"},
+                        "color_0": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+_PROBLEM = {"content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+ERRORS = {
+    status: {"description": text, "model": Problem, **_PROBLEM}
+    for status, text in {
+        400: "malformed request (empty body, bad multipart)",
+        401: "missing API key",
+        403: "wrong API key",
+        404: "unknown model",
+        406: "the answer cannot be given in the accepted format (e.g. too large for JSON)",
+        413: "upload or point count over the limit",
+        415: "unknown or unrecognisable point-cloud format",
+        422: "invalid parameters or unusable input (NaN coordinates, unknown condition, corrupt file)",
+        429: "rate limit exceeded (see Retry-After)",
+        503: "queue full or model server unavailable (see Retry-After)",
+        504: "the request did not finish in time",
+    }.items()
+}
+
+
+def answers(json_model: type) -> dict:
+    """OpenAPI responses of a model route: the JSON model, the binary formats, and every error."""
+    ok = {"description": "the result, in the format chosen by the Accept header", "model": json_model,
+          "content": {OutputFormat.NPY.value: _BINARY, OutputFormat.NPZ.value: _BINARY,
+                      OutputFormat.ARROW.value: _BINARY}}
+    return {200: ok, **ERRORS}

@@ -1,0 +1,110 @@
+"""Request parameters and JSON answers of the API (pydantic models, so they validate and document)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.pointcloud.readers import SUPPORTED_FORMATS
+
+
+class CommonParams(BaseModel):
+    """Query parameters shared by the model routes."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, max_length=200, description="served model name (default: the server's default)")
+    condition: str | None = Field(None, max_length=100,
+                                  description="dataset condition for conditioned (PPT) models, e.g. ScanNet")
+    grid_size: float | None = Field(None, gt=0, le=10, description="voxel size in metres (default: the model's)")
+    format: str | None = Field(None, max_length=20,
+                               description="input format (" + ", ".join(SUPPORTED_FORMATS) + ") when neither the "
+                                           "Content-Type nor the file name tells it; unknown ones get 415")
+    filename: str | None = Field(None, max_length=500, description="upload name (its suffix can tell the format)")
+    timeout_s: float | None = Field(None, gt=0, le=3600,
+                                    description="deadline for this request in seconds (capped by the server's)")
+
+
+class FeatureParams(CommonParams):
+    output: Literal["per_point", "per_voxel"] = Field(
+        "per_point", description="per_point: (N, C) features in input order; per_voxel: (M, C) voxel features "
+                                 "+ point_to_voxel (N,) + grid_coord (M, 3)")
+    dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the returned features")
+
+
+class SegmentParams(CommonParams):
+    logits: bool = Field(False, description="also return per-point logits (N, K)")
+    dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the returned logits")
+
+
+class Problem(BaseModel):
+    """application/problem+json error body."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = None
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    kind: str
+    conditions: list[str]
+    default_condition: str | None
+    classes: dict[str, list[str]]
+    feature_dim: int
+    grid_size: float
+    input_features: list[str]
+    version: str
+    can_segment: bool
+    default: bool
+
+
+class ModelList(BaseModel):
+    models: list[ModelEntry]
+    default_model: str | None
+    worker: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    detail: str
+    models: list[str]
+    worker: str
+    queue_depth: int
+
+
+class FeaturesJSON(BaseModel):
+    """JSON answer of /v1/features (arrays as nested lists; ``*_shape``/``*_dtype`` describe each)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str
+    condition: str | None
+    num_points: int
+    num_voxels: int
+    grid_size: float
+    output: str
+    features: list
+
+
+class SegmentJSON(BaseModel):
+    """JSON answer of /v1/segment."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str
+    condition: str | None
+    num_points: int
+    num_voxels: int
+    grid_size: float
+    class_names: list[str]
+    labels: list[int]

@@ -1,0 +1,150 @@
+"""Service settings: one pydantic-settings model read from keyword overrides, ``PONDER_*`` environment
+variables and an optional YAML/JSON config file, in that order of precedence.
+
+Every field below is also an environment variable: ``PONDER_`` + the field name in upper case
+(``max_batch`` -> ``PONDER_MAX_BATCH``). List fields accept JSON (``'["a","b"]'``) or a comma-separated
+string (``a,b``). The config file is named by the ``config_file`` field (``PONDER_CONFIG_FILE``); it holds
+a mapping of field names to values (``.json`` as JSON, anything else as YAML).
+
+| setting | default | meaning |
+|---|---|---|
+| checkpoint | None | one checkpoint to serve (named by its file/folder stem); None + no models_dir = bundled default |
+| models_dir | None | serve every checkpoint file/folder in this directory, each named by its stem |
+| default_model | None | model used when a request names none (default: the first name in sorted order) |
+| device | "cpu" | torch device for the in-process worker |
+| trust_checkpoint | False | allow full unpickling of checkpoints (only for files you made yourself) |
+| torch_threads | None | torch intra-op threads for the in-process worker (None = torch's default) |
+| worker | "inprocess" | "inprocess" (models in the gateway process) or "triton" (remote Triton servers) |
+| triton_urls | ["localhost:8001"] | Triton endpoints (host:port), used round-robin |
+| triton_protocol | "grpc" | "grpc" or "http" |
+| triton_retries | 3 | retries per request on transient Triton errors (with exponential backoff) |
+| triton_backoff_s | 0.05 | first retry delay; doubles per retry |
+| breaker_failures | 5 | consecutive failures that open an endpoint's circuit breaker |
+| breaker_reset_s | 10.0 | how long an open breaker refuses calls before one trial call |
+| max_upload_bytes | 512 MiB | request bodies above this are refused with 413 while they are read |
+| max_points | 5_000_000 | clouds with more points are refused with 413 |
+| max_json_values | 2_000_000 | answers with more numbers are refused in JSON (406: ask for NPY/NPZ/Arrow) |
+| request_timeout_s | 120.0 | deadline for one request (decode + queue + inference); 504 after it |
+| queue_size | 32 | requests waiting for the model; more are refused with 503 + Retry-After |
+| max_batch | 4 | requests merged into one forward pass |
+| max_wait_ms | 5.0 | how long the batching loop waits to fill a batch |
+| preprocess_threads | 2 | threads that decode uploads and voxelise (never the event loop) |
+| api_keys | [] | accepted API keys (``X-API-Key`` or ``Authorization: Bearer``); empty = no auth |
+| rate_limit_per_s | 0.0 | token-bucket refill rate per API key (per client address without keys); 0 = off |
+| rate_limit_burst | 20 | token-bucket capacity |
+| depth_scale | 1000.0 | RGB-D: depth PNG units per metre (1000 = millimetres) |
+| rgbd_max_depth_m | 10.0 | RGB-D: depths beyond this are dropped |
+| rgbd_voxel_m | 0.01 | RGB-D: voxel size of the fused cloud's downsampling |
+| log_level | "INFO" | level of the structured JSON logs |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+StrList = Annotated[list[str], NoDecode]
+
+
+class ServiceSettings(BaseSettings):
+    """All knobs of the gateway and its workers (see the module docstring for the table)."""
+
+    model_config = SettingsConfigDict(env_prefix="PONDER_", extra="forbid", protected_namespaces=())
+
+    config_file: Path | None = None
+
+    checkpoint: Path | None = None
+    models_dir: Path | None = None
+    default_model: str | None = None
+    device: str = "cpu"
+    trust_checkpoint: bool = False
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    worker: Literal["inprocess", "triton"] = "inprocess"
+    triton_urls: StrList = Field(default_factory=lambda: ["localhost:8001"])
+    triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_retries: int = Field(default=3, ge=0)
+    triton_backoff_s: float = Field(default=0.05, ge=0)
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_reset_s: float = Field(default=10.0, gt=0)
+
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_points: int = Field(default=5_000_000, ge=1)
+    max_json_values: int = Field(default=2_000_000, ge=1)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    queue_size: int = Field(default=32, ge=1)
+    max_batch: int = Field(default=4, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    preprocess_threads: int = Field(default=2, ge=1)
+
+    api_keys: StrList = Field(default_factory=list)
+    rate_limit_per_s: float = Field(default=0.0, ge=0)
+    rate_limit_burst: int = Field(default=20, ge=1)
+
+    depth_scale: float = Field(default=1000.0, gt=0)
+    rgbd_max_depth_m: float = Field(default=10.0, gt=0)
+    rgbd_voxel_m: float = Field(default=0.01, gt=0)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("triton_urls", "api_keys", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """Accept JSON lists and comma-separated strings from the environment."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: keyword overrides > environment > config file > defaults.
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls, init_settings))
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the mapping in ``config_file`` (given as a keyword or as ``PONDER_CONFIG_FILE``)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        path = getattr(init_settings, "init_kwargs", {}).get("config_file") or os.environ.get("PONDER_CONFIG_FILE")
+        self._values = read_config_file(Path(path)) if path else {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A settings mapping from a JSON or YAML file; a clear error when it is missing or malformed."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"config file {path}: cannot read it ({exc.strerror})") from exc
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"config file {path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of setting names to values")
+    return {str(key).lower(): value for key, value in data.items()}

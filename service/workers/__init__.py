@@ -1,0 +1,1 @@
+"""Model workers behind one interface: in-process (default) or remote Triton servers."""

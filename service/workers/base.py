@@ -1,0 +1,119 @@
+"""The worker interface: the gateway hands a worker voxelised scenes and gets per-voxel features (and
+logits when asked). Decoding and voxelising stay in the gateway, so every worker sees the same tensors."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from model.inference import ModelInfo, Predictor
+from model.pointcloud.voxelize import VoxelizedCloud
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the gateway knows of a served model without holding it: its info (``name`` is the name it is
+    served under), whether it can segment, and the condition used when a request names none."""
+
+    info: ModelInfo
+    has_classifier: bool
+    default_condition: str | None
+
+    @classmethod
+    def of(cls, name: str, predictor: Predictor) -> "ModelCard":
+        return cls(info=replace(predictor.info, name=name), has_classifier=predictor.has_classifier,
+                   default_condition=predictor.resolve_condition(None))
+
+    def to_dict(self) -> dict:
+        return {"info": asdict(self.info), "has_classifier": self.has_classifier,
+                "default_condition": self.default_condition}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelCard":
+        info = dict(data["info"])
+        info["conditions"] = tuple(info["conditions"])
+        info["class_names"] = {k: tuple(v) for k, v in info["class_names"].items()}
+        info["input_features"] = tuple(info["input_features"])
+        return cls(info=ModelInfo(**info), has_classifier=bool(data["has_classifier"]),
+                   default_condition=data.get("default_condition"))
+
+    def resolve_condition(self, condition: str | None) -> str | None:
+        """The condition a request runs under (ValueError naming the valid ones), checked in the gateway
+        so a bad one is refused before it takes a queue slot; the same rule as Predictor.resolve_condition."""
+        conditions = self.info.conditions
+        if not conditions:
+            if condition not in (None, "", "default"):
+                raise ValueError(f"model {self.info.name!r} takes no condition (got {condition!r})")
+            return None
+        if condition in (None, ""):
+            return self.default_condition
+        if condition not in conditions:
+            raise ValueError(f"unknown condition {condition!r} for model {self.info.name!r}; "
+                             f"valid: {', '.join(conditions)}")
+        return condition
+
+    def class_names(self, condition: str | None, num_classes: int) -> tuple[str, ...]:
+        """Label names for a resolved condition; generic names when the model's list does not fit."""
+        names = self.info.class_names.get(condition if condition is not None else "default", ())
+        return tuple(names) if len(names) == num_classes else tuple(f"class{i}" for i in range(num_classes))
+
+
+class WorkerBusy(Exception):
+    """The worker's queue is full; the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class WorkerUnavailable(Exception):
+    """No model server could be reached (after retries, or every circuit breaker is open)."""
+
+
+class WorkerInputError(ValueError):
+    """The worker refused the input itself (e.g. Triton INVALID_ARG); not worth a retry."""
+
+
+@dataclass
+class EncodeJob:
+    """One scene for one model. ``condition`` was validated against the model's conditions."""
+
+    model: str
+    voxels: VoxelizedCloud
+    condition: str | None = None
+    want_logits: bool = False
+
+
+@dataclass
+class EncodeOutput:
+    features: np.ndarray  # (M, C) float32 per-voxel features
+    logits: np.ndarray | None = None  # (M, K) float32 per-voxel logits when asked for
+
+
+class Worker(ABC):
+    """A source of model outputs. ``start`` loads or connects; ``models`` is valid after it."""
+
+    kind: str = "worker"
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+    @abstractmethod
+    def models(self) -> dict[str, ModelCard]:
+        """Served models by name, in the order they were configured."""
+
+    @abstractmethod
+    async def ready(self) -> tuple[bool, str]:
+        """(ready, reason): models loaded and a model server reachable."""
+
+    @abstractmethod
+    async def run(self, job: EncodeJob) -> EncodeOutput:
+        """Encode one scene; raises WorkerBusy, WorkerUnavailable or WorkerInputError."""
+
+    def queue_depth(self) -> int:
+        return 0

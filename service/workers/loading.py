@@ -1,0 +1,49 @@
+"""Which checkpoints a server loads, and under which names (shared by the in-process and Triton workers)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from model.inference import Predictor, load_predictor
+
+LOG = logging.getLogger("service.models")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")
+
+
+def discover_checkpoints(checkpoint: Path | None, models_dir: Path | None) -> dict[str, Path | None]:
+    """{name: path}. ``models_dir``: every checkpoint file or folder in it, named by its stem (sorted);
+    ``checkpoint``: that one, named by its stem (by its folder when the file is called checkpoint/model);
+    neither: the bundled default model under the name "default"."""
+    if models_dir is not None:
+        if not models_dir.is_dir():
+            raise ValueError(f"models directory {models_dir} does not exist")
+        found = {}
+        for entry in sorted(models_dir.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir() or entry.suffix.lower() in CHECKPOINT_SUFFIXES:
+                name = entry.stem if entry.is_file() else entry.name
+                if name in found:
+                    raise ValueError(f"{models_dir}: two checkpoints named {name!r}")
+                found[name] = entry
+        if not found:
+            raise ValueError(f"models directory {models_dir} holds no checkpoint "
+                             f"(files {', '.join(CHECKPOINT_SUFFIXES)} or checkpoint folders)")
+        return found
+    if checkpoint is not None:
+        if not checkpoint.exists():
+            raise ValueError(f"checkpoint {checkpoint} does not exist")
+        generic = checkpoint.is_file() and checkpoint.stem in ("checkpoint", "model", "model_best", "model_last")
+        name = checkpoint.parent.name if generic else (checkpoint.stem if checkpoint.is_file() else checkpoint.name)
+        return {name: checkpoint}
+    return {"default": None}
+
+
+def load_predictors(checkpoints: dict[str, Path | None], device: str = "cpu",
+                    trust_checkpoint: bool = False) -> dict[str, Predictor]:
+    predictors = {}
+    for name, path in checkpoints.items():
+        LOG.info("loading model %s from %s", name, path or "<bundled default>")
+        predictors[name] = load_predictor(path, device=device, trust_checkpoint=trust_checkpoint)
+    return predictors

@@ -1,0 +1,187 @@
+"""Room types: which furniture a room gets and how the pieces relate (chairs at tables, pillows on
+beds, a sink on a counter). Free-standing pieces stay below 1.1 m so the camera loop can pass over
+them; tall pieces stand against walls.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Callable
+
+import numpy as np
+
+from . import furniture as fur
+from .layout import Placer, make_object
+from .shapes import SceneObject, rotate_z
+
+
+class RoomType(IntEnum):
+    BEDROOM = 0
+    LIVING_ROOM = 1
+    OFFICE = 2
+    KITCHEN = 3
+    BATHROOM = 4
+
+
+def _n(rng: np.random.Generator, lo: int, hi: int) -> int:
+    return int(rng.integers(lo, hi + 1))
+
+
+def _local_to_world(obj: SceneObject, local_xy: tuple[float, float]) -> np.ndarray:
+    return obj.origin + rotate_z(np.array([local_xy[0], local_xy[1], 0.0]), obj.yaw)
+
+
+def _table_with_chairs(p: Placer, max_chairs: int, coffee: bool = False) -> None:
+    table = p.try_free("table", fur.table(p.rng, coffee=coffee))
+    if table is None:
+        return
+    p.props_on(table, _n(p.rng, 0, 3))
+    if coffee:
+        return
+    lo, hi = table.local_bounds()
+    half = (hi - lo) / 2
+    slots = [(0.0, -1), (0.0, 1), (-1, 0.0), (1, 0.0)]
+    if half[0] > 0.6:
+        slots += [(-0.5, -1), (0.5, -1), (-0.5, 1), (0.5, 1)]
+    p.rng.shuffle(slots)
+    for sx, sy in slots[:max_chairs]:
+        parts = fur.chair(p.rng)
+        reach = max(parts[0].size[0], parts[0].size[1]) / 2 + p.rng.uniform(0.08, 0.3)
+        local = (sx * half[0] + np.sign(sx) * reach * (sy == 0), sy * half[1] + np.sign(sy) * reach)
+        target = _local_to_world(table, (local[0] if sy != 0 else 0.0, 0.0))
+        p.try_facing("chair", parts, _local_to_world(table, local), target)
+
+
+def _desk_with_chair(p: Placer) -> None:
+    desk = p.try_wall("desk", fur.desk(p.rng))
+    if desk is None:
+        return
+    p.props_on(desk, _n(p.rng, 1, 3))
+    if p.rng.random() < 0.85:
+        lo, hi = desk.local_bounds()
+        parts = fur.chair(p.rng)
+        y = hi[1] + parts[0].size[1] / 2 + p.rng.uniform(0.1, 0.35)
+        x = p.rng.uniform(-0.25, 0.25) * (hi[0] - lo[0])
+        p.try_facing("chair", parts, _local_to_world(desk, (x, y)), _local_to_world(desk, (x, 0.0)))
+
+
+def _bed_group(p: Placer) -> None:
+    bed = p.try_wall("bed", fur.bed(p.rng), margin=0.05)
+    if bed is None:
+        return
+    mattress = bed.parts[1]
+    top = mattress.center[2] + mattress.size[2] / 2
+    width = mattress.size[0]
+    count = 1 if width < 1.3 else 2
+    lo, _ = bed.local_bounds()
+    for i in range(count):
+        parts = fur.pillow(p.rng, width / count - 0.12)
+        x = (i - (count - 1) / 2) * width / count
+        y = lo[1] + 0.1 + parts[0].size[1] / 2
+        origin = _local_to_world(bed, (x, y)) + np.array([0.0, 0.0, top])
+        p.try_at(make_object("pillow", parts, origin, bed.yaw), margin=0.005)
+    wall = [0.0, np.pi / 2, np.pi, -np.pi / 2].index(bed.yaw)
+    s = float(rotate_z(bed.origin - np.append(p.wall_point(wall, 0.0, 0.0), 0.0), -bed.yaw)[0])
+    for side in (-1, 1):
+        if p.rng.random() < 0.7:
+            parts = fur.nightstand(p.rng)
+            at = s + side * (width / 2 + 0.04 + parts[0].size[0] / 2 + p.rng.uniform(0.02, 0.1))
+            stand = p.try_wall("otherfurniture", parts, wall=wall, s=at)
+            if stand is not None:
+                p.props_on(stand, _n(p.rng, 0, 2))
+
+
+def _bathtub_group(p: Placer) -> None:
+    tub = p.try_wall("bathtub", fur.bathtub(p.rng), gap=0.0)
+    if tub is None or p.rng.random() < 0.3:
+        return
+    lo, hi = tub.local_bounds()
+    height = 2.0 - hi[2] - 0.1
+    parts = fur.curtain(p.rng, hi[0] - lo[0], height)
+    origin = _local_to_world(tub, (0.0, hi[1] - 0.04)) + np.array([0.0, 0.0, hi[2] + 0.1])
+    p.try_at(make_object("shower curtain", parts, origin, tub.yaw), margin=0.005)
+
+
+def _wall_items(p: Placer, name: str, build: Callable[[np.random.Generator], list], count: int, props: int = 0) -> None:
+    for _ in range(count):
+        obj = p.try_wall(name, build(p.rng))
+        if obj is not None and props and obj.size[2] < 1.3:
+            p.props_on(obj, _n(p.rng, 0, props))
+
+
+def _pictures(p: Placer, count: int) -> None:
+    for _ in range(count):
+        parts = fur.picture(p.rng)
+        z = p.rng.uniform(1.2, 1.6)
+        if z + parts[0].size[2] < p.size[2] - 0.1:
+            p.try_wall("picture", parts, z=z, gap=0.0, margin=0.05)
+
+
+def furnish(p: Placer, room: RoomType) -> None:
+    """Place the furniture of one room type (groups first: they need the most space)."""
+    r = p.rng
+    if room == RoomType.BEDROOM:
+        _bed_group(p)
+        _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=True), _n(r, 0, 1))
+        if r.random() < 0.6:
+            _desk_with_chair(p)
+        _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 1))
+        _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=False), _n(r, 0, 1), props=2)
+        _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
+        _pictures(p, _n(r, 0, 2))
+    elif room == RoomType.LIVING_ROOM:
+        sofa = p.try_wall("sofa", fur.sofa(r))
+        if sofa is not None and r.random() < 0.8:
+            parts = fur.table(r, coffee=True)
+            depth = max(q.center[1] + q.size[1] / 2 for q in parts) * 2
+            table = p.try_at(make_object("table", parts, _local_to_world(sofa, (0.0, sofa.size[1] / 2 + r.uniform(0.3, 0.5) + depth / 2)), sofa.yaw), 0.05)
+            if table is not None:
+                p.props_on(table, _n(r, 0, 2))
+        for _ in range(_n(r, 0, 2)):
+            p.try_free("chair", fur.chair(r))
+        if r.random() < 0.4:
+            _table_with_chairs(p, _n(r, 2, 4))
+        _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 2))
+        _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
+        _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
+        _pictures(p, _n(r, 1, 3))
+    elif room == RoomType.OFFICE:
+        for _ in range(_n(r, 1, 3)):
+            _desk_with_chair(p)
+        if r.random() < 0.5:
+            _table_with_chairs(p, _n(r, 2, 6))
+        _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 2))
+        _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
+        _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 2))
+        _pictures(p, _n(r, 0, 2))
+    elif room == RoomType.KITCHEN:
+        for i in range(_n(r, 1, 2)):
+            counter = p.try_wall("counter", fur.counter(r))
+            if counter is None:
+                continue
+            if i == 0:  # the first counter carries the sink
+                parts = fur.sink(r)
+                hi = counter.local_bounds()[1]
+                x = r.uniform(-0.3, 0.3) * (counter.size[0] - parts[0].size[0])
+                origin = _local_to_world(counter, (x, 0.0)) + np.array([0.0, 0.0, hi[2]])
+                p.try_at(make_object("sink", parts, origin, counter.yaw), margin=0.01)
+            p.props_on(counter, _n(r, 0, 3))
+        _wall_items(p, "refrigerator", fur.refrigerator, 1)
+        _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
+        if r.random() < 0.7:
+            _table_with_chairs(p, _n(r, 2, 4))
+        _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
+        _pictures(p, _n(r, 0, 1))
+    else:  # bathroom
+        _bathtub_group(p)
+        _wall_items(p, "toilet", fur.toilet, 1)
+        if r.random() < 0.5:
+            _wall_items(p, "sink", fur.pedestal_sink, 1)
+        else:
+            counter = p.try_wall("counter", fur.counter(r))
+            if counter is not None:
+                hi = counter.local_bounds()[1]
+                p.try_at(make_object("sink", fur.sink(r), _local_to_world(counter, (0.0, 0.0)) + np.array([0.0, 0.0, hi[2]]), counter.yaw), 0.01)
+        _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=False), _n(r, 0, 1), props=2)
+        _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
+        _pictures(p, _n(r, 0, 1))
