@@ -55,15 +55,16 @@ def _steps(total: int, desc: str):
 
 
 def _load(args):
-    from model.inference import load_predictor
     from model.pointcloud.readers import read_point_cloud
 
     progress = _steps(3, "ponder")
-    progress.set_postfix_str("loading model")
-    predictor = load_predictor(args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
-    progress.update()
-    progress.set_postfix_str(f"reading {args.input}")
+    progress.set_postfix_str(f"reading {args.input}")  # read first: bad input fails before the model loads
     cloud = read_point_cloud(Path(args.input), format=args.input_format)
+    progress.update()
+    progress.set_postfix_str("loading model")
+    from model.inference import load_predictor  # imports spconv (seconds)
+
+    predictor = load_predictor(args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
     progress.update()
     progress.set_postfix_str(f"running on {len(cloud):,} points")
     return predictor, cloud, progress

@@ -66,6 +66,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton", action="store_true", help="serve the model inside Triton (nvidia-pytriton)")
     _model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address Triton listens on (0.0.0.0 for remote gateways)")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -80,12 +81,12 @@ def run_worker(args: argparse.Namespace) -> int:
     from service.workers.triton_server import serve_triton
 
     configure_logging("INFO")
-    print(f"Triton worker: gRPC :{args.grpc_port}, HTTP :{args.http_port}; point the gateway at it with "
-          f"PONDER_WORKER=triton PONDER_TRITON_URLS=HOST:{args.grpc_port}", flush=True)
+    print(f"Triton worker: gRPC {args.host}:{args.grpc_port}, HTTP {args.host}:{args.http_port}; point the gateway "
+          f"at it with PONDER_WORKER=triton PONDER_TRITON_URLS=HOST:{args.grpc_port}", flush=True)
     try:
         serve_triton(args.checkpoint, args.models_dir, device=args.device or "cpu",
                      trust_checkpoint=bool(args.trust_checkpoint), grpc_port=args.grpc_port,
-                     http_port=args.http_port, metrics_port=args.metrics_port)
+                     http_port=args.http_port, metrics_port=args.metrics_port, host=args.host)
     except (ValueError, FileNotFoundError) as exc:
         print(f"ponder worker: {exc}", file=sys.stderr)
         return 2

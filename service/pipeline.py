@@ -19,8 +19,8 @@ from service.metrics import ServiceMetrics
 from service.rgbd import RGBDError, RGBDView, decode_color, decode_depth, fuse_views, parse_cameras
 from service.settings import ServiceSettings
 from service.uploads import CloudUpload, RGBDUpload
-from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerInputError,
-                                  WorkerUnavailable)
+from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerFailed,
+                                  WorkerInputError, WorkerUnavailable)
 
 
 @dataclass
@@ -93,6 +93,8 @@ class Pipeline:
             raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
         except WorkerUnavailable as exc:
             raise ApiError(503, f"the model server is unavailable: {exc}", headers={"Retry-After": "5"}) from exc
+        except WorkerFailed as exc:
+            raise ApiError(502, f"the model server failed: {exc}") from exc
         except WorkerInputError as exc:
             raise ApiError(422, str(exc)) from exc
         return Processed(card=card, condition=condition, voxels=voxels, output=output, filled=filled)

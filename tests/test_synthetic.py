@@ -195,9 +195,10 @@ def test_colors_agree_between_frames_and_cloud(dense_scene):
 
 
 def test_cloud_projects_onto_depth(tmp_path, dense_scene):
-    """Official convention: project the points with K and the reader's w2c extrinsic (integer pixel
-    centres); per pixel the nearest projected point has the ray-cast depth, and no point lies in
-    the free space in front of a depth pixel."""
+    """Official convention: points projected with K and the reader's w2c extrinsic (pixel centres
+    at integer coordinates) land where the ray-cast depth image shows them. Inverse depth is
+    interpolated bilinearly between the 4 pixels around the projection (exact on a plane); a
+    quarter-pixel convention error would already raise the median error to about a millimetre."""
     s = dense_scene
     folder = write_rgbd_scene(tmp_path / "rgbd" / "scene0000_00", "scene0000_00", s.frames)
     views = len(s.frames.pose)
@@ -206,20 +207,21 @@ def test_cloud_projects_onto_depth(tmp_path, dense_scene):
     for v in range(views):
         k, w2c = frames["intrinsic"][v], frames["extrinsic"][v]
         cam = s.points.coord.astype(np.float64) @ w2c[:3, :3].T + w2c[:3, 3]
-        cam = cam[cam[:, 2] > 0.05]
+        front = cam[:, 2] > 0.05
+        cam, inst = cam[front], s.points.instance[front]
         uvw = cam @ k[:3, :3].T
-        u, v_ = np.rint(uvw[:, 0] / uvw[:, 2]).astype(int), np.rint(uvw[:, 1] / uvw[:, 2]).astype(int)
-        ok = (u >= 0) & (u < w) & (v_ >= 0) & (v_ < h)
-        pix, z = v_[ok] * w + u[ok], cam[ok, 2] * 1000.0
-        zbuf = np.full(h * w, np.inf)
-        np.minimum.at(zbuf, pix, z)
-        depth = frames["depth"][v].reshape(-1)
-        both = np.isfinite(zbuf) & (depth > 0)
-        assert both.mean() > 0.8
-        err = np.abs(zbuf[both] - depth[both])
-        assert np.median(err) < 3.0 and np.mean(err < 20.0) > 0.97, np.quantile(err, [0.5, 0.97])
-        in_front = z < depth[pix] - 20.0  # only silhouette points that round onto a neighbouring pixel
-        assert np.mean(in_front[depth[pix] > 0]) < 0.01
+        u, v_ = uvw[:, 0] / uvw[:, 2], uvw[:, 1] / uvw[:, 2]
+        u0, v0 = np.floor(u).astype(int), np.floor(v_).astype(int)
+        ok = (u0 >= 0) & (u0 < w - 1) & (v0 >= 0) & (v0 < h - 1)
+        u, v_, u0, v0, z, inst = u[ok], v_[ok], u0[ok], v0[ok], cam[ok, 2] * 1000.0, inst[ok]
+        depth, shown = frames["depth"][v], frames["instance"][v]
+        corners = [(v0, u0, (1 - (u - u0)) * (1 - (v_ - v0))), (v0, u0 + 1, (u - u0) * (1 - (v_ - v0))),
+                   (v0 + 1, u0, (1 - (u - u0)) * (v_ - v0)), (v0 + 1, u0 + 1, (u - u0) * (v_ - v0))]
+        same = np.all([(depth[a, b] > 0) & (shown[a, b] == inst) for a, b, _ in corners], axis=0)
+        inv_depth = sum(wt / np.maximum(depth[a, b], 1.0) for a, b, wt in corners)
+        err = np.abs(z - 1.0 / inv_depth)[same]
+        assert same.mean() > 0.3 and np.mean(err < 2.0) > 0.5
+        assert np.median(err[err < 20.0]) < 0.5, np.quantile(err, [0.5, 0.9])
 
 
 def test_point_layout_round_trip(written, scene):

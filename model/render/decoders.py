@@ -32,8 +32,9 @@ class FieldDecoder(nn.Module):
         self.in_dim = cfg.in_dim
 
     def forward(self, points: Tensor, feat: Tensor) -> Tensor:
-        # With points_factor 0 the original adds 0·fc_p(points), which changes no value; skip the work.
-        x = self.fc_p(points) * self.points_factor if self.points_factor != 0 else None
+        # With points_factor 0 the original adds 0·fc_p(points): no value changes, so eval skips it; training
+        # keeps it so fc_p gets the original's zero gradient (and hence its weight decay).
+        x = self.fc_p(points) * self.points_factor if self.points_factor != 0 or self.training else None
         for layer in range(self.num_layers - 1):
             h = self.fc_c[layer](feat)
             x = h if x is None else x + h

@@ -31,6 +31,15 @@ def render_losses(pred: Mapping[str, Tensor], target: Mapping[str, Tensor], cfg:
     target: depth (R, 1) (≤ 0 = invalid), rgb (R, 3), semantic (R, D). Returns the weighted losses and ``psnr``
     (logged only). The eval-mode semantic branch of the original refers to an undefined variable and cannot
     run; the training formula is used in both modes here."""
+    needed = [("pred", pred, ("depth", "sdf", "z_vals", "gradients")), ("target", target, ("depth",))]
+    if cfg.rgb_loss > 0:
+        needed += [("pred", pred, ("rgb",)), ("target", target, ("rgb",))]
+    if cfg.semantic_loss > 0:
+        needed += [("pred", pred, ("semantic",)), ("target", target, ("semantic",))]
+    for side, mapping, keys in needed:
+        missing = [k for k in keys if k not in mapping]
+        if missing:
+            raise ValueError(f"render losses need {side}[{', '.join(missing)}] (set that loss weight to 0 otherwise)")
     losses: dict[str, Tensor] = {}
     depth_gt = target["depth"]
     valid = depth_gt > 0.0

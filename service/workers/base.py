@@ -72,6 +72,10 @@ class WorkerUnavailable(Exception):
     """No model server could be reached (after retries, or every circuit breaker is open)."""
 
 
+class WorkerFailed(Exception):
+    """The model server answered with an error of its own (not the input's fault, not transient)."""
+
+
 class WorkerInputError(ValueError):
     """The worker refused the input itself (e.g. Triton INVALID_ARG); not worth a retry."""
 
@@ -113,7 +117,7 @@ class Worker(ABC):
 
     @abstractmethod
     async def run(self, job: EncodeJob) -> EncodeOutput:
-        """Encode one scene; raises WorkerBusy, WorkerUnavailable or WorkerInputError."""
+        """Encode one scene; raises WorkerBusy, WorkerUnavailable, WorkerFailed or WorkerInputError."""
 
     def queue_depth(self) -> int:
         return 0

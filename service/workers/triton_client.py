@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,14 +21,21 @@ import numpy as np
 
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
-from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerInputError,
-                                  WorkerUnavailable)
+from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerFailed,
+                                  WorkerInputError, WorkerUnavailable)
 from service.workers.triton_server import INFO_MODEL
 
 LOG = logging.getLogger("service.triton")
-_TRANSIENT_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
-                   "StatusCode.ABORTED", "StatusCode.UNKNOWN"}
-_INPUT_GRPC = {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.FAILED_PRECONDITION"}
+_TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
+              "StatusCode.ABORTED", "429", "502", "503", "504"}
+_INPUT = {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.FAILED_PRECONDITION", "400", "404"}
+_EXCEPTION_LINE = re.compile(r"^\s*(?:\w+\.)*\w*(?:Error|Exception): .+$", re.MULTILINE)
+
+
+def _short(message: str) -> str:
+    """The last ``SomeError: text`` line of a server-side traceback (the whole message if none)."""
+    lines = [m.group(0).strip() for m in _EXCEPTION_LINE.finditer(message)]
+    return lines[-1] if lines else message.strip()[:500]
 
 
 class CircuitBreaker:
@@ -197,12 +205,12 @@ class TritonWorker(Worker):
 
         if isinstance(exc, InferenceServerException):
             status = str(exc.status() or "")
-            message = exc.message() or str(exc)
-            if status in _INPUT_GRPC or status in ("400", "404"):
+            message = _short(exc.message() or str(exc))
+            if status in _INPUT:
                 return WorkerInputError(f"the model server refused the input: {message}")
-            if status in _TRANSIENT_GRPC or status.startswith("5") or not status:
+            if status in _TRANSIENT or not status:  # no status: the connection itself failed
                 return _TransientError(message)
-            return WorkerInputError(f"the model server refused the request ({status}): {message}")
+            return WorkerFailed(f"{status}: {message}")
         if isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError)):
             return _TransientError(f"{type(exc).__name__}: {exc}")
         try:

@@ -93,7 +93,7 @@ def make_info_fn(cards: dict[str, ModelCard]) -> Callable[[list], list[dict[str,
 
 def serve_triton(checkpoint: Path | None, models_dir: Path | None, device: str = "cpu",
                  trust_checkpoint: bool = False, grpc_port: int = 8001, http_port: int = 8000,
-                 metrics_port: int = 8002) -> None:
+                 metrics_port: int = 8002, host: str = "127.0.0.1") -> None:
     """Load the models and serve them until interrupted (Ctrl-C, or SIGTERM: the server is stopped cleanly,
     so no tritonserver process or shared-memory segment is left behind)."""
     fix_libpython_path()
@@ -102,8 +102,8 @@ def serve_triton(checkpoint: Path | None, models_dir: Path | None, device: str =
 
     predictors = load_predictors(discover_checkpoints(checkpoint, models_dir), device, trust_checkpoint)
     cards = {name: ModelCard.of(name, p) for name, p in predictors.items()}
-    config = TritonConfig(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
-                          exit_timeout_secs=5)
+    config = TritonConfig(grpc_address=host, grpc_port=grpc_port, http_address=host, http_port=http_port,
+                          metrics_port=metrics_port, exit_timeout_secs=5)
     with Triton(config=config) as triton:
         for name, predictor in predictors.items():
             outputs = [Tensor(name="features", dtype=np.float32, shape=(-1, -1))]
@@ -117,7 +117,7 @@ def serve_triton(checkpoint: Path | None, models_dir: Path | None, device: str =
         triton.bind(model_name=INFO_MODEL, infer_func=make_info_fn(cards),
                     inputs=[Tensor(name="query", dtype=bytes, shape=(1,))],
                     outputs=[Tensor(name="cards", dtype=bytes, shape=(1,))], config=ModelConfig(batching=False))
-        LOG.info("Triton serving %s on gRPC :%d, HTTP :%d", ", ".join(cards), grpc_port, http_port)
+        LOG.info("Triton serving %s on gRPC %s:%d, HTTP %s:%d", ", ".join(cards), host, grpc_port, host, http_port)
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             triton.serve()

@@ -35,35 +35,51 @@ def make_object(name: str, parts: list[Part], origin: np.ndarray | tuple = (0.0,
 
 
 @dataclass
-class _Solid:
-    """An occupied oriented box used for collision tests: footprint corners (4, 2) and a z range."""
+class _Solids:
+    """Occupied oriented boxes for collision tests: footprint corners (S, 4, 2) and z ranges (S,).
+
+    Objects are tested part by part, so a pillow may lie on a mattress next to the headboard and a
+    bin may stand under a desk top."""
 
     corners: np.ndarray
-    zlo: float
-    zhi: float
+    zlo: np.ndarray
+    zhi: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "_Solids":
+        return cls(np.zeros((0, 4, 2)), np.zeros(0), np.zeros(0))
+
+    def __add__(self, other: "_Solids") -> "_Solids":
+        return _Solids(np.concatenate([self.corners, other.corners]), np.concatenate([self.zlo, other.zlo]),
+                       np.concatenate([self.zhi, other.zhi]))
+
+    def edge_normals(self) -> np.ndarray:
+        edges = self.corners[:, 1:3] - self.corners[:, 0:2]  # (S, 2, 2): two edges per rectangle
+        return np.stack([-edges[..., 1], edges[..., 0]], axis=-1)
+
+    def overlaps(self, other: "_Solids") -> bool:
+        """Does any box here overlap any box of other? (separating-axis test in xy, interval test in z;
+        touching does not count)."""
+        if not len(self.zlo) or not len(other.zlo):
+            return False
+        na, nb = self.edge_normals(), other.edge_normals()
+        shape = (len(na), len(nb), 2, 2)
+        axes = np.concatenate([np.broadcast_to(na[:, None], shape), np.broadcast_to(nb[None], shape)], axis=2)  # (A, B, 4, 2)
+        pa = np.einsum("ikd,ijad->ijak", self.corners, axes)  # (A, B, 4 axes, 4 corners)
+        pb = np.einsum("jkd,ijad->ijak", other.corners, axes)
+        separated = ((pa.max(-1) <= pb.min(-1) + 1e-9) | (pb.max(-1) <= pa.min(-1) + 1e-9)).any(-1)
+        z_overlap = (self.zhi[:, None] > other.zlo[None] + 1e-6) & (other.zhi[None] > self.zlo[:, None] + 1e-6)
+        return bool((z_overlap & ~separated).any())
 
 
-def _solid(obj: SceneObject, grow: float = 0.0) -> _Solid:
-    """The object's box; grow widens the footprint only, so objects may rest on each other."""
-    lo, hi = obj.local_bounds()
-    lo[:2] -= grow
-    hi[:2] += grow
-    corners = np.array([[lo[0], lo[1], 0], [hi[0], lo[1], 0], [hi[0], hi[1], 0], [lo[0], hi[1], 0]])
-    world = rotate_z(corners, obj.yaw)[:, :2] + obj.origin[:2]
-    return _Solid(world, obj.origin[2] + lo[2], obj.origin[2] + hi[2])
-
-
-def _overlap(a: _Solid, b: _Solid) -> bool:
-    if a.zhi <= b.zlo + 1e-6 or b.zhi <= a.zlo + 1e-6:
-        return False
-    for poly in (a.corners, b.corners):
-        for k in range(2):  # two edge normals per rectangle
-            edge = poly[k + 1] - poly[k]
-            axis = np.array([-edge[1], edge[0]])
-            pa, pb = a.corners @ axis, b.corners @ axis
-            if pa.max() <= pb.min() + 1e-9 or pb.max() <= pa.min() + 1e-9:
-                return False
-    return True
+def _part_solids(obj: SceneObject, grow: float = 0.0) -> _Solids:
+    """The parts of obj as solids; grow widens the footprints only, so objects may rest on each other."""
+    centers = np.array([p.center for p in obj.parts], dtype=np.float64)
+    halves = np.array([p.size for p in obj.parts], dtype=np.float64) / 2 + np.array([grow, grow, 0.0])
+    signs = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64)
+    local = centers[:, None, :2] + signs[None] * halves[:, None, :2]  # (P, 4, 2)
+    corners = rotate_z(np.concatenate([local, np.zeros(local.shape[:2] + (1,))], axis=-1), obj.yaw)[..., :2] + obj.origin[:2]
+    return _Solids(corners, obj.origin[2] + centers[:, 2] - halves[:, 2], obj.origin[2] + centers[:, 2] + halves[:, 2])
 
 
 class Placer:
@@ -72,7 +88,7 @@ class Placer:
     def __init__(self, rng: np.random.Generator, size: np.ndarray, tries: int = 40):
         self.rng, self.size, self.tries = rng, size, tries
         self.objects: list[SceneObject] = []
-        self.solids: list[_Solid] = []
+        self.solids = _Solids.empty()
 
     def wall_point(self, wall: int, s: float, e: float) -> np.ndarray:
         """World xy of along-wall coordinate s (in the direction of local +x) at distance e into the room."""
@@ -84,22 +100,21 @@ class Placer:
 
     def fits(self, obj: SceneObject, margin: float, embed: float = 0.0) -> bool:
         """Inside the room (up to embed metres into the walls) and clear of every solid by margin."""
-        probe = _solid(obj, margin)
-        inner = _solid(obj)
+        inner = _part_solids(obj)
         tol = embed + 1e-6
-        if (inner.corners < -tol).any() or (inner.corners > self.size[:2] + tol).any() or inner.zhi > self.size[2]:
+        if (inner.corners < -tol).any() or (inner.corners > self.size[:2] + tol).any() or inner.zhi.max() > self.size[2]:
             return False
-        return not any(_overlap(probe, s) for s in self.solids)
+        return not _part_solids(obj, margin).overlaps(self.solids)
 
     def add(self, obj: SceneObject, solid: bool = True) -> SceneObject:
         self.objects.append(obj)
         if solid:
-            self.solids.append(_solid(obj))
+            self.solids = self.solids + _part_solids(obj)
         return obj
 
     def keep_out(self, corners: np.ndarray, zlo: float, zhi: float) -> None:
         """Reserve free space (in front of doors) that nothing may occupy."""
-        self.solids.append(_Solid(corners, zlo, zhi))
+        self.solids = self.solids + _Solids(corners[None], np.array([zlo]), np.array([zhi]))
 
     def try_at(self, obj: SceneObject, margin: float = 0.02, embed: float = 0.0) -> SceneObject | None:
         return self.add(obj) if self.fits(obj, margin, embed) else None

@@ -1,0 +1,196 @@
+"""Export a GatherSpUNet to ONNX with a dynamic number of voxels at every UNet level.
+
+The graph holds only Gather / MatMul / Gemm / elementwise ops over the kernel-map tables (computed
+outside the model by `model.sparse.kernel_maps`), so it is exact in onnxruntime: no Scatter op is
+allowed in the result (ScatterElements is wrong with repeated indices, ScatterND(add) is
+non-deterministic in onnxruntime with >= 2 threads).
+
+The dynamo exporter (``torch.onnx.export(..., dynamo=True)``, needs onnxscript) is the default; the
+TorchScript exporter is the fallback (``exporter="torchscript"``). Both give the same graph here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from export.graph import GatherSpUNet, GraphInfo
+from model.sparse.kernel_maps import KernelMaps
+
+log = logging.getLogger(__name__)
+
+FORBIDDEN_OPS = ("ScatterND", "ScatterElements", "Scatter")
+METADATA_PREFIX = "ponder."
+DEFAULT_OPSET = 18
+
+
+class ExportError(RuntimeError):
+    """The exported graph is invalid or contains ops that would be wrong at run time."""
+
+
+def example_scene(num_points: int = 3000, extent: int = 40, seed: int = 0) -> np.ndarray:
+    """(M, 3) unique voxel coordinates on a box's floor and walls: a tiny room used to trace the graph."""
+    rng = np.random.default_rng(seed)
+    pts = rng.integers(0, extent, size=(num_points, 3))
+    wall = rng.integers(0, 3, size=num_points)
+    pts[np.arange(num_points), wall] = rng.integers(0, 2, size=num_points) * (extent - 1)
+    return np.unique(pts, axis=0)
+
+
+def example_inputs(graph: GatherSpUNet, maps: KernelMaps | None = None) -> tuple[torch.Tensor, ...]:
+    if maps is None:
+        maps = graph.kernel_maps(example_scene())
+    feat = torch.randn(maps.num_sites[0], graph.info.in_channels, generator=torch.Generator().manual_seed(0))
+    return graph.example_inputs(maps, feat, condition=0)
+
+
+def _dynamic_shapes(info: GraphInfo) -> tuple:
+    levels = info.num_levels
+    m = [torch.export.Dim(f"m{l}", min=2) for l in range(levels)]
+    shapes: list = [{0: m[0]}, {0: m[0]}]  # feat, stem
+    shapes += [{0: m[l]} for l in range(levels)]  # subm tables
+    shapes += [{0: m[l + 1]} for l in range(levels - 1)]  # down maps: one row per coarse site
+    shapes += [{0: m[l]} for l in range(levels - 1)]  # up maps: one row per fine site
+    if info.conditions:
+        shapes.append(None)  # condition: always (1,)
+    return (shapes[0], tuple(shapes[1:]))  # forward(feat, *inputs)
+
+
+def _dynamic_axes(info: GraphInfo) -> dict[str, dict[int, str]]:
+    names = info.input_names
+    axes: dict[str, dict[int, str]] = {}
+    for name in names:
+        if name in ("feat", "stem_nbr", "up0_map"):
+            axes[name] = {0: "m0"}
+        elif name.startswith("subm"):
+            axes[name] = {0: f"m{name[4:].split('_')[0]}"}
+        elif name.startswith("down"):
+            axes[name] = {0: f"m{int(name[4:].split('_')[0]) + 1}"}
+        elif name.startswith("up"):
+            axes[name] = {0: f"m{name[2:].split('_')[0]}"}
+    for name in info.outputs:
+        axes[name] = {0: "m0"} if name == "backbone_feat" else {0: "m0", 1: "num_classes"}
+    return axes
+
+
+def metadata(info: GraphInfo, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """metadata_props of the exported model: everything a runner needs besides the tensors."""
+    meta = {
+        "kind": info.kind,
+        "backbone": info.backbone,
+        "in_channels": str(info.in_channels),
+        "out_channels": str(info.out_channels),
+        "num_levels": str(info.num_levels),
+        "stem_kernel": str(info.stem_kernel),
+        "conditions": json.dumps(list(info.conditions)),
+        "num_classes": json.dumps(info.num_classes),
+        "class_names": json.dumps({k: list(v) for k, v in info.class_names.items()}),
+        "grid_size": repr(info.grid_size),
+        "input_features": json.dumps(list(info.input_features)),
+        "inputs": json.dumps(info.input_names),
+        "outputs": json.dumps(list(info.outputs)),
+        "table_format": "zero-row-v1",  # missing neighbour = number of input rows (appended zero row)
+    }
+    return {METADATA_PREFIX + k: v for k, v in {**meta, **(extra or {})}.items()}
+
+
+def read_info(model: onnx.ModelProto | str | Path) -> GraphInfo:
+    """GraphInfo back from an exported model's metadata_props."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    props = {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+    if "kind" not in props:
+        raise ExportError("the ONNX model has no ponder metadata; was it exported by `ponder export onnx`?")
+    return GraphInfo(
+        kind=props["kind"], backbone=props["backbone"], in_channels=int(props["in_channels"]),
+        out_channels=int(props["out_channels"]), num_levels=int(props["num_levels"]),
+        stem_kernel=int(props["stem_kernel"]), conditions=tuple(json.loads(props["conditions"])),
+        outputs=tuple(json.loads(props["outputs"])), num_classes=json.loads(props["num_classes"]),
+        class_names={k: tuple(v) for k, v in json.loads(props["class_names"]).items()},
+        grid_size=float(props["grid_size"]), input_features=tuple(json.loads(props["input_features"])))
+
+
+def check_graph(model: onnx.ModelProto) -> None:
+    """Refuse Scatter ops anywhere in the graph (including subgraphs)."""
+    def walk(graph: onnx.GraphProto):
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+
+    bad = sorted({n.op_type for n in walk(model.graph) if n.op_type in FORBIDDEN_OPS})
+    if bad:
+        raise ExportError(f"exported graph contains {bad}; these are wrong or non-deterministic in onnxruntime")
+
+
+def export_onnx(graph: GatherSpUNet, path: str | Path, opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
+                maps: KernelMaps | None = None, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write ``path`` (a single .onnx file); returns it. Checks the model and the op set."""
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = graph.eval()
+    info = graph.info
+    args = example_inputs(graph, maps)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            program = torch.onnx.export(graph, args, dynamo=True, opset_version=opset,
+                                        input_names=info.input_names, output_names=list(info.outputs),
+                                        dynamic_shapes=_dynamic_shapes(info), optimize=True, verbose=False)
+            model = program.model_proto
+        else:
+            tmp = path.with_suffix(".torchscript.onnx")
+            torch.onnx.export(graph, args, str(tmp), dynamo=False, opset_version=opset,
+                              input_names=info.input_names, output_names=list(info.outputs),
+                              dynamic_axes=_dynamic_axes(info))
+            model = onnx.load(str(tmp))
+            tmp.unlink()
+    _name_dims(model, info)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, metadata(info, extra_metadata))
+    model.producer_name = "ponder-serve"
+    check_graph(model)
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    log.info("exported %s (%s exporter, opset %d, %d nodes)", path, exporter, opset, len(model.graph.node))
+    return path
+
+
+def _name_dims(model: onnx.ModelProto, info: GraphInfo) -> None:
+    """Give the dynamic dims stable names (m0.. for voxels per level, num_classes) whatever the exporter
+    called them, so runners and Triton configs can rely on them."""
+    axes = _dynamic_axes(info)
+    for value in list(model.graph.input) + list(model.graph.output):
+        for axis, name in axes.get(value.name, {}).items():
+            dim = value.type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_param = name
+
+
+def describe(path: str | Path) -> dict:
+    """Inputs, outputs (with symbolic shapes), opset, op histogram and metadata of an exported model."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def shape(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {
+        "inputs": {v.name: shape(v) for v in model.graph.input},
+        "outputs": {v.name: shape(v) for v in model.graph.output},
+        "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "ops": dict(sorted(ops.items())),
+        "info": asdict(read_info(model)),
+    }

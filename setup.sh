@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One-step set-up: a virtual environment at .venv with the project and its test tools.
+# torch is installed first and pinned, so pip never swaps in a different (multi-GB) build.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+echo "set-up done: $(.venv/bin/ponder --help >/dev/null && echo 'ponder is at .venv/bin/ponder')"
