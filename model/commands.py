@@ -30,6 +30,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("segment", help="per-point semantic labels and logits")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True, help="output .npz with labels, logits, class_names")
+    p.add_argument("--precise", action="store_true",
+                   help="official precise mode: 13 test-time augmentations x fragments, probabilities voted")
     add_model_arguments(p)
     p.set_defaults(handler=run_segment)
 
@@ -100,7 +102,7 @@ def run_segment(args) -> int:
     import numpy as np
 
     predictor, cloud, progress = _load(args)
-    result = predictor.segment(cloud, args.condition, args.grid_size)
+    result = predictor.segment(cloud, args.condition, args.grid_size, precise=args.precise)
     progress.update()
     progress.close()
     out = Path(args.output)

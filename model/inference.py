@@ -120,10 +120,21 @@ class Predictor:
         (features,) = self.encode([voxels], condition)
         return FeatureResult(features, voxels.point_to_voxel, voxels.grid_coord)
 
-    def segment(self, cloud: PointCloud, condition: str | None = None, grid_size: float | None = None) -> SegmentResult:
-        result = self.features(cloud, condition, grid_size)
-        (voxel_logits,) = self.classify([result.voxel_features], condition)
-        logits = voxel_logits[result.point_to_voxel]
+    def segment(self, cloud: PointCloud, condition: str | None = None, grid_size: float | None = None,
+                precise: bool = False) -> SegmentResult:
+        """Fast mode: one pass, logits of each point's voxel. Precise mode (the official tester): 13 test-time
+        augmentations × test fragments, softmax summed per point; ``logits`` are then log mean probabilities."""
+        if precise:
+            from model.tta import precise_probabilities
+
+            if not self.has_classifier:
+                raise ValueError(f"model {self.info.name!r} ({self.info.kind}) has no segmentation head")
+            summed = precise_probabilities(self, cloud, self.resolve_condition(condition), grid_size)
+            logits = np.log(np.maximum(summed / summed.sum(axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        else:
+            result = self.features(cloud, condition, grid_size)
+            (voxel_logits,) = self.classify([result.voxel_features], condition)
+            logits = voxel_logits[result.point_to_voxel]
         names = self.class_names(condition)
         if len(names) != logits.shape[1]:
             names = tuple(f"class{i}" for i in range(logits.shape[1]))

@@ -128,10 +128,21 @@ def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
 
 
 class Server:
-    """A running gateway: ``url``, ``log`` (its JSON log file) and ``port``."""
+    """A server process started on free loopback ports: ``url``, ``log`` (its output) and ``port``."""
 
-    def __init__(self, url: str, log: Path, port: int) -> None:
-        self.url, self.log, self.port = url, log, port
+    def __init__(self, command: list[str], env: dict[str, str], ready_path: str, port: int, log: Path) -> None:
+        self.port, self.log, self.ready_path = port, log, ready_path
+        self.url = f"http://127.0.0.1:{port}"
+        with log.open("w") as sink:
+            self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=sink,
+                                            stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 180.0) -> "Server":
+        _wait_ready(self.url + self.ready_path, self.process, self.log, timeout)
+        return self
+
+    def stop(self, grace: float = 30.0) -> None:
+        _stop(self.process, grace)
 
     def log_lines(self) -> list[dict]:
         lines = []
@@ -143,41 +154,34 @@ class Server:
         return lines
 
 
-@contextmanager
-def gateway(env: dict[str, str], timeout: float = 120.0) -> Iterator[Server]:
+def start_gateway(env: dict[str, str], folder: Path) -> Server:
     """``python -m uvicorn service.app:create_app --factory`` on a free port with PONDER_* settings."""
     port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "server.log"
-        full_env = {**os.environ, "PONDER_TORCH_THREADS": "2", "PONDER_LOG_LEVEL": "INFO", **env}
-        with log.open("w") as sink:
-            process = subprocess.Popen(
-                [PYTHON, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
-                 "--port", str(port)], cwd=REPO, env=full_env, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_ready(url + "/readyz", process, log, timeout)
-            yield Server(url, log, port)
-        finally:
-            _stop(process)
+    env = {"PONDER_TORCH_THREADS": "2", "PONDER_LOG_LEVEL": "INFO", **env}
+    command = [PYTHON, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
+               "--port", str(port)]
+    return Server(command, env, "/readyz", port, folder / f"gateway-{port}.log")
+
+
+def start_triton_worker(checkpoint: Path, folder: Path) -> tuple[Server, int]:
+    """``ponder worker --triton`` (through service.cli) on free loopback ports; returns (server, grpc port).
+    ``server.url`` is Triton's HTTP endpoint."""
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    command = [PYTHON, "-m", "service.cli", "worker", "--triton", "--checkpoint", str(checkpoint),
+               "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)]
+    server = Server(command, {"OMP_NUM_THREADS": "2"}, "/v2/models/ponder_models/ready", http_port,
+                    folder / f"triton-{http_port}.log")
+    return server, grpc_port
 
 
 @contextmanager
-def triton_worker(checkpoint: Path, timeout: float = 180.0) -> Iterator[tuple[int, int]]:
-    """``ponder worker --triton`` (through service.cli) on free loopback ports; yields (grpc, http)."""
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+def gateway(env: dict[str, str], timeout: float = 180.0) -> Iterator[Server]:
     with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "triton.log"
-        with log.open("w") as sink:
-            process = subprocess.Popen(
-                [PYTHON, "-m", "service.cli", "worker", "--triton", "--checkpoint", str(checkpoint),
-                 "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
-                cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2"}, stdout=sink, stderr=subprocess.STDOUT)
+        server = start_gateway(env, Path(tmp))
         try:
-            _wait_ready(f"http://127.0.0.1:{http_port}/v2/models/ponder_models/ready", process, log, timeout)
-            yield grpc_port, http_port
+            yield server.wait_ready(timeout)
         finally:
-            _stop(process, grace=30.0)
+            server.stop()
 
 
 def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray = np.array([0.0, 0.0, 1.0])) -> np.ndarray:

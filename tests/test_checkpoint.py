@@ -14,6 +14,8 @@ from model.checkpoint import CheckpointError, load_checkpoint, load_state_strict
 from model.infer_config import infer_config
 
 SEMSEG_LISTINGS = ["semseg-spunet-v1m1-0-base.tsv", "semseg-ppt-v1m1-0-sc-s3-st-spunet-lovasz-ft.tsv"]
+PRETRAIN_LISTINGS = ["pretrain-ponder-spunet-v1m1-0-base.tsv", "pretrain-ponder-ppt-v1m1-0-sc-s3-st-spunet.tsv",
+                     "pretrain-ponder-ppt-v1m1-0-sc-s3-st-spunet.70e8ead.tsv"]
 
 
 def read_listing(name: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -29,7 +31,7 @@ def state_from_listing(rows) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): torch.empty(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in rows}
 
 
-@pytest.mark.parametrize("listing", SEMSEG_LISTINGS)
+@pytest.mark.parametrize("listing", SEMSEG_LISTINGS + PRETRAIN_LISTINGS)
 def test_full_size_listing_builds_and_loads_strictly(listing):
     rows = read_listing(listing)
     state = state_from_listing(rows)
@@ -109,3 +111,10 @@ def test_our_format_round_trip(tmp_path):
     assert again.config == loaded.config
     for (k, a), (k2, b) in zip(loaded.model.state_dict().items(), again.model.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
+
+
+def test_pretrain_listings_keep_every_weight_and_know_their_era():
+    head = infer_config(state_from_listing(read_listing(PRETRAIN_LISTINGS[1]))).render
+    old = infer_config(state_from_listing(read_listing(PRETRAIN_LISTINGS[2]))).render
+    assert head["proj_head"] and not old["proj_head"]
+    assert head["head"]["field"]["share_volume"] is False and old["head"]["field"]["share_volume"] is True

@@ -60,3 +60,34 @@ def test_per_voxel_output_maps_back_to_points(tmp_path):
             "--checkpoint", str(folder / "checkpoint.pth"))
     voxels, index = np.load(tmp_path / "v.npy"), np.load(tmp_path / "v.point_to_voxel.npy")
     assert np.abs(voxels[index] - expected["backbone_feat"]).max() < 1e-4
+
+
+def test_pretraining_checkpoint_features_and_render_volume(tmp_path):
+    """PonderIndoor-v2: backbone features through the CLI, then the dense volume from the loaded model."""
+    import json
+
+    import torch
+
+    from model.checkpoint import load_checkpoint, read_official
+    from model.infer_config import infer_config
+    from model.pointcloud.voxelize import center_shift
+    from model.render import RenderHeadConfig
+
+    folder = fixture_dir("ponder_render")
+    expected = np.load(folder / "expected.npz")
+    _ponder("features", str(folder / "input.npz"), "-o", str(tmp_path / "f.npy"), "--checkpoint",
+            str(folder / "checkpoint.pth"), "--condition", "ScanNet")
+    features = np.load(tmp_path / "f.npy")
+    assert np.abs(features - expected["backbone_feat"]).max() < 1e-4
+
+    # grid_shape and the other non-weight settings come from the official model config, not the weights
+    official = json.loads((folder / "model_config.json").read_text())
+    config = infer_config(read_official(folder / "checkpoint.pth"))
+    config.render["head"] = RenderHeadConfig.from_official(official).to_dict()
+    model = load_checkpoint(folder / "checkpoint.pth", config=config).model
+    order = expected["fnv_order"]  # network row i = input point order[i]
+    coord, _ = center_shift(np.load(folder / "input.npz")["coord"], apply_z=True)
+    coord, _ = center_shift(coord[order], apply_z=False)
+    with torch.no_grad():
+        volume = model.volume(torch.from_numpy(features[order]), torch.from_numpy(coord), torch.tensor([len(coord)]))
+    assert np.abs(volume.numpy() - expected["volume"]).max() < 1e-4

@@ -23,6 +23,15 @@ KEYS = SHARED / "reference" / "keys"
 TOL = 1e-4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors: one thread is faster than two on this shared machine (no spin-waiting)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"reference data not found: {path}")
@@ -62,8 +71,8 @@ def _maxabs(a, b) -> float:
 def _fixture_rays(fx) -> tuple[torch.Tensor, torch.Tensor]:
     cam, ex = fx["cam"], fx["ex"]
     h, w = (int(v) for v in cam["image_hw"])
-    rays = [get_rays(h, w, torch.from_numpy(cam["intrinsic"][i][:3, :3]), torch.from_numpy(ex["extrinsic_unit_cube"][i]))
-            for i in range(len(cam["intrinsic"]))]
+    rays = [get_rays(h, w, torch.from_numpy(cam["intrinsic"][i][:3, :3]),
+                     torch.from_numpy(ex["extrinsic_unit_cube"][i])) for i in range(len(cam["intrinsic"]))]
     idx = zip(cam["cam_index"], cam["pixel_y"], cam["pixel_x"])
     o, d = zip(*[(rays[c][0][y, x], rays[c][1][y, x]) for c, y, x in idx])
     return torch.stack(o), torch.stack(d)

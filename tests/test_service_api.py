@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -31,7 +31,7 @@ def server(tmp_path_factory):
     (models / "spunet.pth").symlink_to(SPUNET)
     env = {"PONDER_MODELS_DIR": str(models), "PONDER_DEFAULT_MODEL": "spunet", "PONDER_MAX_POINTS": str(MAX_POINTS),
            "PONDER_MAX_UPLOAD_BYTES": str(8_000_000), "PONDER_MAX_JSON_VALUES": str(MAX_JSON),
-           "PONDER_MAX_WAIT_MS": "20"}
+           "PONDER_MAX_BATCH": "8", "PONDER_MAX_WAIT_MS": "50"}
     with gateway(env) as srv:
         yield srv
 
@@ -46,7 +46,19 @@ def predictors():
 
 @pytest.fixture(scope="module")
 def small():
-    return scene(3000, seed=1)
+    return scene(2000, seed=1)
+
+
+def parallel(calls):
+    """Run zero-argument callables concurrently (the server merges them into few forward passes)."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+def reference_features(predictor, clouds) -> list[np.ndarray]:
+    """Per-point features of several clouds from one batched forward pass in this process."""
+    voxels = [predictor.prepare(c) for c in clouds]
+    return [f[v.point_to_voxel] for f, v in zip(predictor.encode(voxels), voxels)]
 
 
 def post(server, route: str, body: bytes, accept: str = NPY, headers: dict | None = None, **params) -> httpx.Response:
@@ -77,13 +89,21 @@ def test_health_readiness_and_models(server):
     assert ppt["feature_dim"] == 24 and ppt["can_segment"] and ppt["version"]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_every_input_format_matches_the_predictor(server, predictors, small, tmp_path, fmt):
+@pytest.fixture(scope="module")
+def format_results(server, predictors, small, tmp_path_factory):
+    """Every format written with its own library, sent concurrently; the Predictor's answer on the same file."""
     from model.pointcloud.readers import read_point_cloud
 
-    path = write_format(small, tmp_path / f"scene.{fmt}")
-    response = post(server, "/v1/features", path.read_bytes(), filename=path.name)
-    expected = predictors["spunet"].features(read_point_cloud(path)).point_features()
+    folder = tmp_path_factory.mktemp("formats")
+    paths = [write_format(small, folder / f"scene.{fmt}") for fmt in FORMATS]
+    responses = parallel([lambda p=p: post(server, "/v1/features", p.read_bytes(), filename=p.name) for p in paths])
+    expected = reference_features(predictors["spunet"], [read_point_cloud(p) for p in paths])
+    return dict(zip(FORMATS, zip(responses, expected)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_input_format_matches_the_predictor(format_results, small, fmt):
+    response, expected = format_results[fmt]
     got = npy(response)
     assert got.shape == (len(small), 24) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
@@ -93,43 +113,50 @@ def test_every_input_format_matches_the_predictor(server, predictors, small, tmp
 
 def test_every_way_of_naming_the_format_works(server, small):
     body = npz_bytes(small)
-    reference = npy(post(server, "/v1/features", body, format="npz"))
-    ways = [
-        post(server, "/v1/features", body, headers={"Content-Type": "application/vnd.ponder.npz"}),
-        post(server, "/v1/features", body, filename="room.NPZ"),
-        post(server, "/v1/features", body, headers={"Content-Disposition": 'attachment; filename="x.npz"'}),
-        post(server, "/v1/features", body),  # magic bytes
-        httpx.post(server.url + "/v1/features", files={"file": ("room.npz", body)}, headers={"Accept": NPY},
-                   timeout=120),
-    ]
+    reference, *ways = parallel([
+        lambda: post(server, "/v1/features", body, format="npz"),
+        lambda: post(server, "/v1/features", body, headers={"Content-Type": "application/vnd.ponder.npz"}),
+        lambda: post(server, "/v1/features", body, filename="room.NPZ"),
+        lambda: post(server, "/v1/features", body, headers={"Content-Disposition": 'attachment; filename="x.npz"'}),
+        lambda: post(server, "/v1/features", body),  # magic bytes
+        lambda: httpx.post(server.url + "/v1/features", files={"file": ("room.npz", body)}, headers={"Accept": NPY},
+                           timeout=120),
+    ])
     for response in ways:
-        np.testing.assert_array_equal(npy(response), reference)
+        np.testing.assert_allclose(npy(response), npy(reference), atol=1e-5, rtol=0)
 
 
 def test_answer_formats_agree(server, small):
-    body = npz_bytes(small)
-    as_npy = npy(post(server, "/v1/features", body))
-    as_json = post(server, "/v1/features", body, accept="application/json").json()
-    assert as_json["features_shape"] == [len(small), 24] and as_json["num_points"] == len(small)
-    np.testing.assert_allclose(np.array(as_json["features"], np.float32), as_npy, atol=1e-6)
-    assert np.array_equal(npz(post(server, "/v1/features", body, accept=NPZ))["features"], as_npy)
-    half = npy(post(server, "/v1/features", body, dtype="float16"))
-    assert half.dtype == np.float16 and np.allclose(half, as_npy, atol=1e-2, rtol=1e-3)
-    voxel = npz(post(server, "/v1/features", body, accept=NPZ, output="per_voxel"))
-    assert voxel["grid_coord"].shape == (len(voxel["features"]), 3)
-    np.testing.assert_array_equal(voxel["features"][voxel["point_to_voxel"]], as_npy)
-    # q-values: NPZ preferred over JSON
-    assert post(server, "/v1/features", body, accept="application/json;q=0.5, application/x-npz").headers[
-        "content-type"].startswith(NPZ)
     from service.encoding import arrow_available
 
-    if arrow_available():
+    body = npz_bytes(small)
+    plain, as_json, as_npz, half, voxel, preferred, arrow = parallel([
+        lambda: post(server, "/v1/features", body),
+        lambda: post(server, "/v1/features", body, accept="application/json"),
+        lambda: post(server, "/v1/features", body, accept=NPZ),
+        lambda: post(server, "/v1/features", body, dtype="float16"),
+        lambda: post(server, "/v1/features", body, accept=NPZ, output="per_voxel"),
+        lambda: post(server, "/v1/features", body, accept="application/json;q=0.5, application/x-npz"),
+        lambda: post(server, "/v1/features", body, accept=ARROW) if arrow_available() else None,
+    ])
+    as_npy = npy(plain)
+    assert plain.headers["content-length"] == str(len(plain.content))
+    as_json = as_json.json()
+    assert as_json["features_shape"] == [len(small), 24] and as_json["num_points"] == len(small)
+    np.testing.assert_allclose(np.array(as_json["features"], np.float32), as_npy, atol=1e-5)
+    np.testing.assert_allclose(npz(as_npz)["features"], as_npy, atol=1e-5, rtol=0)
+    half = npy(half)
+    assert half.dtype == np.float16 and np.allclose(half, as_npy, atol=1e-2, rtol=1e-3)
+    voxel = npz(voxel)
+    assert voxel["grid_coord"].shape == (len(voxel["features"]), 3)
+    np.testing.assert_allclose(voxel["features"][voxel["point_to_voxel"]], as_npy, atol=1e-5, rtol=0)
+    assert preferred.headers["content-type"].startswith(NPZ)  # q-values honoured
+    if arrow is not None:
         import pyarrow as pa
 
-        response = post(server, "/v1/features", body, accept=ARROW)
-        table = pa.ipc.open_stream(response.content).read_all()
-        arrow = np.stack(table.column("features").to_numpy(zero_copy_only=False))
-        np.testing.assert_array_equal(arrow, as_npy)
+        table = pa.ipc.open_stream(arrow.content).read_all()
+        features = np.stack(table.column("features").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(features, as_npy, atol=1e-5, rtol=0)
         assert json.loads(table.schema.metadata[b"num_points"]) == len(small)
 
 
@@ -146,9 +173,11 @@ def test_answers_that_a_format_cannot_carry_are_refused_with_a_pointer(server, s
 
 def test_segment_with_conditions_matches_the_predictor(server, predictors, small):
     body = npz_bytes(small)
-    for condition, classes in (("S3DIS", 13), (None, 20)):  # None: the default condition, ScanNet
-        params = {"model": "ppt", "logits": "true"} | ({"condition": condition} if condition else {})
-        got = npz(post(server, "/v1/segment", body, accept=NPZ, **params))
+    cases = (("S3DIS", 13), (None, 20))  # None: the default condition, ScanNet
+    answers = parallel([lambda c=c: post(server, "/v1/segment", body, accept=NPZ, model="ppt", logits="true",
+                                         **({"condition": c} if c else {})) for c, _ in cases])
+    for (condition, classes), response in zip(cases, answers):
+        got = npz(response)
         expected = predictors["ppt"].segment(small, condition=condition)
         assert tuple(got["class_names"]) == expected.class_names and len(got["class_names"]) == classes
         np.testing.assert_allclose(got["logits"], expected.logits, atol=1e-5, rtol=0)
@@ -243,20 +272,11 @@ def test_request_id_is_echoed_and_logged_as_json(server, small):
 
 
 def test_concurrent_clients_each_get_their_own_result(server, predictors):
-    clouds = [scene(1500 + 400 * i, seed=10 + i) for i in range(6)]
-    results: dict[int, np.ndarray] = {}
-
-    def call(i: int) -> None:
-        results[i] = npy(post(server, "/v1/features", npz_bytes(clouds[i])))
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(clouds))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i, cloud in enumerate(clouds):
-        np.testing.assert_allclose(results[i], predictors["spunet"].features(cloud).point_features(), atol=1e-5,
-                                   rtol=0)
+    clouds = [scene(1000 + 300 * i, seed=10 + i) for i in range(8)]
+    results = parallel([lambda c=c: npy(post(server, "/v1/features", npz_bytes(c))) for c in clouds])
+    for got, cloud, expected in zip(results, clouds, reference_features(predictors["spunet"], clouds)):
+        assert got.shape == (len(cloud), 24)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
 def test_metrics_expose_traffic_queue_batches_and_points(server, small):
@@ -287,3 +307,12 @@ def test_python_client(server, predictors, small, tmp_path):
         with pytest.raises(PonderError) as error:
             client.features(small, model="missing")
         assert error.value.status == 404 and "missing" in error.value.detail and error.value.request_id
+
+
+def test_streamed_upload_is_cut_off_once_over_the_limit(server):
+    def chunks():  # no Content-Length: the limit must be enforced while reading
+        for _ in range(40):
+            yield b"1.0 2.0 3.0\n" * 50_000  # 600 kB each, 24 MB in all
+
+    response = httpx.post(server.url + "/v1/features", content=chunks(), params={"format": "xyz"}, timeout=60)
+    assert response.status_code == 413 and "PONDER_MAX_UPLOAD_BYTES" in response.json()["detail"]

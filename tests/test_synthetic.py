@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +13,21 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from training.data.classes import (
-    DETECTION_CLASS_IDS, IGNORE_INDEX, NYU40_CEILING, SCANNET20_NAMES, VALID_CLASS_IDS_20, nyu40_to_scannet20,
+    DETECTION_CLASS_IDS,
+    IGNORE_INDEX,
+    NYU40_CEILING,
+    SCANNET20_NAMES,
+    nyu40_to_scannet20,
     scannet20_to_nyu40,
 )
 from training.data.formats import (
-    ALL_FRAMES, SCANNET_EVAL_FRAMES, SCANNET_TRAIN_FRAMES, list_frames, load_rgbd_frames, load_scene, read_skip_list,
+    ALL_FRAMES,
+    SCANNET_EVAL_FRAMES,
+    SCANNET_TRAIN_FRAMES,
+    list_frames,
+    load_rgbd_frames,
+    load_scene,
+    read_skip_list,
     read_split,
 )
 from training.data.synthetic import SceneConfig, add_generate_arguments, generate_scene, run_generate
@@ -64,7 +73,17 @@ def _backproject(depth_mm: np.ndarray, intrinsic: np.ndarray, c2w: np.ndarray) -
 
 def test_class_lists():
     assert len(SCANNET20_NAMES) == 20 and SCANNET20_NAMES[:10] == (
-        "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf")
+        "wall",
+        "floor",
+        "cabinet",
+        "bed",
+        "chair",
+        "sofa",
+        "table",
+        "door",
+        "window",
+        "bookshelf",
+    )
     assert SCANNET20_NAMES[19] == "otherfurniture"
     labels = np.arange(-1, 20)
     assert np.array_equal(nyu40_to_scannet20(scannet20_to_nyu40(labels)), labels)
@@ -92,7 +111,9 @@ def test_pixel_and_pose_conventions():
     """Pixel (u, v) looks along K^-1 (u, v, 1) with integer pixel centres; OpenCV axes."""
     k, w, h = scannet_depth_intrinsic(4)
     assert (w, h) == (160, 120) and k[0, 2] == 79.5 and k[1, 2] == 59.5
-    wall = SceneObject("wall", 1, 0, [Part((0.0, 0.0, 0.0), (20.0, 20.0, 1.0), Material((0.5, 0.5, 0.5)))], np.array([0.0, 0.0, 2.5]))
+    wall = SceneObject(
+        "wall", 1, 0, [Part((0.0, 0.0, 0.0), (20.0, 20.0, 1.0), Material((0.5, 0.5, 0.5)))], np.array([0.0, 0.0, 2.5])
+    )
     boxes = BoxSet.from_objects([wall])
     origins, dirs = camera_rays(k, np.eye(4), w, h)  # identity pose: camera axes = world axes
     hits = cast_rays(origins, dirs, boxes)
@@ -102,7 +123,9 @@ def test_pixel_and_pose_conventions():
     assert np.allclose(point, [2.0 * (u - k[0, 2]) / k[0, 0], 2.0 * (v - k[1, 2]) / k[1, 1], 2.0])
     assert np.allclose(hits.normal, [0.0, 0.0, -1.0])
     pose = look_pose(np.array([1.0, 2.0, 1.5]), yaw=0.0, pitch=0.0)  # looking along +x, z up
-    assert np.allclose(pose[:3, :3], [[0, 0, 1], [-1, 0, 0], [0, -1, 0]]) and np.isclose(np.linalg.det(pose[:3, :3]), 1.0)
+    assert np.allclose(pose[:3, :3], [[0, 0, 1], [-1, 0, 0], [0, -1, 0]]) and np.isclose(
+        np.linalg.det(pose[:3, :3]), 1.0
+    )
 
 
 def test_point_cloud_fields(scene):
@@ -132,7 +155,7 @@ def test_boxes_contain_their_points(scene):
     boxes, labels, instances = scene.detection_boxes()
     assert len(boxes) >= 1 and boxes.shape[1] == 7
     assert set(labels.tolist()) <= set(DETECTION_CLASS_IDS)
-    for box, label, inst in zip(boxes, labels, instances):
+    for box, label, inst in zip(boxes, labels, instances, strict=True):
         assert scene.objects[inst].label == label
         assert (box[3:6] > 0).all()
 
@@ -149,7 +172,10 @@ def test_objects_do_not_interpenetrate(scene):
             pts = rotate_z(local, b.yaw[part]) + b.center[part]
             for other in np.nonzero(np.isin(b.obj, solid) & (b.obj != i))[0]:
                 q = rotate_z(pts - b.center[other], -b.yaw[other])
-                assert not (np.abs(q) < b.half[other] - 1e-3).all(axis=1).any(), (scene.objects[i].name, scene.objects[b.obj[other]].name)
+                assert not (np.abs(q) < b.half[other] - 1e-3).all(axis=1).any(), (
+                    scene.objects[i].name,
+                    scene.objects[b.obj[other]].name,
+                )
 
 
 def test_frames_labels_consistent(scene):
@@ -215,8 +241,12 @@ def test_cloud_projects_onto_depth(tmp_path, dense_scene):
         ok = (u0 >= 0) & (u0 < w - 1) & (v0 >= 0) & (v0 < h - 1)
         u, v_, u0, v0, z, inst = u[ok], v_[ok], u0[ok], v0[ok], cam[ok, 2] * 1000.0, inst[ok]
         depth, shown = frames["depth"][v], frames["instance"][v]
-        corners = [(v0, u0, (1 - (u - u0)) * (1 - (v_ - v0))), (v0, u0 + 1, (u - u0) * (1 - (v_ - v0))),
-                   (v0 + 1, u0, (1 - (u - u0)) * (v_ - v0)), (v0 + 1, u0 + 1, (u - u0) * (v_ - v0))]
+        corners = [
+            (v0, u0, (1 - (u - u0)) * (1 - (v_ - v0))),
+            (v0, u0 + 1, (u - u0) * (1 - (v_ - v0))),
+            (v0 + 1, u0, (1 - (u - u0)) * (v_ - v0)),
+            (v0 + 1, u0 + 1, (u - u0) * (v_ - v0)),
+        ]
         same = np.all([(depth[a, b] > 0) & (shown[a, b] == inst) for a, b, _ in corners], axis=0)
         inv_depth = sum(wt / np.maximum(depth[a, b], 1.0) for a, b, wt in corners)
         err = np.abs(z - 1.0 / inv_depth)[same]
@@ -271,9 +301,14 @@ def test_frame_selection_rules(tmp_path):
 
 def test_pth_reader_is_safe(tmp_path):
     n = 5
-    raw = {"coord": np.random.rand(n, 3).astype(np.float32), "color": np.random.rand(n, 3) * 255,
-           "normal": np.random.rand(n, 3).astype(np.float32), "semantic_gt20": np.arange(n), "instance_gt": np.arange(n),
-           "scene_id": "scene0000_00"}
+    raw = {
+        "coord": np.random.rand(n, 3).astype(np.float32),
+        "color": np.random.rand(n, 3) * 255,
+        "normal": np.random.rand(n, 3).astype(np.float32),
+        "semantic_gt20": np.arange(n),
+        "instance_gt": np.arange(n),
+        "scene_id": "scene0000_00",
+    }
     torch.save(raw, tmp_path / "scene0000_00.pth")
     data = load_scene(tmp_path / "scene0000_00.pth")
     assert np.array_equal(data["coord"], raw["coord"]) and np.array_equal(data["segment"], raw["semantic_gt20"])
@@ -308,8 +343,23 @@ def test_generate_command(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_generate_arguments(parser)
     out = tmp_path / "data"
-    args = parser.parse_args(["--out", str(out), "--scenes", "2", "--frames", "2", "--points-per-m2", "200",
-                              "--val-fraction", "0.5", "--quiet", "--room-types", "office"])
+    args = parser.parse_args(
+        [
+            "--out",
+            str(out),
+            "--scenes",
+            "2",
+            "--frames",
+            "2",
+            "--points-per-m2",
+            "200",
+            "--val-fraction",
+            "0.5",
+            "--quiet",
+            "--room-types",
+            "office",
+        ]
+    )
     assert run_generate(args) == 0
     assert read_split(out, "train") == ["scene0000_00"] and read_split(out, "val") == ["scene0001_00"]
     assert len(load_scene(out / "val" / "scene0001_00")["coord"]) > 1000

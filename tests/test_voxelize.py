@@ -72,3 +72,45 @@ def test_bad_grid_size_and_absurd_units_are_refused():
     huge = PointCloud(room["coord"] * 1e6, room["color"], room["normal"], source="mm.npz")
     with pytest.raises(PointCloudError, match="units"):
         voxelize(huge)
+
+
+def test_precise_mode_covers_every_point_and_agrees_with_fast_mode_mostly():
+    from model.inference import load_predictor
+    from model.tta import OFFICIAL_AUGMENTATIONS, Augmentation, fragment_inputs, precise_probabilities
+
+    folder = fixture_dir("spunet_v1m1_seg")
+    inp = np.load(folder / "input.npz")
+    # two points per voxel: fragments must cover both
+    coord = np.concatenate([inp["coord"], inp["coord"] + 1e-4]).astype(np.float32)
+    cloud = PointCloud(coord, np.concatenate([inp["color"]] * 2), np.concatenate([inp["normal"]] * 2))
+    pieces = list(fragment_inputs(cloud, 0.02, ("color", "normal")))
+    assert len(pieces) >= 2 * len(OFFICIAL_AUGMENTATIONS)
+    covered = np.zeros(len(coord), bool)
+    for kept, _ in pieces[:2]:  # the two fragments of the identity augmentation
+        covered[kept] = True
+    assert covered.all()
+
+    predictor = load_predictor(folder / "checkpoint.pth")
+    small = PointCloud(inp["coord"][:4000], inp["color"][:4000], inp["normal"][:4000])
+    fast = predictor.segment(small)
+    precise = predictor.segment(small, precise=True)
+    assert precise.logits.shape == fast.logits.shape
+    np.testing.assert_allclose(np.exp(precise.logits).sum(1), 1, atol=1e-4)
+    # with the identity augmentation alone, the voted probabilities are the softmax of the fast logits
+    # (the whole fixture scene has one point per voxel, so a single fragment)
+    whole = PointCloud(inp["coord"], inp["color"], inp["normal"])
+    identity = precise_probabilities(predictor, whole, None, augmentations=(Augmentation(),))
+    logits = predictor.segment(whole).logits
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(identity, expected / expected.sum(1, keepdims=True), atol=1e-5)
+
+
+def test_augmentations_rotate_scale_and_flip_about_the_origin():
+    from model.tta import Augmentation
+
+    point, normal = np.array([[1.0, 0.0, 0.5]], np.float32), np.array([[1.0, 0.0, 0.0]], np.float32)
+    c, n = Augmentation(angle=0.5, scale=1.05).apply(point, normal)
+    np.testing.assert_allclose(c, [[0.0, 1.05, 0.525]], atol=1e-6)
+    np.testing.assert_allclose(n, [[0.0, 1.0, 0.0]], atol=1e-6)
+    c, n = Augmentation(flip=True).apply(point, normal)
+    np.testing.assert_allclose(c, [[-1.0, 0.0, 0.5]]) and np.testing.assert_allclose(n, [[-1.0, 0.0, 0.0]])

@@ -30,6 +30,7 @@ class VoxelizedCloud:
     feat:           (M, C) float32 network input features.
     point_to_voxel: (N,) int64, the voxel row of every input point (input order).
     coord:          (M, 3) float32 centre-shifted coordinates of the kept points (metres).
+    kept:           (M,) int64, the input point kept for each voxel (to gather labels in training).
     grid_size:      voxel edge in metres.
     """
 
@@ -37,6 +38,7 @@ class VoxelizedCloud:
     feat: np.ndarray
     point_to_voxel: np.ndarray
     coord: np.ndarray
+    kept: np.ndarray
     grid_size: float
 
     @property
@@ -66,18 +68,45 @@ def center_shift(coord: np.ndarray, apply_z: bool = True) -> tuple[np.ndarray, n
     return coord - shift, shift
 
 
-def grid_sample(coord: np.ndarray, grid_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Voxelise ``coord`` (N, 3). Returns (kept point index (M,), grid_coord (M, 3) int32, point_to_voxel (N,))."""
+def _sorted_voxels(coord: np.ndarray, grid_size: float):
+    """Voxel keys in hash order: (grid (N,3), point order, first-of-voxel flags, voxel id of each sorted point)."""
     g = np.floor(coord / np.array(grid_size)).astype(np.int64)  # float64 division, as in the official code
     g -= g.min(axis=0)
-    order = np.argsort(fnv_hash(g), kind="stable")  # voxels in hash order; points of a voxel in input order
-    keys = fnv_hash(g)[order]
+    hashes = fnv_hash(g)
+    order = np.argsort(hashes, kind="stable")  # voxels in hash order; points of a voxel in input order
+    keys = hashes[order]
     first = np.concatenate([[True], keys[1:] != keys[:-1]])
-    voxel_of_sorted = np.cumsum(first) - 1
-    kept = order[first]
+    return g, order, first, np.cumsum(first) - 1
+
+
+def grid_sample(coord: np.ndarray, grid_size: float,
+                rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxelise ``coord`` (N, 3): (kept point index (M,), grid_coord (M, 3) int32, point_to_voxel (N,)).
+
+    Without ``rng`` the first point of each voxel (input order) is kept; with it, a random one (training)."""
+    g, order, first, voxel_of_sorted = _sorted_voxels(coord, grid_size)
+    starts = np.flatnonzero(first)
+    if rng is None:
+        kept = order[starts]
+    else:
+        counts = np.diff(np.append(starts, len(order)))
+        kept = order[starts + rng.integers(0, counts.max(), len(counts)) % counts]
     point_to_voxel = np.empty(len(coord), dtype=np.int64)
     point_to_voxel[order] = voxel_of_sorted
     return kept, g[kept].astype(np.int32), point_to_voxel
+
+
+def grid_fragments(coord: np.ndarray, grid_size: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The official test mode: ``max(points per voxel)`` fragments; fragment i holds the (i mod count)-th
+    point of every voxel, so together they cover every point. Returns [(point index (M,), grid_coord (M,3))]."""
+    g, order, first, _ = _sorted_voxels(coord, grid_size)
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, len(order)))
+    fragments = []
+    for i in range(int(counts.max())):
+        kept = order[starts + i % counts]
+        fragments.append((kept, g[kept].astype(np.int32)))
+    return fragments
 
 
 def normalize_color(color: np.ndarray) -> np.ndarray:
@@ -85,31 +114,46 @@ def normalize_color(color: np.ndarray) -> np.ndarray:
     return color.astype(np.float32) / 127.5 - 1
 
 
-def voxelize(cloud: PointCloud, grid_size: float = 0.02,
-             feature_keys: tuple[str, ...] = ("color", "normal")) -> VoxelizedCloud:
-    """Decoded point cloud → network input. Missing colours/normals are filled (with a warning)."""
-    if grid_size <= 0 or not np.isfinite(grid_size):
+def complete_cloud(cloud: PointCloud, grid_size: float, feature_keys: tuple[str, ...]) -> PointCloud:
+    """Validate the cloud and the settings, and fill missing colours/normals (with a warning)."""
+    if not grid_size > 0 or not np.isfinite(grid_size):
         raise PointCloudError(f"{cloud.source}: grid_size must be a positive number of metres, got {grid_size}")
     for key in feature_keys:
         if key not in FEATURE_CHANNELS:
             raise ValueError(f"unsupported input feature {key!r}; choose from {sorted(FEATURE_CHANNELS)}")
     cloud.validate()
+    extent = (cloud.coord.max(axis=0) - cloud.coord.min(axis=0)) / grid_size
+    if extent.max() > 2**20:
+        raise PointCloudError(f"{cloud.source}: the scene spans {extent.max():.0f} voxels of {grid_size} m along one "
+                              "axis; check the coordinate units (metres expected) or the grid size")
     if ("normal" in feature_keys and cloud.normal is None) or ("color" in feature_keys and cloud.color is None):
         from model.pointcloud.normals import fill_missing  # scipy import only when needed
 
         cloud = fill_missing(cloud)
-    coord, _ = center_shift(cloud.coord, apply_z=True)
-    extent = coord.max(axis=0) / grid_size
-    if extent.max() > 2**20:
-        raise PointCloudError(f"{cloud.source}: the scene spans {extent.max():.0f} voxels of {grid_size} m along one "
-                              "axis; check the coordinate units (metres expected) or the grid size")
-    kept, grid_coord, point_to_voxel = grid_sample(coord, grid_size)
-    kept_coord, _ = center_shift(coord[kept], apply_z=False)
-    parts = {"coord": kept_coord}
+    return cloud
+
+
+def assemble_features(color: np.ndarray | None, normal: np.ndarray | None, coord: np.ndarray,
+                      feature_keys: tuple[str, ...]) -> np.ndarray:
+    """The official ``Collect(feat_keys=...)``: concatenate the kept points' channels in the given order."""
+    parts = {"coord": coord}
     if "color" in feature_keys:
-        parts["color"] = normalize_color(cloud.color[kept])
+        parts["color"] = normalize_color(color)
     if "normal" in feature_keys:
-        parts["normal"] = cloud.normal[kept]
-    feat = np.concatenate([parts[k] for k in feature_keys], axis=1).astype(np.float32)
+        parts["normal"] = normal
+    return np.concatenate([parts[k] for k in feature_keys], axis=1).astype(np.float32)
+
+
+def voxelize(cloud: PointCloud, grid_size: float = 0.02, feature_keys: tuple[str, ...] = ("color", "normal"),
+             rng: np.random.Generator | None = None) -> VoxelizedCloud:
+    """Decoded point cloud → network input. Missing colours/normals are filled (with a warning).
+    ``rng`` picks a random point per voxel (training); without it the first point is kept."""
+    cloud = complete_cloud(cloud, grid_size, feature_keys)
+    coord, _ = center_shift(cloud.coord, apply_z=True)
+    kept, grid_coord, point_to_voxel = grid_sample(coord, grid_size, rng)
+    kept_coord, _ = center_shift(coord[kept], apply_z=False)
+    color = cloud.color[kept] if cloud.color is not None else None
+    normal = cloud.normal[kept] if cloud.normal is not None else None
+    feat = assemble_features(color, normal, kept_coord, feature_keys)
     return VoxelizedCloud(grid_coord=grid_coord, feat=feat, point_to_voxel=point_to_voxel,
-                          coord=kept_coord, grid_size=float(grid_size))
+                          coord=kept_coord, kept=kept, grid_size=float(grid_size))

@@ -130,7 +130,9 @@ class RenderHeadConfig:
                    and k not in ("projection", "field", "sampler", "collider", "loss")}
             if "grid_shape" in top:
                 top["grid_shape"] = tuple(top["grid_shape"])
-            return cls(projection=ProjectionConfig(**proj), field=FieldConfig(**{**fcfg, **dec}),
+            projection = ProjectionConfig(**proj)
+            field_cfg = FieldConfig(**{**fcfg, **dec}) if fcfg else head_field_config(projection.out_channels)
+            return cls(projection=projection, field=field_cfg,
                        sampler=SamplerConfig(**data.get("sampler", {})), collider=ColliderConfig(**coll),
                        loss=LossConfig(**data.get("loss", {})), **top)
         except (TypeError, KeyError) as exc:
@@ -227,7 +229,8 @@ def _decoder_from_state(sd: Mapping[str, torch.Tensor], prefix: str, points_fact
                   if k.startswith(f"{prefix}lin") and k.endswith(".weight"))
     if not lins or lins != list(range(len(lins))):
         raise RenderConfigError(f"{prefix}: lin layers are missing or not numbered 0..n")
-    return DecoderConfig(in_dim=sd[f"{prefix}fc_c.0.weight"].shape[1], out_dim=sd[f"{prefix}lin{lins[-1]}.weight"].shape[0],
+    return DecoderConfig(in_dim=sd[f"{prefix}fc_c.0.weight"].shape[1],
+                         out_dim=sd[f"{prefix}lin{lins[-1]}.weight"].shape[0],
                          hidden_size=sd[f"{prefix}fc_p.weight"].shape[0], n_blocks=len(lins) - 1,
                          points_factor=points_factor)
 

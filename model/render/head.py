@@ -54,7 +54,8 @@ class PonderRenderHead(nn.Module):
         """``to_unit_cube`` per scene; coord (N, 3) metres as fed to the backbone, offsets cumulative (B,)."""
         return [to_unit_cube(coord[s:e]) for s, e in split_offsets(offsets)]
 
-    def densify(self, backbone_feat: Tensor, scenes: Sequence[UnitCubeScene], offsets: Sequence[int] | Tensor) -> Tensor:
+    def densify(self, backbone_feat: Tensor, scenes: Sequence[UnitCubeScene],
+                offsets: Sequence[int] | Tensor) -> Tensor:
         """Backbone features (N, C_in) -> pooled dense grid (B, C_in, Z, Y, X)."""
         coord = torch.cat([s.coord for s in scenes])
         _, resolution = grid_resolution(torch.stack([s.bbox for s in scenes]), self.cfg.grid_size)

@@ -82,6 +82,13 @@ def sample_training_rays(rgb: Tensor, depth: Tensor, intrinsic: Tensor, extrinsi
     """
     if (semantic is None) != (index2semantic is None):
         raise ValueError("semantic labels and index2semantic must be given together")
+    if rgb.dim() != 5 or rgb.shape[-1] != 3 or depth.shape != rgb.shape[:4]:
+        raise ValueError(f"rgb must be (B, V, H, W, 3) and depth (B, V, H, W); got {tuple(rgb.shape)}, "
+                         f"{tuple(depth.shape)}")
+    if intrinsic.dim() not in (3, 4) or intrinsic.shape[0] != rgb.shape[0]:
+        raise ValueError(f"intrinsic must be (B, V, 3|4, 3|4) or (B, 3|4, 3|4), got {tuple(intrinsic.shape)}")
+    if extrinsic.shape != (*rgb.shape[:2], 4, 4):
+        raise ValueError(f"extrinsic must be (B, V, 4, 4), got {tuple(extrinsic.shape)}")
     colors, depths = rgb.float(), depth.float()
     intrinsic, extrinsic, depth_scale = intrinsic.float(), extrinsic.float(), depth_scale.float()
     out: dict[str, list[Tensor]] = {"ray_o": [], "ray_d": [], "rgb": [], "depth": [], "semantic": []}

@@ -5,9 +5,11 @@
 and twice differentiable with respect to the points (torch's 3-D grid_sample has no double backward,
 which the SDF field needs: its gradient feeds the colour decoder, the NeuS alphas and the eikonal loss).
 
-Written with gathers and arithmetic only. Memory: the forward saves only the (channels-last) volume and
-the (P, 3) continuous indices; every pass works on blocks of points, so temporaries stay at about
-``_BLOCK_ELEMS`` floats per corner whatever the number of points.
+Written with gathers and arithmetic only, as two autograd Functions (value, and gradient whose own
+backward is the second derivative). Memory: the forward saves only the (channels-last) volume and the (P, 3)
+continuous indices (a differentiable gradient additionally keeps its (P, C) upstream gradient), never the
+(P, 8, C) corner values; every pass works on blocks of points, so temporaries stay at about ``_BLOCK_ELEMS``
+floats whatever the number of points (10k rays x 132 samples x 128 channels included).
 """
 
 from __future__ import annotations

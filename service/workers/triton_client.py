@@ -117,10 +117,11 @@ class TritonWorker(Worker):
                                                                     self.settings.breaker_reset_s)))
         # The gateway may start before Triton: learn the models in the background until one answers.
         self._discovery = asyncio.create_task(self._discover_models(), name="ponder-triton-discovery")
+        wait = self.settings.triton_startup_wait_s
         try:
-            await asyncio.wait_for(asyncio.shield(self._discovery), timeout=30)
+            await asyncio.wait_for(asyncio.shield(self._discovery), timeout=wait)
         except TimeoutError:
-            LOG.warning("no Triton endpoint answered within 30 s; still trying in the background")
+            LOG.warning("no Triton endpoint answered within %g s; still trying in the background", wait)
 
     async def stop(self) -> None:
         if self._discovery is not None and not self._discovery.done():
@@ -179,7 +180,7 @@ class TritonWorker(Worker):
                 return endpoint
         return None
 
-    def _request(self, job: EncodeJob, card: ModelCard) -> tuple[list, list]:
+    def _request(self, job: EncodeJob) -> tuple[list, list]:
         module, _ = self._client_module()
         grid = np.ascontiguousarray(job.voxels.grid_coord, dtype=np.int32)  # (M, 3)
         feat = np.ascontiguousarray(job.voxels.feat, dtype=np.float32)  # (M, C)
@@ -193,7 +194,7 @@ class TritonWorker(Worker):
             else:
                 tensor.set_data_from_numpy(array)
             inputs.append(tensor)
-        names = ["features"] + (["logits"] if job.want_logits and card.has_classifier else [])
+        names = ["features"] + (["logits"] if job.want_logits else [])
         if self.settings.triton_protocol == "http":
             outputs = [module.InferRequestedOutput(n, binary_data=True) for n in names]
         else:
@@ -226,8 +227,7 @@ class TritonWorker(Worker):
         if self._in_flight >= self.settings.queue_size:
             self.metrics.rejected.inc()
             raise WorkerBusy(f"{self._in_flight} requests are already waiting for Triton; retry shortly")
-        card = self._cards[job.model]
-        inputs, outputs = self._request(job, card)
+        inputs, outputs = self._request(job)
         self._in_flight += 1
         self.metrics.queue_depth.set(self._in_flight)
         try:

@@ -46,6 +46,15 @@ def _decode_condition(value: np.ndarray) -> str | None:
     return text or None
 
 
+def _network_input(grid: np.ndarray, feat: np.ndarray) -> VoxelizedCloud:
+    """A VoxelizedCloud from the two tensors the network reads (encode uses grid_coord and feat only);
+    the point-level fields stay with the gateway, so they are identity placeholders here."""
+    m = len(grid)
+    return VoxelizedCloud(grid_coord=np.ascontiguousarray(grid, dtype=np.int32),
+                          feat=np.ascontiguousarray(feat, dtype=np.float32), point_to_voxel=np.arange(m),
+                          coord=np.zeros((m, 3), np.float32), kept=np.arange(m), grid_size=0.0)
+
+
 def make_infer_fn(predictor: Predictor) -> Callable[[list], list[dict[str, np.ndarray]]]:
     """The pytriton callable for one model: requests grouped by condition, one encode per group."""
 
@@ -57,10 +66,7 @@ def make_infer_fn(predictor: Predictor) -> Callable[[list], list[dict[str, np.nd
             if grid.ndim != 2 or grid.shape[1] != 3 or feat.ndim != 2 or len(feat) != len(grid):
                 raise ValueError(f"grid_coord must be (M, 3) and feat (M, C) with the same M; got {grid.shape} "
                                  f"and {feat.shape}")
-            scenes.append(VoxelizedCloud(grid_coord=np.ascontiguousarray(grid, dtype=np.int32),
-                                         feat=np.ascontiguousarray(feat, dtype=np.float32),
-                                         point_to_voxel=np.arange(len(grid)), coord=np.zeros((0, 3), np.float32),
-                                         grid_size=0.0))
+            scenes.append(_network_input(grid, feat))
             groups[_decode_condition(request["condition"])].append(i)
         answers: list[dict[str, np.ndarray]] = [{} for _ in requests]
         for condition, members in groups.items():

@@ -24,11 +24,26 @@ from .classes import nyu40_to_scannet20
 DEPTH_SCALE = 1.0 / 1000.0  # ScanNet depth PNGs are millimetres
 
 # Pointcept file stem -> key in the returned dict. segment20 wins over segment when both exist.
-_NPY_KEYS = {"coord": "coord", "color": "color", "normal": "normal", "segment": "segment", "segment20": "segment",
-             "instance": "instance", "boxes": "boxes", "box_labels": "box_labels", "box_instances": "box_instances"}
+_NPY_KEYS = {
+    "coord": "coord",
+    "color": "color",
+    "normal": "normal",
+    "segment": "segment",
+    "segment20": "segment",
+    "instance": "instance",
+    "boxes": "boxes",
+    "box_labels": "box_labels",
+    "box_instances": "box_instances",
+}
 # PonderV2 .pth key -> returned key (ScanNet, S3DIS and Structured3D preprocessing).
-_PTH_KEYS = {"coord": "coord", "color": "color", "normal": "normal", "semantic_gt20": "segment", "semantic_gt": "segment",
-             "instance_gt": "instance"}
+_PTH_KEYS = {
+    "coord": "coord",
+    "color": "color",
+    "normal": "normal",
+    "semantic_gt20": "segment",
+    "semantic_gt": "segment",
+    "instance_gt": "instance",
+}
 _LABEL_KEYS = ("segment", "instance", "box_labels", "box_instances")
 
 
@@ -61,7 +76,17 @@ def load_scene(path: str | Path) -> dict[str, np.ndarray]:
 
 def _load_npy_scene(folder: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for stem in ("coord", "color", "normal", "segment", "segment20", "instance", "boxes", "box_labels", "box_instances"):
+    for stem in (
+        "coord",
+        "color",
+        "normal",
+        "segment",
+        "segment20",
+        "instance",
+        "boxes",
+        "box_labels",
+        "box_instances",
+    ):
         file = folder / f"{stem}.npy"
         if file.is_file():
             try:
@@ -85,8 +110,21 @@ def _numpy_safe_globals() -> list:
     except ImportError:
         from numpy.core.multiarray import _reconstruct
     names = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
-    plain = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-             np.float16, np.float32, np.float64, np.str_)  # never object arrays
+    plain = (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float16,
+        np.float32,
+        np.float64,
+        np.str_,
+    )  # never object arrays
     return [(_reconstruct, name) for name in names] + [np.ndarray, np.dtype] + [type(np.dtype(t)) for t in plain]
 
 
@@ -99,7 +137,10 @@ def _load_pth_scene(file: Path) -> dict[str, np.ndarray]:
             raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling refusal becomes one clear message
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if "unsupported" in ln.lower() or "can only build" in ln.lower()), lines[0] if lines else "")
+        reason = next(
+            (ln for ln in lines if "unsupported" in ln.lower() or "can only build" in ln.lower()),
+            lines[0] if lines else "",
+        )
         raise ValueError(
             f"{file}: cannot be loaded safely with torch.load(weights_only=True) ({type(err).__name__}: {reason}). "
             "It holds objects other than tensors and plain numpy arrays; "
@@ -136,7 +177,9 @@ SCANNET_EVAL_FRAMES = FrameSelection(pre_step=10)
 ALL_FRAMES = FrameSelection(start=0, stop=None, step=1)  # short synthetic trajectories
 
 
-def list_frames(scene_dir: str | Path, selection: FrameSelection = SCANNET_TRAIN_FRAMES, skip: Sequence[int] = ()) -> list[int]:
+def list_frames(
+    scene_dir: str | Path, selection: FrameSelection = SCANNET_TRAIN_FRAMES, skip: Sequence[int] = ()
+) -> list[int]:
     """Frame ids of a ScanNet RGB-D scene folder (from ``color/<i>.jpg``) after the selection rule;
     frames listed in skip (ScanNet's ``skip.lst`` entries for this scene) are dropped."""
     color = Path(scene_dir) / "color"
@@ -195,7 +238,9 @@ def _image(path: Path) -> Image.Image:
     return Image.open(path)
 
 
-def load_rgbd_frames(scene_dir: str | Path, frame_ids: Sequence[int], align_axis: bool = False) -> dict[str, np.ndarray]:
+def load_rgbd_frames(
+    scene_dir: str | Path, frame_ids: Sequence[int], align_axis: bool = False
+) -> dict[str, np.ndarray]:
     """Views of one scene, stacked along the first axis V = len(frame_ids):
 
     rgb (V,H,W,3) uint8 (bilinear-resized to the depth size when it differs), depth (V,H,W)
@@ -215,14 +260,17 @@ def load_rgbd_frames(scene_dir: str | Path, frame_ids: Sequence[int], align_axis
     for i in frame_ids:
         d = np.asarray(_image(scene_dir / "depth" / f"{i}.png"))
         if d.ndim != 2 or d.dtype not in (np.uint16, np.int32):
-            raise ValueError(f"{scene_dir / 'depth' / f'{i}.png'}: expected a 16-bit single-channel depth PNG, got {d.dtype} {d.shape}")
+            name = scene_dir / "depth" / f"{i}.png"
+            raise ValueError(f"{name}: expected a 16-bit single-channel depth PNG, got {d.dtype} {d.shape}")
         size = (d.shape[1], d.shape[0])
         color = _image(scene_dir / "color" / f"{i}.jpg").convert("RGB")
         if color.size != size:
             color = color.resize(size, Image.BILINEAR)
         pose = _matrix(scene_dir / "pose" / f"{i}.txt")
         if not np.isfinite(pose).all():
-            raise ValueError(f"{scene_dir / 'pose' / f'{i}.txt'}: invalid (non-finite) pose; list this frame in the skip list")
+            raise ValueError(
+                f"{scene_dir / 'pose' / f'{i}.txt'}: invalid (non-finite) pose; list this frame in the skip list"
+            )
         label_file = scene_dir / "label" / f"{i}.png"
         if label_file.is_file():
             label = _image(label_file)
@@ -233,13 +281,19 @@ def load_rgbd_frames(scene_dir: str | Path, frame_ids: Sequence[int], align_axis
             semantic.append(np.full(d.shape, -1, dtype=np.int16))
         if has_instance:
             inst = _image(scene_dir / "instance" / f"{i}.png")
-            instance.append(np.asarray(inst.resize(size, Image.NEAREST) if inst.size != size else inst).astype(np.int64) - 1)
+            instance.append(
+                np.asarray(inst.resize(size, Image.NEAREST) if inst.size != size else inst).astype(np.int64) - 1
+            )
         rgb.append(np.asarray(color, dtype=np.uint8))
         depth.append(d.astype(np.float32))
         extrinsic.append(np.linalg.inv(align @ pose))
     out = {
-        "rgb": np.stack(rgb), "depth": np.stack(depth), "intrinsic": np.repeat(intrinsic[None], len(frame_ids), axis=0),
-        "extrinsic": np.stack(extrinsic), "semantic": np.stack(semantic), "depth_scale": np.float64(DEPTH_SCALE),
+        "rgb": np.stack(rgb),
+        "depth": np.stack(depth),
+        "intrinsic": np.repeat(intrinsic[None], len(frame_ids), axis=0),
+        "extrinsic": np.stack(extrinsic),
+        "semantic": np.stack(semantic),
+        "depth_scale": np.float64(DEPTH_SCALE),
     }
     if has_instance:
         out["instance"] = np.stack(instance)

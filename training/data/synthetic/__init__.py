@@ -4,4 +4,13 @@ from .dataset import add_generate_arguments, generate_dataset, run_generate
 from .rooms import RoomType
 from .scene import Scene, SceneConfig, ScenePoints, generate_scene
 
-__all__ = ["RoomType", "Scene", "SceneConfig", "ScenePoints", "add_generate_arguments", "generate_dataset", "generate_scene", "run_generate"]
+__all__ = [
+    "RoomType",
+    "Scene",
+    "SceneConfig",
+    "ScenePoints",
+    "add_generate_arguments",
+    "generate_dataset",
+    "generate_scene",
+    "run_generate",
+]

@@ -26,7 +26,9 @@ def scannet_depth_intrinsic(downscale: int) -> tuple[np.ndarray, int, int]:
     """
     w0, h0 = SCANNET_DEPTH_SIZE
     if downscale < 1 or w0 % downscale or h0 % downscale:
-        raise ValueError(f"image_downscale must be a positive divisor of 640 and 480 (1, 2, 4, 5, 8, 10, 16, ...), got {downscale}")
+        raise ValueError(
+            f"image_downscale must be a positive divisor of 640 and 480 (1, 2, 4, 5, 8, 10, 16, ...), got {downscale}"
+        )
     w, h = w0 // downscale, h0 // downscale
     f = SCANNET_DEPTH_FOCAL / downscale
     k = np.eye(4)
@@ -66,8 +68,15 @@ def box_distance(points: np.ndarray, boxes: BoxSet) -> np.ndarray:
     return np.linalg.norm(outside, axis=-1).min(axis=1)
 
 
-def loop_trajectory(rng: np.random.Generator, room_size: np.ndarray, boxes: BoxSet, num_frames: int,
-                    height: tuple[float, float], pitch_deg: tuple[float, float], clearance: float = 0.25) -> np.ndarray:
+def loop_trajectory(
+    rng: np.random.Generator,
+    room_size: np.ndarray,
+    boxes: BoxSet,
+    num_frames: int,
+    height: tuple[float, float],
+    pitch_deg: tuple[float, float],
+    clearance: float = 0.25,
+) -> np.ndarray:
     """(V, 4, 4) camera-to-world poses on an ellipse around the room centre, looking across the
     room (inwards, swinging +-0.9 rad so views also run along the walls), bobbing a little in
     height and pitch, as a person scanning a room from its edge does.
@@ -113,8 +122,15 @@ class Frames:
         return np.linalg.inv(self.pose)
 
 
-def render_frames(objects: list[SceneObject], boxes: BoxSet, intrinsic: np.ndarray, poses: np.ndarray,
-                  width: int, height: int, shading: bool) -> Frames:
+def render_frames(
+    objects: list[SceneObject],
+    boxes: BoxSet,
+    intrinsic: np.ndarray,
+    poses: np.ndarray,
+    width: int,
+    height: int,
+    shading: bool,
+) -> Frames:
     """Ray-cast every pixel of every view: z-depth, the surface colour at the hit, labels."""
     nyu = np.array([o.nyu40 for o in objects], dtype=np.int64)
     label = np.array([o.label for o in objects], dtype=np.int64)
@@ -137,5 +153,12 @@ def render_frames(objects: list[SceneObject], boxes: BoxSet, intrinsic: np.ndarr
         obj = boxes.obj[box]
         nyu_map[v, ok], seg[v, ok], ins[v, ok] = nyu[obj], label[obj], inst[obj]
     shape = (views, height, width)
-    return Frames(intrinsic.copy(), np.asarray(poses, dtype=np.float64), depth.reshape(shape), color.reshape(shape + (3,)),
-                  nyu_map.reshape(shape), seg.reshape(shape), ins.reshape(shape))
+    return Frames(
+        intrinsic.copy(),
+        np.asarray(poses, dtype=np.float64),
+        depth.reshape(shape),
+        color.reshape(shape + (3,)),
+        nyu_map.reshape(shape),
+        seg.reshape(shape),
+        ins.reshape(shape),
+    )

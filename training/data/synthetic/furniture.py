@@ -28,7 +28,9 @@ def _darker(color: tuple[float, float, float], factor: float) -> tuple[float, fl
 
 def wood(rng: Rng) -> Material:
     base = _hsv(rng.uniform(0.05, 0.1), rng.uniform(0.35, 0.7), rng.uniform(0.35, 0.8))
-    return Material(base, _darker(base, 0.85), Pattern.STRIPES, float(rng.uniform(0.015, 0.05)), int(rng.integers(0, 2)), 0.03)
+    return Material(
+        base, _darker(base, 0.85), Pattern.STRIPES, float(rng.uniform(0.015, 0.05)), int(rng.integers(0, 2)), 0.03
+    )
 
 
 def fabric(rng: Rng) -> Material:
@@ -53,7 +55,9 @@ def any_solid(rng: Rng) -> Material:
         return wood(rng)
     base = _hsv(rng.random(), rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0))
     if rng.random() < 0.2:
-        return Material(base, _darker(base, 0.6), Pattern.STRIPES, float(rng.uniform(0.02, 0.06)), int(rng.integers(0, 3)), 0.03)
+        return Material(
+            base, _darker(base, 0.6), Pattern.STRIPES, float(rng.uniform(0.02, 0.06)), int(rng.integers(0, 3)), 0.03
+        )
     return Material(base, noise=0.03)
 
 
@@ -88,7 +92,9 @@ def desk(rng: Rng) -> list[Part]:
     ]
     if rng.random() < 0.5:  # drawer block
         bw = min(0.4, w / 3)
-        parts.append(Part((w / 2 - side - bw / 2, 0.0, legs_h / 2), (bw, d - 0.04, legs_h), paint(rng, light=rng.random() < 0.5)))
+        parts.append(
+            Part((w / 2 - side - bw / 2, 0.0, legs_h / 2), (bw, d - 0.04, legs_h), paint(rng, light=rng.random() < 0.5))
+        )
     return parts
 
 
@@ -118,7 +124,13 @@ def bed(rng: Rng) -> list[Part]:
 
 def sofa(rng: Rng) -> list[Part]:
     w, d = rng.uniform(1.5, 2.4), rng.uniform(0.8, 1.0)
-    base_h, back_t, back_h, arm_w, arm_h = rng.uniform(0.38, 0.45), rng.uniform(0.15, 0.25), rng.uniform(0.75, 0.9), rng.uniform(0.12, 0.2), rng.uniform(0.55, 0.65)
+    base_h, back_t, back_h, arm_w, arm_h = (
+        rng.uniform(0.38, 0.45),
+        rng.uniform(0.15, 0.25),
+        rng.uniform(0.75, 0.9),
+        rng.uniform(0.12, 0.2),
+        rng.uniform(0.55, 0.65),
+    )
     mat = fabric(rng)
     inner = w - 2 * arm_w
     return [
@@ -206,7 +218,10 @@ def bathtub(rng: Rng) -> list[Part]:
 
 def nightstand(rng: Rng) -> list[Part]:
     """Labelled otherfurniture (ScanNet-20 folds nightstands and bins into it or ignores them)."""
-    return box((rng.uniform(0.4, 0.55), rng.uniform(0.35, 0.45), rng.uniform(0.5, 0.62)), wood(rng) if rng.random() < 0.6 else paint(rng))
+    return box(
+        (rng.uniform(0.4, 0.55), rng.uniform(0.35, 0.45), rng.uniform(0.5, 0.62)),
+        wood(rng) if rng.random() < 0.6 else paint(rng),
+    )
 
 
 def trash_bin(rng: Rng) -> list[Part]:
@@ -227,7 +242,14 @@ def pillow(rng: Rng, width: float) -> list[Part]:
 def picture(rng: Rng) -> list[Part]:
     """Thin panel; its back (-y) goes against a wall."""
     w, h = rng.uniform(0.3, 1.0), rng.uniform(0.3, 0.8)
-    art = Material(_hsv(rng.random(), rng.uniform(0.3, 0.9), rng.uniform(0.3, 0.9)), _hsv(rng.random(), 0.7, 0.7), Pattern(int(rng.integers(0, 3))), float(rng.uniform(0.05, 0.2)), 2, 0.05)
+    art = Material(
+        _hsv(rng.random(), rng.uniform(0.3, 0.9), rng.uniform(0.3, 0.9)),
+        _hsv(rng.random(), 0.7, 0.7),
+        Pattern(int(rng.integers(0, 3))),
+        float(rng.uniform(0.05, 0.2)),
+        2,
+        0.05,
+    )
     return [Part((0.0, 0.0, h / 2), (w, 0.02, h), art)]
 
 
@@ -237,10 +259,23 @@ def door(rng: Rng, width: float, height: float) -> list[Part]:
 
 
 def window(rng: Rng, width: float, height: float) -> list[Part]:
-    glass = Material(_hsv(0.55, rng.uniform(0.1, 0.35), rng.uniform(0.75, 0.95)), (0.95, 0.95, 0.95), Pattern.STRIPES, float(width / 2), 0, 0.02)
+    glass = Material(
+        _hsv(0.55, rng.uniform(0.1, 0.35), rng.uniform(0.75, 0.95)),
+        (0.95, 0.95, 0.95),
+        Pattern.STRIPES,
+        float(width / 2),
+        0,
+        0.02,
+    )
     return [Part((0.0, 0.0, height / 2), (width, 0.04, height), glass)]
 
 
 def curtain(rng: Rng, width: float, height: float) -> list[Part]:
     base = _hsv(rng.random(), rng.uniform(0.1, 0.6), rng.uniform(0.4, 0.9))
-    return [Part((0.0, 0.0, height / 2), (width, 0.04, height), Material(base, _darker(base, 0.85), Pattern.STRIPES, 0.06, 0, 0.03))]
+    return [
+        Part(
+            (0.0, 0.0, height / 2),
+            (width, 0.04, height),
+            Material(base, _darker(base, 0.85), Pattern.STRIPES, 0.06, 0, 0.03),
+        )
+    ]

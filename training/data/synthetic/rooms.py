@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from . import furniture as fur
-from .layout import Placer, make_object
+from .layout import WALL_YAW, Placer, make_object
 from .shapes import SceneObject, rotate_z
 
 
@@ -31,13 +31,11 @@ def _local_to_world(obj: SceneObject, local_xy: tuple[float, float]) -> np.ndarr
     return obj.origin + rotate_z(np.array([local_xy[0], local_xy[1], 0.0]), obj.yaw)
 
 
-def _table_with_chairs(p: Placer, max_chairs: int, coffee: bool = False) -> None:
-    table = p.try_free("table", fur.table(p.rng, coffee=coffee))
+def _table_with_chairs(p: Placer, max_chairs: int) -> None:
+    table = p.try_free("table", fur.table(p.rng))
     if table is None:
         return
     p.props_on(table, _n(p.rng, 0, 3))
-    if coffee:
-        return
     lo, hi = table.local_bounds()
     half = (hi - lo) / 2
     slots = [(0.0, -1), (0.0, 1), (-1, 0.0), (1, 0.0)]
@@ -80,7 +78,7 @@ def _bed_group(p: Placer) -> None:
         y = lo[1] + 0.1 + parts[0].size[1] / 2
         origin = _local_to_world(bed, (x, y)) + np.array([0.0, 0.0, top])
         p.try_at(make_object("pillow", parts, origin, bed.yaw), margin=0.005)
-    wall = [0.0, np.pi / 2, np.pi, -np.pi / 2].index(bed.yaw)
+    wall = WALL_YAW.index(bed.yaw)
     s = float(rotate_z(bed.origin - np.append(p.wall_point(wall, 0.0, 0.0), 0.0), -bed.yaw)[0])
     for side in (-1, 1):
         if p.rng.random() < 0.7:
@@ -117,71 +115,102 @@ def _pictures(p: Placer, count: int) -> None:
             p.try_wall("picture", parts, z=z, gap=0.0, margin=0.05)
 
 
+def _counter(p: Placer, with_sink: bool) -> None:
+    counter = p.try_wall("counter", fur.counter(p.rng))
+    if counter is None:
+        return
+    if with_sink:
+        parts = fur.sink(p.rng)
+        top = counter.local_bounds()[1][2]
+        x = p.rng.uniform(-0.3, 0.3) * (counter.size[0] - parts[0].size[0])
+        origin = _local_to_world(counter, (x, 0.0)) + np.array([0.0, 0.0, top])
+        p.try_at(make_object("sink", parts, origin, counter.yaw), margin=0.01)
+    p.props_on(counter, _n(p.rng, 0, 3))
+
+
+def _sofa_corner(p: Placer) -> None:
+    sofa = p.try_wall("sofa", fur.sofa(p.rng))
+    if sofa is None or p.rng.random() < 0.2:
+        return
+    parts = fur.table(p.rng, coffee=True)
+    depth = max(q.center[1] + q.size[1] / 2 for q in parts) * 2
+    at = _local_to_world(sofa, (0.0, sofa.size[1] / 2 + p.rng.uniform(0.3, 0.5) + depth / 2))
+    table = p.try_at(make_object("table", parts, at, sofa.yaw), 0.05)
+    if table is not None:
+        p.props_on(table, _n(p.rng, 0, 2))
+
+
+def _bedroom(p: Placer) -> None:
+    r = p.rng
+    _bed_group(p)
+    _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=True), _n(r, 0, 1))
+    if r.random() < 0.6:
+        _desk_with_chair(p)
+    _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 1))
+    _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=False), _n(r, 0, 1), props=2)
+    _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
+    _pictures(p, _n(r, 0, 2))
+
+
+def _living_room(p: Placer) -> None:
+    r = p.rng
+    _sofa_corner(p)
+    for _ in range(_n(r, 0, 2)):
+        p.try_free("chair", fur.chair(r))
+    if r.random() < 0.4:
+        _table_with_chairs(p, _n(r, 2, 4))
+    _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 2))
+    _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
+    _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
+    _pictures(p, _n(r, 1, 3))
+
+
+def _office(p: Placer) -> None:
+    r = p.rng
+    for _ in range(_n(r, 1, 3)):
+        _desk_with_chair(p)
+    if r.random() < 0.5:
+        _table_with_chairs(p, _n(r, 2, 6))
+    _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 2))
+    _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
+    _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 2))
+    _pictures(p, _n(r, 0, 2))
+
+
+def _kitchen(p: Placer) -> None:
+    r = p.rng
+    for i in range(_n(r, 1, 2)):
+        _counter(p, with_sink=i == 0)
+    _wall_items(p, "refrigerator", fur.refrigerator, 1)
+    _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
+    if r.random() < 0.7:
+        _table_with_chairs(p, _n(r, 2, 4))
+    _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
+    _pictures(p, _n(r, 0, 1))
+
+
+def _bathroom(p: Placer) -> None:
+    r = p.rng
+    _bathtub_group(p)
+    _wall_items(p, "toilet", fur.toilet, 1)
+    if r.random() < 0.5:
+        _wall_items(p, "sink", fur.pedestal_sink, 1)
+    else:
+        _counter(p, with_sink=True)
+    _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=False), _n(r, 0, 1), props=2)
+    _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
+    _pictures(p, _n(r, 0, 1))
+
+
+FURNISH: dict[RoomType, Callable[[Placer], None]] = {
+    RoomType.BEDROOM: _bedroom,
+    RoomType.LIVING_ROOM: _living_room,
+    RoomType.OFFICE: _office,
+    RoomType.KITCHEN: _kitchen,
+    RoomType.BATHROOM: _bathroom,
+}
+
+
 def furnish(p: Placer, room: RoomType) -> None:
     """Place the furniture of one room type (groups first: they need the most space)."""
-    r = p.rng
-    if room == RoomType.BEDROOM:
-        _bed_group(p)
-        _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=True), _n(r, 0, 1))
-        if r.random() < 0.6:
-            _desk_with_chair(p)
-        _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 1))
-        _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=False), _n(r, 0, 1), props=2)
-        _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
-        _pictures(p, _n(r, 0, 2))
-    elif room == RoomType.LIVING_ROOM:
-        sofa = p.try_wall("sofa", fur.sofa(r))
-        if sofa is not None and r.random() < 0.8:
-            parts = fur.table(r, coffee=True)
-            depth = max(q.center[1] + q.size[1] / 2 for q in parts) * 2
-            table = p.try_at(make_object("table", parts, _local_to_world(sofa, (0.0, sofa.size[1] / 2 + r.uniform(0.3, 0.5) + depth / 2)), sofa.yaw), 0.05)
-            if table is not None:
-                p.props_on(table, _n(r, 0, 2))
-        for _ in range(_n(r, 0, 2)):
-            p.try_free("chair", fur.chair(r))
-        if r.random() < 0.4:
-            _table_with_chairs(p, _n(r, 2, 4))
-        _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 2))
-        _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
-        _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
-        _pictures(p, _n(r, 1, 3))
-    elif room == RoomType.OFFICE:
-        for _ in range(_n(r, 1, 3)):
-            _desk_with_chair(p)
-        if r.random() < 0.5:
-            _table_with_chairs(p, _n(r, 2, 6))
-        _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 2))
-        _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
-        _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 2))
-        _pictures(p, _n(r, 0, 2))
-    elif room == RoomType.KITCHEN:
-        for i in range(_n(r, 1, 2)):
-            counter = p.try_wall("counter", fur.counter(r))
-            if counter is None:
-                continue
-            if i == 0:  # the first counter carries the sink
-                parts = fur.sink(r)
-                hi = counter.local_bounds()[1]
-                x = r.uniform(-0.3, 0.3) * (counter.size[0] - parts[0].size[0])
-                origin = _local_to_world(counter, (x, 0.0)) + np.array([0.0, 0.0, hi[2]])
-                p.try_at(make_object("sink", parts, origin, counter.yaw), margin=0.01)
-            p.props_on(counter, _n(r, 0, 3))
-        _wall_items(p, "refrigerator", fur.refrigerator, 1)
-        _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
-        if r.random() < 0.7:
-            _table_with_chairs(p, _n(r, 2, 4))
-        _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
-        _pictures(p, _n(r, 0, 1))
-    else:  # bathroom
-        _bathtub_group(p)
-        _wall_items(p, "toilet", fur.toilet, 1)
-        if r.random() < 0.5:
-            _wall_items(p, "sink", fur.pedestal_sink, 1)
-        else:
-            counter = p.try_wall("counter", fur.counter(r))
-            if counter is not None:
-                hi = counter.local_bounds()[1]
-                p.try_at(make_object("sink", fur.sink(r), _local_to_world(counter, (0.0, 0.0)) + np.array([0.0, 0.0, hi[2]]), counter.yaw), 0.01)
-        _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=False), _n(r, 0, 1), props=2)
-        _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
-        _pictures(p, _n(r, 0, 1))
+    FURNISH[room](p)

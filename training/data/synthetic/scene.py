@@ -44,7 +44,9 @@ class SceneConfig:
             if not lo <= hi:
                 raise ValueError(f"SceneConfig.{name} must be (low, high) with low <= high, got {(lo, hi)}")
         if min(self.room_x[0], self.room_y[0]) < 2.5 or self.room_z[0] < 2.2:
-            raise ValueError(f"rooms must be at least 2.5 x 2.5 x 2.2 m, got x {self.room_x}, y {self.room_y}, z {self.room_z}")
+            raise ValueError(
+                f"rooms must be at least 2.5 x 2.5 x 2.2 m, got x {self.room_x}, y {self.room_y}, z {self.room_z}"
+            )
         if self.camera_height[0] < 0.5 or self.camera_height[1] > self.room_z[0] - 0.3:
             raise ValueError(f"camera_height {self.camera_height} must lie in [0.5, lowest ceiling - 0.3 m]")
         if not self.room_types:
@@ -85,11 +87,16 @@ class Scene:
         of the objects in the detection classes (DETECTION_CLASS_IDS)."""
         chosen = [o for o in self.objects if o.label in DETECTION_CLASS_IDS]
         boxes = np.array([o.box7() for o in chosen], dtype=np.float32).reshape(-1, 7)
-        return boxes, np.array([o.label for o in chosen], dtype=np.int64), np.array([o.instance for o in chosen], dtype=np.int64)
+        return (
+            boxes,
+            np.array([o.label for o in chosen], dtype=np.int64),
+            np.array([o.instance for o in chosen], dtype=np.int64),
+        )
 
 
-def _sample_points(objects: list[SceneObject], boxes: BoxSet, room_size: np.ndarray, config: SceneConfig,
-                   rng: np.random.Generator) -> ScenePoints:
+def _sample_points(
+    objects: list[SceneObject], boxes: BoxSet, room_size: np.ndarray, config: SceneConfig, rng: np.random.Generator
+) -> ScenePoints:
     points, normals, box = sample_faces(boxes, config.points_per_m2, rng)
     keep = visible_mask(points, normals, boxes, room_size)
     points, normals, box = points[keep], normals[keep], box[keep]
@@ -103,15 +110,18 @@ def _sample_points(objects: list[SceneObject], boxes: BoxSet, room_size: np.ndar
     )
 
 
-def generate_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
+def generate_scene(seed: int, config: SceneConfig | None = None) -> Scene:
     """A deterministic room for a seed: layout, point cloud and (num_frames > 0) RGB-D frames.
 
     Layout, points and cameras draw from separate streams of the seed, so changing the point
     density or the number of frames leaves the room itself unchanged.
     """
+    config = config or SceneConfig()
     layout_rng, point_rng, camera_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     room_type = RoomType(int(layout_rng.choice([int(t) for t in config.room_types])))
-    size = np.array([layout_rng.uniform(*config.room_x), layout_rng.uniform(*config.room_y), layout_rng.uniform(*config.room_z)])
+    size = np.array(
+        [layout_rng.uniform(*config.room_x), layout_rng.uniform(*config.room_y), layout_rng.uniform(*config.room_z)]
+    )
     placer = Placer(layout_rng, size)
     build_shell(layout_rng, placer, config.ceiling)
     furnish(placer, room_type)
@@ -123,6 +133,8 @@ def generate_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
     frames = None
     if config.num_frames > 0:
         intrinsic, width, height = scannet_depth_intrinsic(config.image_downscale)
-        poses = loop_trajectory(camera_rng, size, boxes, config.num_frames, config.camera_height, config.camera_pitch_deg)
+        poses = loop_trajectory(
+            camera_rng, size, boxes, config.num_frames, config.camera_height, config.camera_pitch_deg
+        )
         frames = render_frames(objects, boxes, intrinsic, poses, width, height, config.shading)
     return Scene(seed, room_type, size, objects, boxes, points, frames)

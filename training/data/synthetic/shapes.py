@@ -138,7 +138,9 @@ class BoxSet:
             d = points[a : a + step, None, :] - self.center[None]  # (n, B, 3)
             lx = c * d[..., 0] + s * d[..., 1]
             ly = -s * d[..., 0] + c * d[..., 1]
-            inside = (np.abs(lx) < self.half[:, 0]) & (np.abs(ly) < self.half[:, 1]) & (np.abs(d[..., 2]) < self.half[:, 2])
+            inside = (
+                (np.abs(lx) < self.half[:, 0]) & (np.abs(ly) < self.half[:, 1]) & (np.abs(d[..., 2]) < self.half[:, 2])
+            )
             out[a : a + step] = inside.any(axis=1)
         return out
 

@@ -35,9 +35,14 @@ def write_point_scene(scene_dir: str | Path, scene: Scene) -> Path:
     p = scene.points
     boxes, labels, instances = scene.detection_boxes()
     arrays = {
-        "coord": p.coord.astype(np.float32), "color": p.color.astype(np.uint8), "normal": p.normal.astype(np.float32),
-        "segment20": p.segment.astype(np.int64), "instance": p.instance.astype(np.int64),
-        "boxes": boxes.astype(np.float32), "box_labels": labels, "box_instances": instances,
+        "coord": p.coord.astype(np.float32),
+        "color": p.color.astype(np.uint8),
+        "normal": p.normal.astype(np.float32),
+        "segment20": p.segment.astype(np.int64),
+        "instance": p.instance.astype(np.int64),
+        "boxes": boxes.astype(np.float32),
+        "box_labels": labels,
+        "box_instances": instances,
     }
     for name, array in arrays.items():
         np.save(scene_dir / f"{name}.npy", array, allow_pickle=False)
@@ -64,10 +69,21 @@ def write_rgbd_scene(scene_dir: str | Path, scene_id: str, frames: Frames) -> Pa
         _save_matrix(scene_dir / "intrinsic" / f"extrinsic_{kind}.txt", np.eye(4))
     k = frames.intrinsic
     meta = {
-        "colorHeight": height, "colorWidth": width, "depthHeight": height, "depthWidth": width,
-        "fx_color": k[0, 0], "fy_color": k[1, 1], "mx_color": k[0, 2], "my_color": k[1, 2],
-        "fx_depth": k[0, 0], "fy_depth": k[1, 1], "mx_depth": k[0, 2], "my_depth": k[1, 2],
-        "numColorFrames": views, "numDepthFrames": views, "numIMUmeasurements": 0,
+        "colorHeight": height,
+        "colorWidth": width,
+        "depthHeight": height,
+        "depthWidth": width,
+        "fx_color": k[0, 0],
+        "fy_color": k[1, 1],
+        "mx_color": k[0, 2],
+        "my_color": k[1, 2],
+        "fx_depth": k[0, 0],
+        "fy_depth": k[1, 1],
+        "mx_depth": k[0, 2],
+        "my_depth": k[1, 2],
+        "numColorFrames": views,
+        "numDepthFrames": views,
+        "numIMUmeasurements": 0,
         "axisAlignment": " ".join(["1", "0", "0", "0", "0", "1", "0", "0", "0", "0", "1", "0", "0", "0", "0", "1"]),
         "sceneType": "synthetic",
     }

@@ -1,0 +1,107 @@
+"""Run an exported GatherSpUNet in onnxruntime: voxelised scenes in, per-voxel outputs out.
+
+The kernel maps are computed here, on the host, by the same `model.sparse.kernel_maps` the PyTorch
+path and the gateway use; the ONNX model only ever sees tables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from export.graph import GraphInfo
+from export.onnx_export import read_info
+from model.sparse.kernel_maps import KernelMaps, build_kernel_maps
+
+
+class VoxelBatch(Protocol):
+    """Anything with ``grid_coord (M, 3)`` and ``feat (M, C)`` (e.g. `model.pointcloud.voxelize.VoxelizedCloud`)."""
+
+    grid_coord: np.ndarray
+    feat: np.ndarray
+
+
+def available_providers(device: str = "auto") -> list[str]:
+    """CUDA first when onnxruntime has it and the caller allows it, CPU always last."""
+    have = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" not in have:
+        raise ValueError(f"device 'cuda' requested but onnxruntime only has {have}")
+    cuda = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in have else []
+    return cuda + ["CPUExecutionProvider"]
+
+
+def make_inputs(info: GraphInfo, feat: np.ndarray, grid_coord: np.ndarray, batch: np.ndarray | None = None,
+                condition: int | str | None = None, maps: KernelMaps | None = None) -> dict[str, np.ndarray]:
+    """The feeds of one forward pass (tables computed from ``grid_coord``/``batch`` unless given)."""
+    feat = np.ascontiguousarray(feat, dtype=np.float32)
+    if feat.ndim != 2 or feat.shape[1] != info.in_channels:
+        raise ValueError(f"feat must have shape (M, {info.in_channels}), got {feat.shape}")
+    if len(feat) != len(grid_coord):
+        raise ValueError(f"{len(feat)} feature rows for {len(grid_coord)} voxels")
+    if maps is None:
+        maps = build_kernel_maps(grid_coord, batch, num_levels=info.num_levels, stem_kernel=info.stem_kernel)
+    feeds = {"feat": feat, **maps.onnx_inputs()}
+    if info.conditions:
+        feeds["condition"] = np.array([condition_index(info, condition)], dtype=np.int64)
+    elif condition not in (None, "", "default", 0):
+        raise ValueError(f"this model takes no condition (got {condition!r})")
+    return feeds
+
+
+def condition_index(info: GraphInfo, condition: int | str | None) -> int:
+    """Index of a condition name (or index) in the model's condition order; the default is ScanNet
+    when the model knows it, else its first condition."""
+    if condition in (None, ""):
+        return info.conditions.index("ScanNet") if "ScanNet" in info.conditions else 0
+    if isinstance(condition, str):
+        if condition not in info.conditions:
+            raise ValueError(f"unknown condition {condition!r}; this model supports {list(info.conditions)}")
+        return info.conditions.index(condition)
+    if not 0 <= int(condition) < len(info.conditions):
+        raise ValueError(f"condition index {condition} out of range for {list(info.conditions)}")
+    return int(condition)
+
+
+class OnnxRunner:
+    """One onnxruntime session around an exported model (thread-safe: onnxruntime sessions are)."""
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such ONNX model")
+        self.info = read_info(self.path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.path), options, providers=available_providers(device))
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(list(self.info.outputs), feeds)
+        return dict(zip(self.info.outputs, outputs))
+
+    def run(self, feat: np.ndarray, grid_coord: np.ndarray, batch: np.ndarray | None = None,
+            condition: int | str | None = None) -> dict[str, np.ndarray]:
+        """Per-voxel outputs of one (possibly multi-scene) batch, rows in input order."""
+        return self.run_feeds(make_inputs(self.info, feat, grid_coord, batch, condition))
+
+    def run_scenes(self, scenes: list[VoxelBatch], condition: int | str | None = None) -> list[dict[str, Any]]:
+        """One forward pass over several voxelised scenes (never neighbours); outputs split per scene."""
+        if not scenes:
+            return []
+        feat = np.concatenate([s.feat for s in scenes])
+        grid = np.concatenate([np.asarray(s.grid_coord, dtype=np.int64) for s in scenes])
+        sizes = [len(s.grid_coord) for s in scenes]
+        batch = np.repeat(np.arange(len(scenes)), sizes)
+        outputs = self.run(feat, grid, batch, condition)
+        bounds = np.cumsum(sizes)[:-1]
+        return [dict(zip(outputs, parts)) for parts in zip(*(np.split(o, bounds) for o in outputs.values()))]

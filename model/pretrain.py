@@ -1,0 +1,73 @@
+"""PonderIndoor-v2: the rendering pre-training model (spec §5) = sparse backbone + condition embedding +
+the render head (``proj_net`` UNet3D and the NeuS ``renderer``), with the official state_dict layout:
+``[mtoken], logit_scale, class_embedding, backbone.*, proj_net.*, renderer.field.*, embedding_table.weight,
+[proj_head.*]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.render import PonderRenderHead, RenderHeadConfig, infer_head_config
+
+
+def infer_render_config(sd: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The ``render`` entry of a ModelConfig, read off a (prefix-stripped) pre-training state_dict."""
+    head = infer_head_config(sd)
+    return {"head": head.to_dict(), "proj_head": "proj_head.weight" in sd,
+            "semantic": "class_embedding" in sd,
+            "mask_channels": int(sd["mtoken"].shape[1]) if "mtoken" in sd else 0}
+
+
+class PonderIndoor(nn.Module):
+    def __init__(self, backbone: nn.Module, head: PonderRenderHead, conditions: tuple[str, ...],
+                 valid_index: tuple[tuple[int, ...], ...], context_channels: int, vocabulary_size: int,
+                 semantic: bool = True, proj_head: bool = True, mask_channels: int = 0, embed_dim: int = 512):
+        super().__init__()
+        self.conditions, self.valid_index = tuple(conditions), tuple(tuple(v) for v in valid_index)
+        if mask_channels:
+            self.mtoken = nn.Parameter(torch.zeros(1, mask_channels))
+        if semantic:
+            self.logit_scale = nn.Parameter(torch.zeros(()), requires_grad=False)
+            self.register_buffer("class_embedding", torch.zeros(vocabulary_size, embed_dim))
+        self.backbone = backbone
+        self.proj_net = head.proj_net      # registered at the top level, as in the official model
+        self.renderer = head.renderer
+        self.embedding_table = nn.Embedding(len(self.conditions), context_channels)
+        if semantic and proj_head:
+            self.proj_head = nn.Linear(backbone.out_channels, embed_dim)
+        # The head object shares proj_net/renderer; kept out of the module tree so keys are not duplicated.
+        self.__dict__["render_head"] = head
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "PonderIndoor":
+        from model.build import build_backbone
+
+        render = dict(cfg.render)
+        head = PonderRenderHead(RenderHeadConfig.from_dict(render["head"]))
+        return cls(build_backbone(cfg.backbone), head, cfg.conditions, cfg.valid_index,
+                   cfg.backbone.context_channels, len(cfg.vocabulary), semantic=render.get("semantic", True),
+                   proj_head=render.get("proj_head", True), mask_channels=render.get("mask_channels", 0))
+
+    has_classifier = False
+
+    def context(self, condition: str | None) -> Tensor:
+        if condition not in self.conditions:
+            raise ValueError(f"unknown condition {condition!r}; this model supports {list(self.conditions)}")
+        return self.embedding_table.weight[self.conditions.index(condition)][None]  # (1, ctx)
+
+    def features(self, feat: Tensor, grid_coord: Tensor, batch: Tensor, condition: str | None = None) -> Tensor:
+        """Backbone features (N, C); the v1m1 backbone ignores the condition context."""
+        context = self.context(condition) if self.conditions else None
+        return self.backbone.forward_features(feat, grid_coord, batch, condition, context)
+
+    def classify(self, features: Tensor, condition: str | None = None) -> Tensor:
+        raise ValueError("a pre-training checkpoint has no segmentation head; fine-tune one with `ponder train segment`")
+
+    def volume(self, backbone_feat: Tensor, coord: Tensor, offsets: Tensor, scenes=None) -> Tensor:
+        """Dense render volume (B, C, Z, Y, X) from backbone features and metric point coordinates."""
+        return self.render_head(backbone_feat, coord, offsets, scenes)

@@ -1,0 +1,85 @@
+"""The official precise segmentation mode (SemSegTester, spec §8): 13 test-time augmentations, each split
+into GridSample test-mode fragments that cover every point, softmax probabilities summed per point.
+
+Augmentations act on the centre-shifted scene about the origin: z-rotations by 0, π/2, π, 3π/2; the same
+with scale 0.95; the same with scale 1.05; and one flip of both x and y.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.pointcloud.cloud import PointCloud
+from model.pointcloud.voxelize import (VoxelizedCloud, assemble_features, center_shift, complete_cloud,
+                                       grid_fragments)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    angle: float = 0.0      # rotation about +z, in units of π
+    scale: float = 1.0
+    flip: bool = False      # negate x and y (and the normals' x and y)
+
+    def apply(self, coord: np.ndarray, normal: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        c, s = np.cos(self.angle * np.pi), np.sin(self.angle * np.pi)
+        rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=np.float32)
+        coord = coord @ rot.T
+        normal = normal @ rot.T if normal is not None else None
+        coord = coord * np.float32(self.scale)
+        if self.flip:
+            sign = np.array([-1, -1, 1], dtype=np.float32)
+            coord = coord * sign
+            normal = normal * sign if normal is not None else None
+        return coord.astype(np.float32), normal.astype(np.float32) if normal is not None else None
+
+
+ROTATIONS = (0.0, 0.5, 1.0, 1.5)
+OFFICIAL_AUGMENTATIONS = (tuple(Augmentation(a) for a in ROTATIONS)
+                          + tuple(Augmentation(a, 0.95) for a in ROTATIONS)
+                          + tuple(Augmentation(a, 1.05) for a in ROTATIONS)
+                          + (Augmentation(flip=True),))
+
+
+def fragment_inputs(cloud: PointCloud, grid_size: float, feature_keys: tuple[str, ...],
+                    augmentations: tuple[Augmentation, ...] = OFFICIAL_AUGMENTATIONS):
+    """Yield (point index (M,), VoxelizedCloud) for every augmentation × fragment."""
+    cloud = complete_cloud(cloud, grid_size, feature_keys)
+    coord, _ = center_shift(cloud.coord, apply_z=True)
+    for aug in augmentations:
+        aug_coord, aug_normal = aug.apply(coord, cloud.normal)
+        for kept, grid in grid_fragments(aug_coord, grid_size):
+            kept_coord, _ = center_shift(aug_coord[kept], apply_z=False)
+            color = cloud.color[kept] if cloud.color is not None else None
+            normal = aug_normal[kept] if aug_normal is not None else None
+            feat = assemble_features(color, normal, kept_coord, feature_keys)
+            yield kept, VoxelizedCloud(grid, feat, np.arange(len(kept)), kept_coord, kept, grid_size)
+
+
+def precise_probabilities(predictor, cloud: PointCloud, condition: str | None, grid_size: float | None = None,
+                          augmentations: tuple[Augmentation, ...] = OFFICIAL_AUGMENTATIONS,
+                          max_batch_voxels: int = 300_000) -> np.ndarray:
+    """(N, K) summed softmax probabilities over all augmentations and fragments (argmax = prediction)."""
+    grid_size = grid_size or predictor.config.grid_size
+    total = None
+    batch: list[tuple[np.ndarray, VoxelizedCloud]] = []
+
+    def flush() -> None:
+        nonlocal total
+        features = predictor.encode([v for _, v in batch], condition)
+        for (kept, _), logits in zip(batch, predictor.classify(features, condition)):
+            probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+            if total is None:
+                total = np.zeros((len(cloud), probs.shape[1]), dtype=np.float64)
+            total[kept] += probs  # kept is unique within a fragment
+        batch.clear()
+
+    for kept, voxels in fragment_inputs(cloud, grid_size, predictor.config.input_features, augmentations):
+        if batch and sum(v.num_voxels for _, v in batch) + voxels.num_voxels > max_batch_voxels:
+            flush()
+        batch.append((kept, voxels))
+    if batch:
+        flush()
+    return total.astype(np.float32)
