@@ -56,4 +56,10 @@ BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    return BUILDERS[cfg.kind](cfg)
+    """The model of ``cfg.kind``; a configured 3D detection head is attached as ``detector`` (keys ``detector.*``)."""
+    model = BUILDERS[cfg.kind](cfg)
+    if cfg.detection:
+        from model.detection import DetectionHead
+
+        model.detector = DetectionHead.from_config(cfg.detection)
+    return model

@@ -7,6 +7,7 @@ indoor scans are within metres of the origin; georeferenced survey coordinates l
 from __future__ import annotations
 
 import io
+import struct
 
 import laspy
 import numpy as np
@@ -15,9 +16,12 @@ from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.pointcloud.formats import MAX_EXPANSION
 
 _EXTRAS = ("intensity", "classification")
+_VLR_COUNT_OFFSET = 100  # uint32 "number of variable length records" in every LAS 1.x header
+_VLR_HEADER_BYTES = 54
 
 
 def read_las(data: bytes, source: str) -> PointCloud:
+    _check_vlr_count(data, source)
     try:
         with laspy.open(io.BytesIO(data)) as reader:
             header = reader.header
@@ -53,3 +57,12 @@ def _check_size(header: laspy.LasHeader, size: int, source: str) -> None:
         raise PointCloudError(
             f"{source}: LAZ header declares {header.point_count} points, implausibly many for a {size}-byte file"
         )
+
+
+def _check_vlr_count(data: bytes, source: str) -> None:
+    """laspy walks the declared VLR count one record at a time, for minutes on a corrupt count."""
+    if len(data) < _VLR_COUNT_OFFSET + 4:
+        return  # laspy reports the short header itself
+    (count,) = struct.unpack_from("<I", data, _VLR_COUNT_OFFSET)
+    if count * _VLR_HEADER_BYTES > len(data):
+        raise PointCloudError(f"{source}: not a valid LAS/LAZ file (the header declares {count} VLRs, more than fit)")
