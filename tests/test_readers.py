@@ -199,6 +199,63 @@ def test_text_column_layouts(columns: int, truth: PointCloud) -> None:
         np.testing.assert_array_equal(cloud.extras["intensity"], truth.extras["label"])
 
 
+@pytest.mark.parametrize("text", [False, True])
+def test_ply_variants_double_coords_16bit_rgb_faces_first(text: bool) -> None:
+    """Faces before the vertices (general plyfile path), float64 x/y/z, uint16 r/g/b, an alpha extra."""
+    rng = np.random.default_rng(3)
+    vertices = np.empty(50, dtype=[("x", "f8"), ("y", "f8"), ("z", "f8"), ("r", "u2"), ("g", "u2"), ("b", "u2"),
+                                   ("alpha", "u1")])
+    for axis in "xyz":
+        vertices[axis] = rng.uniform(-3, 3, 50)
+    for channel in "rgb":
+        vertices[channel] = rng.integers(0, 256, 50) * 257
+    faces = np.empty(2, dtype=[("vertex_indices", "i4", (3,))])
+    faces["vertex_indices"] = [[0, 1, 2], [1, 2, 3]]
+    buffer = io.BytesIO()
+    PlyData([PlyElement.describe(faces, "face"), PlyElement.describe(vertices, "vertex")], text=text).write(buffer)
+    cloud = read_point_cloud(buffer.getvalue(), format="ply")
+    xyz = np.stack([vertices[a] for a in "xyz"], axis=1).astype(np.float32)
+    np.testing.assert_array_equal(cloud.coord, xyz)
+    np.testing.assert_array_equal(cloud.color, np.stack([vertices[c] // 257 for c in "rgb"], axis=1))
+    assert list(cloud.extras) == ["alpha"]
+
+
+def test_pcd_separate_rgb_padding_and_multi_count_fields() -> None:
+    header = (b"# .PCD v0.7\nVERSION 0.7\nFIELDS x y z _ r g b fpfh\nSIZE 4 4 4 1 1 1 1 4\nTYPE F F F U U U U F\n"
+              b"COUNT 1 1 1 3 1 1 1 3\nWIDTH 2\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS 2\nDATA binary\n")
+    records = np.zeros(2, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("pad", "u1", (3,)), ("r", "u1"),
+                                 ("g", "u1"), ("b", "u1"), ("fpfh", "<f4", (3,))])
+    records["x"], records["r"], records["b"] = [1.5, -2.0], [10, 200], [30, 40]
+    records["fpfh"] = [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]
+    cloud = read_point_cloud(header + records.tobytes())
+    np.testing.assert_array_equal(cloud.coord[:, 0], [1.5, -2.0])
+    np.testing.assert_array_equal(cloud.color, [[10, 0, 30], [200, 0, 40]])
+    assert list(cloud.extras) == ["fpfh"]
+    np.testing.assert_array_equal(cloud.extras["fpfh"], records["fpfh"])
+
+
+def test_pcd_ascii_packed_rgb_as_pcl_writes_it() -> None:
+    """PCL prints a float ``rgb`` field as its uint32 integer; other tools print the float; trailing spaces occur."""
+    header = (b"VERSION 0.7\nFIELDS x y z rgb\nSIZE 4 4 4 4\nTYPE F F F F\nCOUNT 1 1 1 1\nWIDTH 3\nHEIGHT 1\n"
+              b"VIEWPOINT 0 0 0 1 0 0 0\nPOINTS 3\nDATA ascii\n")
+    packed = np.array([0x0A141E, 0xFF0000, 0x00FF80], dtype=np.uint32)
+    as_float = repr(float(packed[2:].view(np.float32)[0])).encode()
+    body = b"1 2 3 %d \n4 5 6 %d\n7 8 9 %s\n" % (packed[0], packed[1], as_float)
+    cloud = read_point_cloud(header + body, name="pcl.pcd")
+    np.testing.assert_array_equal(cloud.color, [[10, 20, 30], [255, 0, 0], [0, 255, 128]])
+    np.testing.assert_array_equal(cloud.coord[:, 2], [3, 6, 9])
+
+
+def test_structured_and_fortran_npy() -> None:
+    structured = np.zeros(3, dtype=[("x", "<f8"), ("y", "<f8"), ("z", "<f8"), ("intensity", "<f4")])
+    structured["x"], structured["intensity"] = [1, 2, 3], [7, 8, 9]
+    cloud = read_point_cloud(_npy_bytes(structured), format="npy")
+    np.testing.assert_array_equal(cloud.coord[:, 0], [1, 2, 3])
+    np.testing.assert_array_equal(cloud.extras["intensity"], [7, 8, 9])
+    fortran = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(4, 3))
+    np.testing.assert_array_equal(read_point_cloud(_npy_bytes(fortran)).coord, fortran)
+
+
 @pytest.mark.parametrize("suffix", [".ply", ".npz", ".xyz"])
 def test_write_read_round_trip(suffix: str, truth: PointCloud, tmp_path: Path) -> None:
     cloud = PointCloud(truth.coord, truth.color, truth.normal, dict(truth.extras), "mine")
@@ -296,3 +353,23 @@ def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
         read_point_cloud(tmp_path / "nope.ply")
     with pytest.raises(PointCloudError, match="unknown point-cloud format"):
         read_point_cloud(b"ply\n", format="obj")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_corrupted_files_raise_only_point_cloud_error(name: str, files: dict[str, Path]) -> None:
+    """Truncations and overwritten bytes (header region included) never leak a library exception."""
+    data = files[name].read_bytes()
+    rng = np.random.default_rng(sum(name.encode()))
+    for trial in range(24):
+        corrupt = bytearray(data)
+        if trial % 2:
+            corrupt = corrupt[: rng.integers(0, len(corrupt))]
+        else:
+            at = int(rng.integers(0, min(len(corrupt), 400)))
+            corrupt[at : at + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        try:
+            cloud = read_point_cloud(bytes(corrupt), name=name)
+        except PointCloudError as error:
+            assert name in str(error)
+        else:
+            assert np.isfinite(cloud.coord).all() and len(cloud) > 0

@@ -1,6 +1,7 @@
 """The Triton path end to end: ``ponder worker --triton`` (a real Triton server through nvidia-pytriton)
-behind a gateway with ``PONDER_WORKER=triton``, next to an in-process gateway and the Predictor in this
-process; all three must agree within 1e-5. Also the client's retries, circuit breaker and HTTP protocol."""
+behind a gateway with ``PONDER_WORKER=triton``, compared with the in-process worker (queue + batching loop,
+run here) and the Predictor; all must agree within 1e-5. Also the client's retries, circuit breaker and
+HTTP protocol. (The in-process gateway over HTTP is covered by test_service_api.py.)"""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ MODEL = "ppt_v1m3_seg"  # the fixture's file is checkpoint.pth, so the model is 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """(triton HTTP url, triton gRPC port, triton gateway, in-process gateway), started side by side."""
+    """(Triton worker, gateway in front of it), started side by side."""
     require_fixtures()
     pytest.importorskip("pytriton")
     folder = tmp_path_factory.mktemp("triton")
@@ -30,13 +31,12 @@ def servers(tmp_path_factory):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there: exercises retries and the breaker
     via_triton = start_gateway({"PONDER_WORKER": "triton", "PONDER_TRITON_URLS": f"{dead},127.0.0.1:{grpc_port}",
                                 "PONDER_TRITON_BACKOFF_S": "0.01", "PONDER_BREAKER_FAILURES": "2"}, folder)
-    in_process = start_gateway({"PONDER_CHECKPOINT": str(PPT)}, folder)
     try:
-        for server in (triton, via_triton, in_process):
+        for server in (triton, via_triton):
             server.wait_ready(240)
-        yield triton, grpc_port, via_triton, in_process
+        yield triton, via_triton
     finally:
-        for server in (via_triton, in_process, triton):  # gateways first: open clients delay Triton's exit
+        for server in (via_triton, triton):  # the gateway first: open clients delay Triton's exit
             server.stop()
 
 
@@ -47,8 +47,26 @@ def features(server, body: bytes, **params) -> np.ndarray:
     return np.load(io.BytesIO(response.content), allow_pickle=False)
 
 
+def in_process_outputs(predictor, voxels, condition):
+    """Features and logits through the in-process worker (bounded queue + batching loop + model thread)."""
+    from service.metrics import ServiceMetrics
+    from service.settings import ServiceSettings
+    from service.workers.base import EncodeJob
+    from service.workers.inprocess import InProcessWorker
+
+    async def run():
+        worker = InProcessWorker(ServiceSettings(max_wait_ms=0), ServiceMetrics(), predictors={MODEL: predictor})
+        await worker.start()
+        try:
+            return await worker.run(EncodeJob(MODEL, voxels, condition, want_logits=True))
+        finally:
+            await worker.stop()
+
+    return asyncio.run(run())
+
+
 def test_triton_gateway_is_ready_and_lists_the_model(servers):
-    _, _, via_triton, _ = servers
+    _, via_triton = servers
     ready = httpx.get(via_triton.url + "/readyz").json()
     assert ready["ready"] and ready["worker"] == "triton" and ready["models"] == [MODEL]
     (entry,) = httpx.get(via_triton.url + "/v1/models").json()["models"]
@@ -59,27 +77,30 @@ def test_triton_gateway_is_ready_and_lists_the_model(servers):
 def test_triton_inprocess_and_predictor_agree(servers):
     from model.inference import load_predictor
 
-    _, _, via_triton, in_process = servers
+    _, via_triton = servers
     cloud = scene(6000, seed=3)
     body = npz_bytes(cloud)
     predictor = load_predictor(PPT)
+    voxels = predictor.prepare(cloud)
     for condition in ("S3DIS", None):
         params = {"condition": condition} if condition else {}
         expected = predictor.features(cloud, condition=condition).point_features()
         np.testing.assert_allclose(features(via_triton, body, **params), expected, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(features(in_process, body, **params), expected, atol=1e-5, rtol=0)
-    seg = [httpx.post(s.url + "/v1/segment", content=body, params={"condition": "S3DIS", "logits": "true"},
-                      headers={"Accept": "application/x-npz"}, timeout=300) for s in (via_triton, in_process)]
+        local = in_process_outputs(predictor, voxels, condition or "ScanNet")
+        np.testing.assert_allclose(local.features[voxels.point_to_voxel], expected, atol=1e-5, rtol=0)
+    response = httpx.post(via_triton.url + "/v1/segment", content=body, timeout=300,
+                          params={"condition": "S3DIS", "logits": "true"}, headers={"Accept": "application/x-npz"})
     expected = predictor.segment(cloud, condition="S3DIS")
-    for response in seg:
-        assert response.status_code == 200, response.text
-        with np.load(io.BytesIO(response.content)) as got:
-            np.testing.assert_allclose(got["logits"], expected.logits, atol=1e-5, rtol=0)
-            assert tuple(got["class_names"]) == expected.class_names
+    assert response.status_code == 200, response.text
+    with np.load(io.BytesIO(response.content)) as got:
+        np.testing.assert_allclose(got["logits"], expected.logits, atol=1e-5, rtol=0)
+        assert tuple(got["class_names"]) == expected.class_names
+    local = in_process_outputs(predictor, voxels, "S3DIS")
+    np.testing.assert_allclose(local.logits[voxels.point_to_voxel], expected.logits, atol=1e-5, rtol=0)
 
 
 def test_dead_endpoint_is_retried_around_and_its_breaker_opens(servers):
-    _, _, via_triton, _ = servers
+    _, via_triton = servers
     body = npz_bytes(scene(1000, seed=4))
     for _ in range(4):  # round-robin lands on the dead endpoint every other call
         features(via_triton, body)
@@ -99,7 +120,7 @@ def test_http_protocol_and_unreachable_servers(servers):
     from service.workers.base import EncodeJob, WorkerUnavailable
     from service.workers.triton_client import TritonWorker
 
-    triton, _, _, _ = servers
+    triton, _ = servers
     predictor = load_predictor(PPT)
     voxels = predictor.prepare(scene(2000, seed=5))
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.pointcloud.formats.kitti import read_kitti_bin
 from model.pointcloud.formats.las import read_las
@@ -82,7 +84,9 @@ def read_point_cloud(source: Source, format: str | None = None, name: str | None
         raise PointCloudError(f"{label}: the file is empty")
     fmt = _resolve_format(format, (name, own_name), data, label)
     try:
-        cloud = _READERS[fmt](data, label)
+        # float64 → float32 overflow becomes inf, which validate() reports with the row number.
+        with np.errstate(over="ignore", invalid="ignore"):
+            cloud = _READERS[fmt](data, label)
     except (PointCloudError, MemoryError):
         raise
     except Exception as exc:  # a library's own error: keep its text, name the source and format

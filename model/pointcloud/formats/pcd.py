@@ -1,6 +1,7 @@
 """PCD (PCL point cloud data) in ASCII, binary and binary_compressed encodings through ``pypcd4``.
 
-pypcd4 parses the header; binary data is then viewed straight from the input buffer. Colour comes
+pypcd4 parses the header and decompresses binary_compressed data; binary data is viewed straight
+from the input buffer and ASCII rows are parsed with ``np.loadtxt`` into pypcd4's record dtype. Colour comes
 from a packed ``rgb``/``rgba`` field (float32 or uint32 bits 0x00RRGGBB) or from ``r``/``g``/``b``.
 The VIEWPOINT pose is not applied.
 """
@@ -21,34 +22,21 @@ from model.pointcloud.formats.columns import cloud_from_columns
 
 _MAX_HEADER_LINES = 64
 _PADDING_PREFIX = "#$%&~~"  # pypcd4's name for "_" padding fields
+_PACKED = ("rgb", "rgba")
 
 
 def read_pcd(data: bytes, source: str) -> PointCloud:
     metadata, offset = _parse_header(data, source)
-    dtype = metadata.build_dtype()
     if metadata.data == Encoding.BINARY:
-        needed, available = metadata.points * dtype.itemsize, len(data) - offset
-        if available < needed:
-            raise PointCloudError(
-                f"{source}: PCD file is truncated: the header declares {metadata.points} points "
-                f"({needed} bytes) but only {available} bytes follow"
-            )
-        records = np.frombuffer(data, dtype=dtype, count=metadata.points, offset=offset)
+        records = _read_binary(data, offset, metadata, source)
+    elif metadata.data == Encoding.ASCII:
+        records = _read_ascii(data, offset, metadata, source)
     else:
-        if metadata.data != Encoding.ASCII:
-            _check_compressed_sizes(data, offset, metadata.points * dtype.itemsize, source)
-        try:
-            records = PcdCloud.from_fileobj(io.BytesIO(data)).pc_data
-        except (ValueError, RuntimeError, OSError, IndexError) as exc:
-            raise PointCloudError(f"{source}: not a valid {metadata.data.value} PCD file ({exc})") from exc
-        if len(records) != metadata.points:
-            raise PointCloudError(
-                f"{source}: PCD file is truncated: the header declares {metadata.points} points, found {len(records)}"
-            )
+        records = _read_compressed(data, offset, metadata, source)
     columns = _columns(records, metadata)
-    for packed in ("rgb", "rgba"):
-        if packed in columns and columns[packed].ndim == 1 and columns[packed].dtype.itemsize == 4:
-            bits = columns.pop(packed).view(np.uint32)
+    for packed in _PACKED:
+        if packed in columns and columns[packed].ndim == 1:
+            bits = _packed_bits(columns.pop(packed))
             columns.update(r=(bits >> 16) & 0xFF, g=(bits >> 8) & 0xFF, b=bits & 0xFF)
             break
     return cloud_from_columns(columns, source, "PCD")
@@ -82,6 +70,45 @@ def _parse_header(data: bytes, source: str) -> tuple[MetaData, int]:
     return metadata, stream.tell()
 
 
+def _read_binary(data: bytes, offset: int, metadata: MetaData, source: str) -> np.ndarray:
+    dtype = metadata.build_dtype()
+    needed, available = metadata.points * dtype.itemsize, len(data) - offset
+    if available < needed:
+        raise PointCloudError(
+            f"{source}: PCD file is truncated: the header declares {metadata.points} points "
+            f"({needed} bytes) but only {available} bytes follow"
+        )
+    return np.frombuffer(data, dtype=dtype, count=metadata.points, offset=offset)
+
+
+def _read_ascii(data: bytes, offset: int, metadata: MetaData, source: str) -> np.ndarray:
+    """Any whitespace between values (pypcd4's own reader refuses trailing spaces, which some tools write)."""
+    dtype = metadata.build_dtype()
+    # Packed colour is read as float64 text and decoded by _packed_bits (PCL writes it as an integer).
+    dtype = np.dtype([(name, np.float64 if name in _PACKED else dtype[name]) for name in dtype.names])
+    stream = io.BytesIO(data)
+    stream.seek(offset)
+    try:
+        records = np.loadtxt(io.TextIOWrapper(stream, encoding="ascii"), dtype=dtype, max_rows=metadata.points, ndmin=1)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PointCloudError(f"{source}: not a valid ASCII PCD point block ({exc})") from exc
+    if len(records) != metadata.points:
+        raise PointCloudError(
+            f"{source}: PCD file is truncated: the header declares {metadata.points} points, found {len(records)}"
+        )
+    return records
+
+
+def _read_compressed(data: bytes, offset: int, metadata: MetaData, source: str) -> np.ndarray:
+    if metadata.points == 0:
+        return np.empty(0, dtype=metadata.build_dtype())
+    _check_compressed_sizes(data, offset, metadata.points * metadata.build_dtype().itemsize, source)
+    try:
+        return PcdCloud.from_fileobj(io.BytesIO(data)).pc_data
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise PointCloudError(f"{source}: not a valid binary_compressed PCD file ({exc})") from exc
+
+
 def _check_compressed_sizes(data: bytes, offset: int, expected: int, source: str) -> None:
     """binary_compressed data starts with uint32 compressed and uncompressed sizes; check both
     before pypcd4 allocates the uncompressed buffer."""
@@ -113,3 +140,15 @@ def _columns(records: np.ndarray, metadata: MetaData) -> dict[str, np.ndarray]:
         else:
             columns[name] = np.stack([records[f"{name}__{i:04d}"] for i in range(count)], axis=1)
     return columns
+
+
+def _packed_bits(values: np.ndarray) -> np.ndarray:
+    """Packed colour → uint32 0xAARRGGBB. Binary fields hold the bits (as float32 or uint32). ASCII
+    text holds either the integer (PCL's writer) or the float whose bits they are: an integral value
+    is taken as the integer, anything else as the float (float-packed colours are tiny non-integers)."""
+    if values.dtype != np.float64:
+        return values.view(np.uint32) if values.dtype.itemsize == 4 else values.astype(np.uint32)
+    integral = (values == np.floor(values)) & (values >= 0) & (values < 2**32)
+    as_int = np.where(integral, values, 0).astype(np.uint32)
+    as_float = np.where(integral, 0, values).astype(np.float32).view(np.uint32)
+    return np.where(integral, as_int, as_float)

@@ -17,7 +17,7 @@ import numpy as np
 from plyfile import PlyData, PlyElement, PlyListProperty, PlyParseError
 
 from model.pointcloud.cloud import PointCloud, PointCloudError
-from model.pointcloud.formats.columns import cloud_from_columns, structured_columns
+from model.pointcloud.formats.columns import cloud_from_columns
 
 _VERTEX = "vertex"
 

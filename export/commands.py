@@ -1,0 +1,125 @@
+"""``ponder export onnx | tensorrt | triton-repo``: the spconv-free gather graph for deployment.
+
+Picked up by ``model.cli`` through `add_commands`; heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_export_arguments(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``export`` with its three subcommands."""
+    export = subparsers.add_parser("export", help="export a checkpoint to ONNX / TensorRT / a Triton repository")
+    sub = export.add_subparsers(dest="export_command", metavar="TARGET", required=True)
+
+    p = sub.add_parser("onnx", help="ONNX model of the encoder (+ head), dynamic voxel counts at every level")
+    _checkpoint_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="output .onnx file")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="torch ONNX exporter (dynamo works but takes minutes on this graph)")
+    p.add_argument("--opset", type=int, default=18)
+    p.set_defaults(handler=run_onnx)
+
+    p = sub.add_parser("tensorrt", help="TensorRT engine from an exported ONNX model (needs tensorrt + a GPU)")
+    p.add_argument("onnx", help="model exported by `ponder export onnx`")
+    p.add_argument("-o", "--output", required=True, help="output .plan file")
+    p.add_argument("--profile", action="append", metavar="MIN:OPT:MAX",
+                   help="voxel-count range of one optimisation profile (repeatable; default 1:30000:60000 and "
+                        "60000:130000:400000)")
+    p.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
+    p.add_argument("--workspace-gib", type=float, default=4.0)
+    p.set_defaults(handler=run_tensorrt)
+
+    p = sub.add_parser("triton-repo", help="Triton model repository (config.pbtxt + model.onnx or model.plan)")
+    p.add_argument("model", help="exported .onnx, or a checkpoint (exported to ONNX on the way)")
+    p.add_argument("-o", "--output", required=True, help="repository folder (created if missing)")
+    p.add_argument("--name", default="ponder", help="Triton model name")
+    p.add_argument("--kind", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="instance_group kind")
+    p.add_argument("--instances", type=int, default=1, help="instance_group count")
+    p.add_argument("--plan", help="prebuilt TensorRT engine for --kind tensorrt (else it is built here)")
+    p.add_argument("--features-only", action="store_true", help="when exporting a checkpoint: no head")
+    p.add_argument("--trust-checkpoint", action="store_true")
+    p.set_defaults(handler=run_triton_repo)
+
+
+add_commands = add_export_arguments  # the name model.cli looks for
+
+
+def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="official .pth or our checkpoint folder")
+    p.add_argument("--features-only", action="store_true", help="export the encoder only (no segmentation head)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of the checkpoint (only for files you trust)")
+
+
+def _export(checkpoint: str, output: Path, features_only: bool, trust: bool, exporter: str = "torchscript",
+            opset: int = 18) -> Path:
+    from export.graph import GatherSpUNet
+    from export.onnx_export import export_onnx
+    from model.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint, trust=trust)
+    graph = GatherSpUNet.from_loaded(loaded, heads=not features_only)
+    return export_onnx(graph, output, opset=opset, exporter=exporter, extra_metadata={"name": loaded.config.name})
+
+
+def run_onnx(args) -> int:
+    from export.onnx_export import describe
+
+    path = _export(args.checkpoint, Path(args.output), args.features_only, args.trust_checkpoint, args.exporter,
+                   args.opset)
+    desc = describe(path)
+    print(f"wrote {path}: inputs {list(desc['inputs'])}, outputs {desc['outputs']}", file=sys.stderr)
+    return 0
+
+
+def _profile(text: str):
+    from export.tensorrt import VoxelRange
+
+    try:
+        lo, opt, hi = (int(v) for v in text.split(":"))
+    except ValueError as exc:
+        raise ValueError(f"--profile must be MIN:OPT:MAX integers, got {text!r}") from exc
+    return VoxelRange(lo, opt, hi)
+
+
+def run_tensorrt(args) -> int:
+    from export.tensorrt import DEFAULT_PROFILES, TensorRTUnavailable, build_engine
+    from model.cli import CommandError
+
+    profiles = tuple(_profile(p) for p in args.profile) if args.profile else DEFAULT_PROFILES
+    try:
+        plan = build_engine(args.onnx, args.output, profiles=profiles, fp16=args.fp16,
+                            workspace_gib=args.workspace_gib)
+    except TensorRTUnavailable as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"wrote {plan}", file=sys.stderr)
+    return 0
+
+
+def run_triton_repo(args) -> int:
+    from export.triton_repo import read_model_config, write_triton_repository
+
+    from export.tensorrt import TensorRTUnavailable
+    from model.cli import CommandError
+
+    model = Path(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        if model.suffix != ".onnx":
+            model = _export(str(model), Path(tmp) / "model.onnx", args.features_only, args.trust_checkpoint)
+        try:
+            folder = write_triton_repository(args.output, model, args.name, instance_count=args.instances,
+                                             kind=args.kind, device=args.device, plan_path=args.plan)
+        except TensorRTUnavailable as exc:
+            raise CommandError(f"{exc}; or pass --plan with an engine built on a GPU host") from exc
+    config = read_model_config(folder)
+    summary = {"model": str(folder), "backend": config.backend, "inputs": [i.name for i in config.input],
+               "outputs": [o.name for o in config.output]}
+    print(json.dumps(summary), file=sys.stderr)
+    return 0
