@@ -51,8 +51,9 @@ class GraphInfo:
 class _Block(nn.Module):
     """BasicBlock: ``relu(n2(conv2(relu(n1(conv1(x))))) + proj(x))``, proj = 1x1 conv + norm or identity."""
 
-    def __init__(self, sd: dict, prefix: str, norm):
+    def __init__(self, sd: dict, prefix: str, norm, taps_per_matmul: int | None):
         super().__init__()
+        self.group = taps_per_matmul
         self.register_buffer("w1", taps_from_spconv(sd[prefix + "conv1.weight"]))
         self.register_buffer("w2", taps_from_spconv(sd[prefix + "conv2.weight"]))
         self.n1, self.n2 = norm(prefix + "bn1."), norm(prefix + "bn2.")
@@ -63,8 +64,8 @@ class _Block(nn.Module):
             self.np = norm(prefix + ("proj.1." if proj.endswith("proj.0.weight") else "proj_norm."))
 
     def forward(self, x: torch.Tensor, table: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        h = torch.relu(self.n1(gather_conv(x, table, self.w1), cond))
-        h = self.n2(gather_conv(h, table, self.w2), cond)
+        h = torch.relu(self.n1(gather_conv(x, table, self.w1, self.group), cond))
+        h = self.n2(gather_conv(h, table, self.w2, self.group), cond)
         residual = self.np(conv1x1(x, self.wp), cond) if self.has_proj else x
         return torch.relu(h + residual)
 
@@ -72,20 +73,25 @@ class _Block(nn.Module):
 class _ConvNorm(nn.Module):
     """Stem / down / up: conv over a table, norm, ReLU."""
 
-    def __init__(self, weight: torch.Tensor, norm: FoldedNorm, inverse: bool = False):
+    def __init__(self, weight: torch.Tensor, norm: FoldedNorm, inverse: bool = False,
+                 taps_per_matmul: int | None = None):
         super().__init__()
         self.register_buffer("w", taps_from_spconv(weight))
-        self.norm, self.inverse = norm, inverse
+        self.norm, self.inverse, self.group = norm, inverse, taps_per_matmul
 
     def forward(self, x: torch.Tensor, table: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        y = inverse_conv(x, table, self.w) if self.inverse else gather_conv(x, table, self.w)
+        y = inverse_conv(x, table, self.w) if self.inverse else gather_conv(x, table, self.w, self.group)
         return torch.relu(self.norm(y, cond))
 
 
 class GatherSpUNet(nn.Module):
-    """See the module docstring. Build with `from_state_dict` or `from_loaded`."""
+    """See the module docstring. Build with `from_state_dict` or `from_loaded`.
 
-    def __init__(self, sd: dict[str, torch.Tensor], config: ModelConfig, heads: bool = True):
+    taps_per_matmul: None = per-tap matmuls (memory-lean, best in torch); 27 = one gather + GEMM per
+    conv (fastest in onnxruntime, needs (M, 27*C) floats per conv). See `gather_conv`."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], config: ModelConfig, heads: bool = True,
+                 taps_per_matmul: int | None = None):
         super().__init__()
         bb_cfg = config.backbone
         if bb_cfg.type not in ("SpUNet-v1m1", "SpUNet-v1m3"):
@@ -117,14 +123,15 @@ class GatherSpUNet(nn.Module):
         self.num_levels = stages + 1
         stem = sd[f"{bb}conv_input.{conv}.weight"]
         self.stem_kernel = int(stem.shape[1])
-        self.stem = _ConvNorm(stem, norm(f"{bb}conv_input.{norm_key}."))
-        self.down = nn.ModuleList(_ConvNorm(sd[f"{bb}down.{s}.{conv}.weight"], norm(f"{bb}down.{s}.{norm_key}."))
-                                  for s in range(stages))
+        group = self.taps_per_matmul = taps_per_matmul
+        self.stem = _ConvNorm(stem, norm(f"{bb}conv_input.{norm_key}."), taps_per_matmul=group)
+        self.down = nn.ModuleList(_ConvNorm(sd[f"{bb}down.{s}.{conv}.weight"], norm(f"{bb}down.{s}.{norm_key}."),
+                                            taps_per_matmul=group) for s in range(stages))
         self.up = nn.ModuleList(_ConvNorm(sd[f"{bb}up.{s}.{conv}.weight"], norm(f"{bb}up.{s}.{norm_key}."), inverse=True)
                                 for s in range(stages))
-        self.enc = nn.ModuleList(nn.ModuleList(_Block(sd, f"{bb}enc.{s}.block{i}.", norm)
+        self.enc = nn.ModuleList(nn.ModuleList(_Block(sd, f"{bb}enc.{s}.block{i}.", norm, group)
                                                for i in range(bb_cfg.layers[s])) for s in range(stages))
-        self.dec = nn.ModuleList(nn.ModuleList(_Block(sd, f"{bb}dec.{s}.block{i}.", norm)
+        self.dec = nn.ModuleList(nn.ModuleList(_Block(sd, f"{bb}dec.{s}.block{i}.", norm, group)
                                                for i in range(bb_cfg.layers[len(bb_cfg.layers) - 1 - s]))
                                  for s in range(stages))
 
@@ -166,15 +173,19 @@ class GatherSpUNet(nn.Module):
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], config: ModelConfig | None = None,
-                        heads: bool = True) -> "GatherSpUNet":
+                        heads: bool = True, taps_per_matmul: int | None = None) -> "GatherSpUNet":
         """From an official (``module.``-stripped) state_dict; the config is inferred when not given."""
         sd = {k: v.detach().cpu() for k, v in sd.items()}
-        return cls(sd, config or infer_config(sd), heads=heads).eval()
+        try:
+            return cls(sd, config or infer_config(sd), heads=heads, taps_per_matmul=taps_per_matmul).eval()
+        except KeyError as exc:
+            raise ValueError(f"state_dict does not match the SpUNet layout: missing key {exc.args[0]!r}") from exc
 
     @classmethod
-    def from_loaded(cls, loaded, heads: bool = True) -> "GatherSpUNet":
+    def from_loaded(cls, loaded, heads: bool = True, taps_per_matmul: int | None = None) -> "GatherSpUNet":
         """From a `model.checkpoint.LoadedModel` (its modules carry the official key names)."""
-        return cls.from_state_dict(loaded.model.state_dict(), loaded.config, heads=heads)
+        return cls.from_state_dict(loaded.model.state_dict(), loaded.config, heads=heads,
+                                   taps_per_matmul=taps_per_matmul)
 
     def kernel_maps(self, grid_coord, batch=None) -> KernelMaps:
         """The tables this graph needs for a batch of voxelised scenes."""

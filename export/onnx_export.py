@@ -159,7 +159,8 @@ def export_onnx(graph: GatherSpUNet, path: str | Path, opset: int = DEFAULT_OPSE
             tmp.unlink()
     _name_dims(model, info)
     del model.metadata_props[:]
-    onnx.helper.set_model_props(model, metadata(info, extra_metadata))
+    extra = {"taps_per_matmul": str(graph.taps_per_matmul or "auto"), **(extra_metadata or {})}
+    onnx.helper.set_model_props(model, metadata(info, extra))
     model.producer_name = "ponder-serve"
     check_graph(model)
     onnx.save_model(model, str(path))

@@ -56,8 +56,16 @@ BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model of ``cfg.kind``; a configured 3D detection head is attached as ``detector`` (keys ``detector.*``)."""
+    """The model of ``cfg.kind``. Optional heads are attached under fixed names: a 3D detection head as
+    ``detector`` (keys ``detector.*``) and, for non-pretrain kinds, a render head as ``proj_net`` +
+    ``renderer`` (the official pre-training names), so one checkpoint can segment, detect and render."""
     model = BUILDERS[cfg.kind](cfg)
+    if cfg.render and cfg.kind != "pretrain":
+        from model.render import PonderRenderHead, RenderHeadConfig
+
+        head = PonderRenderHead(RenderHeadConfig.from_dict(cfg.render["head"]))
+        model.proj_net, model.renderer = head.proj_net, head.renderer
+        model.__dict__["render_head"] = head  # shares proj_net/renderer; not registered twice
     if cfg.detection:
         from model.detection import DetectionHead
 

@@ -55,7 +55,7 @@ def fragment_inputs(cloud: PointCloud, grid_size: float, feature_keys: tuple[str
             color = cloud.color[kept] if cloud.color is not None else None
             normal = aug_normal[kept] if aug_normal is not None else None
             feat = assemble_features(color, normal, kept_coord, feature_keys)
-            yield kept, VoxelizedCloud(grid, feat, np.arange(len(kept)), kept_coord, kept, grid_size)
+            yield kept, VoxelizedCloud(grid, feat, np.arange(len(kept)), kept_coord, kept, grid_size)  # 1 point/voxel
 
 
 def precise_probabilities(predictor, cloud: PointCloud, condition: str | None, grid_size: float | None = None,

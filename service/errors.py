@@ -38,7 +38,7 @@ def request_id_of(request: Request) -> str | None:
 def problem_body(status: int, detail: str, request_id: str | None, title: str | None = None, **extra: Any) -> dict:
     title = title or HTTPStatus(status).phrase
     slug = title.lower().replace(" ", "-").replace("'", "")
-    return {"type": f"https://ponder.dev/problems/{slug}", "title": title, "status": status, "detail": detail,
+    return {"type": f"urn:ponder:problem:{slug}", "title": title, "status": status, "detail": detail,
             "request_id": request_id, **extra}
 
 

@@ -120,13 +120,20 @@ class _Bucket:
 
 
 class TokenBuckets:
-    """One token bucket per key: ``rate`` tokens a second up to ``burst``. Thread-safe."""
+    """One token bucket per key: ``rate`` tokens a second up to ``burst``. Thread-safe. Past ``max_keys``
+    keys (many client addresses), buckets that have refilled completely are forgotten: they hold no state."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, max_keys: int = 10_000) -> None:
         self.rate = rate
         self.burst = burst
+        self.max_keys = max_keys
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
+
+    def _prune(self, now: float) -> None:
+        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * self.rate >= self.burst]
+        for key in full:
+            del self._buckets[key]
 
     def take(self, key: str, now: float | None = None) -> float:
         """Take one token; returns 0 when allowed, else the seconds until a token is available."""
@@ -134,6 +141,8 @@ class TokenBuckets:
         with self._lock:
             bucket = self._buckets.get(key)
             if bucket is None:
+                if len(self._buckets) >= self.max_keys:
+                    self._prune(now)
                 bucket = self._buckets[key] = _Bucket(float(self.burst), now)
             bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
             bucket.stamp = now

@@ -130,7 +130,11 @@ def _open_image(data: bytes, name: str):
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise RGBDError(f"{name}: the image is too large ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise RGBDError(f"{name}: not a readable PNG/JPEG image (unknown image format)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise RGBDError(f"{name}: not a readable PNG/JPEG image ({exc})") from exc
     return image
 

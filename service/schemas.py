@@ -17,12 +17,13 @@ class CommonParams(BaseModel):
     model: str | None = Field(None, max_length=200, description="served model name (default: the server's default)")
     condition: str | None = Field(None, max_length=100,
                                   description="dataset condition for conditioned (PPT) models, e.g. ScanNet")
-    grid_size: float | None = Field(None, gt=0, le=10, description="voxel size in metres (default: the model's)")
+    grid_size: float | None = Field(None, gt=0, le=10, allow_inf_nan=False,
+                                    description="voxel size in metres (default: the model's)")
     format: str | None = Field(None, max_length=20,
                                description="input format (" + ", ".join(SUPPORTED_FORMATS) + ") when neither the "
                                            "Content-Type nor the file name tells it; unknown ones get 415")
     filename: str | None = Field(None, max_length=500, description="upload name (its suffix can tell the format)")
-    timeout_s: float | None = Field(None, gt=0, le=3600,
+    timeout_s: float | None = Field(None, gt=0, le=3600, allow_inf_nan=False,
                                     description="deadline for this request in seconds (capped by the server's)")
 
 

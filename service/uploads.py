@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from starlette.datastructures import UploadFile
@@ -50,7 +50,6 @@ class RGBDUpload:
     depth: dict[str, bytes]
     color: dict[str, bytes]
     cameras: bytes
-    names: dict[str, str] = field(default_factory=dict)
 
 
 def _format_of(param: str | None, content_type: str, name: str | None, head: bytes, strict_type: bool = True) -> str:
@@ -67,13 +66,15 @@ def _format_of(param: str | None, content_type: str, name: str | None, head: byt
             raise ApiError(415, f"unknown point-cloud format {match.group(1)!r} in Content-Type {media!r}; "
                                 f"supported: {', '.join(SUPPORTED_FORMATS)}")
         return match.group(1)
-    if media in _CONTENT_TYPES:
-        return _CONTENT_TYPES[media]
-    if strict_type and media not in _NEUTRAL_TYPES:
-        raise ApiError(415, f"unsupported Content-Type {media!r}: send application/vnd.ponder.<format> "
-                            f"(format one of {', '.join(SUPPORTED_FORMATS)}), application/octet-stream with "
-                            f"?format=, or multipart/form-data with a 'file' part")
-    fmt = format_from_name(name) or sniff_format(head)
+    mapped = _CONTENT_TYPES.get(media)
+    if strict_type:
+        if mapped:
+            return mapped
+        if media not in _NEUTRAL_TYPES:
+            raise ApiError(415, f"unsupported Content-Type {media!r}: send application/vnd.ponder.<format> "
+                                f"(format one of {', '.join(SUPPORTED_FORMATS)}), application/octet-stream with "
+                                f"?format=, or multipart/form-data with a 'file' part")
+    fmt = format_from_name(name) or mapped or sniff_format(head)
     if fmt is None:
         raise ApiError(415, f"cannot tell the point-cloud format of {name or 'the upload'}: pass ?format= "
                             f"(one of {', '.join(SUPPORTED_FORMATS)}), a Content-Type "
@@ -113,13 +114,13 @@ async def read_multipart(request: Request, format_param: str | None) -> CloudUpl
         parts = dict(form.multi_items())
         if "file" in parts:
             part = parts["file"]
-            if not isinstance(part, UploadFile):
-                raise ApiError(400, "the 'file' part must be a file upload, not a text field")
-            data = await part.read()
+            data = await _part_bytes(part)  # a file upload, or a text field holding the file (XYZ text)
+            filename = part.filename if isinstance(part, UploadFile) else None
             if not data:
-                raise ApiError(400, f"the uploaded file {part.filename or 'file'} is empty")
-            fmt = _format_of(format_param, part.content_type or "", part.filename, data[:64], strict_type=False)
-            return CloudUpload(source=data, format=fmt, name=part.filename or f"upload.{fmt}")
+                raise ApiError(400, f"the uploaded file {filename or 'file'} is empty")
+            content_type = (part.content_type or "") if isinstance(part, UploadFile) else ""
+            fmt = _format_of(format_param, content_type, filename, data[:64], strict_type=False)
+            return CloudUpload(source=data, format=fmt, name=filename or f"upload.{fmt}")
         depth = {k[6:]: await _part_bytes(v) for k, v in parts.items() if k.startswith("depth_")}
         if depth:
             color = {k[6:]: await _part_bytes(v) for k, v in parts.items() if k.startswith("color_")}

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures"
+SHARED = Path(os.environ.get("PONDER_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+FIXTURES = SHARED / "reference" / "fixtures"
 SPUNET = FIXTURES / "spunet_v1m1_seg" / "checkpoint.pth"
 PPT = FIXTURES / "ppt_v1m3_seg" / "checkpoint.pth"
 SCENE = FIXTURES / "spunet_v1m1_seg" / "input.npz"

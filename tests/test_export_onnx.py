@@ -15,6 +15,7 @@ from export.graph import GatherSpUNet
 from export.onnx_export import FORBIDDEN_OPS, describe, export_onnx, read_info
 from export.onnxrt import OnnxRunner
 from model.checkpoint import read_official
+from model.infer_config import infer_config
 from model.pointcloud.cloud import PointCloud
 from model.pointcloud.voxelize import voxelize
 
@@ -30,6 +31,16 @@ def _network_input() -> dict[str, np.ndarray]:
     """The fixture's network input (grid_coord, feat) and fnv_order; grid_coord/feat are stored in input order."""
     expected = np.load(fixture_dir("spunet_v1m1_seg") / "expected.npz")
     return {k: expected[k] for k in ("grid_coord", "feat", "fnv_order")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the gather graph runs thousands of small ops, and on a shared, loaded CPU each
+    multi-threaded op waits for a descheduled worker (10-100x slower); the results do not depend on it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +83,31 @@ def test_ppt_gather_graph_matches_official(ppt, condition, expected_file):
         assert _max_abs(out[key], expected[key]) <= TOL
 
 
+def test_backbone_mode_keys_and_features_only():
+    """PPT in backbone_mode under a DefaultSegmentor keeps the backbone under ``backbone.backbone.`` and the
+    embedding under ``backbone.embedding_table``; the same weights must give the same features."""
+    sd = read_official(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth")
+    nested = {"backbone." + k: v for k, v in sd.items() if k.startswith("backbone.") or k.startswith("embedding")}
+    graph = GatherSpUNet.from_state_dict(nested)
+    assert graph.info.kind == "ppt-backbone-segmentor" and graph.info.outputs == ("backbone_feat",)
+    data, expected = _network_input(), np.load(fixture_dir("ppt_v1m3_seg") / "expected_s3dis.npz")
+    out = graph.run(data["feat"], data["grid_coord"], condition="S3DIS")
+    assert _max_abs(out["backbone_feat"], expected["backbone_feat"]) <= TOL
+    assert GatherSpUNet.from_state_dict(sd, heads=False).info.outputs == ("backbone_feat",)
+    broken = {k: v for k, v in sd.items() if "down.2" not in k}
+    with pytest.raises(ValueError, match="missing key"):
+        GatherSpUNet.from_state_dict(broken, infer_config(sd))
+
+
+def test_one_matmul_per_conv_gives_the_same_features(v1m1):
+    data = _network_input()
+    fused = GatherSpUNet.from_state_dict(read_official(fixture_dir("spunet_v1m1_seg") / "checkpoint.pth"),
+                                         taps_per_matmul=27)
+    a = v1m1.run(data["feat"], data["grid_coord"])["seg_logits"]
+    b = fused.run(data["feat"], data["grid_coord"])["seg_logits"]
+    assert _max_abs(a, b) <= 1e-5
+
+
 def test_bad_condition_is_refused(ppt, v1m1):
     with pytest.raises(ValueError, match="unknown condition"):
         ppt.condition_index("Matterport")
@@ -105,7 +141,7 @@ def test_exported_graph_is_clean_and_described(onnx_models):
 
 def test_onnxruntime_matches_official_v1m1(onnx_models):
     data, expected = _network_input(), np.load(fixture_dir("spunet_v1m1_seg") / "expected.npz")
-    runner = OnnxRunner(onnx_models["v1m1"], device="cpu", threads=2)
+    runner = OnnxRunner(onnx_models["v1m1"], device="cpu", threads=1)
     out = runner.run(data["feat"], data["grid_coord"])
     for key in ("backbone_feat", "seg_logits"):
         assert _max_abs(out[key], expected[key]) <= TOL
@@ -118,7 +154,7 @@ def test_onnxruntime_matches_official_v1m1(onnx_models):
 @pytest.mark.parametrize("condition,expected_file", PPT_CASES)
 def test_onnxruntime_matches_official_ppt(onnx_models, condition, expected_file):
     data, expected = _network_input(), np.load(fixture_dir("ppt_v1m3_seg") / expected_file)
-    runner = OnnxRunner(onnx_models["ppt"], device="cpu", threads=2)
+    runner = OnnxRunner(onnx_models["ppt"], device="cpu", threads=1)
     out = runner.run(data["feat"], data["grid_coord"], condition=condition)
     for key in ("backbone_feat", "seg_logits"):
         assert _max_abs(out[key], expected[key]) <= TOL
@@ -128,7 +164,7 @@ def test_onnxruntime_matches_torch_on_a_batch_of_generated_rooms(onnx_models, pp
     """Two generated rooms in one request: ONNX == PyTorch gather graph, and scenes do not interact."""
     scenes = [voxelize(PointCloud(**random_room(12000, seed=s)).validate(), 0.02, ("color", "normal"))
               for s in (1, 2)]
-    runner = OnnxRunner(onnx_models["ppt"], device="cpu", threads=2)
+    runner = OnnxRunner(onnx_models["ppt"], device="cpu", threads=1)
     together = runner.run_scenes(scenes, condition="S3DIS")
     feat = np.concatenate([s.feat for s in scenes])
     grid = np.concatenate([s.grid_coord for s in scenes])
@@ -150,11 +186,10 @@ def test_dynamo_exporter_gives_the_same_model(tmp_path, v1m1):
     exporter is the default."""
     path = export_onnx(v1m1, tmp_path / "dynamo.onnx", exporter="dynamo")
     data, expected = _network_input(), np.load(fixture_dir("spunet_v1m1_seg") / "expected.npz")
-    out = OnnxRunner(path, device="cpu", threads=2).run(data["feat"], data["grid_coord"])
+    out = OnnxRunner(path, device="cpu", threads=1).run(data["feat"], data["grid_coord"])
     assert _max_abs(out["seg_logits"], expected["seg_logits"]) <= TOL
 
 
 def test_export_rejects_unknown_exporter(tmp_path, v1m1):
     with pytest.raises(ValueError, match="exporter"):
         export_onnx(v1m1, tmp_path / "x.onnx", exporter="tf")
-    assert torch.get_num_threads() <= 2

@@ -15,7 +15,6 @@ from model.sparse.gather_ops import (
 )
 from model.sparse.kernel_maps import KernelMapError, build_kernel_maps, table_names
 
-torch.set_num_threads(2)
 
 
 def _random_sites(rng: np.random.Generator, n: int, extent: int, scenes: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -373,3 +373,18 @@ def test_corrupted_files_raise_only_point_cloud_error(name: str, files: dict[str
             assert name in str(error)
         else:
             assert np.isfinite(cloud.coord).all() and len(cloud) > 0
+
+
+def test_georeferenced_las_keeps_millimetres(tmp_path):
+    """UTM-sized coordinates would lose ~3 cm in float32; the reader moves them near the origin first."""
+    import laspy
+
+    xyz = np.array([[512345.123, 5401234.567, 250.001], [512346.456, 5401235.789, 251.234]])
+    header = laspy.LasHeader(point_format=3, version="1.2")
+    header.offsets, header.scales = xyz.min(0), np.full(3, 0.001)
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    las.write(tmp_path / "survey.las")
+    cloud = read_point_cloud(tmp_path / "survey.las")
+    np.testing.assert_allclose(cloud.coord.astype(np.float64) + cloud.origin, xyz, atol=1e-3)
+    assert np.abs(cloud.coord).max() < 10

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest_service import (gateway, look_at, npz_bytes, png_bytes, render_planes,  # noqa: E402
-                              require_fixtures, scene, write_format, PPT, SPUNET)
+from conftest_service import (PPT, SPUNET, look_at, npz_bytes, png_bytes, render_planes,  # noqa: E402
+                              require_fixtures, scene, start_gateway, write_format)
 
 FORMATS = ("ply", "las", "laz", "npy", "npz", "pcd", "xyz", "txt", "bin")
 NPY, NPZ, ARROW = "application/x-npy", "application/x-npz", "application/vnd.apache.arrow.stream"
@@ -24,24 +24,34 @@ MAX_JSON = 300_000
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def stack(tmp_path_factory):
+    """The gateway process and, loaded here while it starts, the same models as Predictors."""
     require_fixtures()
+    from model.inference import load_predictor
+
     models = tmp_path_factory.mktemp("models")
     (models / "ppt.pth").symlink_to(PPT)
     (models / "spunet.pth").symlink_to(SPUNET)
     env = {"PONDER_MODELS_DIR": str(models), "PONDER_DEFAULT_MODEL": "spunet", "PONDER_MAX_POINTS": str(MAX_POINTS),
            "PONDER_MAX_UPLOAD_BYTES": str(8_000_000), "PONDER_MAX_JSON_VALUES": str(MAX_JSON),
            "PONDER_MAX_BATCH": "8", "PONDER_MAX_WAIT_MS": "50"}
-    with gateway(env) as srv:
-        yield srv
+    server = start_gateway(env, tmp_path_factory.mktemp("logs"))
+    try:
+        predictors = {"spunet": load_predictor(SPUNET), "ppt": load_predictor(PPT)}
+        predictors["spunet"].features(scene(500))  # warm-up while the server imports
+        yield server.wait_ready(), predictors
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def predictors():
-    require_fixtures()
-    from model.inference import load_predictor
+def server(stack):
+    return stack[0]
 
-    return {"spunet": load_predictor(SPUNET), "ppt": load_predictor(PPT)}
+
+@pytest.fixture(scope="module")
+def predictors(stack):
+    return stack[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The Triton path end to end: ``ponder worker --triton`` (a real Triton server through nvidia-pytriton)
 behind a gateway with ``PONDER_WORKER=triton``, compared with the in-process worker (queue + batching loop,
-run here) and the Predictor; all must agree within 1e-5. Also the client's retries, circuit breaker and
+run here), the ``ponder features`` CLI and the Predictor; all must agree within 1e-5. Also the client's retries, circuit breaker and
 HTTP protocol. (The in-process gateway over HTTP is covered by test_service_api.py.)"""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ MODEL = "ppt_v1m3_seg"  # the fixture's file is checkpoint.pth, so the model is 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """(Triton worker, gateway in front of it), started side by side."""
+    """(Triton worker, gateway in front of it, the same model as a Predictor loaded here meanwhile)."""
     require_fixtures()
     pytest.importorskip("pytriton")
     folder = tmp_path_factory.mktemp("triton")
@@ -32,9 +32,13 @@ def servers(tmp_path_factory):
     via_triton = start_gateway({"PONDER_WORKER": "triton", "PONDER_TRITON_URLS": f"{dead},127.0.0.1:{grpc_port}",
                                 "PONDER_TRITON_BACKOFF_S": "0.01", "PONDER_BREAKER_FAILURES": "2"}, folder)
     try:
+        from model.inference import load_predictor
+
+        predictor = load_predictor(PPT)
+        predictor.features(scene(500))  # warm-up while the servers start
         for server in (triton, via_triton):
             server.wait_ready(240)
-        yield triton, via_triton
+        yield triton, via_triton, predictor
     finally:
         for server in (via_triton, triton):  # the gateway first: open clients delay Triton's exit
             server.stop()
@@ -66,7 +70,7 @@ def in_process_outputs(predictor, voxels, condition):
 
 
 def test_triton_gateway_is_ready_and_lists_the_model(servers):
-    _, via_triton = servers
+    _, via_triton, _ = servers
     ready = httpx.get(via_triton.url + "/readyz").json()
     assert ready["ready"] and ready["worker"] == "triton" and ready["models"] == [MODEL]
     (entry,) = httpx.get(via_triton.url + "/v1/models").json()["models"]
@@ -74,18 +78,22 @@ def test_triton_gateway_is_ready_and_lists_the_model(servers):
     assert entry["can_segment"] and len(entry["classes"]["S3DIS"]) == 13
 
 
-def test_triton_inprocess_and_predictor_agree(servers):
-    from model.inference import load_predictor
+def test_triton_inprocess_cli_and_predictor_agree(servers, tmp_path):
+    from model.cli import main as ponder
 
-    _, via_triton = servers
+    _, via_triton, predictor = servers
     cloud = scene(6000, seed=3)
     body = npz_bytes(cloud)
-    predictor = load_predictor(PPT)
+    (tmp_path / "scene.npz").write_bytes(body)
     voxels = predictor.prepare(cloud)
     for condition in ("S3DIS", None):
         params = {"condition": condition} if condition else {}
         expected = predictor.features(cloud, condition=condition).point_features()
         np.testing.assert_allclose(features(via_triton, body, **params), expected, atol=1e-5, rtol=0)
+        cli_args = ["--condition", condition] if condition else []
+        assert ponder(["features", str(tmp_path / "scene.npz"), "-o", str(tmp_path / "cli.npy"), "--checkpoint",
+                       str(PPT), *cli_args]) == 0
+        np.testing.assert_allclose(np.load(tmp_path / "cli.npy"), expected, atol=1e-5, rtol=0)
         local = in_process_outputs(predictor, voxels, condition or "ScanNet")
         np.testing.assert_allclose(local.features[voxels.point_to_voxel], expected, atol=1e-5, rtol=0)
     response = httpx.post(via_triton.url + "/v1/segment", content=body, timeout=300,
@@ -100,7 +108,7 @@ def test_triton_inprocess_and_predictor_agree(servers):
 
 
 def test_dead_endpoint_is_retried_around_and_its_breaker_opens(servers):
-    _, via_triton = servers
+    _, via_triton, _ = servers
     body = npz_bytes(scene(1000, seed=4))
     for _ in range(4):  # round-robin lands on the dead endpoint every other call
         features(via_triton, body)
@@ -114,14 +122,12 @@ def test_dead_endpoint_is_retried_around_and_its_breaker_opens(servers):
 
 
 def test_http_protocol_and_unreachable_servers(servers):
-    from model.inference import load_predictor
     from service.metrics import ServiceMetrics
     from service.settings import ServiceSettings
     from service.workers.base import EncodeJob, WorkerUnavailable
     from service.workers.triton_client import TritonWorker
 
-    triton, _ = servers
-    predictor = load_predictor(PPT)
+    triton, _, predictor = servers
     voxels = predictor.prepare(scene(2000, seed=5))
 
     async def over_http():

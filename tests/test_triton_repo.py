@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
@@ -18,6 +19,16 @@ from export.onnxrt import OnnxRunner
 from export.tensorrt import TensorRTUnavailable, VoxelRange, build_engine, tensorrt_available
 from export.triton_repo import config_metadata, model_config, read_model_config, write_triton_repository
 from model.checkpoint import read_official
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the gather graph runs thousands of small ops, and on a shared, loaded CPU each
+    multi-threaded op waits for a descheduled worker (10-100x slower); the results do not depend on it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +110,13 @@ def test_served_by_real_triton_matches_onnxruntime(tmp_path, ppt_onnx, scene):
     from export.triton_serve import TritonRunner, bind_onnx_model, fix_libpython_path
 
     folder = write_triton_repository(tmp_path / "repo", ppt_onnx, "ponder_ppt", device="cpu")
-    direct = OnnxRunner(ppt_onnx, device="cpu", threads=2)
+    direct = OnnxRunner(ppt_onnx, device="cpu", threads=1)
     fix_libpython_path()
     http, grpc, metrics = _free_ports(3)
     config = TritonConfig(http_address="127.0.0.1", http_port=http, grpc_address="127.0.0.1", grpc_port=grpc,
                           metrics_port=metrics, exit_timeout_secs=5)
     with Triton(config=config, workspace=tmp_path / "triton") as triton:
-        bind_onnx_model(triton, folder, threads=2)
+        bind_onnx_model(triton, folder, threads=1)
         triton.run()
         for protocol, url in (("http", f"127.0.0.1:{http}"), ("grpc", f"127.0.0.1:{grpc}")):
             with TritonRunner(url, "ponder_ppt", ppt_onnx, protocol=protocol) as client:

@@ -21,6 +21,10 @@ class PointCloud:
     extras: other per-point arrays the source carried (e.g. ``intensity``, ``segment``,
             ``instance``), each with N rows. Readers keep them; the model ignores them.
     source: a human-readable name for error messages (file name, upload name).
+    origin: (3,) float64 offset already subtracted from ``coord`` to keep float32 precision for
+            georeferenced data (world = coord + origin); zeros for ordinary scans. The model is
+            translation-invariant (it centre-shifts every scene), so only outputs in world
+            coordinates (detected boxes) add it back.
     """
 
     coord: np.ndarray
@@ -28,6 +32,7 @@ class PointCloud:
     normal: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     source: str = "<memory>"
+    origin: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
     def __post_init__(self) -> None:
         self.coord = np.ascontiguousarray(self.coord, dtype=np.float32)

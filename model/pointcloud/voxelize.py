@@ -41,6 +41,15 @@ class VoxelizedCloud:
     kept: np.ndarray
     grid_size: float
 
+    @classmethod
+    def from_network_input(cls, grid_coord: np.ndarray, feat: np.ndarray, grid_size: float = 0.0) -> "VoxelizedCloud":
+        """Only the two tensors the network reads (e.g. received by a remote worker); each voxel stands for
+        one point, and coordinates are unknown (zeros)."""
+        m = len(grid_coord)
+        return cls(grid_coord=np.ascontiguousarray(grid_coord, dtype=np.int32),
+                   feat=np.ascontiguousarray(feat, dtype=np.float32), point_to_voxel=np.arange(m),
+                   coord=np.zeros((m, 3), np.float32), kept=np.arange(m), grid_size=float(grid_size))
+
     @property
     def num_voxels(self) -> int:
         return len(self.grid_coord)

@@ -4,11 +4,16 @@ These ops use only indexing, matmul and elementwise arithmetic, so they export t
 Gather/MatMul/Add (no Scatter, which is either wrong or non-deterministic in onnxruntime) and run on
 any device without spconv.
 
-Measured on this project's 2-core CPU (220k voxels, 27 taps, torch 2.13): accumulating one matmul per
-tap (`addmm_` into one output) is as fast as one big gather + GEMM for 96 channels and 4x faster for
-32, and it never materialises the (M, K, C) gathered tensor (1.4 GB at 133k voxels and 96 channels),
-so it is the formulation used here. Rows are picked with ``index_select`` (ONNX Gather): advanced
-indexing ``x[idx]`` was 10-30x slower for the same gather.
+Formulation, measured on this project's CPU (131k-voxel generated room, 27 taps, torch 2.13, one
+thread, CPU time): one matmul per tap accumulated into the output (``addmm``) vs gathering n taps into
+one (M, n*C_in) operand: 32->32 channels 0.35 s vs 0.47-0.50 s; 96->96 2.9 s vs 2.3-2.9 s; the
+6-channel stem (125 taps) 0.82 s vs 0.44-0.53 s. So taps are accumulated one by one (which never
+materialises a large gathered operand: (M, 27, 96) floats are 1.4 GB at 133k voxels), except for
+inputs narrower than 16 channels, where ~128-wide groups of taps are gathered together. onnxruntime
+differs: there one gather + one GEMM over all 27 taps was 1.5-2x faster than per-tap Gemms (32, 64
+and 96 channels), at the price of an (M, 27*C_in) operand, so it is an export option
+(``taps_per_matmul``). Rows are picked with ``index_select`` (ONNX Gather): advanced indexing
+``x[idx]`` was 10-30x slower.
 """
 
 from __future__ import annotations
@@ -21,20 +26,28 @@ def pad_zero_row(feat: torch.Tensor) -> torch.Tensor:
     return torch.cat([feat, feat.new_zeros(1, feat.shape[1])], dim=0)
 
 
-def gather_conv(feat: torch.Tensor, table: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def gather_conv(feat: torch.Tensor, table: torch.Tensor, weight: torch.Tensor,
+                taps_per_matmul: int | None = None) -> torch.Tensor:
     """``out[r] = sum_k pad(feat)[table[r, k]] @ weight[k]``.
 
     feat: (M_in, C_in); table: (M_out, K) int64 with M_in = missing; weight: (K, C_in, C_out).
-    Returns (M_out, C_out).
+    taps_per_matmul: how many taps share one gather + matmul (None: 1, or ~128/C_in for narrow
+    inputs; K: a single (M_out, K*C_in) @ (K*C_in, C_out) product, fastest in onnxruntime but it
+    materialises the whole gathered operand). Returns (M_out, C_out).
     """
-    if table.shape[1] != weight.shape[0]:
-        raise ValueError(f"table has {table.shape[1]} taps but the weight has {weight.shape[0]}")
-    if feat.shape[1] != weight.shape[1]:
-        raise ValueError(f"features have {feat.shape[1]} channels but the weight expects {weight.shape[1]}")
+    taps, c_in, c_out = weight.shape
+    if table.shape[1] != taps:
+        raise ValueError(f"table has {table.shape[1]} taps but the weight has {taps}")
+    if feat.shape[1] != c_in:
+        raise ValueError(f"features have {feat.shape[1]} channels but the weight expects {c_in}")
     padded = pad_zero_row(feat)  # (M_in + 1, C_in)
-    out = padded.index_select(0, table[:, 0]) @ weight[0]  # (M_out, C_out)
-    for k in range(1, table.shape[1]):
-        out = torch.addmm(out, padded.index_select(0, table[:, k]), weight[k])
+    group = taps_per_matmul or (1 if c_in >= 16 else max(1, 128 // c_in))  # see the module docstring
+    out = None
+    for k in range(0, taps, group):
+        n = min(group, taps - k)
+        gathered = padded.index_select(0, table[:, k : k + n].reshape(-1)).reshape(-1, n * c_in)  # (M_out, n*C_in)
+        w = weight[k : k + n].reshape(n * c_in, c_out)
+        out = gathered @ w if out is None else torch.addmm(out, gathered, w)
     return out
 
 

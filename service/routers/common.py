@@ -48,6 +48,7 @@ ERRORS = {
         415: "unknown or unrecognisable point-cloud format",
         422: "invalid parameters or unusable input (NaN coordinates, unknown condition, corrupt file)",
         429: "rate limit exceeded (see Retry-After)",
+        502: "the Triton model server answered with an error of its own",
         503: "queue full or model server unavailable (see Retry-After)",
         504: "the request did not finish in time",
     }.items()

@@ -109,6 +109,8 @@ class TritonWorker(Worker):
         return module, aio
 
     async def start(self) -> None:
+        if not self.settings.triton_urls:
+            raise ValueError("PONDER_TRITON_URLS is empty: name at least one Triton endpoint (host:port)")
         _, aio = self._client_module()
         for url in self.settings.triton_urls:
             self._endpoints.append(_Endpoint(url=url, client=aio.InferenceServerClient(url=url),

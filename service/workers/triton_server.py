@@ -47,12 +47,8 @@ def _decode_condition(value: np.ndarray) -> str | None:
 
 
 def _network_input(grid: np.ndarray, feat: np.ndarray) -> VoxelizedCloud:
-    """A VoxelizedCloud from the two tensors the network reads (encode uses grid_coord and feat only);
-    the point-level fields stay with the gateway, so they are identity placeholders here."""
-    m = len(grid)
-    return VoxelizedCloud(grid_coord=np.ascontiguousarray(grid, dtype=np.int32),
-                          feat=np.ascontiguousarray(feat, dtype=np.float32), point_to_voxel=np.arange(m),
-                          coord=np.zeros((m, 3), np.float32), kept=np.arange(m), grid_size=0.0)
+    """The point-level fields stay with the gateway; the worker only needs what the network reads."""
+    return VoxelizedCloud.from_network_input(grid, feat)
 
 
 def make_infer_fn(predictor: Predictor) -> Callable[[list], list[dict[str, np.ndarray]]]:

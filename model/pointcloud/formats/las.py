@@ -1,7 +1,8 @@
 """LAS and LAZ through ``laspy`` (LAZ needs the ``lazrs`` backend, installed with ``laspy[lazrs]``).
 
-Coordinates are the scaled float64 values converted to float32 as they are (no offset removed):
-indoor scans are within metres of the origin; georeferenced survey coordinates lose precision here.
+Coordinates are the scaled float64 values. Georeferenced data (any |coordinate| above 10 km) is moved
+near the origin before the float32 conversion: the whole-metre minimum is subtracted and kept as
+``PointCloud.origin``, so survey coordinates keep millimetre precision.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.pointcloud.formats import MAX_EXPANSION
 
 _EXTRAS = ("intensity", "classification")
+_GEOREFERENCED = 1e4  # metres
 _VLR_COUNT_OFFSET = 100  # uint32 "number of variable length records" in every LAS 1.x header
 _VLR_HEADER_BYTES = 54
 
@@ -33,15 +35,17 @@ def read_las(data: bytes, source: str) -> PointCloud:
     declared, found = int(las.header.point_count), len(las.points)
     if found != declared:
         raise PointCloudError(f"{source}: LAS file is truncated: the header declares {declared} points, found {found}")
-    coord = np.empty((found, 3), dtype=np.float32)  # (N, 3) metres
-    for i, axis in enumerate("xyz"):
-        coord[:, i] = np.asarray(getattr(las, axis))
+    xyz = np.stack([np.asarray(getattr(las, axis), dtype=np.float64) for axis in "xyz"], axis=1)  # (N, 3) m
+    origin = np.zeros(3)
+    if found and np.isfinite(xyz).all() and np.abs(xyz).max() > _GEOREFERENCED:
+        origin = np.floor(xyz.min(axis=0))
+    coord = (xyz - origin).astype(np.float32)
     dimensions = set(las.point_format.dimension_names)
     color = None
     if {"red", "green", "blue"} <= dimensions:
         color = np.stack([np.asarray(las[name]) for name in ("red", "green", "blue")], axis=1)  # uint16
     extras = {name: np.array(las[name]) for name in _EXTRAS if name in dimensions}
-    return PointCloud(coord=coord, color=color, extras=extras, source=source)
+    return PointCloud(coord=coord, color=color, extras=extras, source=source, origin=origin)
 
 
 def _check_size(header: laspy.LasHeader, size: int, source: str) -> None:

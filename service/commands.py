@@ -1,0 +1,22 @@
+"""Service subcommands for the ``ponder`` console script: serve, worker, extract (see service/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from service.cli import (add_extract_arguments, add_serve_arguments, add_worker_arguments, run_extract, run_serve,
+                         run_worker)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="HTTP gateway with an in-process (or Triton) worker; docs at /docs")
+    add_serve_arguments(p)
+    p.set_defaults(handler=run_serve)
+
+    p = subparsers.add_parser("worker", help="serve the model inside a Triton server (--triton)")
+    add_worker_arguments(p)
+    p.set_defaults(handler=run_worker)
+
+    p = subparsers.add_parser("extract", help="batch feature extraction through a running gateway")
+    add_extract_arguments(p)
+    p.set_defaults(handler=run_extract)

@@ -1,0 +1,1 @@
+"""Experiment scripts that combine several training tasks (run with ``python -m``)."""

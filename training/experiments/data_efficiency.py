@@ -1,0 +1,214 @@
+"""Data-efficient fine-tuning (the PonderV2 "limited labels" experiment, at CPU size): segmentation mIoU and
+detection mAP@0.25 after fine-tuning (a) the rendering-pre-trained encoder and (b) the same architecture from
+random initialisation, with 1 %, 5 % and 100 % of the labels, on generated scenes held out from pre-training.
+
+    python -m training.experiments.data_efficiency --pretrained runs/pretrain-small-cpu/final [--out DIR]
+        [--data DIR | --scenes 16 --data-seed 1] [--fractions 0.01 0.05 1] [--tasks segment detect] [--quick]
+
+* Held out: without ``--data`` the scenes are generated with ``--data-seed`` (default 1). Scene i of a dataset
+  is drawn from SeedSequence([seed, i]), so any seed other than the pre-training data's gives unseen rooms.
+* Label fractions: segmentation keeps a seeded random share of every training scene's labelled points (the
+  rest are ignored, -1); detection (training/detect) trains on a seeded share of the training scenes (at least
+  one), since its boxes come per scene.
+* Both arms use the pre-trained checkpoint's architecture, voxel size and input features; the YAML configs
+  (segment-small-cpu.yaml, detect-small-cpu.yaml) give the schedules and heads.
+* Every run lives in ``<out>/<task>/<init>-<percent>``; a finished run is reused when the script is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ARMS = ("pretrained", "random")
+
+
+def _detect_available() -> bool:
+    try:
+        import training.detect.cli  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+def prepare_data(args: argparse.Namespace) -> Path:
+    if args.data is not None:
+        if not Path(args.data).is_dir():
+            raise FileNotFoundError(f"{args.data}: no such data folder")
+        return Path(args.data)
+    from training.data.synthetic import SceneConfig, generate_dataset
+
+    root = args.out / "data"
+    if not (root / "val.txt").is_file():
+        log.info("generating %d held-out scenes (seed %d) into %s", args.scenes, args.data_seed, root)
+        generate_dataset(root, args.scenes, args.data_seed, SceneConfig(num_frames=0),
+                         splits=(("train", 0.75), ("val", 0.25)), progress=False)
+    return root
+
+
+def run_segmentation(args: argparse.Namespace, arm: str, fraction: float, data: Path, source) -> float:
+    """mIoU (fast protocol, all val points) of one fine-tune; the run folder caches the result."""
+    from training.segment.config import load_config
+    from training.segment.task import fine_tune
+
+    out = args.out / "segment" / f"{arm}-{_pct(fraction)}"
+    done = out / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())["mIoU"]
+    cfg = load_config(args.segment_config)
+    cfg.data.root, cfg.data.label_fraction, cfg.data.label_mode = str(data), fraction, "points"
+    if arm == "pretrained":
+        cfg.init.checkpoint = str(args.pretrained)
+    else:  # the same network, randomly initialised
+        cfg.init.checkpoint = None
+        cfg.model.backbone = dataclasses.replace(source.backbone, num_classes=0)
+        cfg.model.grid_size, cfg.model.input_features = source.grid_size, tuple(source.input_features)
+    cfg.evaluate.mode = "precise" if args.precise else "fast"
+    if args.quick:
+        cfg.train.epochs, cfg.train.steps_per_epoch, cfg.evaluate.max_scenes = 1, 2, 1
+    cfg.validate()
+    result = fine_tune(cfg, out, resume=True)
+    miou = result.metrics.miou
+    done.write_text(json.dumps({"mode": cfg.evaluate.mode, **result.metrics.as_dict()}, indent=2))
+    return miou
+
+
+def run_detection(args: argparse.Namespace, arm: str, fraction: float, data: Path, source) -> float | None:
+    """mAP@0.25 of one detection fine-tune through ``ponder train detect`` (training/detect)."""
+    from model.cli import main
+
+    out = args.out / "detect" / f"{arm}-{_pct(fraction)}"
+    done = out / "metrics.json"
+    if not done.is_file():
+        cfg = yaml.safe_load(Path(args.detect_config).read_text())
+        cfg["out_dir"] = str(out)
+        cfg.setdefault("data", {}).update(root=str(data), generate=None, label_fraction=fraction)
+        model = cfg.setdefault("model", {})
+        model["grid_size"] = source.grid_size
+        if arm == "pretrained":
+            model["init"] = str(args.pretrained)
+        else:
+            backbone = dataclasses.asdict(dataclasses.replace(source.backbone, num_classes=0))
+            model.update(init=None, backbone=_plain(backbone), conditions=list(source.conditions),
+                         input_features=list(source.input_features))
+        cfg.setdefault("eval", {})["after_train"] = True
+        if args.quick:
+            cfg.setdefault("train", {}).update(epochs=1, steps_per_epoch=2)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "experiment.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        with open(out / "train.log", "a") as log_file, contextlib.redirect_stdout(log_file):  # its tables go there
+            code = main(["train", "detect", "--config", str(out / "experiment.yaml"), "--out", str(out), "--resume"])
+        if code != 0 or not done.is_file():
+            log.warning("detection run %s gave no metrics (exit code %d)", out, code)
+            return None
+    value = json.loads(done.read_text()).get("mAP@0.25")
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def format_table(results: dict[tuple[str, str, float], float | None], fractions: list[float],
+                 notes: dict[str, str]) -> str:
+    rows = [("segmentation", "mIoU"), ("detection", "mAP@0.25")]
+    head = f"{'task':<13} {'metric':<9} {'init':<11}" + "".join(f" {_pct(f) + ' labels':>12}" for f in fractions)
+    lines = [head, "-" * len(head)]
+    for task, metric in rows:
+        for arm in ARMS:
+            cells = []
+            for f in fractions:
+                value = results.get((task, arm, f))
+                cells.append(f" {'n/a' if value is None else f'{100 * value:.1f}':>12}")
+            lines.append(f"{task:<13} {metric:<9} {arm:<11}" + "".join(cells))
+    lines += [f"note: {text}" for text in notes.values()]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained", type=Path, required=True, help="rendering-pre-trained checkpoint (folder or .pth)")
+    p.add_argument("--out", type=Path, default=Path("runs/data-efficiency"), help="experiment folder")
+    p.add_argument("--data", type=Path, default=None, help="existing data root with train/ and val/ scenes")
+    p.add_argument("--scenes", type=int, default=16, help="scenes to generate without --data (default 16: 12/4)")
+    p.add_argument("--data-seed", type=int, default=1, help="dataset seed; must differ from the pre-training data's")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 1.0], help="label fractions")
+    p.add_argument("--tasks", nargs="+", choices=("segment", "detect"), default=["segment", "detect"])
+    p.add_argument("--segment-config", type=Path, default=CONFIGS / "segment-small-cpu.yaml")
+    p.add_argument("--detect-config", type=Path, default=CONFIGS / "detect-small-cpu.yaml")
+    p.add_argument("--precise", action="store_true", help="score segmentation with the 13-view precise protocol")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on busy machines)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke version: 4 scenes, 2 steps per run, one validation scene")
+    args = p.parse_args(argv)
+    if args.quick and args.data is None:
+        args.scenes = 4
+    if any(not 0 < f <= 1 for f in args.fractions):
+        p.error(f"--fractions must lie in (0, 1], got {args.fractions}")
+    if args.scenes < 2:
+        p.error("--scenes must be at least 2 (train and val)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    import torch
+
+    from training.segment.task import read_pretrained
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = read_pretrained(args.pretrained).config
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(args)
+    notes: dict[str, str] = {"labels": "segmentation keeps that share of each scene's labelled points; "
+                                       "detection trains on that share of the scenes (at least one)"}
+    if args.quick:
+        notes["quick"] = "--quick: 2 training steps per run, one validation scene; figures are a smoke test only"
+    detect = "detect" in args.tasks and _detect_available()
+    if "detect" in args.tasks and not detect:
+        notes["detect"] = "detection: training/detect is not installed; n/a"
+    elif "detect" not in args.tasks:
+        notes["detect"] = "detection: not run (--tasks)"
+    if "segment" not in args.tasks:
+        notes["segment"] = "segmentation: not run (--tasks)"
+    results: dict[tuple[str, str, float], float | None] = {}
+    for fraction in args.fractions:
+        for arm in ARMS:
+            if "segment" in args.tasks:
+                results[("segmentation", arm, fraction)] = run_segmentation(args, arm, fraction, data, source)
+            if detect:
+                results[("detection", arm, fraction)] = run_detection(args, arm, fraction, data, source)
+    table = format_table(results, args.fractions, notes)
+    header = (f"data-efficient fine-tuning from {args.pretrained} vs random init; data {data} "
+              f"({len((data / 'train.txt').read_text().split()) if (data / 'train.txt').is_file() else '?'} train "
+              f"scenes); values in %")
+    print(header + "\n" + table)
+    (args.out / "results.json").write_text(json.dumps(
+        [{"task": t, "init": a, "fraction": f, "value": v} for (t, a, f), v in results.items()], indent=2))
+    (args.out / "results.txt").write_text(header + "\n" + table + "\n")
+    return 0
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Rendering pre-training (PonderIndoor-v2) on RGB-D scenes, and ``ponder render`` for novel views.
+
+    ponder train pretrain --config CFG [--out DIR] [--resume] [--device cpu|cuda]
+    ponder evaluate pretrain --config CFG [--checkpoint CKPT] [--device cpu|cuda]
+    ponder render INPUT --checkpoint CKPT --cameras CAMS.json -o OUT_DIR [--chunk N] [--condition C] [--device D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True,
+                        help="pre-training YAML (training/configs/pretrain-*.yaml)")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: the config's out_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the config's train.device")
+
+
+def ensure_data(cfg) -> None:
+    """Generate the synthetic scenes a config asks for when its data folder does not exist yet."""
+    from training.data.synthetic import SceneConfig, generate_dataset
+
+    root, gen = Path(cfg.data.root), cfg.data.generate
+    if gen is None or root.exists():
+        return
+    log.info("generating %d synthetic scenes into %s", gen.scenes, root)
+    scene_cfg = SceneConfig(num_frames=gen.frames, image_downscale=gen.image_downscale,
+                            points_per_m2=gen.points_per_m2, room_x=tuple(gen.room_x), room_y=tuple(gen.room_y))
+    generate_dataset(root, gen.scenes, gen.seed, scene_cfg, splits=((cfg.data.split, 1.0),), progress=False)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from model.checkpoint import save_checkpoint
+    from training.engine import Trainer
+    from training.pretrain.config import load_config
+    from training.pretrain.task import PretrainTask, build_pretrain_model
+
+    cfg = load_config(args.config)
+    if args.device:
+        cfg.train.device = args.device
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    if cfg.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    out = Path(args.out or cfg.out_dir)
+    last = out / "model" / "model_last.pth"
+    if last.exists() and not args.resume:
+        raise ValueError(f"{out} already holds a run ({last}); pass --resume to continue it or choose another --out")
+    ensure_data(cfg)
+    task = PretrainTask(cfg)
+    model = build_pretrain_model(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(Path(args.config).read_text()), sort_keys=False))
+    trainer = Trainer(model, task, cfg.train, out, save_fn=lambda m, d: save_checkpoint(m, cfg.model, d))
+    history = trainer.fit(resume=args.resume)
+    if history:
+        first, final = history[0], history[-1]
+        nan = float("nan")
+        print(f"trained {trainer.step} steps on {task.num_samples()} scenes: loss {first['loss']:.4f} -> "
+              f"{final['loss']:.4f}, psnr {first.get('psnr', nan):.2f} -> {final.get('psnr', nan):.2f} dB")
+    print(f"checkpoint: {out / 'final'} (official container: {last})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="the pre-training YAML (data and eval sections)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: <out_dir>/final of the config")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the scores to this file")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_checkpoint
+    from training.pretrain.config import load_config
+    from training.pretrain.evaluate import evaluate_views
+
+    cfg = load_config(args.config)
+    loaded = load_checkpoint(args.checkpoint or Path(cfg.out_dir) / "final")
+    loaded.model.to(_device(args.device))
+    result = evaluate_views(loaded.model, loaded.config, cfg.data, cfg.eval)
+    summary = result.summary()
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_view"}))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ render
+
+
+def add_run_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("render", help="render novel views (colour and depth) of a point cloud with a "
+                              "pre-training checkpoint")
+    p.add_argument("input", type=Path, help="point cloud (PLY, LAS/LAZ, PCD, NPY, ...)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="pre-training checkpoint (folder or official .pth)")
+    p.add_argument("--cameras", type=Path, required=True,
+                   help="cameras JSON (see model/render/cameras.py) or a nerfstudio transforms.json")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--chunk", type=int, default=4096, help="rays rendered at a time; bounds memory (default 4096)")
+    p.add_argument("--condition", default=None, help="dataset condition (default: the model's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of an official .pth")
+    p.set_defaults(handler=run_render)
+
+
+def read_cameras(path: Path):
+    from model.render import CameraError, cameras_from_json, cameras_from_transforms
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such cameras file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CameraError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(data, dict) and "frames" in data:
+        return cameras_from_transforms(data)
+    return cameras_from_json(data)
+
+
+def write_view(out: Path, index: int, view) -> list[Path]:
+    """``<i>_color.png`` (8-bit RGB), ``<i>_depth.png`` (16-bit millimetres, 0 = no hit) and ``<i>_depth.npy``
+    (float32 metres)."""
+    from PIL import Image
+
+    rgb = np.clip(np.rint(view.rgb.cpu().numpy() * 255), 0, 255).astype(np.uint8)
+    depth = view.depth.cpu().numpy().astype(np.float32)
+    mm = np.clip(np.rint(depth * 1000), 0, 65535).astype(np.uint16)
+    paths = [out / f"{index}_color.png", out / f"{index}_depth.png", out / f"{index}_depth.npy"]
+    Image.fromarray(rgb).save(paths[0])
+    Image.fromarray(mm).save(paths[1])
+    np.save(paths[2], depth, allow_pickle=False)
+    return paths
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_checkpoint
+    from model.novel_view import render_scene
+    from model.pointcloud.readers import read_point_cloud
+
+    if args.chunk < 1:
+        raise ValueError(f"--chunk must be positive, got {args.chunk}")
+    cameras = read_cameras(args.cameras)
+    loaded = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+    cloud = read_point_cloud(args.input)
+    views = render_scene(loaded, cloud, cameras, args.condition, args.chunk, _device(args.device))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, view in enumerate(views):
+        write_view(args.out, i, view)
+        hit = float(view.hit.float().mean())
+        print(f"{i}: {view.rgb.shape[1]}x{view.rgb.shape[0]}, {hit:.0%} of rays hit the scene box")
+    print(f"wrote {len(views)} views to {args.out}")
+    return 0
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    return torch.device(name)

@@ -1,0 +1,253 @@
+"""Configuration of rendering pre-training (PonderIndoor-v2, spec §5 and §9), read from YAML.
+
+A YAML file has the sections ``model``, ``data``, ``train`` and optionally ``mask``, ``eval`` and
+``out_dir``; see training/configs/pretrain-scannet.yaml (the official ScanNet values) and
+pretrain-small-cpu.yaml. ``model.render.head`` takes the fields of ``model.render.RenderHeadConfig``; its
+``field`` may be given in full, or as the shortcut ``{hidden_size, geo_dim}`` for the HEAD layout
+(``head_field_config``), whose semantic decoder is kept only when ``model.render.semantic`` is true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from model.config import SCANNET20_NAMES, BackboneConfig, ModelConfig
+from model.render import RenderHeadConfig, head_field_config
+from training.data.formats import FrameSelection
+from training.engine import OptimConfig, TrainConfig
+
+
+class ConfigError(ValueError):
+    """A pre-training config that is missing a field or contradicts itself."""
+
+
+@dataclass
+class FrameConfig:
+    """Which RGB-D frames of a scene are eligible (``training.data.formats.FrameSelection``); the default is
+    the official ScanNet train rule ``frames[40:-60:10]``."""
+
+    start: int = 40
+    stop: int | None = -60
+    step: int = 10
+    pre_step: int = 1
+
+    def selection(self) -> FrameSelection:
+        return FrameSelection(start=self.start, stop=self.stop, step=self.step, pre_step=self.pre_step)
+
+
+@dataclass
+class GenerateConfig:
+    """Generate synthetic scenes into ``data.root`` when it does not exist yet (``ponder datasets generate``)."""
+
+    scenes: int = 2
+    seed: int = 0
+    frames: int = 20
+    image_downscale: int = 4
+    points_per_m2: float = 1500.0
+    room_x: tuple[float, float] = (3.0, 7.0)
+    room_y: tuple[float, float] = (3.0, 6.0)
+
+
+@dataclass
+class DataConfig:
+    """Point scenes at ``<root>/<split>/<scene>`` (Pointcept folder or PonderV2 ``.pth``), scene ids from
+    ``<root>/<split>.txt`` when present, RGB-D exports at ``<rgbd_root or root/rgbd>/<scene>``. Relative
+    paths are relative to the working directory."""
+
+    root: str = "data/scannet"
+    split: str = "train"
+    rgbd_root: str | None = None
+    condition: str = "ScanNet"
+    num_cameras: int = 5
+    frames: FrameConfig = field(default_factory=FrameConfig)
+    skip_list: str | None = None      # ScanNet skip.lst
+    align_axis: bool = False
+    dropout: float = 0.8              # RandomDropout ratio, always applied (official pre-train pipeline)
+    augment: bool = True              # rotations, scale, flips
+    max_scenes: int | None = None
+    max_points: int = 2_000_000       # collate drops a sample that would push the batch past this
+    generate: GenerateConfig | None = None
+
+    def rgbd_dir(self) -> Path:
+        return Path(self.rgbd_root) if self.rgbd_root else Path(self.root) / "rgbd"
+
+
+@dataclass
+class MaskConfig:
+    """Block masking (spec §5.3): points of dropped ``size``-voxel blocks get ``mtoken`` as features."""
+
+    ratio: float = 0.5
+    size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    """Held-out views for ``evaluate``: frames of ``split`` scenes chosen by ``frames`` (e.g. those the train
+    selection skips), ``views`` per scene, the first ``scenes`` scenes."""
+
+    split: str = "train"
+    frames: FrameConfig = field(default_factory=lambda: FrameConfig(start=45, stop=-60, step=10))
+    scenes: int = 1
+    views: int = 2
+    chunk: int = 4096
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mask: MaskConfig | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs/pretrain"
+    class_embedding: str | None = None  # .npy (vocabulary, 512) text embeddings for the semantic targets
+    threads: int | None = None          # torch CPU threads (1 avoids thrashing on a busy, shared CPU)
+
+    @property
+    def head(self) -> RenderHeadConfig:
+        return RenderHeadConfig.from_dict(self.model.render["head"])
+
+    @property
+    def semantic(self) -> bool:
+        return bool(self.model.render.get("semantic", False))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PretrainConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError("the config must be a mapping with sections model, data, train")
+        unknown = set(data) - {"model", "data", "train", "mask", "eval", "out_dir", "class_embedding", "threads"}
+        if unknown:
+            raise ConfigError(f"unknown config sections: {sorted(unknown)}")
+        if "model" not in data:
+            raise ConfigError("the config has no 'model' section")
+        cfg = cls(model=build_model_config(data["model"]),
+                  data=_dataclass(DataConfig, data.get("data", {}), "data",
+                                  {"frames": FrameConfig, "generate": GenerateConfig}),
+                  train=_train_config(data.get("train", {})),
+                  mask=_dataclass(MaskConfig, data["mask"], "mask") if data.get("mask") else None,
+                  eval=_dataclass(EvalConfig, data.get("eval", {}), "eval", {"frames": FrameConfig}),
+                  out_dir=str(data.get("out_dir", "runs/pretrain")),
+                  class_embedding=data.get("class_embedding"), threads=data.get("threads"))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        head = self.head
+        if self.data.num_cameras < 1:
+            raise ConfigError(f"data.num_cameras must be at least 1, got {self.data.num_cameras}")
+        if not 0 <= self.data.dropout < 1:
+            raise ConfigError(f"data.dropout must lie in [0, 1), got {self.data.dropout}")
+        if self.data.condition not in self.model.conditions:
+            raise ConfigError(f"data.condition {self.data.condition!r} is not one of model.conditions "
+                              f"{list(self.model.conditions)}")
+        if head.field.rgb_decoder is None:
+            raise ConfigError("pre-training renders colour: the render head needs an rgb_decoder")
+        if head.loss.semantic_loss > 0 and not (self.semantic and head.field.semantic_decoder is not None):
+            raise ConfigError("loss.semantic_loss > 0 needs model.render.semantic: true and a semantic decoder "
+                              "(or set the semantic loss weight to 0)")
+        if self.mask is not None:
+            if self.model.render.get("mask_channels", 0) != self.model.backbone.in_channels:
+                raise ConfigError("block masking needs model.render.mask_channels equal to the backbone's "
+                                  f"in_channels ({self.model.backbone.in_channels})")
+            if not 0 < self.mask.ratio < 1 or self.mask.size < 1:
+                raise ConfigError(f"mask.ratio must lie in (0, 1) and mask.size be >= 1, got {self.mask}")
+
+
+def load_config(path: str | Path) -> PretrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    try:
+        return PretrainConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def build_model_config(data: Mapping[str, Any]) -> ModelConfig:
+    """A ``kind: pretrain`` ModelConfig from the YAML ``model`` section."""
+    data = dict(data)
+    render = dict(data.pop("render", {}))
+    head = dict(render.pop("head", {}))
+    semantic = bool(render.pop("semantic", False))
+    proj_head = bool(render.pop("proj_head", semantic))
+    mask_channels = int(render.pop("mask_channels", 0))
+    if render:
+        raise ConfigError(f"unknown model.render keys: {sorted(render)}")
+    grid_size = float(data.get("grid_size", 0.02))
+    if float(head.setdefault("grid_size", grid_size)) != grid_size:
+        raise ConfigError(f"model.grid_size {grid_size} (voxelisation) and model.render.head.grid_size "
+                          f"{head['grid_size']} (dense volume) must be equal")
+    head_cfg = _head_config(head, semantic)
+    backbone = BackboneConfig(**_tuples(data.pop("backbone", {})))
+    if backbone.out_channels != head_cfg.projection.in_channels:
+        raise ConfigError(f"the backbone gives {backbone.out_channels} channels but the projection takes "
+                          f"{head_cfg.projection.in_channels}")
+    vocabulary = tuple(data.pop("vocabulary", SCANNET20_NAMES))
+    conditions = tuple(data.pop("conditions", ("ScanNet",)))
+    valid_index = tuple(tuple(v) for v in data.pop("valid_index", [range(len(vocabulary))] * len(conditions)))
+    if len(valid_index) != len(conditions):
+        raise ConfigError(f"{len(valid_index)} valid_index lists for {len(conditions)} conditions")
+    try:
+        return ModelConfig(kind="pretrain", backbone=backbone, conditions=conditions, valid_index=valid_index,
+                           vocabulary=vocabulary,
+                           render={"head": head_cfg.to_dict(), "proj_head": proj_head and semantic,
+                                   "semantic": semantic, "mask_channels": mask_channels},
+                           **data)
+    except TypeError as exc:
+        raise ConfigError(f"invalid model section: {exc}") from None
+
+
+def _head_config(head: dict[str, Any], semantic: bool) -> RenderHeadConfig:
+    fcfg = head.pop("field", None)
+    try:
+        base = RenderHeadConfig.from_dict(head)
+        if fcfg is None or "sdf_decoder" not in fcfg:
+            short = dict(fcfg or {})
+            unknown = set(short) - {"hidden_size", "geo_dim"}
+            if unknown:
+                raise ConfigError("model.render.head.field shortcut takes hidden_size and geo_dim, "
+                                  f"not {sorted(unknown)}")
+            f = head_field_config(base.projection.out_channels, short.get("geo_dim", 64), short.get("hidden_size", 128))
+            if not semantic:
+                f = dataclasses.replace(f, semantic_decoder=None)
+            return dataclasses.replace(base, field=f)
+        return RenderHeadConfig.from_dict({**head, "field": fcfg})
+    except ValueError as exc:
+        raise ConfigError(f"invalid model.render.head: {exc}") from None
+
+
+def _train_config(data: Mapping[str, Any]) -> TrainConfig:
+    data = dict(data)
+    optim = _dataclass(OptimConfig, data.pop("optim", {}), "train.optim")
+    cfg = _dataclass(TrainConfig, data, "train")
+    cfg.optim = optim
+    return cfg
+
+
+def _dataclass(cls, data: Mapping[str, Any], where: str, nested: Mapping[str, type] | None = None):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown {where} keys: {sorted(unknown)} (known: {sorted(names)})")
+    values = dict(data)
+    for key, sub in (nested or {}).items():
+        if key in values:
+            values[key] = _dataclass(sub, values[key], f"{where}.{key}")
+    return cls(**values)
+
+
+def _tuples(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+
+

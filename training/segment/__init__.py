@@ -1,0 +1,1 @@
+"""Semantic-segmentation fine-tuning and evaluation (spec §4, §7.4, §8, §9)."""
