@@ -24,8 +24,8 @@ def add_export_arguments(subparsers: argparse._SubParsersAction) -> None:
                    help="torch ONNX exporter (dynamo works but takes minutes on this graph)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--taps-per-matmul", type=int, default=None, metavar="N",
-                   help="taps gathered into one matmul (default: one per tap, memory-lean; 125 = one GEMM per "
-                        "conv, ~1.5x faster in onnxruntime but needs (voxels x 27 x channels) floats per conv)")
+                   help="taps gathered into one matmul (default: one per tap, memory-lean; 27 = one GEMM per 3x3x3 "
+                        "conv, faster in onnxruntime but needs voxels x 27 x channels floats per conv)")
     p.set_defaults(handler=run_onnx)
 
     p = sub.add_parser("tensorrt", help="TensorRT engine from an exported ONNX model (needs tensorrt + a GPU)")

@@ -141,12 +141,16 @@ class Predictor:
         return SegmentResult(logits=logits, labels=logits.argmax(axis=1).astype(np.int32), class_names=names)
 
 
-def default_checkpoint() -> Path:
-    """The bundled default model (shipped inside the package)."""
-    if not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
-        raise FileNotFoundError(f"the bundled default model is missing from {DEFAULT_MODEL_DIR}; "
-                                "pass --checkpoint to name one")
-    return DEFAULT_MODEL_DIR
+DEFAULT_PARTS = {"segment": ".", "features": ".", "detect": "detect", "render": "render"}
+
+
+def default_checkpoint(task: str = "segment") -> Path:
+    """The bundled default model for a task: the segmentation model at the folder's top (also for features),
+    ``detect/`` and ``render/`` beside it (see model/default_model/MODEL_CARD.md)."""
+    path = (DEFAULT_MODEL_DIR / DEFAULT_PARTS[task]).resolve()
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"the bundled default model is missing from {path}; pass --checkpoint to name one")
+    return path
 
 
 def load_predictor(checkpoint: str | Path | None = None, device: str = "cpu",

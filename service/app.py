@@ -17,7 +17,7 @@ from service.logs import configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from service.pipeline import Pipeline
-from service.routers import features, health, metrics, models, segment
+from service.routers import detect, features, health, metrics, models, render, segment
 from service.settings import ServiceSettings
 from service.workers.base import Worker
 
@@ -62,14 +62,16 @@ def create_app(settings: ServiceSettings | None = None, worker: Worker | None = 
             pipeline.close()
 
     app = FastAPI(title="PonderV2 inference service", version="1", lifespan=lifespan,
-                  description="Point-cloud features and segmentation from PonderV2 models. Errors are "
-                              "application/problem+json; every answer carries X-Request-ID.")
+                  description="Point-cloud features, segmentation, 3D detection and novel-view rendering from "
+                              "PonderV2 models. Errors are application/problem+json; every answer carries "
+                              "X-Request-ID.")
     app.state.settings = settings
     app.state.metrics = registry
     app.state.worker = worker
     app.state.pipeline = pipeline
     install_error_handlers(app)
-    for router in (features.router, segment.router, models.router, health.router, metrics.router):
+    for router in (features.router, segment.router, detect.router, render.router, models.router, health.router,
+                   metrics.router):
         app.include_router(router)
     # Added innermost first: request context -> auth -> body limit -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)

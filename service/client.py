@@ -4,13 +4,18 @@
         feats = client.features("scene.ply")             # (N, C) float32, input order
         seg = client.segment("scene.las", condition="ScanNet")
         seg.labels, seg.class_names
+        found = client.detect("scene.ply", model="detector")   # found.boxes (K, 7), found.class_names
+        views = client.render("scene.ply", cameras, model="ponder")  # [RenderedImage(color, depth, depth_mm)]
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +24,9 @@ import httpx
 import numpy as np
 
 from model.pointcloud.cloud import PointCloud
+from model.render.cameras import Camera
 
-NPY, NPZ = "application/x-npy", "application/x-npz"
+NPY, NPZ, JSON, ZIP = "application/x-npy", "application/x-npz", "application/json", "application/zip"
 RETRY_STATUSES = (429, 502, 503, 504)
 
 
@@ -51,7 +57,24 @@ class VoxelFeatures:
         return self.features[self.point_to_voxel]
 
 
+@dataclass
+class Detections:
+    boxes: np.ndarray  # (K, 7) float64 [cx, cy, cz, dx, dy, dz, yaw], metres, the input's world frame
+    scores: np.ndarray  # (K,) float64, descending
+    labels: np.ndarray  # (K,) int64 index into class_names
+    class_names: tuple[str, ...]
+    document: dict  # the whole answer (ponder-detections/1 with corners, plus model, condition, ...)
+
+
+@dataclass
+class RenderedImage:
+    color: np.ndarray  # (H, W, 3) uint8 RGB
+    depth: np.ndarray  # (H, W) float32 z-depth in metres, 0 where the ray misses the scene
+    depth_mm: np.ndarray  # (H, W) uint16 millimetres (the 16-bit PNG)
+
+
 Source = str | os.PathLike | bytes | PointCloud
+Cameras = Camera | Mapping | Sequence[Camera | Mapping] | str | bytes | os.PathLike
 
 
 def encode_source(source: Source, format: str | None = None) -> tuple[bytes, dict[str, str]]:
@@ -75,6 +98,33 @@ def encode_source(source: Source, format: str | None = None) -> tuple[bytes, dic
     if format:
         params["format"] = format
     return data, params
+
+
+def cameras_json(cameras: Cameras) -> str:
+    """The 'cameras' part: Camera objects, camera dicts (or a transforms.json dict), JSON text, or a JSON file."""
+    if isinstance(cameras, bytes):
+        return cameras.decode()
+    if isinstance(cameras, str):
+        return cameras
+    if isinstance(cameras, os.PathLike):
+        return Path(cameras).read_text()
+    if isinstance(cameras, Camera):
+        cameras = [cameras]
+    if isinstance(cameras, Mapping):
+        return json.dumps(dict(cameras))
+    return json.dumps([c.to_dict() if isinstance(c, Camera) else dict(c) for c in cameras])
+
+
+def read_views(content: bytes) -> list[RenderedImage]:
+    """The images of a /v1/render zip answer, in camera order."""
+    from PIL import Image
+
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        count = len(json.loads(archive.read("meta.json"))["views"])
+        return [RenderedImage(color=np.asarray(Image.open(io.BytesIO(archive.read(f"{i}_color.png")))),
+                              depth=np.load(io.BytesIO(archive.read(f"{i}_depth.npy")), allow_pickle=False),
+                              depth_mm=np.asarray(Image.open(io.BytesIO(archive.read(f"{i}_depth.png")))))
+                for i in range(count)]
 
 
 def raise_for_problem(response: httpx.Response) -> None:
@@ -173,6 +223,33 @@ class PonderClient:
         arrays = load_npz(response.content)
         return Segmentation(labels=arrays["labels"], class_names=tuple(str(n) for n in arrays["class_names"]),
                             logits=arrays.get("logits"))
+
+    def detect(self, source: Source, *, model: str | None = None, condition: str | None = None,
+               grid_size: float | None = None, score_threshold: float | None = None,
+               iou_threshold: float | None = None, format: str | None = None) -> Detections:
+        """Oriented 3D boxes (needs a model with a detection head and the in-process worker)."""
+        response = self._post("/v1/detect", source, JSON, format, model=model, condition=condition,
+                              grid_size=grid_size, score_threshold=score_threshold, iou_threshold=iou_threshold)
+        doc = response.json()
+        found = doc["detections"]
+        boxes = np.array([[*d["center"], *d["size"], d["yaw"]] for d in found], dtype=np.float64).reshape(-1, 7)
+        return Detections(boxes=boxes, scores=np.array([d["score"] for d in found], dtype=np.float64),
+                          labels=np.array([d["label_id"] for d in found], dtype=np.int64),
+                          class_names=tuple(doc["class_names"]), document=doc)
+
+    def render(self, source: Source, cameras: Cameras, *, model: str | None = None, condition: str | None = None,
+               width: int | None = None, height: int | None = None, format: str | None = None
+               ) -> list[RenderedImage]:
+        """Colour and depth of the scene from each camera (needs a model with a render head and the in-process
+        worker). Cameras are in the scene's frame (metres, OpenCV axes); see ``model.render.cameras``."""
+        body, query = encode_source(source, format)
+        name = query.pop("filename", None) or "upload"  # no suffix: ?format= or the magic bytes tell it
+        query.update({k: str(v) for k, v in (("model", model), ("condition", condition), ("width", width),
+                                              ("height", height)) if v is not None})
+        response = self._request("POST", "/v1/render", params=query, headers={"Accept": ZIP},
+                                 files={"file": (name, body, "application/octet-stream")},
+                                 data={"cameras": cameras_json(cameras)})
+        return read_views(response.content)
 
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["models"]

@@ -7,20 +7,22 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.pointcloud.readers import read_point_cloud
-from model.pointcloud.voxelize import VoxelizedCloud, voxelize
+from model.pointcloud.voxelize import VoxelizedCloud, complete_cloud, voxelize
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
 from service.rgbd import RGBDError, RGBDView, decode_color, decode_depth, fuse_views, parse_cameras
 from service.settings import ServiceSettings
 from service.uploads import CloudUpload, RGBDUpload
 from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerFailed,
-                                  WorkerInputError, WorkerUnavailable)
+                                  WorkerInputError, WorkerUnavailable, WorkerUnsupported)
 
 
 @dataclass
@@ -73,19 +75,12 @@ class Pipeline:
         limit = self.settings.request_timeout_s
         return min(requested, limit) if requested else limit
 
-    async def run(self, upload: CloudUpload | RGBDUpload, card: ModelCard, condition: str | None,
-                  grid_size: float | None, want_logits: bool, timeout_s: float) -> Processed:
-        """Decode, voxelise and encode one upload within ``timeout_s`` (504 after it)."""
+    @asynccontextmanager
+    async def deadline(self, timeout_s: float) -> AsyncIterator[None]:
+        """Run the body within ``timeout_s`` (504 after it) and turn worker failures into ApiErrors."""
         try:
             async with asyncio.timeout(timeout_s):
-                start = time.perf_counter()
-                cloud = await self._in_pool(self._decode, upload)
-                filled = [name for name in card.info.input_features
-                          if name in ("color", "normal") and getattr(cloud, name) is None]
-                voxels = await self._in_pool(self._voxelize, cloud, card, grid_size)
-                self.metrics.preprocess_latency.observe(time.perf_counter() - start)
-                job = EncodeJob(model=card.info.name, voxels=voxels, condition=condition, want_logits=want_logits)
-                output = await self.worker.run(job)
+                yield
         except TimeoutError as exc:
             raise ApiError(504, f"the request did not finish within {timeout_s:g} s "
                                 f"(PONDER_REQUEST_TIMEOUT_S or ?timeout_s=)") from exc
@@ -97,7 +92,37 @@ class Pipeline:
             raise ApiError(502, f"the model server failed: {exc}") from exc
         except WorkerInputError as exc:
             raise ApiError(422, str(exc)) from exc
+        except WorkerUnsupported as exc:
+            raise ApiError(501, str(exc)) from exc
+
+    async def run(self, upload: CloudUpload | RGBDUpload, card: ModelCard, condition: str | None,
+                  grid_size: float | None, want_logits: bool, timeout_s: float) -> Processed:
+        """Decode, voxelise and encode one upload within ``timeout_s`` (504 after it)."""
+        async with self.deadline(timeout_s):
+            start = time.perf_counter()
+            cloud = await self._in_pool(self._decode, upload)
+            filled = self._missing(cloud, card)
+            voxels = await self._in_pool(self._voxelize, cloud, card, grid_size)
+            self.metrics.preprocess_latency.observe(time.perf_counter() - start)
+            job = EncodeJob(model=card.info.name, voxels=voxels, condition=condition, want_logits=want_logits)
+            output = await self.worker.run(job)
         return Processed(card=card, condition=condition, voxels=voxels, output=output, filled=filled)
+
+    async def decode_cloud(self, upload: CloudUpload | RGBDUpload, card: ModelCard, grid_size: float | None
+                           ) -> tuple[PointCloud, list[str]]:
+        """For model jobs that voxelise themselves (detection, rendering): the decoded cloud with missing
+        colours/normals already filled here (so the model thread does not), and the names of those filled."""
+        start = time.perf_counter()
+        cloud = await self._in_pool(self._decode, upload)
+        filled = self._missing(cloud, card)
+        cloud = await self._in_pool(self._complete, cloud, card, grid_size)
+        self.metrics.preprocess_latency.observe(time.perf_counter() - start)
+        return cloud, filled
+
+    @staticmethod
+    def _missing(cloud: PointCloud, card: ModelCard) -> list[str]:
+        return [name for name in card.info.input_features
+                if name in ("color", "normal") and getattr(cloud, name) is None]
 
     def _decode(self, upload: CloudUpload | RGBDUpload) -> PointCloud:
         try:
@@ -134,6 +159,15 @@ class Pipeline:
         return fuse_views(views, depth_scale=depth_scale or self.settings.depth_scale,
                           voxel_size=self.settings.rgbd_voxel_m, max_depth=self.settings.rgbd_max_depth_m,
                           source=f"rgbd ({len(views)} views)")
+
+    @staticmethod
+    def _complete(cloud: PointCloud, card: ModelCard, grid_size: float | None) -> PointCloud:
+        try:
+            completed = complete_cloud(cloud, grid_size or card.info.grid_size, card.info.input_features)
+        except PointCloudError as exc:
+            raise ApiError(422, str(exc)) from exc
+        completed.origin = cloud.origin  # normals.fill_missing builds a new cloud without it
+        return completed
 
     @staticmethod
     def _voxelize(cloud: PointCloud, card: ModelCard, grid_size: float | None) -> VoxelizedCloud:

@@ -9,22 +9,27 @@ from pydantic import BaseModel, ConfigDict, Field
 from model.pointcloud.readers import SUPPORTED_FORMATS
 
 
-class CommonParams(BaseModel):
-    """Query parameters shared by the model routes."""
+class ModelParams(BaseModel):
+    """Query parameters of every model route."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str | None = Field(None, max_length=200, description="served model name (default: the server's default)")
     condition: str | None = Field(None, max_length=100,
                                   description="dataset condition for conditioned (PPT) models, e.g. ScanNet")
-    grid_size: float | None = Field(None, gt=0, le=10, allow_inf_nan=False,
-                                    description="voxel size in metres (default: the model's)")
     format: str | None = Field(None, max_length=20,
                                description="input format (" + ", ".join(SUPPORTED_FORMATS) + ") when neither the "
                                            "Content-Type nor the file name tells it; unknown ones get 415")
-    filename: str | None = Field(None, max_length=500, description="upload name (its suffix can tell the format)")
     timeout_s: float | None = Field(None, gt=0, le=3600, allow_inf_nan=False,
                                     description="deadline for this request in seconds (capped by the server's)")
+
+
+class CommonParams(ModelParams):
+    """Query parameters of the routes that voxelise the upload at a chosen grid size."""
+
+    grid_size: float | None = Field(None, gt=0, le=10, allow_inf_nan=False,
+                                    description="voxel size in metres (default: the model's)")
+    filename: str | None = Field(None, max_length=500, description="upload name (its suffix can tell the format)")
 
 
 class FeatureParams(CommonParams):
@@ -37,6 +42,25 @@ class FeatureParams(CommonParams):
 class SegmentParams(CommonParams):
     logits: bool = Field(False, description="also return per-point logits (N, K)")
     dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the returned logits")
+
+
+class DetectParams(CommonParams):
+    score_threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                          description="minimum box score (default: the model's, usually 0.3)")
+    iou_threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                        description="per-class non-maximum suppression IoU (default: the model's)")
+
+
+class RenderParams(ModelParams):
+    output: Literal["color", "depth"] = Field(
+        "color", description="single-PNG answers: 8-bit RGB colour, or 16-bit depth in millimetres (0 = no hit); "
+                             "zip answers always hold both plus float32 depth in metres")
+    width: int | None = Field(None, ge=1, le=16384,
+                              description="render every camera at this width (intrinsics scaled; height follows "
+                                          "the aspect ratio unless given)")
+    height: int | None = Field(None, ge=1, le=16384,
+                               description="render every camera at this height (intrinsics scaled; width follows "
+                                           "the aspect ratio unless given)")
 
 
 class Problem(BaseModel):
@@ -62,6 +86,7 @@ class ModelEntry(BaseModel):
     input_features: list[str]
     version: str
     can_segment: bool
+    capabilities: list[str] = Field(description="routes this model answers: features, segment, detect, render")
     default: bool
 
 
@@ -109,3 +134,29 @@ class SegmentJSON(BaseModel):
     grid_size: float
     class_names: list[str]
     labels: list[int]
+
+
+class Detection(BaseModel):
+    label: str
+    label_id: int
+    score: float
+    center: list[float] = Field(description="box centre x, y, z in the input's world frame (metres)")
+    size: list[float] = Field(description="full edge lengths dx, dy, dz along the box's own axes (metres)")
+    yaw: float = Field(description="radians about +z, counter-clockwise seen from above")
+    corners: list[list[float]] = Field(description="(8, 3): bottom face then top face, counter-clockwise")
+
+
+class DetectJSON(BaseModel):
+    """JSON answer of /v1/detect: the ``ponder detect`` document (format ponder-detections/1) and request facts."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str
+    condition: str | None
+    num_points: int
+    grid_size: float
+    format: str
+    source: str | None
+    box_convention: str
+    class_names: list[str]
+    detections: list[Detection]

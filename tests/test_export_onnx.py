@@ -162,7 +162,7 @@ def test_onnxruntime_matches_official_ppt(onnx_models, condition, expected_file)
 
 def test_onnxruntime_matches_torch_on_a_batch_of_generated_rooms(onnx_models, ppt):
     """Two generated rooms in one request: ONNX == PyTorch gather graph, and scenes do not interact."""
-    scenes = [voxelize(PointCloud(**random_room(12000, seed=s)).validate(), 0.02, ("color", "normal"))
+    scenes = [voxelize(PointCloud(**random_room(8000, seed=s)).validate(), 0.02, ("color", "normal"))
               for s in (1, 2)]
     runner = OnnxRunner(onnx_models["ppt"], device="cpu", threads=1)
     together = runner.run_scenes(scenes, condition="S3DIS")

@@ -176,6 +176,23 @@ def test_block_mask_replaces_the_features_of_dropped_blocks():
         assert len(kept_blocks) == 1
 
 
+def test_masked_pretraining_trains_the_mask_token(data_root):
+    """With block masking (spec §5.3) the forward replaces dropped blocks by ``mtoken``, which gets a gradient."""
+    raw = tiny_config(data_root)
+    raw["model"]["render"]["mask_channels"] = 6
+    raw["mask"] = {"ratio": 0.5, "size": 8}
+    c = PretrainConfig.from_dict(raw)
+    task, model = PretrainTask(c), build_pretrain_model(c)
+    assert model.mtoken.shape == (1, 6) and float(model.mtoken.abs().max()) <= 0.02
+    batch = task.collate([task.load_sample(0, np.random.default_rng(0))])
+    out = task.losses(model, batch, step_generator(torch.device("cpu"), 1))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and float(model.mtoken.grad.abs().sum()) > 0
+    raw["model"]["render"]["mask_channels"] = 0
+    with pytest.raises(ConfigError, match="mask_channels"):
+        PretrainConfig.from_dict(raw)
+
+
 def _loss_on(model, batch, seed=123) -> float:
     model.train()
     with torch.no_grad():

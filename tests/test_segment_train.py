@@ -120,9 +120,9 @@ def test_fine_tune_from_the_fixture_runs_and_reloads(data, tmp_path):
     cfg = config_from_dict({**_config(data), "model": {"head": "language"},
                             "init": {"checkpoint": str(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth")},
                             "evaluate": {"mode": "none"}})
-    cfg.train.epochs = 1
+    cfg.train.epochs, cfg.train.steps_per_epoch = 1, 3
     result = fine_tune(cfg, tmp_path / "run")
-    assert len(result.history) == 2 and all(np.isfinite(h["loss"]) for h in result.history)
+    assert len(result.history) == 3 and all(np.isfinite(h["loss"]) for h in result.history)
     assert result.init is not None and len(result.init.loaded) == 671
     loaded = load_checkpoint(result.checkpoint)
     assert loaded.config.kind == "ppt-segmentor" and loaded.config.class_names == {"ScanNet": SCANNET20_NAMES}

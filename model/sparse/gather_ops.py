@@ -45,8 +45,11 @@ def gather_conv(feat: torch.Tensor, table: torch.Tensor, weight: torch.Tensor,
     out = None
     for k in range(0, taps, group):
         n = min(group, taps - k)
-        gathered = padded.index_select(0, table[:, k : k + n].reshape(-1)).reshape(-1, n * c_in)  # (M_out, n*C_in)
-        w = weight[k : k + n].reshape(n * c_in, c_out)
+        if n == 1:  # plain column: keeps the exported graph small (one Gather, no Slice/Reshape)
+            gathered, w = padded.index_select(0, table[:, k]), weight[k]
+        else:
+            gathered = padded.index_select(0, table[:, k : k + n].reshape(-1)).reshape(-1, n * c_in)  # (M_out, n*C_in)
+            w = weight[k : k + n].reshape(n * c_in, c_out)
         out = gathered @ w if out is None else torch.addmm(out, gathered, w)
     return out
 

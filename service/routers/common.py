@@ -1,11 +1,18 @@
-"""OpenAPI descriptions shared by the model routes (the bodies are read by hand, so they are declared here)."""
+"""OpenAPI descriptions shared by the model routes (the bodies are read by hand, so they are declared here),
+and the checks shared by the model-job routes (detect, render)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from model.pointcloud.readers import SUPPORTED_FORMATS
 from service.encoding import OutputFormat
-from service.errors import PROBLEM_JSON
+from service.errors import PROBLEM_JSON, ApiError
 from service.schemas import Problem
+
+if TYPE_CHECKING:
+    from service.pipeline import Pipeline
+    from service.workers.base import ModelCard
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
@@ -61,3 +68,42 @@ def answers(json_model: type) -> dict:
           "content": {OutputFormat.NPY.value: _BINARY, OutputFormat.NPZ.value: _BINARY,
                       OutputFormat.ARROW.value: _BINARY}}
     return {200: ok, **ERRORS}
+
+
+NOT_IMPLEMENTED = {501: {"description": "the route needs the in-process worker (the Triton worker serves only "
+                                        "features and segmentation)", "model": Problem, **_PROBLEM}}
+
+
+def ranked_media(accept: str | None) -> list[str]:
+    """The media types of an ``Accept`` header, most preferred first (q-values honoured, q=0 dropped);
+    an absent or blank header means ``*/*``."""
+    if not accept or not accept.strip():
+        return ["*/*"]
+    ranked: list[tuple[float, int, str]] = []
+    for position, item in enumerate(accept.split(",")):
+        media, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            ranked.append((-q, position, media.lower()))
+    return [media for _, _, media in sorted(ranked)]
+
+
+def job_card(pipeline: Pipeline, model: str | None, capability: str) -> ModelCard:
+    """The model a detect/render request names, after checking that the worker runs model jobs (501) and
+    that the model has ``capability`` (422 naming the model and what it can do)."""
+    if not pipeline.worker.runs_model_jobs:
+        raise ApiError(501, f"/v1/{capability} is not available with the {pipeline.worker.kind} worker: detection "
+                            "and rendering need the in-process worker (PONDER_WORKER=inprocess)")
+    card = pipeline.card(model)
+    if capability not in card.capabilities:
+        need = {"detect": "a detection head (train one with `ponder train detect`)",
+                "render": "a render head (a pre-training checkpoint)"}[capability]
+        raise ApiError(422, f"model {card.info.name!r} ({card.info.kind}) cannot {capability}: that needs "
+                            f"{need}; it can do: {', '.join(card.capabilities)}")
+    return card

@@ -1,10 +1,15 @@
 """The worker interface: the gateway hands a worker voxelised scenes and gets per-voxel features (and
-logits when asked). Decoding and voxelising stay in the gateway, so every worker sees the same tensors."""
+logits when asked). Decoding and voxelising stay in the gateway, so every worker sees the same tensors.
+
+Detection and rendering need the whole model (head, render volume), not just features, so they travel as a
+:class:`ModelJob`: a function of the loaded Predictor that a worker holding the models runs on its model
+thread (the in-process worker); other workers refuse it with :class:`WorkerUnsupported`."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
 
 import numpy as np
 
@@ -15,20 +20,30 @@ from model.pointcloud.voxelize import VoxelizedCloud
 @dataclass(frozen=True)
 class ModelCard:
     """What the gateway knows of a served model without holding it: its info (``name`` is the name it is
-    served under), whether it can segment, and the condition used when a request names none."""
+    served under), whether it can segment, detect and render, and the condition used when a request names none."""
 
     info: ModelInfo
     has_classifier: bool
     default_condition: str | None
+    has_detector: bool = False
+    can_render: bool = False
 
     @classmethod
     def of(cls, name: str, predictor: Predictor) -> "ModelCard":
         return cls(info=replace(predictor.info, name=name), has_classifier=predictor.has_classifier,
-                   default_condition=predictor.resolve_condition(None))
+                   default_condition=predictor.resolve_condition(None), has_detector=_has_detector(predictor),
+                   can_render=_can_render(predictor))
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What the model can answer: features always; segment, detect, render when it has the head."""
+        flags = {"segment": self.has_classifier, "detect": self.has_detector, "render": self.can_render}
+        return ("features", *(name for name, flag in flags.items() if flag))
 
     def to_dict(self) -> dict:
         return {"info": asdict(self.info), "has_classifier": self.has_classifier,
-                "default_condition": self.default_condition}
+                "default_condition": self.default_condition, "has_detector": self.has_detector,
+                "can_render": self.can_render}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelCard":
@@ -37,7 +52,8 @@ class ModelCard:
         info["class_names"] = {k: tuple(v) for k, v in info["class_names"].items()}
         info["input_features"] = tuple(info["input_features"])
         return cls(info=ModelInfo(**info), has_classifier=bool(data["has_classifier"]),
-                   default_condition=data.get("default_condition"))
+                   default_condition=data.get("default_condition"),
+                   has_detector=bool(data.get("has_detector", False)), can_render=bool(data.get("can_render", False)))
 
     def resolve_condition(self, condition: str | None) -> str | None:
         """The condition a request runs under (ValueError naming the valid ones), checked in the gateway
@@ -60,6 +76,22 @@ class ModelCard:
         return tuple(names) if len(names) == num_classes else tuple(f"class{i}" for i in range(num_classes))
 
 
+def _has_detector(predictor: Predictor) -> bool:
+    from model.detection.head import DetectionHead
+
+    return isinstance(getattr(predictor.model, "detector", None), DetectionHead)
+
+
+def _can_render(predictor: Predictor) -> bool:
+    from model.novel_view import check_renderable
+
+    try:
+        check_renderable(predictor.config, predictor.model)
+    except ValueError:
+        return False
+    return True
+
+
 class WorkerBusy(Exception):
     """The worker's queue is full; the client should retry after ``retry_after`` seconds."""
 
@@ -80,6 +112,10 @@ class WorkerInputError(ValueError):
     """The worker refused the input itself (e.g. Triton INVALID_ARG); not worth a retry."""
 
 
+class WorkerUnsupported(Exception):
+    """This kind of worker cannot run the request at all (e.g. a ModelJob on the Triton worker)."""
+
+
 @dataclass
 class EncodeJob:
     """One scene for one model. ``condition`` was validated against the model's conditions."""
@@ -88,6 +124,16 @@ class EncodeJob:
     voxels: VoxelizedCloud
     condition: str | None = None
     want_logits: bool = False
+
+
+@dataclass
+class ModelJob:
+    """Work on one served model other than the batched encoder pass (detection, rendering): ``fn`` receives
+    the model's Predictor and runs on the model thread, alone, in queue order. ``name`` labels logs."""
+
+    model: str
+    fn: Callable[[Predictor], Any]
+    name: str = "job"
 
 
 @dataclass
@@ -100,6 +146,7 @@ class Worker(ABC):
     """A source of model outputs. ``start`` loads or connects; ``models`` is valid after it."""
 
     kind: str = "worker"
+    runs_model_jobs: bool = False  # whether ``call`` works (the worker holds the models themselves)
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -118,6 +165,11 @@ class Worker(ABC):
     @abstractmethod
     async def run(self, job: EncodeJob) -> EncodeOutput:
         """Encode one scene; raises WorkerBusy, WorkerUnavailable, WorkerFailed or WorkerInputError."""
+
+    async def call(self, job: ModelJob) -> Any:
+        """Run ``job.fn(predictor)`` on the model; raises WorkerUnsupported unless ``runs_model_jobs``."""
+        raise WorkerUnsupported(f"the {self.kind} worker serves only features and segmentation; detection and "
+                                "rendering need the in-process worker (PONDER_WORKER=inprocess)")
 
     def queue_depth(self) -> int:
         return 0

@@ -1,6 +1,8 @@
 """The in-process worker: models loaded once in the gateway, a bounded asyncio queue, and one batching
 loop that merges up to ``max_batch`` waiting requests (or what arrived within ``max_wait_ms``) into one
-``Predictor.encode`` call, run in a dedicated thread so the event loop never waits on the model."""
+``Predictor.encode`` call, run in a dedicated thread so the event loop never waits on the model. Model jobs
+(detection, rendering) share that queue and thread, one job per call, so every request sees the same
+queue limit, timeout and metrics."""
 
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from model.inference import Predictor
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
-from service.workers.base import EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy
+from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, ModelJob, Worker, WorkerBusy,
+                                  WorkerInputError)
 from service.workers.loading import discover_checkpoints, load_predictors
 
 LOG = logging.getLogger("service.worker")
@@ -23,13 +27,14 @@ LOG = logging.getLogger("service.worker")
 
 @dataclass
 class _Pending:
-    job: EncodeJob
+    job: EncodeJob | ModelJob
     future: asyncio.Future
     request_id: str | None
 
 
 class InProcessWorker(Worker):
     kind = "inprocess"
+    runs_model_jobs = True
 
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics,
                  predictors: dict[str, Predictor] | None = None) -> None:
@@ -83,6 +88,14 @@ class InProcessWorker(Worker):
         return self._queue.qsize() if self._queue is not None else 0
 
     async def run(self, job: EncodeJob) -> EncodeOutput:
+        return await self._submit(job)
+
+    async def call(self, job: ModelJob) -> Any:
+        if job.model not in self._predictors:
+            raise WorkerInputError(f"unknown model {job.model!r}")
+        return await self._submit(job)
+
+    async def _submit(self, job: EncodeJob | ModelJob) -> Any:
         assert self._queue is not None, "worker not started"
         from service.logs import request_id_var
 
@@ -112,22 +125,36 @@ class InProcessWorker(Worker):
         self.metrics.queue_depth.set(self._queue.qsize())
         return [p for p in batch if not p.future.done()]  # timed-out or cancelled requests are skipped
 
+    @staticmethod
+    def _groups(batch: list[_Pending]) -> list[list[_Pending]]:
+        """Encode jobs merge per (model, condition); each model job runs on its own."""
+        groups: dict[tuple, list[_Pending]] = defaultdict(list)
+        for pending in batch:
+            job = pending.job
+            key = (job.model, job.condition) if isinstance(job, EncodeJob) else ("job", id(pending))
+            groups[key].append(pending)
+        return list(groups.values())
+
+    def _work_of(self, members: list[_Pending]) -> Callable[[], list[Any]]:
+        first = members[0].job
+        if isinstance(first, ModelJob):
+            return lambda: [first.fn(self._predictors[first.model])]
+        return lambda: self._infer(first.model, first.condition, [m.job for m in members])
+
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            groups: dict[tuple[str, str | None], list[_Pending]] = defaultdict(list)
-            for pending in batch:
-                groups[(pending.job.model, pending.job.condition)].append(pending)
-            for (model, condition), members in groups.items():
+            for members in self._groups(batch):
+                model = members[0].job.model
+                what = getattr(members[0].job, "name", "encode")
                 self.metrics.batch_size.observe(len(members))
                 start = time.perf_counter()
                 ctx = contextvars.copy_context()
                 try:
-                    outputs = await loop.run_in_executor(
-                        self._model_thread, ctx.run, self._infer, model, condition, [m.job for m in members])
+                    outputs = await loop.run_in_executor(self._model_thread, ctx.run, self._work_of(members))
                 except Exception as exc:  # noqa: BLE001 - delivered to every request of the group
-                    LOG.warning("batch of %d for %s failed: %s", len(members), model, exc,
+                    LOG.warning("%s batch of %d for %s failed: %s", what, len(members), model, exc,
                                 extra={"batch_request_ids": [m.request_id for m in members]})
                     for m in members:
                         if not m.future.done():
@@ -135,7 +162,7 @@ class InProcessWorker(Worker):
                     continue
                 elapsed = time.perf_counter() - start
                 self.metrics.worker_latency.labels(self.kind).observe(elapsed)
-                LOG.debug("batch of %d for %s in %.1f ms", len(members), model, elapsed * 1000,
+                LOG.debug("%s batch of %d for %s in %.1f ms", what, len(members), model, elapsed * 1000,
                           extra={"batch_request_ids": [m.request_id for m in members]})
                 for m, out in zip(members, outputs):
                     if not m.future.done():

@@ -14,13 +14,13 @@ import json
 import logging
 import os
 import signal
-import sysconfig
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from export.triton_serve import fix_libpython_path  # the one implementation of the libpython fix
 from model.inference import Predictor
 from model.pointcloud.voxelize import VoxelizedCloud
 from service.workers.base import ModelCard
@@ -28,16 +28,6 @@ from service.workers.loading import discover_checkpoints, load_predictors
 
 LOG = logging.getLogger("service.triton")
 INFO_MODEL = "ponder_models"
-
-
-def fix_libpython_path() -> None:
-    """Triton's Python-backend stub must load this interpreter's libpython (not the system one): put
-    its directory first on LD_LIBRARY_PATH, which the server process inherits."""
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir:
-        current = os.environ.get("LD_LIBRARY_PATH", "")
-        if libdir not in current.split(":"):
-            os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
 def _decode_condition(value: np.ndarray) -> str | None:

@@ -192,9 +192,10 @@ def run_detect(args: argparse.Namespace) -> int:
     if args.output.is_dir():
         raise IsADirectoryError(f"{args.output}: is a folder; -o takes a .json file path")
     cloud = read_point_cloud(args.input, format=args.input_format)     # bad input fails before the model loads
-    from model.inference import load_predictor
+    from model.inference import default_checkpoint, load_predictor
 
-    predictor = load_predictor(args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
+    checkpoint = args.checkpoint or default_checkpoint("detect")
+    predictor = load_predictor(checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
     result = detect(predictor, cloud, args.condition, score_threshold=args.score, iou_threshold=args.iou)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(args.output.name + ".partial")

@@ -136,6 +136,7 @@ class DetectionMetrics:
             if self.min_score is not None:
                 out[f"recall@{t:g}_score>={self.min_score:g}"] = self.recall(t, self.min_score)
             out[f"AP@{t:g}"] = {n: ap for n, ap in zip(self.class_names, self.ap(t).tolist())}
+            out[f"recall@{t:g}_per_class"] = {n: c.recall_at() for n, c in zip(self.class_names, self.curves[t])}
         return out
 
     def table(self) -> str:

@@ -75,7 +75,7 @@ def run_segmentation(args: argparse.Namespace, arm: str, fraction: float, data: 
         cfg.model.grid_size, cfg.model.input_features = source.grid_size, tuple(source.input_features)
     cfg.evaluate.mode = "precise" if args.precise else "fast"
     if args.quick:
-        cfg.train.epochs, cfg.train.steps_per_epoch, cfg.evaluate.max_scenes = 1, 2, 1
+        cfg.train.epochs, cfg.train.steps_per_epoch, cfg.evaluate.max_scenes = 1, 3, 1
     cfg.validate()
     result = fine_tune(cfg, out, resume=True)
     miou = result.metrics.miou
@@ -103,7 +103,7 @@ def run_detection(args: argparse.Namespace, arm: str, fraction: float, data: Pat
                          input_features=list(source.input_features))
         cfg.setdefault("eval", {})["after_train"] = True
         if args.quick:
-            cfg.setdefault("train", {}).update(epochs=1, steps_per_epoch=2)
+            cfg.setdefault("train", {}).update(epochs=1, steps_per_epoch=3)
         out.mkdir(parents=True, exist_ok=True)
         (out / "experiment.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         with open(out / "train.log", "a") as log_file, contextlib.redirect_stdout(log_file):  # its tables go there
@@ -146,7 +146,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precise", action="store_true", help="score segmentation with the 13-view precise protocol")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on busy machines)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke version: 4 scenes, 2 steps per run, one validation scene")
+                   help="smoke version: 4 scenes, 3 steps per run, one validation scene")
     args = p.parse_args(argv)
     if args.quick and args.data is None:
         args.scenes = 4
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: dict[str, str] = {"labels": "segmentation keeps that share of each scene's labelled points; "
                                        "detection trains on that share of the scenes (at least one)"}
     if args.quick:
-        notes["quick"] = "--quick: 2 training steps per run, one validation scene; figures are a smoke test only"
+        notes["quick"] = "--quick: 3 training steps per run, one validation scene; figures are a smoke test only"
     detect = "detect" in args.tasks and _detect_available()
     if "detect" in args.tasks and not detect:
         notes["detect"] = "detection: training/detect is not installed; n/a"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +30,29 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ensure_data(cfg) -> None:
-    """Generate the synthetic scenes a config asks for when its data folder does not exist yet."""
+    """Generate the synthetic scenes a config asks for when its data folder does not exist yet. Under torchrun
+    rank 0 writes them while the other ranks wait at a barrier."""
+    import torch.distributed as dist
+
     from training.data.synthetic import SceneConfig, generate_dataset
 
     root, gen = Path(cfg.data.root), cfg.data.generate
-    if gen is None or root.exists():
+    if gen is None:
         return
-    log.info("generating %d synthetic scenes into %s", gen.scenes, root)
-    scene_cfg = SceneConfig(num_frames=gen.frames, image_downscale=gen.image_downscale,
-                            points_per_m2=gen.points_per_m2, room_x=tuple(gen.room_x), room_y=tuple(gen.room_y))
-    generate_dataset(root, gen.scenes, gen.seed, scene_cfg, splits=((cfg.data.split, 1.0),), progress=False)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():  # the engine reuses this process group
+        dist.init_process_group("nccl" if cfg.train.device == "cuda" else "gloo")
+    if int(os.environ.get("RANK", 0)) == 0 and not root.exists():
+        log.info("generating %d synthetic scenes into %s", gen.scenes, root)
+        scene_cfg = SceneConfig(num_frames=gen.frames, image_downscale=gen.image_downscale,
+                                points_per_m2=gen.points_per_m2, room_x=tuple(gen.room_x), room_y=tuple(gen.room_y))
+        generate_dataset(root, gen.scenes, gen.seed, scene_cfg, splits=((cfg.data.split, 1.0),), progress=False)
+    if world > 1:
+        dist.barrier()
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import torch
     import yaml
 
     from model.checkpoint import save_checkpoint
@@ -53,14 +64,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.device:
         cfg.train.device = args.device
     if cfg.threads:
-        import torch
-
         torch.set_num_threads(cfg.threads)
-    if cfg.train.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
     out = Path(args.out or cfg.out_dir)
     last = out / "model" / "model_last.pth"
     if last.exists() and not args.resume:
@@ -72,6 +78,8 @@ def run_train(args: argparse.Namespace) -> int:
     (out / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(Path(args.config).read_text()), sort_keys=False))
     trainer = Trainer(model, task, cfg.train, out, save_fn=lambda m, d: save_checkpoint(m, cfg.model, d))
     history = trainer.fit(resume=args.resume)
+    if trainer.rank != 0:
+        return 0
     if history:
         first, final = history[0], history[-1]
         nan = float("nan")
@@ -114,7 +122,8 @@ def add_run_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("render", help="render novel views (colour and depth) of a point cloud with a "
                               "pre-training checkpoint")
     p.add_argument("input", type=Path, help="point cloud (PLY, LAS/LAZ, PCD, NPY, ...)")
-    p.add_argument("--checkpoint", type=Path, required=True, help="pre-training checkpoint (folder or official .pth)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint with a render decoder (folder or official .pth; default: the bundled model)")
     p.add_argument("--cameras", type=Path, required=True,
                    help="cameras JSON (see model/render/cameras.py) or a nerfstudio transforms.json")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
@@ -161,8 +170,10 @@ def run_render(args: argparse.Namespace) -> int:
 
     if args.chunk < 1:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
+    from model.inference import default_checkpoint
+
     cameras = read_cameras(args.cameras)
-    loaded = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+    loaded = load_checkpoint(args.checkpoint or default_checkpoint("render"), trust=args.trust_checkpoint)
     cloud = read_point_cloud(args.input)
     views = render_scene(loaded, cloud, cameras, args.condition, args.chunk, _device(args.device))
     args.out.mkdir(parents=True, exist_ok=True)

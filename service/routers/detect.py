@@ -1,0 +1,74 @@
+"""POST /v1/detect: oriented 3D boxes of an uploaded scene, from a model with a detection head.
+
+The boxes come from ``model.detection.detect`` run on the model thread (a ModelJob); the answer is the
+``ponder detect`` JSON document (format ponder-detections/1) in the input's world frame."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from functools import partial
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.responses import JSONResponse
+
+from model.detection.predict import DetectionResult, detect
+from model.inference import Predictor
+from model.pointcloud.cloud import PointCloud, PointCloudError
+from service.dependencies import get_pipeline
+from service.errors import ApiError
+from service.pipeline import Pipeline
+from service.routers.common import ERRORS, NOT_IMPLEMENTED, UPLOAD_BODY, job_card, ranked_media
+from service.schemas import DetectJSON, DetectParams
+from service.uploads import read_upload
+from service.workers.base import ModelJob, WorkerInputError
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+JSON_TYPES = ("application/json", "application/*", "*/*")
+
+
+def detect_in_world(predictor: Predictor, cloud: PointCloud, condition: str | None, grid_size: float | None,
+                    score_threshold: float | None, iou_threshold: float | None) -> DetectionResult:
+    """``detect`` at the request's grid size, with box centres moved back by ``cloud.origin`` (readers of
+    georeferenced data subtract it to keep float32 precision; ``detect`` answers in the shifted frame)."""
+    if grid_size is not None and grid_size != predictor.config.grid_size:
+        # detect() voxelises through predictor.prepare at the config's grid size: a shallow copy with another
+        # grid size shares the model and its lock.
+        predictor = copy.copy(predictor)
+        predictor.config = dataclasses.replace(predictor.config, grid_size=grid_size)
+    try:
+        result = detect(predictor, cloud, condition, score_threshold, iou_threshold)
+    except PointCloudError as exc:
+        raise WorkerInputError(str(exc)) from exc
+    if np.any(cloud.origin):
+        boxes = result.boxes.astype(np.float64)  # (K, 7); float32 cannot hold survey coordinates to the mm
+        boxes[:, :3] += cloud.origin
+        result = dataclasses.replace(result, boxes=boxes)
+    return result
+
+
+@router.post("/detect", response_model=None, openapi_extra=UPLOAD_BODY, summary="3D object detection",
+             responses={200: {"description": "the detections", "model": DetectJSON}, **ERRORS, **NOT_IMPLEMENTED})
+async def detect_boxes(request: Request, params: Annotated[DetectParams, Query()],
+                       pipeline: Pipeline = Depends(get_pipeline)) -> JSONResponse:
+    """Oriented boxes ``[cx, cy, cz, dx, dy, dz, yaw]`` (centre, full sizes, yaw about +z; metres, in the
+    input's world frame) with scores, labels and corners, for models with a detection head. Same inputs as
+    /v1/features: a point-cloud body, a multipart 'file' part, or RGB-D views."""
+    if not any(media in JSON_TYPES for media in ranked_media(request.headers.get("accept"))):
+        raise ApiError(406, "/v1/detect answers application/json only")
+    card = job_card(pipeline, params.model, "detect")
+    condition = pipeline.resolve_condition(card, params.condition)
+    upload = await read_upload(request, params.format, params.filename)
+    async with pipeline.deadline(pipeline.timeout_for(params.timeout_s)):
+        cloud, filled = await pipeline.decode_cloud(upload, card, params.grid_size)
+        run = partial(detect_in_world, cloud=cloud, condition=condition, grid_size=params.grid_size,
+                      score_threshold=params.score_threshold, iou_threshold=params.iou_threshold)
+        result: DetectionResult = await pipeline.worker.call(ModelJob(card.info.name, run, "detect"))
+    pipeline.metrics.points.labels("/v1/detect").inc(len(cloud))
+    body = {"model": card.info.name, "condition": condition, "num_points": len(cloud),
+            "grid_size": params.grid_size or card.info.grid_size, **result.to_json(cloud.source)}
+    if filled:
+        body["filled"] = filled
+    return JSONResponse(body)

@@ -1,0 +1,202 @@
+"""POST /v1/render: colour and depth images of an uploaded scene seen from given cameras, rendered by the
+render head of a pre-training model (``model.novel_view``) on the model thread (a ModelJob).
+
+Multipart input: the scene as the 'file' part (any point-cloud format) and the cameras as a 'cameras' JSON
+part (``model.render.cameras``: one camera, a list, ``{"cameras": [...]}``, or a nerfstudio transforms.json).
+One camera answers a PNG; several cameras (or ``Accept: application/zip``) answer a zip with, per camera i,
+``<i>_color.png`` (8-bit RGB), ``<i>_depth.png`` (16-bit millimetres, 0 = no hit) and ``<i>_depth.npy``
+(float32 metres), plus ``meta.json``."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Sequence
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.responses import Response
+
+from model.inference import Predictor
+from model.novel_view import render_views_of, scene_volume
+from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.render.cameras import Camera, CameraError, cameras_from_json, cameras_from_transforms
+from service.dependencies import get_pipeline
+from service.errors import ApiError
+from service.pipeline import Pipeline
+from service.routers.common import ERRORS, NOT_IMPLEMENTED, job_card, ranked_media
+from service.schemas import RenderParams
+from service.uploads import read_upload
+from service.workers.base import ModelJob, WorkerInputError
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+PNG, ZIP = "image/png", "application/zip"
+MAX_CAMERAS_BYTES = 4 << 20
+DEPTH_UNITS_PER_M = 1000  # 16-bit depth PNGs hold millimetres, as RGB-D inputs and `ponder render` do
+
+RENDER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "multipart/form-data: 'file' (the scene, any supported point-cloud format) and 'cameras' "
+                       "(JSON: a camera {width, height, K or fx/fy/cx/cy, world_to_camera or camera_to_world; "
+                       "OpenCV axes, metres, the scene's frame}, a list of them, {\"cameras\": [...]}, or a "
+                       "nerfstudio transforms.json).",
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file", "cameras"],
+            "properties": {"file": {"type": "string", "format": "binary"}, "cameras": {"type": "string"}}}}},
+    }
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+RESPONSES = {200: {"description": "one camera: a PNG (colour, or 16-bit depth in mm with ?output=depth); several "
+                                  "cameras or Accept: application/zip: a zip of <i>_color.png, <i>_depth.png, "
+                                  "<i>_depth.npy and meta.json", "content": {PNG: _BINARY, ZIP: _BINARY}},
+             **ERRORS, **NOT_IMPLEMENTED}
+
+
+@dataclass
+class RenderedImages:
+    """One camera's render as arrays (made on the model thread, so tensors never leave it)."""
+
+    color: np.ndarray  # (H, W, 3) uint8
+    depth: np.ndarray  # (H, W) float32 z-depth in metres, 0 where the ray misses the scene box
+    hit_fraction: float
+
+    def depth_units(self) -> np.ndarray:
+        """(H, W) uint16 millimetres, clipped to 65.535 m."""
+        return np.clip(np.rint(self.depth * DEPTH_UNITS_PER_M), 0, 65535).astype(np.uint16)
+
+
+def render_job(predictor: Predictor, cloud: PointCloud, cameras: Sequence[Camera], condition: str | None
+               ) -> list[RenderedImages]:
+    """The scene's render volume, then every camera through it (runs on the model thread)."""
+    try:
+        volume = scene_volume(predictor.model, predictor.config, cloud, condition)
+        views = render_views_of(predictor.model, volume, cameras)
+    except (PointCloudError, CameraError) as exc:
+        raise WorkerInputError(str(exc)) from exc
+    return [RenderedImages(color=np.clip(np.rint(v.rgb.cpu().numpy() * 255), 0, 255).astype(np.uint8),
+                           depth=v.depth.cpu().numpy().astype(np.float32), hit_fraction=float(v.hit.float().mean()))
+            for v in views]
+
+
+def parse_cameras(data: bytes) -> list[Camera]:
+    """Cameras from the 'cameras' part (422 naming the problem)."""
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(422, f"the 'cameras' part is not valid JSON: {exc}") from exc
+    try:
+        return cameras_from_transforms(doc) if isinstance(doc, dict) and "frames" in doc else cameras_from_json(doc)
+    except CameraError as exc:
+        raise ApiError(422, f"invalid cameras: {exc}") from exc
+
+
+def resize_camera(camera: Camera, width: int | None, height: int | None) -> Camera:
+    """The camera with another image size and the intrinsics scaled to it (pixel centres stay pixel centres:
+    x' + 0.5 = (x + 0.5) * s); one missing side keeps the aspect ratio."""
+    if width is None and height is None:
+        return camera
+    w = width or max(1, round(camera.width * height / camera.height))
+    h = height or max(1, round(camera.height * width / camera.width))
+    sx, sy = w / camera.width, h / camera.height
+    K = camera.K.copy()
+    K[0, 0], K[0, 2] = K[0, 0] * sx, (K[0, 2] + 0.5) * sx - 0.5
+    K[1, 1], K[1, 2] = K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5
+    return Camera(K=K, w2c=camera.w2c, width=w, height=h)
+
+
+def answer_type(accept: str | None, num_views: int) -> str:
+    """PNG for one camera, zip for several or when asked; 406 when Accept allows neither."""
+    for media in ranked_media(accept):
+        if media in (ZIP, "application/*"):
+            return ZIP
+        if media in (PNG, "image/*") and num_views == 1:
+            return PNG
+        if media == "*/*":
+            return PNG if num_views == 1 else ZIP
+    several = " (several cameras give several images: ask for application/zip)" if num_views > 1 else ""
+    raise ApiError(406, f"cannot answer in {accept!r}: /v1/render answers {PNG} (one camera) or {ZIP}{several}")
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")  # uint8 (H, W, 3) -> RGB; uint16 (H, W) -> 16-bit grey
+    return buffer.getvalue()
+
+
+def zip_bytes(images: list[RenderedImages], meta: dict) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i, view in enumerate(images):
+            archive.writestr(f"{i}_color.png", png_bytes(view.color))
+            archive.writestr(f"{i}_depth.png", png_bytes(view.depth_units()))
+            npy = io.BytesIO()
+            np.save(npy, view.depth, allow_pickle=False)
+            archive.writestr(f"{i}_depth.npy", npy.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
+        archive.writestr("meta.json", json.dumps(meta, indent=1))
+    return buffer.getvalue()
+
+
+async def read_cameras_part(request: Request) -> bytes:
+    """The 'cameras' part's bytes. The form is parsed here once; ``read_upload`` then reads the 'file' part
+    from the same parsed form (Starlette keeps it on the request) and closes it."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ApiError(415, "/v1/render takes multipart/form-data with a 'file' part (the scene) and a 'cameras' "
+                            "part (JSON)")
+    form = await request.form(max_files=128, max_fields=128, max_part_size=MAX_CAMERAS_BYTES)
+    if "file" not in form:
+        raise ApiError(400, f"multipart body has no 'file' part with the scene (parts: {', '.join(form) or 'none'})")
+    if "cameras" not in form:
+        raise ApiError(400, "multipart body has no 'cameras' part (JSON with each camera's size, intrinsics and "
+                            "pose)")
+    part = form["cameras"]
+    data = await part.read(MAX_CAMERAS_BYTES + 1) if isinstance(part, UploadFile) else part.encode()
+    if len(data) > MAX_CAMERAS_BYTES:
+        raise ApiError(413, f"the 'cameras' part is larger than {MAX_CAMERAS_BYTES >> 20} MiB")
+    return data
+
+
+@router.post("/render", response_model=None, responses=RESPONSES, openapi_extra=RENDER_BODY,
+             summary="Novel views (colour and depth) of a point cloud")
+async def render(request: Request, params: Annotated[RenderParams, Query()],
+                 pipeline: Pipeline = Depends(get_pipeline)) -> Response:
+    """Renders the scene from each camera with a model that has a render head (pre-training checkpoints).
+    Cameras live in the scene's frame (metres, OpenCV axes). ``width``/``height`` rescale every camera; the
+    total pixel count is limited by PONDER_MAX_RENDER_PIXELS (413)."""
+    card = job_card(pipeline, params.model, "render")
+    condition = pipeline.resolve_condition(card, params.condition)
+    cameras = [resize_camera(c, params.width, params.height) for c in parse_cameras(await read_cameras_part(request))]
+    pixels = sum(c.width * c.height for c in cameras)
+    limit = pipeline.settings.max_render_pixels
+    if pixels > limit:
+        raise ApiError(413, f"{len(cameras)} camera(s) with {pixels} pixels in all exceed the limit of {limit} "
+                            "(PONDER_MAX_RENDER_PIXELS); render fewer or smaller views (?width=, ?height=)")
+    media = answer_type(request.headers.get("accept"), len(cameras))
+    upload = await read_upload(request, params.format, None)
+    async with pipeline.deadline(pipeline.timeout_for(params.timeout_s)):
+        cloud, filled = await pipeline.decode_cloud(upload, card, None)
+        run = partial(render_job, cloud=cloud, cameras=cameras, condition=condition)
+        images: list[RenderedImages] = await pipeline.worker.call(ModelJob(card.info.name, run, "render"))
+    pipeline.metrics.points.labels("/v1/render").inc(len(cloud))
+    headers = {"X-Ponder-Model": card.info.name, "X-Ponder-Num-Points": str(len(cloud))}
+    if condition:
+        headers["X-Ponder-Condition"] = condition
+    if media == PNG:
+        (view,) = images
+        image = view.depth_units() if params.output == "depth" else view.color
+        headers["X-Ponder-Hit-Fraction"] = f"{view.hit_fraction:.6f}"
+        headers["Content-Disposition"] = f'inline; filename="0_{params.output}.png"'
+        return Response(await run_in_threadpool(png_bytes, image), media_type=PNG, headers=headers)
+    meta = {"model": card.info.name, "condition": condition, "num_points": len(cloud), "filled": filled,
+            "depth_png_units_per_metre": DEPTH_UNITS_PER_M,
+            "views": [{"width": c.width, "height": c.height, "hit_fraction": v.hit_fraction, "camera": c.to_dict()}
+                      for c, v in zip(cameras, images)]}
+    headers["Content-Disposition"] = 'attachment; filename="views.zip"'
+    return Response(await run_in_threadpool(zip_bytes, images, meta), media_type=ZIP, headers=headers)
