@@ -25,8 +25,13 @@ class VoxelBatch(Protocol):
 
 
 def available_providers(device: str = "auto") -> list[str]:
-    """CUDA first when onnxruntime has it and the caller allows it, CPU always last."""
+    """CUDA first when onnxruntime has it and the caller allows it, CPU always last. ``tensorrt`` puts
+    onnxruntime's TensorRT execution provider first (it builds and caches the engine itself)."""
     have = ort.get_available_providers()
+    if device == "tensorrt":
+        if "TensorrtExecutionProvider" not in have:
+            raise ValueError(f"the tensorrt backend needs onnxruntime-gpu with TensorRT; this onnxruntime has {have}")
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" not in have:

@@ -16,6 +16,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", dest="input_format", help="input format when the suffix does not tell")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of the checkpoint (only for files you trust)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
+                   help="encoder runtime: PyTorch/spconv, or the exported ONNX graph in onnxruntime (CPU/CUDA) or "
+                        "onnxruntime's TensorRT provider")
+    p.add_argument("--engine", help="exported .onnx encoder for --backend onnxruntime/tensorrt "
+                                    "(default: export once and cache under ~/.cache/ponder)")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -66,7 +71,8 @@ def _load(args):
     progress.set_postfix_str("loading model")
     from model.inference import load_predictor  # imports spconv (seconds)
 
-    predictor = load_predictor(args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
+    predictor = load_predictor(args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint,
+                               backend=args.backend, engine=args.engine)
     progress.update()
     progress.set_postfix_str(f"running on {len(cloud):,} points")
     return predictor, cloud, progress

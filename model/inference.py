@@ -55,8 +55,11 @@ class Predictor:
     """Thread-safe inference around one model. ``encode`` runs one forward pass over a batch of scenes;
     rows of different scenes never interact (each scene gets its own batch index)."""
 
-    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu"):
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", encoder=None):
+        """``encoder``: an alternative encoder backend with ``encode(batch, condition)`` (e.g. onnxruntime,
+        see export/backends.py); heads always run here in PyTorch."""
         self.config: ModelConfig = loaded.config
+        self.encoder = encoder
         self.source = loaded.source
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -91,6 +94,8 @@ class Predictor:
     def encode(self, batch: list[VoxelizedCloud], condition: str | None = None) -> list[np.ndarray]:
         """Per-voxel features (M_i, C) for each scene, from one forward pass over the whole batch."""
         condition = self.resolve_condition(condition)
+        if self.encoder is not None:
+            return [np.ascontiguousarray(f, dtype=np.float32) for f in self.encoder.encode(batch, condition)]
         feat = torch.from_numpy(np.concatenate([v.feat for v in batch])).to(self.device)
         grid = torch.from_numpy(np.concatenate([v.grid_coord for v in batch])).to(self.device)
         index = torch.from_numpy(np.concatenate([np.full(v.num_voxels, i) for i, v in enumerate(batch)]))
@@ -153,10 +158,17 @@ def default_checkpoint(task: str = "segment") -> Path:
     return path
 
 
-def load_predictor(checkpoint: str | Path | None = None, device: str = "cpu",
-                   trust_checkpoint: bool = False) -> Predictor:
+def load_predictor(checkpoint: str | Path | None = None, device: str = "cpu", trust_checkpoint: bool = False,
+                   backend: str = "torch", engine: str | Path | None = None) -> Predictor:
+    """Load a checkpoint (default: the bundled model). ``backend``: "torch" (spconv), "onnxruntime" or
+    "tensorrt" (the exported gather graph; ``engine`` names the .onnx file, else it is exported and cached)."""
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     loaded = load_checkpoint(path, trust=trust_checkpoint)
     if loaded.config.name == "ponder" and checkpoint is not None:
         loaded.config.name = path.stem if path.is_file() else path.name
-    return Predictor(loaded, device)
+    encoder = None
+    if backend != "torch" or engine:
+        from export.backends import make_encoder
+
+        encoder = make_encoder(backend, loaded, engine, device)
+    return Predictor(loaded, device, encoder=encoder)

@@ -4,13 +4,14 @@ through onnxruntime, and ONNX vs PyTorch on a generated room."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from conftest import fixture_dir, random_room
+from conftest import PONDER, fixture_dir, random_room
 from export.graph import GatherSpUNet
 from export.onnx_export import FORBIDDEN_OPS, describe, export_onnx, read_info
 from export.onnxrt import OnnxRunner
@@ -193,3 +194,20 @@ def test_dynamo_exporter_gives_the_same_model(tmp_path, v1m1):
 def test_export_rejects_unknown_exporter(tmp_path, v1m1):
     with pytest.raises(ValueError, match="exporter"):
         export_onnx(v1m1, tmp_path / "x.onnx", exporter="tf")
+
+
+def test_cli_backends_give_the_same_per_point_outputs(tmp_path):
+    """`ponder features|segment --backend onnxruntime` equals the PyTorch (spconv) backend and the fixture."""
+    import subprocess
+
+    folder = fixture_dir("ppt_v1m3_seg")
+    expected = np.load(folder / "expected_s3dis.npz")
+    env = {**os.environ, "PONDER_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    base = ["--checkpoint", str(folder / "checkpoint.pth"), "--condition", "S3DIS", "--backend", "onnxruntime"]
+    for command, out in (("features", "f.npy"), ("segment", "s.npz")):
+        result = subprocess.run([PONDER, command, str(folder / "input.npz"), "-o", str(tmp_path / out), *base],
+                                capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr
+    assert np.abs(np.load(tmp_path / "f.npy") - expected["backbone_feat"]).max() < 1e-4
+    assert np.abs(np.load(tmp_path / "s.npz")["logits"] - expected["seg_logits"]).max() < 1e-4
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached

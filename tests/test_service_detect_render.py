@@ -162,7 +162,9 @@ def test_detect_equals_detect_called_directly(url, stack, room):
     loaded = stack["det"]
     at_015 = Predictor(dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, grid_size=0.15)))
     assert coarse.json()["grid_size"] == 0.15
-    assert_same_detections(coarse.json()["detections"], detect(at_015, room, score_threshold=0.0).to_json()["detections"])
+    expected_015 = detect(at_015, room, score_threshold=0.0).to_json()["detections"]
+    assert_same_detections(coarse.json()["detections"], expected_015)
+    assert expected_015 != expected["detections"]  # the grid size did change the answer
 
 
 def test_detect_boxes_of_georeferenced_las_are_in_world_coordinates(url, stack, room, tmp_path):

@@ -37,6 +37,7 @@ from service.workers.base import ModelJob, WorkerInputError
 router = APIRouter(prefix="/v1", tags=["inference"])
 PNG, ZIP = "image/png", "application/zip"
 MAX_CAMERAS_BYTES = 4 << 20
+MAX_CAMERAS = 1024  # each camera is its own render pass; the pixel limit alone would allow millions of 1x1 views
 DEPTH_UNITS_PER_M = 1000  # 16-bit depth PNGs hold millimetres, as RGB-D inputs and `ponder render` do
 
 RENDER_BODY = {
@@ -173,6 +174,8 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
     card = job_card(pipeline, params.model, "render")
     condition = pipeline.resolve_condition(card, params.condition)
     cameras = [resize_camera(c, params.width, params.height) for c in parse_cameras(await read_cameras_part(request))]
+    if len(cameras) > MAX_CAMERAS:
+        raise ApiError(413, f"{len(cameras)} cameras exceed the limit of {MAX_CAMERAS} per request; split them")
     pixels = sum(c.width * c.height for c in cameras)
     limit = pipeline.settings.max_render_pixels
     if pixels > limit:
