@@ -129,12 +129,14 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
         else:
             raise ValueError(f"unknown optimizer {o.optimizer!r}; use 'sgd' or 'adamw'")
-        # OneCycleLR needs at least two warm-up and two annealing steps; short runs get a longer warm-up share
-        pct_start = min(max(o.pct_start, 2.0 / self.total_steps), 1 - 2.0 / self.total_steps) \
-            if self.total_steps >= 5 else 0.5
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=o.lr, total_steps=max(self.total_steps, 2), pct_start=pct_start,
-            anneal_strategy="cos", div_factor=o.div_factor, final_div_factor=o.final_div_factor)
+        if self.total_steps >= 4:
+            # OneCycleLR needs at least two warm-up and two annealing steps; short runs warm up longer
+            pct_start = min(max(o.pct_start, 2.0 / self.total_steps), 1 - 2.0 / self.total_steps)
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=o.lr, total_steps=self.total_steps, pct_start=pct_start,
+                anneal_strategy="cos", div_factor=o.div_factor, final_div_factor=o.final_div_factor)
+        else:  # too short for a schedule (smoke runs): constant learning rate
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.use_amp = o.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step = 0  # global steps done

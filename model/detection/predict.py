@@ -78,9 +78,11 @@ def head_outputs(head: DetectionHead, features: np.ndarray | torch.Tensor) -> di
 
 
 def detect(predictor_or_loaded_model, cloud: PointCloud, condition: str | None = None,
-           score_threshold: float | None = None, iou_threshold: float | None = None) -> DetectionResult:
-    """Oriented boxes in ``cloud``. Accepts a ``model.inference.Predictor`` or a ``LoadedModel``;
-    thresholds default to the head's ``decode`` settings."""
+           score_threshold: float | None = None, iou_threshold: float | None = None,
+           grid_size: float | None = None) -> DetectionResult:
+    """Oriented boxes in ``cloud``'s world frame (``cloud.origin`` added back). Accepts a
+    ``model.inference.Predictor`` or a ``LoadedModel``; thresholds default to the head's ``decode``
+    settings, the voxel size to the model's."""
     from model.inference import Predictor
 
     predictor = predictor_or_loaded_model
@@ -90,12 +92,13 @@ def detect(predictor_or_loaded_model, cloud: PointCloud, condition: str | None =
     for name, value in (("score_threshold", score_threshold), ("iou_threshold", iou_threshold)):
         if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    voxels = predictor.prepare(cloud)
+    voxels = predictor.prepare(cloud, grid_size)
     (features,) = predictor.encode([voxels], condition)
     positions = cloud.coord[voxels.kept].astype(np.float64)                     # (M, 3) input frame
     found = decode(positions, head_outputs(head, features), head.cfg.decode, score_threshold, iou_threshold)
-    return DetectionResult(found.boxes.astype(np.float32), found.scores.astype(np.float32), found.labels,
-                           head.class_names)
+    boxes = found.boxes.astype(np.float64)
+    boxes[:, :3] += np.asarray(cloud.origin, dtype=np.float64)  # georeferenced input: back to world coordinates
+    return DetectionResult(boxes, found.scores.astype(np.float32), found.labels, head.class_names)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

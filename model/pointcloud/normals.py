@@ -89,7 +89,8 @@ def fill_missing(cloud: PointCloud, k: int = DEFAULT_K) -> PointCloud:
             stacklevel=2,
         )
         color = np.full((len(cloud), 3), FILL_COLOR, dtype=np.uint8)
-    return PointCloud(coord=cloud.coord, color=color, normal=normal, extras=dict(cloud.extras), source=cloud.source)
+    return PointCloud(coord=cloud.coord, color=color, normal=normal, extras=dict(cloud.extras), source=cloud.source,
+                      origin=cloud.origin)
 
 
 def _pca_normals(neighbours: np.ndarray, points: np.ndarray, target: np.ndarray) -> np.ndarray:

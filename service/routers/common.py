@@ -101,6 +101,10 @@ def job_card(pipeline: Pipeline, model: str | None, capability: str) -> ModelCar
         raise ApiError(501, f"/v1/{capability} is not available with the {pipeline.worker.kind} worker: detection "
                             "and rendering need the in-process worker (PONDER_WORKER=inprocess)")
     card = pipeline.card(model)
+    if model is None and capability not in card.capabilities:
+        # no model named: the first served model that can do it (e.g. the bundled default's detect/render parts)
+        capable = [c for c in pipeline.worker.models().values() if capability in c.capabilities]
+        card = capable[0] if capable else card
     if capability not in card.capabilities:
         need = {"detect": "a detection head (train one with `ponder train detect`)",
                 "render": "a render head (a pre-training checkpoint)"}[capability]

@@ -5,12 +5,9 @@ The boxes come from ``model.detection.detect`` run on the model thread (a ModelJ
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from functools import partial
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import JSONResponse
 
@@ -31,22 +28,11 @@ JSON_TYPES = ("application/json", "application/*", "*/*")
 
 def detect_in_world(predictor: Predictor, cloud: PointCloud, condition: str | None, grid_size: float | None,
                     score_threshold: float | None, iou_threshold: float | None) -> DetectionResult:
-    """``detect`` at the request's grid size, with box centres moved back by ``cloud.origin`` (readers of
-    georeferenced data subtract it to keep float32 precision; ``detect`` answers in the shifted frame)."""
-    if grid_size is not None and grid_size != predictor.config.grid_size:
-        # detect() voxelises through predictor.prepare at the config's grid size: a shallow copy with another
-        # grid size shares the model and its lock.
-        predictor = copy.copy(predictor)
-        predictor.config = dataclasses.replace(predictor.config, grid_size=grid_size)
+    """``detect`` at the request's grid size; boxes are in the input's world frame (``cloud.origin`` included)."""
     try:
-        result = detect(predictor, cloud, condition, score_threshold, iou_threshold)
+        return detect(predictor, cloud, condition, score_threshold, iou_threshold, grid_size)
     except PointCloudError as exc:
         raise WorkerInputError(str(exc)) from exc
-    if np.any(cloud.origin):
-        boxes = result.boxes.astype(np.float64)  # (K, 7); float32 cannot hold survey coordinates to the mm
-        boxes[:, :3] += cloud.origin
-        result = dataclasses.replace(result, boxes=boxes)
-    return result
 
 
 @router.post("/detect", response_model=None, openapi_extra=UPLOAD_BODY, summary="3D object detection",

@@ -14,7 +14,8 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")
 def discover_checkpoints(checkpoint: Path | None, models_dir: Path | None) -> dict[str, Path | None]:
     """{name: path}. ``models_dir``: every checkpoint file or folder in it, named by its stem (sorted);
     ``checkpoint``: that one, named by its stem (by its folder when the file is called checkpoint/model);
-    neither: the bundled default model under the name "default"."""
+    neither: the bundled default model: "default" (segmentation and features) and, when bundled,
+    "default-detect" and "default-render" (its detection and rendering parts)."""
     if models_dir is not None:
         if not models_dir.is_dir():
             raise ValueError(f"models directory {models_dir} does not exist")
@@ -37,13 +38,19 @@ def discover_checkpoints(checkpoint: Path | None, models_dir: Path | None) -> di
         generic = checkpoint.is_file() and checkpoint.stem in ("checkpoint", "model", "model_best", "model_last")
         name = checkpoint.parent.name if generic else (checkpoint.stem if checkpoint.is_file() else checkpoint.name)
         return {name: checkpoint}
-    return {"default": None}
+    from model.inference import DEFAULT_MODEL_DIR
+
+    found: dict[str, Path | None] = {"default": None}
+    for part in ("detect", "render"):
+        if (DEFAULT_MODEL_DIR / part / "model.safetensors").exists():
+            found[f"default-{part}"] = DEFAULT_MODEL_DIR / part
+    return found
 
 
-def load_predictors(checkpoints: dict[str, Path | None], device: str = "cpu",
-                    trust_checkpoint: bool = False) -> dict[str, Predictor]:
+def load_predictors(checkpoints: dict[str, Path | None], device: str = "cpu", trust_checkpoint: bool = False,
+                    backend: str = "torch") -> dict[str, Predictor]:
     predictors = {}
     for name, path in checkpoints.items():
-        LOG.info("loading model %s from %s", name, path or "<bundled default>")
-        predictors[name] = load_predictor(path, device=device, trust_checkpoint=trust_checkpoint)
+        LOG.info("loading model %s from %s (%s backend)", name, path or "<bundled default>", backend)
+        predictors[name] = load_predictor(path, device=device, trust_checkpoint=trust_checkpoint, backend=backend)
     return predictors
