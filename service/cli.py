@@ -34,10 +34,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", action="append", dest="api_keys", default=None,
                         help="accepted API key (repeat for several); none = no authentication")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None)
+    parser.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=None,
+                        help="encoder runtime of the in-process worker (default torch/spconv)")
 
 
 _SETTINGS_ARGS = ("checkpoint", "models_dir", "device", "trust_checkpoint", "config_file", "default_model",
-                  "worker", "triton_urls", "triton_protocol", "api_keys", "log_level")
+                  "worker", "triton_urls", "triton_protocol", "api_keys", "log_level", "backend")
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | default_model | None | model used when a request names none (default: the first name in sorted order) |
 | device | "cpu" | torch device for the in-process worker |
 | trust_checkpoint | False | allow full unpickling of checkpoints (only for files you made yourself) |
+| backend | "torch" | encoder runtime of the in-process worker: "torch" (spconv), "onnxruntime" (the exported gather graph, CPU/CUDA providers) or "tensorrt" (onnxruntime's TensorRT provider) |
 | torch_threads | None | torch intra-op threads for the in-process worker (None = torch's default) |
 | worker | "inprocess" | "inprocess" (models in the gateway process) or "triton" (remote Triton servers) |
 | triton_urls | ["localhost:8001"] | Triton endpoints (host:port), used round-robin |
@@ -67,6 +68,7 @@ class ServiceSettings(BaseSettings):
     default_model: str | None = None
     device: str = "cpu"
     trust_checkpoint: bool = False
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
     torch_threads: int | None = Field(default=None, ge=1)
 
     worker: Literal["inprocess", "triton"] = "inprocess"

@@ -55,7 +55,8 @@ class InProcessWorker(Worker):
                 torch.set_num_threads(self.settings.torch_threads)
             checkpoints = discover_checkpoints(self.settings.checkpoint, self.settings.models_dir)
             self._predictors = await asyncio.to_thread(
-                load_predictors, checkpoints, self.settings.device, self.settings.trust_checkpoint)
+                load_predictors, checkpoints, self.settings.device, self.settings.trust_checkpoint,
+                self.settings.backend)
         self._cards = {name: ModelCard.of(name, p) for name, p in self._predictors.items()}
         self._queue = asyncio.Queue(maxsize=self.settings.queue_size)
         self._loop_task = asyncio.create_task(self._batch_loop(), name="ponder-batching")
