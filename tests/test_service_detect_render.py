@@ -187,8 +187,13 @@ def test_detect_boxes_of_georeferenced_las_are_in_world_coordinates(url, stack, 
                         headers=NPZ_TYPE, timeout=120)
     assert answer.status_code == 200, answer.text
     assert answer.json()["filled"] == ["normal"]
-    local = detect(stack["det_predictor"], cloud, score_threshold=0.0).to_json()["detections"]
+    from model.pointcloud.cloud import PointCloud
+
+    shifted = PointCloud(cloud.coord, cloud.color, cloud.normal, source=cloud.source)  # same points, origin 0
+    local = detect(stack["det_predictor"], shifted, score_threshold=0.0).to_json()["detections"]
     assert_same_detections(answer.json()["detections"], local, shift=cloud.origin)
+    world = detect(stack["det_predictor"], cloud, score_threshold=0.0).to_json()["detections"]
+    assert_same_detections(answer.json()["detections"], world)  # detect() itself answers in world coordinates
     assert answer.json()["detections"][0]["center"][1] > 5e6
 
 

@@ -182,7 +182,10 @@ def test_checkpoint_discovery_names(tmp_path):
     nested.mkdir()
     (nested / "checkpoint.pth").write_bytes(b"")
     assert list(discover_checkpoints(nested / "checkpoint.pth", None)) == ["scannet_model"]
-    assert discover_checkpoints(None, None) == {"default": None}
+    from model.inference import DEFAULT_MODEL_DIR
+
+    assert discover_checkpoints(None, None) == {"default": None, "default-detect": DEFAULT_MODEL_DIR / "detect",
+                                                "default-render": DEFAULT_MODEL_DIR / "render"}
     with pytest.raises(ValueError, match="does not exist"):
         discover_checkpoints(tmp_path / "missing.pth", None)
 
