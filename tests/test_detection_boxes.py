@@ -196,3 +196,17 @@ def test_evaluator_rejects_bad_input():
         ev.add(np.array([cube()]), np.array([0.9]), np.array([3]), np.zeros((0, 7)), np.zeros(0, int))
     with pytest.raises(ValueError, match="scores"):
         ev.add(np.array([cube()]), np.array([0.9, 0.1]), np.array([0]), np.zeros((0, 7)), np.zeros(0, int))
+
+
+def test_decode_keeps_boxes_finite_when_the_head_predicts_absurd_sizes():
+    """An undertrained head can emit huge log-sizes; exp must not overflow into inf boxes."""
+    from model.detection.head import DecodeConfig
+    from model.detection.postprocess import decode
+
+    n = 64
+    positions = np.random.default_rng(0).uniform(0, 1, (n, 3))
+    outputs = {"objectness": np.full(n, 5.0), "offset": np.zeros((n, 3)), "log_size": np.full((n, 3), 900.0),
+               "yaw": np.tile([0.0, 1.0], (n, 1)), "class_logits": np.zeros((n, 4))}
+    boxes = decode(positions, outputs, DecodeConfig(), score_threshold=0.0)
+    assert len(boxes.boxes) > 0 and np.isfinite(boxes.boxes).all()
+    assert boxes.boxes[:, 3:6].max() <= 50.0

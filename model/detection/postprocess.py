@@ -89,7 +89,8 @@ def decode(positions: np.ndarray, outputs: dict[str, np.ndarray], cfg: DecodeCon
         mean_probs = w @ probs[members] / total
         label = int(np.argmax(mean_probs))
         sin4, cos4 = w @ yaw_vec[members] / total
-        size = np.exp(w @ log_size[members] / total)
+        # clamp before exp: an undertrained head can predict absurd log-sizes (boxes of 1 mm .. 50 m)
+        size = np.exp(np.clip(w @ log_size[members] / total, np.log(1e-3), np.log(50.0)))
         support = min(1.0, total / cfg.min_votes)
         boxes.append(np.concatenate([centre, size, [np.arctan2(sin4, cos4) / 4]]))
         scores.append(total / len(members) * mean_probs[label] * support)

@@ -3,7 +3,7 @@ spconv (ConvAlgo.Native, the official layers), the torch gather-matmul graph (`e
 graph exported to ONNX and run in onnxruntime (`export.onnxrt`). Kernel-map building is timed
 separately (it runs once per request on the host, whatever executes the graph).
 
-    .venv/bin/python -m bench.export [--threads 2] [--repeats 2] [--small-only] [--conv]
+    .venv/bin/python -m bench.export_speed [--threads 2] [--repeats 2] [--small-only] [--conv]
 
 Published SpUNet-v1m1 size (39M parameters), random weights scaled to keep activations O(1).
 ``--conv`` adds the single-conv comparison behind `gather_conv`'s formulation (one accumulated matmul
@@ -18,9 +18,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # run as `python bench/export.py`: this file must not shadow the `export` package
 
 import numpy as np
 import torch

@@ -1,6 +1,6 @@
 """Gateway latency and throughput against the raw model, in-process worker vs Triton worker.
 
-    python bench/service.py --checkpoint CKPT [--sizes 10000 100000 1000000] [--repeats 5 3 2]
+    python bench/service_latency.py --checkpoint CKPT [--sizes 10000 100000 1000000] [--repeats 5 3 2]
                             [--workers inprocess triton] [--concurrency 4] [--json out.json]
 
 Both gateways (real uvicorn processes; the Triton one in front of ``ponder worker --triton``) run side by
@@ -31,8 +31,6 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-# Run as a script, bench/ is sys.path[0] and this file would shadow the `service` package: use the repo root.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 FIXTURE_SCENE = REPO.parent / "shared" / "reference" / "fixtures" / "spunet_v1m1_seg" / "input.npz"
 THREADS = 2
 
