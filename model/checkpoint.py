@@ -103,8 +103,10 @@ def _read_config_file(folder: Path) -> ModelConfig | None:
     return None
 
 
-def load_checkpoint(path: str | Path, trust: bool = False, config: ModelConfig | None = None) -> LoadedModel:
-    """Load our format (folder or ``.safetensors`` file with a config beside it) or an official ``.pth``."""
+def read_checkpoint(path: str | Path, trust: bool = False,
+                    config: ModelConfig | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """(state_dict, config) of our format (folder or ``.safetensors`` file with a config beside it) or of an
+    official ``.pth`` (config inferred from the weights unless given)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
@@ -117,13 +119,17 @@ def load_checkpoint(path: str | Path, trust: bool = False, config: ModelConfig |
             state = load_file(str(weights))
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{weights}: not a valid safetensors file ({exc})") from exc
-        config = config or _read_config_file(folder) or infer_config(state)
-    else:
-        state = read_official(path, trust=trust)
-        try:
-            config = config or infer_config(state)
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: cannot infer the architecture from the state_dict ({exc})") from exc
+        return state, config or _read_config_file(folder) or infer_config(state)
+    state = read_official(path, trust=trust)
+    try:
+        return state, config or infer_config(state)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot infer the architecture from the state_dict ({exc})") from exc
+
+
+def load_checkpoint(path: str | Path, trust: bool = False, config: ModelConfig | None = None) -> LoadedModel:
+    """Read a checkpoint (see ``read_checkpoint``), build its model and load the weights strictly."""
+    state, config = read_checkpoint(path, trust, config)
     model = build_model(config)
     load_state_strict(model, state, str(path))
     model.eval()

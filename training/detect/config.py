@@ -15,11 +15,9 @@ from typing import Any, Mapping
 import yaml
 
 from training.data.classes import DETECTION_NAMES, SCANNET20_NAMES
-from training.engine import OptimConfig, TrainConfig
+from training.config_io import ConfigError, dataclass_from, train_config_from
+from training.engine import TrainConfig
 
-
-class ConfigError(ValueError):
-    """A detection config that is missing a field or contradicts itself."""
 
 
 @dataclass
@@ -163,23 +161,9 @@ def load_config(path: str | Path) -> DetectConfig:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _train_config(data: Mapping[str, Any]) -> TrainConfig:
-    data = dict(data)
-    optim = _dataclass(OptimConfig, data.pop("optim", {}), "train.optim")
-    cfg = _dataclass(TrainConfig, data, "train")
-    cfg.optim = optim
-    return cfg
+def _dataclass(cls, data, where, nested=None):
+    return dataclass_from(cls, data, where, nested, lists_as_tuples=True)
 
 
-def _dataclass(cls, data: Mapping[str, Any], where: str, nested: Mapping[str, type] | None = None):
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"unknown {where} keys: {sorted(unknown)} (known: {sorted(names)})")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    for key, sub in (nested or {}).items():
-        if values.get(key) is not None:
-            values[key] = _dataclass(sub, values[key], f"{where}.{key}")
-    return cls(**values)
+def _train_config(data):
+    return train_config_from(data, lists_as_tuples=True)

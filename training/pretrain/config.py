@@ -19,11 +19,9 @@ import yaml
 from model.config import SCANNET20_NAMES, BackboneConfig, ModelConfig
 from model.render import RenderHeadConfig, head_field_config
 from training.data.formats import FrameSelection
-from training.engine import OptimConfig, TrainConfig
+from training.config_io import ConfigError, dataclass_from, train_config_from
+from training.engine import TrainConfig
 
-
-class ConfigError(ValueError):
-    """A pre-training config that is missing a field or contradicts itself."""
 
 
 @dataclass
@@ -225,29 +223,15 @@ def _head_config(head: dict[str, Any], semantic: bool) -> RenderHeadConfig:
         raise ConfigError(f"invalid model.render.head: {exc}") from None
 
 
-def _train_config(data: Mapping[str, Any]) -> TrainConfig:
-    data = dict(data)
-    optim = _dataclass(OptimConfig, data.pop("optim", {}), "train.optim")
-    cfg = _dataclass(TrainConfig, data, "train")
-    cfg.optim = optim
-    return cfg
-
-
-def _dataclass(cls, data: Mapping[str, Any], where: str, nested: Mapping[str, type] | None = None):
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"unknown {where} keys: {sorted(unknown)} (known: {sorted(names)})")
-    values = dict(data)
-    for key, sub in (nested or {}).items():
-        if key in values:
-            values[key] = _dataclass(sub, values[key], f"{where}.{key}")
-    return cls(**values)
 
 
 def _tuples(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
+def _dataclass(cls, data, where, nested=None):
+    return dataclass_from(cls, data, where, nested, lists_as_tuples=False)
+
+
+def _train_config(data):
+    return train_config_from(data, lists_as_tuples=False)

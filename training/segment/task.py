@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from model.build import build_model
-from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_official
+from model.checkpoint import read_checkpoint
 from model.config import PPT_CONDITIONS, PPT_VALID_INDEX, ModelConfig
-from model.infer_config import PPT_VOCABULARY, infer_config
+from model.infer_config import PPT_VOCABULARY
 from training.losses import segmentation_loss
 from training.segment.config import SegmentConfig
 from training.segment.dataset import SegmentDataset, collate
@@ -49,22 +48,7 @@ def read_pretrained(path: str | Path, trust: bool = False) -> Pretrained:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
-    if path.is_dir() or path.suffix == ".safetensors":
-        folder = path if path.is_dir() else path.parent
-        weights = folder / WEIGHTS_FILE if path.is_dir() else path
-        if not weights.is_file():
-            raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} in the checkpoint folder")
-        try:
-            state = load_file(str(weights))
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{weights}: not a valid safetensors file ({exc})") from exc
-        config = ModelConfig.load(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else infer_config(state)
-    else:
-        state = read_official(path, trust=trust)
-        try:
-            config = infer_config(state)
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: cannot infer the architecture from the state_dict ({exc})") from exc
+    state, config = read_checkpoint(path, trust)
     return Pretrained(str(path), state, config)
 
 
