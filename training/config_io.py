@@ -4,7 +4,10 @@ the task configs)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Mapping
+
+import yaml
 
 from training.engine import OptimConfig, TrainConfig
 
@@ -36,3 +39,14 @@ def train_config_from(data: Mapping[str, Any], lists_as_tuples: bool = False) ->
     cfg = dataclass_from(TrainConfig, data, "train", lists_as_tuples=lists_as_tuples)
     cfg.optim = optim
     return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping ({} when empty); a clear error when missing or not YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc

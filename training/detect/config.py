@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from training.data.classes import DETECTION_NAMES, SCANNET20_NAMES
-from training.config_io import ConfigError, dataclass_from, train_config_from
+from training.config_io import ConfigError, read_yaml, dataclass_from, train_config_from
 from training.engine import TrainConfig
 
 
@@ -149,12 +148,7 @@ class DetectConfig:
 
 def load_config(path: str | Path) -> DetectConfig:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    data = read_yaml(path)
     try:
         return DetectConfig.from_dict(data or {})
     except (ConfigError, TypeError) as exc:

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from model.config import SCANNET20_NAMES, BackboneConfig, ModelConfig
 from model.render import RenderHeadConfig, head_field_config
 from training.data.formats import FrameSelection
-from training.config_io import ConfigError, dataclass_from, train_config_from
+from training.config_io import ConfigError, read_yaml, dataclass_from, train_config_from
 from training.engine import TrainConfig
 
 
@@ -158,12 +157,7 @@ class PretrainConfig:
 
 def load_config(path: str | Path) -> PretrainConfig:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    data = read_yaml(path)
     try:
         return PretrainConfig.from_dict(data)
     except ConfigError as exc:

@@ -14,19 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from model.config import BackboneConfig
 from training.data.classes import SCANNET20_NAMES
+from training.config_io import ConfigError, read_yaml
 from training.engine import TrainConfig
 
 HEADS = ("language", "linear")
 LABEL_MODES = ("points", "scenes")
 EVAL_MODES = ("fast", "precise", "none")
 
-
-class ConfigError(ValueError):
-    """A fine-tune config with an unknown key or contradictory values; the message names the field."""
 
 
 @dataclass
@@ -119,12 +116,7 @@ class SegmentConfig:
 
 def load_config(path: str | Path) -> SegmentConfig:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    data = read_yaml(path)
     try:
         return config_from_dict(data)
     except ConfigError as exc:
