@@ -13,7 +13,6 @@ import argparse
 import resource
 import time
 
-import numpy as np
 import torch
 
 from model.build import build_model

@@ -13,7 +13,6 @@ per tap vs one big gather + GEMM), in torch and in onnxruntime.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import warnings

@@ -11,6 +11,8 @@ Camera description (the ``cameras`` JSON part of an upload), per view id::
     {"K": [[fx,0,cx],[0,fy,cy],[0,0,1]]}  or  {"fx":..,"fy":..,"cx":..,"cy":..}
     plus {"world_to_camera": 4x4} or {"camera_to_world": 4x4} (identity when neither is given)
 
+(the render cameras' JSON of ``model.render.cameras`` without width/height, parsed by the same functions)
+
 given as ``{"views": {id: camera}}``, ``{"views": [camera, ...]}`` (ids 0, 1, ...) or ``{id: camera}``;
 an optional top-level ``depth_scale`` overrides the server's.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.pointcloud.cloud import PointCloud
+from model.render.cameras import CameraError, parse_intrinsics, parse_pose
 
 
 class RGBDError(ValueError):
@@ -32,6 +35,8 @@ class RGBDError(ValueError):
 
 @dataclass
 class Camera:
+    """An uploaded view's pinhole camera; unlike a render camera it has no image size (its depth image has)."""
+
     K: np.ndarray  # (3, 3) float64 intrinsics
     camera_to_world: np.ndarray  # (4, 4) float64 pose
 
@@ -44,46 +49,16 @@ class RGBDView:
     name: str = "view"
 
 
-def _matrix(value: object, shape: tuple[int, int], what: str) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise RGBDError(f"{what} must be a {shape[0]}x{shape[1]} matrix of numbers") from exc
-    if array.shape != shape or not np.isfinite(array).all():
-        raise RGBDError(f"{what} must be a finite {shape[0]}x{shape[1]} matrix, got shape {array.shape}")
-    return array
-
-
 def parse_camera(spec: object, name: str) -> Camera:
-    """One view's camera from its JSON object."""
+    """One view's camera from its JSON object: the render cameras' format (``model.render.cameras``) without
+    width and height (the depth image gives them); no pose means the camera sits at the world origin."""
     if not isinstance(spec, dict):
         raise RGBDError(f"camera {name!r}: expected a JSON object")
-    if "K" in spec:
-        K = _matrix(spec["K"], (3, 3), f"camera {name!r}: K")
-    else:
-        missing = [k for k in ("fx", "fy", "cx", "cy") if k not in spec]
-        if missing:
-            raise RGBDError(f"camera {name!r}: give K or fx, fy, cx, cy (missing {', '.join(missing)})")
-        try:
-            fx, fy, cx, cy = (float(spec[k]) for k in ("fx", "fy", "cx", "cy"))
-        except (TypeError, ValueError) as exc:
-            raise RGBDError(f"camera {name!r}: fx, fy, cx, cy must be numbers") from exc
-        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], dtype=np.float64)
-    if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise RGBDError(f"camera {name!r}: focal lengths must be positive and finite")
-    if "camera_to_world" in spec:
-        pose = _matrix(spec["camera_to_world"], (4, 4), f"camera {name!r}: camera_to_world")
-    elif "world_to_camera" in spec:
-        w2c = _matrix(spec["world_to_camera"], (4, 4), f"camera {name!r}: world_to_camera")
-        try:
-            pose = np.linalg.inv(w2c)
-        except np.linalg.LinAlgError as exc:
-            raise RGBDError(f"camera {name!r}: world_to_camera is not invertible") from exc
-    else:
-        pose = np.eye(4)
-    if not np.allclose(pose[3], [0, 0, 0, 1]):
-        raise RGBDError(f"camera {name!r}: the pose's last row must be [0, 0, 0, 1]")
-    return Camera(K=K, camera_to_world=pose)
+    try:
+        K, w2c = parse_intrinsics(spec), parse_pose(spec, required=False)
+    except CameraError as exc:
+        raise RGBDError(f"camera {name!r}: {exc}") from None
+    return Camera(K=K, camera_to_world=np.linalg.inv(w2c))
 
 
 def parse_cameras(text: str | bytes) -> tuple[dict[str, Camera], float | None]:

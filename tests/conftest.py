@@ -43,3 +43,13 @@ def random_room(n: int = 20000, seed: int = 0) -> dict[str, np.ndarray]:
     coord = np.concatenate(parts).astype(np.float32)
     return {"coord": coord, "color": np.clip(np.concatenate(colors), 0, 255).astype(np.uint8),
             "normal": np.concatenate(normals).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module that trains or renders: on a shared 2-core machine two threads spin-wait and
+    were several times slower (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,8 +3,6 @@ refused with messages that name the problem."""
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
 

@@ -19,15 +19,7 @@ from training.data.synthetic import SceneConfig, generate_dataset
 SMALL = BackboneConfig(base_channels=16, channels=(16, 24, 32, 48, 48, 32, 24, 24), layers=(1, 1, 1, 1, 1, 1, 1, 1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on a shared 2-core machine spin-wait; one is several times faster here."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _checkpoint(path, detection: bool = True, **decode):

@@ -26,13 +26,7 @@ SMALL_BACKBONE = {"type": "SpUNet-v1m1", "in_channels": 6, "base_channels": 16,
                   "channels": [16, 24, 32, 48, 48, 32, 24, 24], "layers": [1, 1, 1, 1, 1, 1, 1, 1]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on a shared 2-core machine spin-wait; one is several times faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

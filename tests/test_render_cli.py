@@ -4,7 +4,6 @@ in the cloud's own frame and does not depend on the chunk size; user errors are 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,12 +21,7 @@ from training.data.formats import load_rgbd_frames, load_scene
 from test_pretrain import make_data, tiny_config  # noqa: E402  (sibling test module: the tiny set-up)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

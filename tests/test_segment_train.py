@@ -26,13 +26,7 @@ TINY_BACKBONE = {"type": "SpUNet-v1m1", "base_channels": 8, "channels": [8, 16, 
                  "layers": [1, 1, 1, 1, 1, 1, 1, 1]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """spconv's many small CPU matmuls run far faster on one thread when cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -28,13 +27,7 @@ MAX_RENDER_PIXELS = 600
 NPZ_TYPE = {"Content-Type": "application/octet-stream"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on the shared 2-core machine spin-wait; one is several times faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def train_detector(base: Path) -> tuple[Path, Path]:

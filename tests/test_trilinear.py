@@ -10,13 +10,7 @@ import model.render.trilinear as tri
 from model.render.trilinear import GridVolume, sample, trilinear_sample
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster than two on this shared machine (no spin-waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def grid_sample_ref(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -65,25 +65,7 @@ class Camera:
         if not isinstance(data, Mapping):
             raise CameraError(f"a camera must be a JSON object, got {type(data).__name__}")
         width, height = _require_int(data, "width"), _require_int(data, "height")
-        has_k = "K" in data
-        has_f = any(k in data for k in ("fx", "fy", "cx", "cy"))
-        if has_k == has_f:
-            raise CameraError("give the intrinsics as either 'K' or 'fx', 'fy', 'cx', 'cy' (exactly one)")
-        if has_k:
-            K = _matrix(data["K"], (3, 3), "K")
-        else:
-            fx, fy, cx, cy = (_require_float(data, k) for k in ("fx", "fy", "cx", "cy"))
-            K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
-        has_w2c, has_c2w = "world_to_camera" in data, "camera_to_world" in data
-        if has_w2c == has_c2w:
-            raise CameraError("give the pose as either 'world_to_camera' or 'camera_to_world' (exactly one)")
-        if has_w2c:
-            w2c = _matrix(data["world_to_camera"], (4, 4), "world_to_camera")
-        else:
-            c2w = _matrix(data["camera_to_world"], (4, 4), "camera_to_world")
-            _check_rigid(c2w, "camera_to_world")
-            w2c = np.linalg.inv(c2w)
-        return cls(K=K, w2c=w2c, width=width, height=height)
+        return cls(K=parse_intrinsics(data), w2c=parse_pose(data), width=width, height=height)
 
     def to_dict(self) -> dict[str, Any]:
         return {"width": int(self.width), "height": int(self.height), "K": self.K.tolist(),
@@ -104,6 +86,49 @@ def cameras_from_json(data: Any) -> list[Camera]:
         except CameraError as exc:
             raise CameraError(f"camera {i}: {exc}") from None
     return cams
+
+
+def parse_intrinsics(data: Mapping[str, Any]) -> np.ndarray:
+    """(3, 3) K from ``"K"`` or ``"fx", "fy", "cx", "cy"`` (exactly one form) of a JSON camera object; shared by
+    render cameras and RGB-D upload cameras, so both speak one format."""
+    has_k = "K" in data
+    given = [k for k in ("fx", "fy", "cx", "cy") if k in data]
+    if has_k and given:
+        raise CameraError("give the intrinsics as either 'K' or 'fx', 'fy', 'cx', 'cy' (exactly one), not both")
+    if has_k:
+        K = _matrix(data["K"], (3, 3), "K")
+    else:
+        missing = [k for k in ("fx", "fy", "cx", "cy") if k not in data]
+        if missing:
+            raise CameraError(f"give the intrinsics as 'K' or 'fx', 'fy', 'cx', 'cy' (missing {', '.join(missing)})")
+        fx, fy, cx, cy = (_require_float(data, k) for k in ("fx", "fy", "cx", "cy"))
+        K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+    if K[0, 0] <= 0 or K[1, 1] <= 0 or K[0, 1] != 0 or K[1, 0] != 0 or np.any(K[2] != (0, 0, 1)):
+        raise CameraError("K must be [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0")
+    return K
+
+
+def parse_pose(data: Mapping[str, Any], required: bool = True) -> np.ndarray:
+    """(4, 4) rigid world-to-camera from ``"world_to_camera"`` or ``"camera_to_world"`` (exactly one form); with
+    ``required=False`` a camera that gives neither sits at the world origin (identity)."""
+    has_w2c, has_c2w = "world_to_camera" in data, "camera_to_world" in data
+    if has_w2c and has_c2w:
+        raise CameraError("give the pose as either 'world_to_camera' or 'camera_to_world' (exactly one), not both")
+    if not (has_w2c or has_c2w):
+        if required:
+            raise CameraError("give the pose as 'world_to_camera' or 'camera_to_world'")
+        return np.eye(4)
+    name = "world_to_camera" if has_w2c else "camera_to_world"
+    pose = _matrix(data[name], (4, 4), name)
+    _check_rigid(pose, name)
+    return pose if has_w2c else np.linalg.inv(pose)
+
+
+def cameras_from_document(data: Any) -> list[Camera]:
+    """Cameras of any accepted JSON document: a ``transforms.json`` (has ``"frames"``) or our camera objects."""
+    if isinstance(data, Mapping) and "frames" in data:
+        return cameras_from_transforms(data)
+    return cameras_from_json(data)
 
 
 # OpenGL/Blender camera axes (x right, y up, z backward) -> OpenCV: flip the y and z camera axes.

@@ -12,11 +12,9 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Sequence
 
-import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -25,7 +23,8 @@ from starlette.responses import Response
 from model.inference import Predictor
 from model.novel_view import render_views_of, scene_volume
 from model.pointcloud.cloud import PointCloud, PointCloudError
-from model.render.cameras import Camera, CameraError, cameras_from_json, cameras_from_transforms
+from model.render.cameras import Camera, CameraError, cameras_from_document
+from model.render.images import DEPTH_UNITS_PER_M, ViewImages, png_bytes
 from service.dependencies import get_pipeline
 from service.errors import ApiError
 from service.pipeline import Pipeline
@@ -38,7 +37,6 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 PNG, ZIP = "image/png", "application/zip"
 MAX_CAMERAS_BYTES = 4 << 20
 MAX_CAMERAS = 1024  # each camera is its own render pass; the pixel limit alone would allow millions of 1x1 views
-DEPTH_UNITS_PER_M = 1000  # 16-bit depth PNGs hold millimetres, as RGB-D inputs and `ponder render` do
 
 RENDER_BODY = {
     "requestBody": {
@@ -59,30 +57,15 @@ RESPONSES = {200: {"description": "one camera: a PNG (colour, or 16-bit depth in
              **ERRORS, **NOT_IMPLEMENTED}
 
 
-@dataclass
-class RenderedImages:
-    """One camera's render as arrays (made on the model thread, so tensors never leave it)."""
-
-    color: np.ndarray  # (H, W, 3) uint8
-    depth: np.ndarray  # (H, W) float32 z-depth in metres, 0 where the ray misses the scene box
-    hit_fraction: float
-
-    def depth_units(self) -> np.ndarray:
-        """(H, W) uint16 millimetres, clipped to 65.535 m."""
-        return np.clip(np.rint(self.depth * DEPTH_UNITS_PER_M), 0, 65535).astype(np.uint16)
-
-
 def render_job(predictor: Predictor, cloud: PointCloud, cameras: Sequence[Camera], condition: str | None
-               ) -> list[RenderedImages]:
+               ) -> list[ViewImages]:
     """The scene's render volume, then every camera through it (runs on the model thread)."""
     try:
         volume = scene_volume(predictor.model, predictor.config, cloud, condition)
         views = render_views_of(predictor.model, volume, cameras)
     except (PointCloudError, CameraError) as exc:
         raise WorkerInputError(str(exc)) from exc
-    return [RenderedImages(color=np.clip(np.rint(v.rgb.cpu().numpy() * 255), 0, 255).astype(np.uint8),
-                           depth=v.depth.cpu().numpy().astype(np.float32), hit_fraction=float(v.hit.float().mean()))
-            for v in views]
+    return [ViewImages.of(v) for v in views]
 
 
 def parse_cameras(data: bytes) -> list[Camera]:
@@ -92,7 +75,7 @@ def parse_cameras(data: bytes) -> list[Camera]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(422, f"the 'cameras' part is not valid JSON: {exc}") from exc
     try:
-        return cameras_from_transforms(doc) if isinstance(doc, dict) and "frames" in doc else cameras_from_json(doc)
+        return cameras_from_document(doc)
     except CameraError as exc:
         raise ApiError(422, f"invalid cameras: {exc}") from exc
 
@@ -124,23 +107,12 @@ def answer_type(accept: str | None, num_views: int) -> str:
     raise ApiError(406, f"cannot answer in {accept!r}: /v1/render answers {PNG} (one camera) or {ZIP}{several}")
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")  # uint8 (H, W, 3) -> RGB; uint16 (H, W) -> 16-bit grey
-    return buffer.getvalue()
-
-
-def zip_bytes(images: list[RenderedImages], meta: dict) -> bytes:
+def zip_bytes(images: list[ViewImages], meta: dict) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for i, view in enumerate(images):
-            archive.writestr(f"{i}_color.png", png_bytes(view.color))
-            archive.writestr(f"{i}_depth.png", png_bytes(view.depth_units()))
-            npy = io.BytesIO()
-            np.save(npy, view.depth, allow_pickle=False)
-            archive.writestr(f"{i}_depth.npy", npy.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
+            for name, data in view.files(i).items():  # PNGs are compressed already; the float depth is not
+                archive.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if name.endswith(".npy") else None)
         archive.writestr("meta.json", json.dumps(meta, indent=1))
     return buffer.getvalue()
 
@@ -186,7 +158,7 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s)):
         cloud, filled = await pipeline.decode_cloud(upload, card, None)
         run = partial(render_job, cloud=cloud, cameras=cameras, condition=condition)
-        images: list[RenderedImages] = await pipeline.worker.call(ModelJob(card.info.name, run, "render"))
+        images: list[ViewImages] = await pipeline.worker.call(ModelJob(card.info.name, run, "render"))
     pipeline.metrics.points.labels("/v1/render").inc(len(cloud))
     headers = {"X-Ponder-Model": card.info.name, "X-Ponder-Num-Points": str(len(cloud))}
     if condition:

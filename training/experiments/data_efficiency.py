@@ -10,8 +10,9 @@ random initialisation, with 1 %, 5 % and 100 % of the labels, on generated scene
 * Label fractions: segmentation keeps a seeded random share of every training scene's labelled points (the
   rest are ignored, -1); detection (training/detect) trains on a seeded share of the training scenes (at least
   one), since its boxes come per scene.
-* Both arms use the pre-trained checkpoint's architecture, voxel size and input features; the YAML configs
-  (segment-small-cpu.yaml, detect-small-cpu.yaml) give the schedules and heads.
+* Both arms use the pre-trained checkpoint's architecture and input features; the YAML configs
+  (segment-small-cpu.yaml, detect-small-cpu.yaml) give the schedules, heads and voxel sizes (segmentation at the
+  pre-training's 2 cm, detection at its config's 8 cm, as the bundled default model).
 * Every run lives in ``<out>/<task>/<init>-<percent>``; a finished run is reused when the script is run again.
 """
 
@@ -93,8 +94,7 @@ def run_detection(args: argparse.Namespace, arm: str, fraction: float, data: Pat
         cfg = yaml.safe_load(Path(args.detect_config).read_text())
         cfg["out_dir"] = str(out)
         cfg.setdefault("data", {}).update(root=str(data), generate=None, label_fraction=fraction)
-        model = cfg.setdefault("model", {})
-        model["grid_size"] = source.grid_size
+        model = cfg.setdefault("model", {})  # grid_size stays the detection config's (8 cm), for both arms
         if arm == "pretrained":
             model["init"] = str(args.pretrained)
         else:

@@ -13,7 +13,6 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def add_run_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def read_cameras(path: Path):
-    from model.render import CameraError, cameras_from_json, cameras_from_transforms
+    from model.render.cameras import CameraError, cameras_from_document
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such cameras file")
@@ -143,30 +142,14 @@ def read_cameras(path: Path):
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CameraError(f"{path}: not valid JSON ({exc})") from None
-    if isinstance(data, dict) and "frames" in data:
-        return cameras_from_transforms(data)
-    return cameras_from_json(data)
-
-
-def write_view(out: Path, index: int, view) -> list[Path]:
-    """``<i>_color.png`` (8-bit RGB), ``<i>_depth.png`` (16-bit millimetres, 0 = no hit) and ``<i>_depth.npy``
-    (float32 metres)."""
-    from PIL import Image
-
-    rgb = np.clip(np.rint(view.rgb.cpu().numpy() * 255), 0, 255).astype(np.uint8)
-    depth = view.depth.cpu().numpy().astype(np.float32)
-    mm = np.clip(np.rint(depth * 1000), 0, 65535).astype(np.uint16)
-    paths = [out / f"{index}_color.png", out / f"{index}_depth.png", out / f"{index}_depth.npy"]
-    Image.fromarray(rgb).save(paths[0])
-    Image.fromarray(mm).save(paths[1])
-    np.save(paths[2], depth, allow_pickle=False)
-    return paths
+    return cameras_from_document(data)
 
 
 def run_render(args: argparse.Namespace) -> int:
     from model.checkpoint import load_checkpoint
     from model.novel_view import render_scene
     from model.pointcloud.readers import read_point_cloud
+    from model.render.images import ViewImages
 
     if args.chunk < 1:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
@@ -178,9 +161,9 @@ def run_render(args: argparse.Namespace) -> int:
     views = render_scene(loaded, cloud, cameras, args.condition, args.chunk, _device(args.device))
     args.out.mkdir(parents=True, exist_ok=True)
     for i, view in enumerate(views):
-        write_view(args.out, i, view)
-        hit = float(view.hit.float().mean())
-        print(f"{i}: {view.rgb.shape[1]}x{view.rgb.shape[0]}, {hit:.0%} of rays hit the scene box")
+        images = ViewImages.of(view)
+        images.write(args.out, i)
+        print(f"{i}: {view.rgb.shape[1]}x{view.rgb.shape[0]}, {images.hit_fraction:.0%} of rays hit the scene box")
     print(f"wrote {len(views)} views to {args.out}")
     return 0
 

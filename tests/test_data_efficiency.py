@@ -1,0 +1,73 @@
+"""The data-efficient experiment script (training/experiments/data_efficiency.py) end to end in its --quick form
+on tiny generated rooms: every (task, init, label share) cell is trained and scored, the two arms really differ
+in their initialisation, detection keeps its own voxel size, finished runs are reused, bad arguments exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from model.inference import default_checkpoint
+from training.data.synthetic import SceneConfig, generate_dataset
+from training.experiments.data_efficiency import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
+FRACTIONS = ["0.25", "1"]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("efficiency")
+    rooms = SceneConfig(room_x=(2.5, 3.0), room_y=(2.5, 3.0), points_per_m2=400.0, num_frames=0)
+    generate_dataset(root / "data", 5, seed=3, config=rooms, splits=(("train", 0.8), ("val", 0.2)), progress=False)
+    argv = ["--pretrained", str(default_checkpoint("render")), "--out", str(root / "out"), "--data",
+            str(root / "data"), "--fractions", *FRACTIONS, "--quick", "--threads", "1"]
+    assert main(argv) == 0
+    return root, argv
+
+
+def test_every_cell_is_trained_and_scored(experiment, capsys):
+    root, _ = experiment
+    results = json.loads((root / "out" / "results.json").read_text())
+    cells = {(r["task"], r["init"], r["fraction"]) for r in results}
+    assert cells == {(t, a, float(f)) for t in ("segmentation", "detection") for a in ("pretrained", "random")
+                     for f in FRACTIONS}
+    for r in results:
+        assert r["value"] is not None and math.isfinite(r["value"]) and 0 <= r["value"] <= 1, r
+    table = (root / "out" / "results.txt").read_text()
+    for row in ("segmentation  mIoU      pretrained", "segmentation  mIoU      random",
+                "detection     mAP@0.25  pretrained", "detection     mAP@0.25  random"):
+        assert row in table
+    assert "25% labels" in table and "100% labels" in table and "--quick" in table
+
+
+def test_arms_differ_only_in_initialisation(experiment):
+    root, _ = experiment
+    pretrained = yaml.safe_load((root / "out" / "detect" / "pretrained-25%" / "experiment.yaml").read_text())
+    random = yaml.safe_load((root / "out" / "detect" / "random-25%" / "experiment.yaml").read_text())
+    assert pretrained["model"]["init"] == str(default_checkpoint("render"))
+    assert random["model"]["init"] is None and random["model"]["backbone"]["num_classes"] == 0
+    # detection trains at its config's voxel size (8 cm), not the 2 cm of the pre-training checkpoint
+    assert pretrained["model"]["grid_size"] == random["model"]["grid_size"] == 0.08
+    assert pretrained["data"]["label_fraction"] == 0.25
+
+
+def test_finished_runs_are_reused(experiment, capsys):
+    root, argv = experiment
+    metrics = sorted((root / "out").glob("*/*/metrics.json"))
+    assert len(metrics) == 2 * 2 * len(FRACTIONS)
+    stamps = [m.stat().st_mtime_ns for m in metrics]
+    assert main(argv) == 0
+    assert [m.stat().st_mtime_ns for m in metrics] == stamps
+    assert "detection     mAP@0.25  random" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra", [["--fractions", "0"], ["--fractions", "1.5"], ["--scenes", "1"]])
+def test_bad_arguments_exit_2(tmp_path, extra):
+    with pytest.raises(SystemExit) as exc:
+        main(["--pretrained", str(default_checkpoint("render")), "--out", str(tmp_path), *extra])
+    assert exc.value.code == 2
