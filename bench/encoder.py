@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 
 import torch
 
@@ -21,6 +20,7 @@ from model.config import BackboneConfig, ModelConfig
 from model.inference import Predictor
 from model.pointcloud.cloud import PointCloud
 from training.data.synthetic import SceneConfig, generate_scene
+from timing import timed  # bench/timing.py (bench scripts run as files)
 
 
 def room_cloud(points_per_m2: float, seed: int = 7) -> PointCloud:
@@ -32,15 +32,6 @@ def room_cloud(points_per_m2: float, seed: int = 7) -> PointCloud:
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def main() -> None:

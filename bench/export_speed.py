@@ -31,6 +31,7 @@ from model.inference import Predictor
 from model.pointcloud.cloud import PointCloud
 from model.pointcloud.voxelize import voxelize
 from training.data.synthetic import SceneConfig, generate_scene
+from timing import timed  # bench/timing.py (bench scripts run as files)
 
 # ~130 m2 of visible surface in a 6 x 5 m room: 1300 points/m2 fill ~130k voxels at 0.02 m
 ROOMS = {"room ~130k voxels": ((6.0, 6.0), (5.0, 5.0), 1300.0), "small room": ((3.0, 3.0), (2.5, 2.5), 1300.0)}
@@ -39,15 +40,6 @@ ROOMS = {"room ~130k voxels": ((6.0, 6.0), (5.0, 5.0), 1300.0), "small room": ((
 def room(x: tuple[float, float], y: tuple[float, float], density: float, seed: int = 7) -> PointCloud:
     points = generate_scene(seed, SceneConfig(points_per_m2=density, num_frames=0, room_x=x, room_y=y)).points
     return PointCloud(points.coord, points.color, points.normal, source="generated room")
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def scaled_model(config: ModelConfig) -> torch.nn.Module:

@@ -71,3 +71,16 @@ def test_bad_arguments_exit_2(tmp_path, extra):
     with pytest.raises(SystemExit) as exc:
         main(["--pretrained", str(default_checkpoint("render")), "--out", str(tmp_path), *extra])
     assert exc.value.code == 2
+
+
+def test_detection_runs_share_one_step_budget(experiment, tmp_path):
+    """Without --quick every detection share trains as many steps as the 100 % run (4 scenes, batch 2 -> 2 steps
+    per epoch; --detect-steps 3 -> 2 epochs), so the one-scene run is not starved of optimisation."""
+    root, _ = experiment
+    argv = ["--pretrained", str(default_checkpoint("render")), "--out", str(tmp_path), "--data", str(root / "data"),
+            "--fractions", *FRACTIONS, "--tasks", "detect", "--detect-steps", "3", "--threads", "1"]
+    assert main(argv) == 0
+    for share in ("25%", "100%"):
+        for arm in ("pretrained", "random"):
+            train = yaml.safe_load((tmp_path / "detect" / f"{arm}-{share}" / "experiment.yaml").read_text())["train"]
+            assert (train["steps_per_epoch"], train["epochs"]) == (2, 2)

@@ -9,7 +9,6 @@ import os
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from conftest import PONDER, fixture_dir, random_room
 from export.graph import GatherSpUNet
@@ -34,14 +33,7 @@ def _network_input() -> dict[str, np.ndarray]:
     return {k: expected[k] for k in ("grid_coord", "feat", "fnv_order")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the gather graph runs thousands of small ops, and on a shared, loaded CPU each
-    multi-threaded op waits for a descheduled worker (10-100x slower); the results do not depend on it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
@@ -21,14 +20,7 @@ from export.triton_repo import config_metadata, model_config, read_model_config,
 from model.checkpoint import read_official
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the gather graph runs thousands of small ops, and on a shared, loaded CPU each
-    multi-threaded op waits for a descheduled worker (10-100x slower); the results do not depend on it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,9 @@ random initialisation, with 1 %, 5 % and 100 % of the labels, on generated scene
 * Label fractions: segmentation keeps a seeded random share of every training scene's labelled points (the
   rest are ignored, -1); detection (training/detect) trains on a seeded share of the training scenes (at least
   one), since its boxes come per scene.
+* Same optimisation budget: every detection run takes as many steps as the 100 % run (``--detect-steps``,
+  default the detection config's epochs over the full training set), so a 1-scene run sees that scene
+  many times instead of stopping after a few steps; segmentation runs all keep every scene, hence the same steps.
 * Both arms use the pre-trained checkpoint's architecture and input features; the YAML configs
   (segment-small-cpu.yaml, detect-small-cpu.yaml) give the schedules, heads and voxel sizes (segmentation at the
   pre-training's 2 cm, detection at its config's 8 cm, as the bundled default model).
@@ -102,8 +105,13 @@ def run_detection(args: argparse.Namespace, arm: str, fraction: float, data: Pat
             model.update(init=None, backbone=_plain(backbone), conditions=list(source.conditions),
                          input_features=list(source.input_features))
         cfg.setdefault("eval", {})["after_train"] = True
+        train = cfg.setdefault("train", {})
         if args.quick:
-            cfg.setdefault("train", {}).update(epochs=1, steps_per_epoch=3)
+            train.update(epochs=1, steps_per_epoch=3)
+        else:  # the 100 % run's steps per epoch for every share; epochs cover --detect-steps
+            per_epoch = max(1, math.ceil(_num_train_scenes(data, cfg) / train.get("batch_size", 2)))
+            total = args.detect_steps or per_epoch * train.get("epochs", 1)
+            train.update(steps_per_epoch=per_epoch, epochs=max(1, math.ceil(total / per_epoch)))
         out.mkdir(parents=True, exist_ok=True)
         (out / "experiment.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         with open(out / "train.log", "a") as log_file, contextlib.redirect_stdout(log_file):  # its tables go there
@@ -113,6 +121,12 @@ def run_detection(args: argparse.Namespace, arm: str, fraction: float, data: Pat
             return None
     value = json.loads(done.read_text()).get("mAP@0.25")
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _num_train_scenes(data: Path, cfg: dict) -> int:
+    from training.detect.dataset import find_scene_dirs
+
+    return len(find_scene_dirs(data, cfg.get("data", {}).get("train_split", "train")))
 
 
 def format_table(results: dict[tuple[str, str, float], float | None], fractions: list[float],
@@ -143,6 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", choices=("segment", "detect"), default=["segment", "detect"])
     p.add_argument("--segment-config", type=Path, default=CONFIGS / "segment-small-cpu.yaml")
     p.add_argument("--detect-config", type=Path, default=CONFIGS / "detect-small-cpu.yaml")
+    p.add_argument("--detect-steps", type=int, default=None,
+                   help="training steps of every detection run (default: the config's epochs over all train scenes)")
     p.add_argument("--precise", action="store_true", help="score segmentation with the 13-view precise protocol")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on busy machines)")
     p.add_argument("--quick", action="store_true",
@@ -152,6 +168,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scenes = 4
     if any(not 0 < f <= 1 for f in args.fractions):
         p.error(f"--fractions must lie in (0, 1], got {args.fractions}")
+    if args.detect_steps is not None and args.detect_steps < 1:
+        p.error(f"--detect-steps must be positive, got {args.detect_steps}")
     if args.scenes < 2:
         p.error("--scenes must be at least 2 (train and val)")
     return args
