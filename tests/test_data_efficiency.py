@@ -10,6 +10,7 @@ import math
 import pytest
 import yaml
 
+from conftest import fixture_dir
 from model.inference import default_checkpoint
 from training.data.synthetic import SceneConfig, generate_dataset
 from training.experiments.data_efficiency import main
@@ -33,14 +34,15 @@ def experiment(tmp_path_factory):
 def test_every_cell_is_trained_and_scored(experiment, capsys):
     root, _ = experiment
     results = json.loads((root / "out" / "results.json").read_text())
-    cells = {(r["task"], r["init"], r["fraction"]) for r in results}
-    assert cells == {(t, a, float(f)) for t in ("segmentation", "detection") for a in ("pretrained", "random")
-                     for f in FRACTIONS}
+    cells = {(r["task"], r["metric"], r["init"], r["fraction"]) for r in results}
+    assert cells == {(t, m, a, float(f)) for t, metrics in (("segmentation", ("mIoU", "allAcc")),
+                                                            ("detection", ("mAP@0.25", "mAP@0.5")))
+                     for m in metrics for a in ("pretrained", "random") for f in FRACTIONS}
     for r in results:
         assert r["value"] is not None and math.isfinite(r["value"]) and 0 <= r["value"] <= 1, r
     table = (root / "out" / "results.txt").read_text()
-    for row in ("segmentation  mIoU      pretrained", "segmentation  mIoU      random",
-                "detection     mAP@0.25  pretrained", "detection     mAP@0.25  random"):
+    for row in ("segmentation  mIoU      pretrained", "segmentation  allAcc    random",
+                "detection     mAP@0.25  pretrained", "detection     mAP@0.5   random"):
         assert row in table
     assert "25% labels" in table and "100% labels" in table and "--quick" in table
 
@@ -84,3 +86,26 @@ def test_detection_runs_share_one_step_budget(experiment, tmp_path):
         for arm in ("pretrained", "random"):
             train = yaml.safe_load((tmp_path / "detect" / f"{arm}-{share}" / "experiment.yaml").read_text())["train"]
             assert (train["steps_per_epoch"], train["epochs"]) == (2, 2)
+
+
+def test_bad_checkpoints_exit_2_with_a_message(tmp_path, capsys):
+    render = str(default_checkpoint("render"))
+    assert main(["--pretrained", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert main(["--pretrained", f"a={render}", f"a={render}", "--out", str(tmp_path)]) == 2
+    assert "distinct LABEL=PATH" in capsys.readouterr().err
+    other = fixture_dir("spunet_v1m1_seg") / "checkpoint.pth"  # an official checkpoint of another size
+    assert main(["--pretrained", f"a={render}", f"b={other}", "--out", str(tmp_path)]) == 2
+    assert "one architecture" in capsys.readouterr().err
+
+
+def test_labelled_checkpoints_are_arms_of_their_own(experiment, tmp_path, capsys):
+    root, _ = experiment
+    render = str(default_checkpoint("render"))
+    argv = ["--pretrained", f"small={render}", f"again={render}", "--out", str(tmp_path), "--data",
+            str(root / "data"), "--fractions", "1", "--tasks", "detect", "--quick", "--threads", "1"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "detect").iterdir()) == [
+        "pretrained-again-100%", "pretrained-small-100%", "random-100%"]
+    out = capsys.readouterr().out
+    assert "detection     mAP@0.25  pretrained-small" in out and "pretrained-again" in out

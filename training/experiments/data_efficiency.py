@@ -1,9 +1,12 @@
-"""Data-efficient fine-tuning (the PonderV2 "limited labels" experiment, at CPU size): segmentation mIoU and
-detection mAP@0.25 after fine-tuning (a) the rendering-pre-trained encoder and (b) the same architecture from
-random initialisation, with 1 %, 5 % and 100 % of the labels, on generated scenes held out from pre-training.
+"""Data-efficient fine-tuning: PonderV2's "limited labels" experiment at CPU size, printed as a table.
+
+Segmentation mIoU/allAcc and detection mAP@0.25/0.5 after fine-tuning (a) rendering-pre-trained encoders (one or
+several checkpoints of one architecture) and (b) the same architecture from random initialisation, with 1 %, 5 %
+and 100 % of the labels, on generated scenes held out from pre-training.
 
     python -m training.experiments.data_efficiency --pretrained runs/pretrain-small-cpu/final [--out DIR]
         [--data DIR | --scenes 16 --data-seed 1] [--fractions 0.01 0.05 1] [--tasks segment detect] [--quick]
+    python -m training.experiments.data_efficiency --pretrained small=CKPT1 medium=CKPT2 ...   # compare several
 
 * Held out: without ``--data`` the scenes are generated with ``--data-seed`` (default 1). Scene i of a dataset
   is drawn from SeedSequence([seed, i]), so any seed other than the pre-training data's gives unseen rooms.
@@ -16,7 +19,8 @@ random initialisation, with 1 %, 5 % and 100 % of the labels, on generated scene
 * Both arms use the pre-trained checkpoint's architecture and input features; the YAML configs
   (segment-small-cpu.yaml, detect-small-cpu.yaml) give the schedules, heads and voxel sizes (segmentation at the
   pre-training's 2 cm, detection at its config's 8 cm, as the bundled default model).
-* Every run lives in ``<out>/<task>/<init>-<percent>``; a finished run is reused when the script is run again.
+* Every run lives in ``<out>/<task>/<init>-<percent>`` (init: pretrained[-LABEL] or random); a finished run is
+  reused when the script is run again, so ``--no-random`` runs of a new checkpoint can join an existing folder.
 """
 
 from __future__ import annotations
@@ -34,15 +38,30 @@ import yaml
 
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ARMS = ("pretrained", "random")
 
 
-def _detect_available() -> bool:
-    try:
-        import training.detect.cli  # noqa: F401
-    except ModuleNotFoundError:
-        return False
-    return True
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One initialisation: a pre-trained checkpoint, or random (``checkpoint`` None)."""
+
+    name: str  # "pretrained", "pretrained-<label>" or "random"; also the run folders' prefix
+    checkpoint: Path | None
+
+
+def parse_arms(values: list[str], random: bool = True) -> list[Arm]:
+    """``--pretrained PATH`` -> [pretrained, random]; ``--pretrained small=P1 medium=P2`` -> one arm per label."""
+    arms = []
+    for value in values:
+        label, sep, path = value.partition("=")
+        if not sep:
+            label, path = "", value
+        arms.append(Arm(f"pretrained-{label}" if label else "pretrained", Path(path)))
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names) or (len(arms) > 1 and "pretrained" in names):
+        raise ValueError(f"--pretrained: give one PATH or distinct LABEL=PATH pairs, got {values}")
+    return arms + ([Arm("random", None)] if random else [])
+METRICS = {"segmentation": ("mIoU", "allAcc"), "detection": ("mAP@0.25", "mAP@0.5")}
+Results = dict[tuple[str, str, str, float], "float | None"]  # (task, metric, init, fraction) -> value in [0, 1]
 
 
 def prepare_data(args: argparse.Namespace) -> Path:
@@ -60,19 +79,19 @@ def prepare_data(args: argparse.Namespace) -> Path:
     return root
 
 
-def run_segmentation(args: argparse.Namespace, arm: str, fraction: float, data: Path, source) -> float:
-    """mIoU (fast protocol, all val points) of one fine-tune; the run folder caches the result."""
+def run_segmentation(args: argparse.Namespace, arm: Arm, fraction: float, data: Path, source) -> dict[str, float]:
+    """mIoU and allAcc (fast protocol, all val points) of one fine-tune; the run folder caches the result."""
     from training.segment.config import load_config
     from training.segment.task import fine_tune
 
-    out = args.out / "segment" / f"{arm}-{_pct(fraction)}"
+    out = args.out / "segment" / f"{arm.name}-{_pct(fraction)}"
     done = out / "metrics.json"
     if done.is_file():
-        return json.loads(done.read_text())["mIoU"]
+        return _metrics(done, "segmentation")
     cfg = load_config(args.segment_config)
     cfg.data.root, cfg.data.label_fraction, cfg.data.label_mode = str(data), fraction, "points"
-    if arm == "pretrained":
-        cfg.init.checkpoint = str(args.pretrained)
+    if arm.checkpoint is not None:
+        cfg.init.checkpoint = str(arm.checkpoint)
     else:  # the same network, randomly initialised
         cfg.init.checkpoint = None
         cfg.model.backbone = dataclasses.replace(source.backbone, num_classes=0)
@@ -82,24 +101,23 @@ def run_segmentation(args: argparse.Namespace, arm: str, fraction: float, data: 
         cfg.train.epochs, cfg.train.steps_per_epoch, cfg.evaluate.max_scenes = 1, 3, 1
     cfg.validate()
     result = fine_tune(cfg, out, resume=True)
-    miou = result.metrics.miou
     done.write_text(json.dumps({"mode": cfg.evaluate.mode, **result.metrics.as_dict()}, indent=2))
-    return miou
+    return _metrics(done, "segmentation")
 
 
-def run_detection(args: argparse.Namespace, arm: str, fraction: float, data: Path, source) -> float | None:
-    """mAP@0.25 of one detection fine-tune through ``ponder train detect`` (training/detect)."""
+def run_detection(args: argparse.Namespace, arm: Arm, fraction: float, data: Path, source) -> dict[str, float]:
+    """mAP@0.25 and mAP@0.5 of one detection fine-tune through ``ponder train detect`` (training/detect)."""
     from model.cli import main
 
-    out = args.out / "detect" / f"{arm}-{_pct(fraction)}"
+    out = args.out / "detect" / f"{arm.name}-{_pct(fraction)}"
     done = out / "metrics.json"
     if not done.is_file():
         cfg = yaml.safe_load(Path(args.detect_config).read_text())
         cfg["out_dir"] = str(out)
         cfg.setdefault("data", {}).update(root=str(data), generate=None, label_fraction=fraction)
         model = cfg.setdefault("model", {})  # grid_size stays the detection config's (8 cm), for both arms
-        if arm == "pretrained":
-            model["init"] = str(args.pretrained)
+        if arm.checkpoint is not None:
+            model["init"] = str(arm.checkpoint)
         else:
             backbone = dataclasses.asdict(dataclasses.replace(source.backbone, num_classes=0))
             model.update(init=None, backbone=_plain(backbone), conditions=list(source.conditions),
@@ -118,9 +136,15 @@ def run_detection(args: argparse.Namespace, arm: str, fraction: float, data: Pat
             code = main(["train", "detect", "--config", str(out / "experiment.yaml"), "--out", str(out), "--resume"])
         if code != 0 or not done.is_file():
             log.warning("detection run %s gave no metrics (exit code %d)", out, code)
-            return None
-    value = json.loads(done.read_text()).get("mAP@0.25")
-    return None if value is None or not math.isfinite(value) else float(value)
+            return {}
+    return _metrics(done, "detection")
+
+
+def _metrics(path: Path, task: str) -> dict[str, float]:
+    """The task's table metrics from a run's metrics.json (non-finite or missing ones left out)."""
+    saved = json.loads(path.read_text())
+    return {m: float(saved[m]) for m in METRICS[task]
+            if isinstance(saved.get(m), (int, float)) and math.isfinite(saved[m])}
 
 
 def _num_train_scenes(data: Path, cfg: dict) -> int:
@@ -129,18 +153,18 @@ def _num_train_scenes(data: Path, cfg: dict) -> int:
     return len(find_scene_dirs(data, cfg.get("data", {}).get("train_split", "train")))
 
 
-def format_table(results: dict[tuple[str, str, float], float | None], fractions: list[float],
-                 notes: dict[str, str]) -> str:
-    rows = [("segmentation", "mIoU"), ("detection", "mAP@0.25")]
-    head = f"{'task':<13} {'metric':<9} {'init':<11}" + "".join(f" {_pct(f) + ' labels':>12}" for f in fractions)
+def format_table(results: Results, arms: list[str], fractions: list[float], notes: dict[str, str]) -> str:
+    rows = [(task, metric) for task, metrics in METRICS.items() for metric in metrics]
+    width = max(11, *(len(a) for a in arms))
+    head = f"{'task':<13} {'metric':<9} {'init':<{width}}" + "".join(f" {_pct(f) + ' labels':>12}" for f in fractions)
     lines = [head, "-" * len(head)]
     for task, metric in rows:
-        for arm in ARMS:
+        for arm in arms:
             cells = []
             for f in fractions:
-                value = results.get((task, arm, f))
+                value = results.get((task, metric, arm, f))
                 cells.append(f" {'n/a' if value is None else f'{100 * value:.1f}':>12}")
-            lines.append(f"{task:<13} {metric:<9} {arm:<11}" + "".join(cells))
+            lines.append(f"{task:<13} {metric:<9} {arm:<{width}}" + "".join(cells))
     lines += [f"note: {text}" for text in notes.values()]
     return "\n".join(lines)
 
@@ -148,7 +172,11 @@ def format_table(results: dict[tuple[str, str, float], float | None], fractions:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained", type=Path, required=True, help="rendering-pre-trained checkpoint (folder or .pth)")
+    p.add_argument("--pretrained", nargs="+", required=True, metavar="[LABEL=]CKPT",
+                   help="rendering-pre-trained checkpoint (folder or .pth); several as LABEL=CKPT compare them")
+    p.add_argument("--random", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fine-tune from random initialisation (--no-random: only the checkpoints, e.g. to add "
+                        "one to an experiment folder whose random runs exist or run elsewhere)")
     p.add_argument("--out", type=Path, default=Path("runs/data-efficiency"), help="experiment folder")
     p.add_argument("--data", type=Path, default=None, help="existing data root with train/ and val/ scenes")
     p.add_argument("--scenes", type=int, default=16, help="scenes to generate without --data (default 16: 12/4)")
@@ -178,40 +206,63 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    from model.checkpoint import CheckpointError
+    from training.config_io import ConfigError
+
+    try:
+        return run_experiment(args)
+    except (FileNotFoundError, CheckpointError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_experiment(args: argparse.Namespace) -> int:
     import torch
 
     from training.segment.task import read_pretrained
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    source = read_pretrained(args.pretrained).config
+    try:
+        arms = parse_arms(args.pretrained, args.random)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sources = {arm.name: read_pretrained(arm.checkpoint).config for arm in arms if arm.checkpoint is not None}
+    source = next(iter(sources.values()))  # the random arm's architecture
+    def architecture(cfg):  # a fine-tune drops any classifier, so num_classes does not matter
+        return dataclasses.replace(cfg.backbone, num_classes=0), tuple(cfg.input_features)
+
+    differing = [name for name, cfg in sources.items() if architecture(cfg) != architecture(source)]
+    if differing:
+        print(f"error: {', '.join(differing)}: another backbone or input than {arms[0].name}; the arms must share "
+              "one architecture", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args)
     notes: dict[str, str] = {"labels": "segmentation keeps that share of each scene's labelled points; "
                                        "detection trains on that share of the scenes (at least one)"}
     if args.quick:
         notes["quick"] = "--quick: 3 training steps per run, one validation scene; figures are a smoke test only"
-    detect = "detect" in args.tasks and _detect_available()
-    if "detect" in args.tasks and not detect:
-        notes["detect"] = "detection: training/detect is not installed; n/a"
-    elif "detect" not in args.tasks:
-        notes["detect"] = "detection: not run (--tasks)"
-    if "segment" not in args.tasks:
-        notes["segment"] = "segmentation: not run (--tasks)"
-    results: dict[tuple[str, str, float], float | None] = {}
+    runners = {"segment": ("segmentation", run_segmentation), "detect": ("detection", run_detection)}
+    for name, (task, _) in runners.items():
+        if name not in args.tasks:
+            notes[name] = f"{task}: not run (--tasks)"
+    results: Results = {}
     for fraction in args.fractions:
-        for arm in ARMS:
-            if "segment" in args.tasks:
-                results[("segmentation", arm, fraction)] = run_segmentation(args, arm, fraction, data, source)
-            if detect:
-                results[("detection", arm, fraction)] = run_detection(args, arm, fraction, data, source)
-    table = format_table(results, args.fractions, notes)
-    header = (f"data-efficient fine-tuning from {args.pretrained} vs random init; data {data} "
+        for arm in arms:
+            for name, (task, run) in runners.items():
+                if name in args.tasks:
+                    for metric, value in run(args, arm, fraction, data, source).items():
+                        results[(task, metric, arm.name, fraction)] = value
+    table = format_table(results, [a.name for a in arms], args.fractions, notes)
+    header = (f"data-efficient fine-tuning from {', '.join(args.pretrained)} vs random init; data {data} "
               f"({len((data / 'train.txt').read_text().split()) if (data / 'train.txt').is_file() else '?'} train "
               f"scenes); values in %")
     print(header + "\n" + table)
     (args.out / "results.json").write_text(json.dumps(
-        [{"task": t, "init": a, "fraction": f, "value": v} for (t, a, f), v in results.items()], indent=2))
+        [{"task": t, "metric": m, "init": a, "fraction": f, "value": v} for (t, m, a, f), v in results.items()],
+        indent=2))
     (args.out / "results.txt").write_text(header + "\n" + table + "\n")
     return 0
 
