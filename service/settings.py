@@ -27,6 +27,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | max_points | 5_000_000 | clouds with more points are refused with 413 |
 | max_json_values | 2_000_000 | answers with more numbers are refused in JSON (406: ask for NPY/NPZ/Arrow) |
 | max_render_pixels | 4_194_304 | /v1/render: requests whose cameras add up to more pixels are refused with 413 |
+| render_chunk | 4096 | /v1/render: rays rendered at a time; bounds memory (on a GPU, 65536 rendered 2.3x faster for 3.5 GiB: bench/render_gpu.py) |
 | request_timeout_s | 120.0 | deadline for one request (decode + queue + inference); 504 after it |
 | queue_size | 32 | requests waiting for the model; more are refused with 503 + Retry-After |
 | max_batch | 4 | requests merged into one forward pass |
@@ -84,6 +85,7 @@ class ServiceSettings(BaseSettings):
     max_points: int = Field(default=5_000_000, ge=1)
     max_json_values: int = Field(default=2_000_000, ge=1)
     max_render_pixels: int = Field(default=4_194_304, ge=1)
+    render_chunk: int = Field(default=4096, ge=1)
     request_timeout_s: float = Field(default=120.0, gt=0)
     queue_size: int = Field(default=32, ge=1)
     max_batch: int = Field(default=4, ge=1)

@@ -84,7 +84,8 @@ def stack(tmp_path_factory):
     (models / "det").symlink_to(det_dir)
     convert_render_fixture(models / "render")
     env = {"PONDER_MODELS_DIR": str(models), "PONDER_DEFAULT_MODEL": "det", "PONDER_TORCH_THREADS": "1",
-           "OMP_NUM_THREADS": "1", "PONDER_MAX_RENDER_PIXELS": str(MAX_RENDER_PIXELS)}
+           "OMP_NUM_THREADS": "1", "PONDER_MAX_RENDER_PIXELS": str(MAX_RENDER_PIXELS),
+           "PONDER_RENDER_CHUNK": "7"}  # several chunks per 8x6 view: answers must equal one-chunk renders
     server = start_gateway(env, logs)
     try:
         det = load_checkpoint(models / "det")

@@ -57,12 +57,12 @@ RESPONSES = {200: {"description": "one camera: a PNG (colour, or 16-bit depth in
              **ERRORS, **NOT_IMPLEMENTED}
 
 
-def render_job(predictor: Predictor, cloud: PointCloud, cameras: Sequence[Camera], condition: str | None
-               ) -> list[ViewImages]:
+def render_job(predictor: Predictor, cloud: PointCloud, cameras: Sequence[Camera], condition: str | None,
+               chunk: int = 4096) -> list[ViewImages]:
     """The scene's render volume, then every camera through it (runs on the model thread)."""
     try:
         volume = scene_volume(predictor.model, predictor.config, cloud, condition)
-        views = render_views_of(predictor.model, volume, cameras)
+        views = render_views_of(predictor.model, volume, cameras, chunk)
     except (PointCloudError, CameraError) as exc:
         raise WorkerInputError(str(exc)) from exc
     return [ViewImages.of(v) for v in views]
@@ -157,7 +157,8 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
     upload = await read_upload(request, params.format, None)
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s)):
         cloud, filled = await pipeline.decode_cloud(upload, card, None)
-        run = partial(render_job, cloud=cloud, cameras=cameras, condition=condition)
+        run = partial(render_job, cloud=cloud, cameras=cameras, condition=condition,
+                      chunk=pipeline.settings.render_chunk)
         images: list[ViewImages] = await pipeline.worker.call(ModelJob(card.info.name, run, "render"))
     pipeline.metrics.points.labels("/v1/render").inc(len(cloud))
     headers = {"X-Ponder-Model": card.info.name, "X-Ponder-Num-Points": str(len(cloud))}
