@@ -217,9 +217,11 @@ class PonderClient:
         return VoxelFeatures(arrays["features"], arrays["point_to_voxel"], arrays["grid_coord"])
 
     def segment(self, source: Source, *, model: str | None = None, condition: str | None = None,
-                grid_size: float | None = None, logits: bool = False, format: str | None = None) -> Segmentation:
+                grid_size: float | None = None, logits: bool = False, format: str | None = None,
+                mode: str = "fast") -> Segmentation:
+        """Per-point labels; ``mode="precise"`` asks for the official test-time-augmentation mode."""
         response = self._post("/v1/segment", source, NPZ, format, model=model, condition=condition,
-                              grid_size=grid_size, logits=logits)
+                              grid_size=grid_size, logits=logits, mode=mode)
         arrays = load_npz(response.content)
         return Segmentation(labels=arrays["labels"], class_names=tuple(str(n) for n in arrays["class_names"]),
                             logits=arrays.get("logits"))

@@ -40,6 +40,10 @@ class FeatureParams(CommonParams):
 
 
 class SegmentParams(CommonParams):
+    mode: Literal["fast", "precise"] = Field(
+        "fast", description="fast: one pass, each point takes its voxel's logits; precise: the official tester "
+                            "(13 test-time augmentations x grid fragments covering every point, softmax voted per "
+                            "point; logits are then log mean probabilities), 13-40x slower, in-process worker only")
     logits: bool = Field(False, description="also return per-point logits (N, K)")
     dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the returned logits")
 

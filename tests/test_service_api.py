@@ -198,6 +198,25 @@ def test_segment_with_conditions_matches_the_predictor(server, predictors, small
     assert as_json["class_names"][:2] == ["wall", "floor"]
 
 
+def test_precise_mode_is_the_official_tester(server, predictors):
+    """mode=precise runs the 13-augmentation, fragment-voting tester on the model thread: the same labels and
+    log-probabilities as the Predictor's precise mode here; fast answers say they are fast."""
+    cloud = scene(1500, seed=4)
+    body = npz_bytes(cloud)
+    precise = npz(post(server, "/v1/segment", body, accept=NPZ, model="ppt", condition="S3DIS", logits="true",
+                       mode="precise"))
+    expected = predictors["ppt"].segment(cloud, condition="S3DIS", precise=True)
+    np.testing.assert_allclose(precise["logits"], expected.logits, atol=1e-5, rtol=0)
+    assert (precise["labels"] == expected.labels).mean() > 0.999
+    assert str(precise["mode"]) == "precise" and int(precise["augmentations"]) == 13
+    fast = predictors["ppt"].segment(cloud, condition="S3DIS")
+    assert not np.allclose(fast.logits, expected.logits, atol=1e-3)  # really another computation
+    as_json = post(server, "/v1/segment", body, accept="application/json", mode="fast").json()
+    assert as_json["mode"] == "fast" and len(as_json["labels"]) == len(cloud)
+    bad = post(server, "/v1/segment", body, accept=NPZ, mode="slow")
+    assert bad.status_code == 422 and "mode" in bad.json()["detail"]
+
+
 def test_rgbd_views_are_fused_then_encoded(server, predictors):
     from service.rgbd import Camera, RGBDView, fuse_views
 
@@ -314,6 +333,9 @@ def test_python_client(server, predictors, small, tmp_path):
         np.testing.assert_allclose(voxels.point_features(), expected, atol=1e-5, rtol=0)
         seg = client.segment(small, model="ppt", condition="S3DIS", logits=True)
         assert len(seg.class_names) == 13 and seg.logits.shape == (len(small), 13)
+        precise = client.segment(small, model="ppt", condition="S3DIS", mode="precise")
+        expected_precise = predictors["ppt"].segment(small, condition="S3DIS", precise=True)
+        assert (precise.labels == expected_precise.labels).mean() > 0.999
         with pytest.raises(PonderError) as error:
             client.features(small, model="missing")
         assert error.value.status == 404 and "missing" in error.value.detail and error.value.request_id

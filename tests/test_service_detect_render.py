@@ -341,7 +341,7 @@ def test_render_refuses_bad_requests_with_reasons(url, scene_and_cameras):
     assert "it can do: features, detect" in cases[0][0].json()["detail"]
 
 
-def test_triton_worker_answers_501_for_detect_and_render(scene_and_cameras):
+def test_triton_worker_answers_501_for_detect_render_and_precise_segmentation(scene_and_cameras):
     """In process (the refusal happens in the gateway before any Triton call; no Triton server runs)."""
     from fastapi.testclient import TestClient
 
@@ -354,6 +354,8 @@ def test_triton_worker_answers_501_for_detect_and_render(scene_and_cameras):
         detect = client.post("/v1/detect", content=npz(cloud), headers=NPZ_TYPE, params={"format": "npz"})
         render = client.post("/v1/render", files={"file": ("scene.npz", npz(cloud))},
                              data={"cameras": json.dumps(cameras[0].to_dict())})
-    for answer in (detect, render):
+        precise = client.post("/v1/segment", content=npz(cloud), headers=NPZ_TYPE,
+                              params={"format": "npz", "mode": "precise"})
+    for answer in (detect, render, precise):
         assert answer.status_code == 501, answer.text
         assert "in-process worker" in answer.json()["detail"]
