@@ -29,7 +29,8 @@ def precise_segment(predictor: Predictor, cloud: PointCloud, condition: str | No
                     ) -> tuple[SegmentResult, int]:
     """The official precise mode on the model thread: per-point result and the plain voxel count."""
     try:
-        return predictor.segment(cloud, condition, grid_size, precise=True), predictor.prepare(cloud, grid_size).num_voxels
+        result = predictor.segment(cloud, condition, grid_size, precise=True)
+        return result, predictor.prepare(cloud, grid_size).num_voxels  # one plain voxelisation: cheap next to 13
     except PointCloudError as exc:
         raise WorkerInputError(str(exc)) from exc
 
