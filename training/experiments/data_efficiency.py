@@ -16,7 +16,7 @@ and 100 % of the labels, on generated scenes held out from pre-training.
 * Same optimisation budget: every detection run takes as many steps as the 100 % run (``--detect-steps``,
   default the detection config's epochs over the full training set), so a 1-scene run sees that scene
   many times instead of stopping after a few steps; segmentation runs all keep every scene, hence the same steps.
-* Both arms use the pre-trained checkpoint's architecture and input features; the YAML configs
+* All arms use the pre-trained checkpoints' (one) architecture and input features; the YAML configs
   (segment-small-cpu.yaml, detect-small-cpu.yaml) give the schedules, heads and voxel sizes (segmentation at the
   pre-training's 2 cm, detection at its config's 8 cm, as the bundled default model).
 * Every run lives in ``<out>/<task>/<init>-<percent>`` (init: pretrained[-LABEL] or random); a finished run is
@@ -38,6 +38,8 @@ import yaml
 
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+METRICS = {"segmentation": ("mIoU", "allAcc"), "detection": ("mAP@0.25", "mAP@0.5")}
+Results = dict[tuple[str, str, str, float], "float | None"]  # (task, metric, init, fraction) -> value in [0, 1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +62,11 @@ def parse_arms(values: list[str], random: bool = True) -> list[Arm]:
     if len(set(names)) != len(names) or (len(arms) > 1 and "pretrained" in names):
         raise ValueError(f"--pretrained: give one PATH or distinct LABEL=PATH pairs, got {values}")
     return arms + ([Arm("random", None)] if random else [])
-METRICS = {"segmentation": ("mIoU", "allAcc"), "detection": ("mAP@0.25", "mAP@0.5")}
-Results = dict[tuple[str, str, str, float], "float | None"]  # (task, metric, init, fraction) -> value in [0, 1]
+
+
+def _architecture(cfg) -> tuple:
+    """What the arms must share; a fine-tune drops any classifier, so num_classes does not count."""
+    return dataclasses.replace(cfg.backbone, num_classes=0), tuple(cfg.input_features)
 
 
 def prepare_data(args: argparse.Namespace) -> Path:
@@ -230,10 +235,7 @@ def run_experiment(args: argparse.Namespace) -> int:
         return 2
     sources = {arm.name: read_pretrained(arm.checkpoint).config for arm in arms if arm.checkpoint is not None}
     source = next(iter(sources.values()))  # the random arm's architecture
-    def architecture(cfg):  # a fine-tune drops any classifier, so num_classes does not matter
-        return dataclasses.replace(cfg.backbone, num_classes=0), tuple(cfg.input_features)
-
-    differing = [name for name, cfg in sources.items() if architecture(cfg) != architecture(source)]
+    differing = [name for name, cfg in sources.items() if _architecture(cfg) != _architecture(source)]
     if differing:
         print(f"error: {', '.join(differing)}: another backbone or input than {arms[0].name}; the arms must share "
               "one architecture", file=sys.stderr)
