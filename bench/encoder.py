@@ -1,26 +1,29 @@
-"""Encoder speed on this machine: the published SpUNet size on a generated room (~130k voxels at 0.02 m)
-and on a 1M-point cloud, through the same Predictor the CLI and the service use.
+"""Encoder speed on this machine: the published SpUNet-v1m1 size on a generated room (~130k voxels at 0.02 m)
+and on a 1M-point cloud, spconv (native algorithm) vs the torch engine (valid pairs, fp32 and bf16), same
+process, same weights, same input, runs interleaved (best of ``--repeats``) so load changes hit both.
 
-Prints voxels/s and peak memory, and — where the gather-matmul path of ``export/`` is installed — its time
-and the ratio against spconv's native algorithm, measured in the same process on the same input.
+Prints wall and process-CPU seconds, voxels/s, the speed-up over spconv (wall and CPU time) and the largest
+feature difference from spconv (relative to the largest feature), for every thread count asked.
 
-    .venv/bin/python bench/encoder.py [--threads 2] [--repeats 2] [--small]
+    .venv/bin/python bench/encoder.py [--threads 2 1] [--repeats 2] [--small] [--no-bf16] [--room-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import time
 
+import numpy as np
 import torch
 
-from model.build import build_model
 from model.checkpoint import LoadedModel
 from model.config import BackboneConfig, ModelConfig
+from model.engine.encoder import EngineEncoder, SpconvEncoder
 from model.inference import Predictor
 from model.pointcloud.cloud import PointCloud
 from training.data.synthetic import SceneConfig, generate_scene
-from timing import timed  # bench/timing.py (bench scripts run as files)
+from export_speed import scaled_model  # bench/export_speed.py: unit-gain random weights (features O(1))
 
 
 def room_cloud(points_per_m2: float, seed: int = 7) -> PointCloud:
@@ -34,55 +37,61 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def interleaved(encoders: dict, voxels, repeats: int) -> tuple[dict[str, tuple[float, float]], dict[str, np.ndarray]]:
+    """Best (wall, process CPU) seconds of each encoder over ``repeats`` rounds (one call of each per round)
+    and its output. CPU time is the steadier figure on a shared machine (other jobs steal wall time)."""
+    best = {name: (float("inf"), float("inf")) for name in encoders}
+    out = {}
+    for _ in range(max(repeats, 1)):
+        for name, enc in encoders.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            (out[name],) = enc.encode([voxels], None)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return best, out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--small", action="store_true", help="fixture-sized channels instead of the published size")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 engine")
+    parser.add_argument("--room-only", action="store_true", help="skip the 1M-point cloud")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
     backbone = BackboneConfig(type="SpUNet-v1m1", num_classes=20)  # published SpUNet-v1m1 size (39M parameters)
     if args.small:
         backbone = BackboneConfig(type="SpUNet-v1m1", num_classes=20, base_channels=16,
                                   channels=(16, 24, 32, 48, 48, 32, 24, 24), layers=(2, 2, 2, 2, 1, 1, 1, 1))
     config = ModelConfig(kind="segmentor", backbone=backbone)
-    torch.manual_seed(0)
-    predictor = Predictor(LoadedModel(config, build_model(config).eval(), "random weights"))
-    gather = _gather_runner(predictor)
+    loaded = LoadedModel(config, scaled_model(config), "random weights")
+    predictor = Predictor(loaded)  # places the model: spconv's native algorithm on CPU
+    encoders = {"spconv": SpconvEncoder(predictor.model, predictor.device),
+                "torch": EngineEncoder.from_loaded(loaded, "cpu")}
+    if not args.no_bf16:
+        encoders["torch-bf16"] = EngineEncoder.from_loaded(loaded, "cpu", precision="bf16")
 
-    print(f"threads={args.threads}  model=SpUNet-v1m1 {'small' if args.small else 'published size'}  "
+    print(f"model=SpUNet-v1m1 {'small' if args.small else 'published size'}  "
           f"params={sum(p.numel() for p in predictor.model.parameters()):,}")
-    print(f"{'input':<34} {'points':>9} {'voxels':>8} {'prep s':>7} {'spconv s':>9} {'voxels/s':>9} "
-          f"{'peak GiB':>8} {'gather s':>9} {'ratio':>6}")
+    print(f"{'input':<18} {'voxels':>9} {'thr':>3} {'encoder':<11} {'wall s':>7} {'cpu s':>7} {'voxels/s':>9} "
+          f"{'vs spconv':>9} {'cpu ratio':>9} {'max|d|/max':>10}")
     # the 6 x 5 m room has ~130 m2 of visible surface: 1300 points/m2 fill ~130k voxels, 7700/m2 give ~1M points
-    for label, density in (("room ~130k voxels", 1300.0), ("1M-point cloud", 7700.0)):
+    inputs = [("room ~130k voxels", 1300.0)] + ([] if args.room_only else [("1M-point cloud", 7700.0)])
+    for label, density in inputs:
         cloud = room_cloud(density)
-        prep, voxels = timed(lambda: predictor.prepare(cloud), 1)
-        predictor.encode([voxels])  # warm-up
-        spconv_s, _ = timed(lambda: predictor.encode([voxels]), args.repeats)
-        row = (f"{label:<34} {len(cloud):>9,} {voxels.num_voxels:>8,} {prep:>7.2f} {spconv_s:>9.2f} "
-               f"{voxels.num_voxels / spconv_s:>9,.0f} {peak_rss_gib():>8.2f}")
-        if gather is not None:
-            gather_s, _ = timed(lambda: gather(voxels), args.repeats)
-            row += f" {gather_s:>9.2f} {spconv_s / gather_s:>5.2f}x"
-        print(row, flush=True)
-
-
-def _gather_runner(predictor: Predictor):
-    """The torch gather-matmul path of ``export/`` on the same weights, if that package is installed."""
-    try:
-        from export.graph import GatherSpUNet
-    except ImportError:
-        return None
-    graph = GatherSpUNet.from_state_dict(predictor.model.state_dict(), predictor.config, heads=False)
-
-    @torch.no_grad()
-    def run(voxels):
-        maps = graph.kernel_maps(voxels.grid_coord)  # the kernel maps are part of the measured time
-        return graph(*graph.example_inputs(maps, torch.from_numpy(voxels.feat)))
-
-    return run
+        voxels = predictor.prepare(cloud)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            interleaved(encoders, voxels, 1)  # warm-up
+            best, out = interleaved(encoders, voxels, args.repeats)
+            scale = float(np.abs(out["spconv"]).max()) or 1.0
+            for name, (wall, cpu) in best.items():
+                diff = float(np.abs(out[name] - out["spconv"]).max()) / scale
+                print(f"{label:<18} {voxels.num_voxels:>9,} {threads:>3} {name:<11} {wall:>7.2f} {cpu:>7.2f} "
+                      f"{voxels.num_voxels / wall:>9,.0f} {best['spconv'][0] / wall:>8.2f}x "
+                      f"{best['spconv'][1] / cpu:>8.2f}x {diff:>10.1e}", flush=True)
+    print(f"peak RSS {peak_rss_gib():.2f} GiB")
 
 
 if __name__ == "__main__":

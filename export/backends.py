@@ -1,6 +1,7 @@
-"""Encoder backends for the Predictor: the exported ONNX graph run by onnxruntime (CPU or CUDA execution
-providers) or by onnxruntime's TensorRT execution provider. Heads stay in PyTorch (they are tiny), so
-every backend yields the same per-point outputs through the same Predictor.
+"""Encoder backends for the Predictor that need export: the exported ONNX graph run by onnxruntime (CPU or
+CUDA execution providers) or by onnxruntime's TensorRT execution provider. They implement
+`model.engine.encoder.Encoder`; heads stay in PyTorch (they are tiny), so every backend yields the same
+per-point outputs through the same Predictor. `load` is the one entry point for every CLI/service backend.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from model.checkpoint import LoadedModel
+from model.engine.encoder import MODEL_BACKENDS
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = (*MODEL_BACKENDS, *EXPORT_BACKENDS)  # CLI values; no --backend = "auto" (fastest exact)
 CACHE = Path(os.environ.get("PONDER_CACHE", Path.home() / ".cache" / "ponder")) / "onnx"
 
 
@@ -21,6 +24,7 @@ class OnnxEncoder:
     """``encode(batch, condition)`` through an onnxruntime session; one session run per batch."""
 
     def __init__(self, path: Path, device: str = "auto", threads: int | None = None):
+        self.name = "tensorrt" if device == "tensorrt" else "onnxruntime"
         from export.onnxrt import OnnxRunner
 
         self.runner = OnnxRunner(path, device=device, threads=threads)
@@ -36,7 +40,7 @@ def exported_encoder(loaded: LoadedModel) -> Path:
     from export.graph import GatherSpUNet
     from export.onnx_export import export_onnx
 
-    digest = hashlib.sha256(repr(loaded.config.to_dict()).encode())
+    digest = hashlib.sha256(repr(loaded.config.to_dict()).encode() + b"tables=int32")  # int32 table inputs
     for name, tensor in loaded.model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -49,16 +53,32 @@ def exported_encoder(loaded: LoadedModel) -> Path:
 
 
 def make_encoder(backend: str, loaded: LoadedModel, engine: str | Path | None = None, device: str = "cpu",
-                 threads: int | None = None):
-    """None for the PyTorch (spconv) path; else an encoder object for ``Predictor(encoder=...)``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if backend == "torch":
-        if engine:
-            raise ValueError("--engine applies to the onnxruntime and tensorrt backends only")
-        return None
+                 threads: int | None = None) -> OnnxEncoder:
+    """An onnxruntime / TensorRT encoder for ``Predictor(encoder=...)`` (``engine``: the .onnx file, else
+    the checkpoint is exported once and cached)."""
+    if backend not in EXPORT_BACKENDS:
+        raise ValueError(f"unknown export backend {backend!r}; choose from {', '.join(EXPORT_BACKENDS)}")
     path = Path(engine) if engine else exported_encoder(loaded)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such ONNX model (export one with `ponder export onnx --features-only`)")
     ort_device = "tensorrt" if backend == "tensorrt" else ("cuda" if device == "cuda" else "cpu")
     return OnnxEncoder(path, device=ort_device, threads=threads)
+
+
+def load(checkpoint: str | Path | None = None, device: str = "cpu", trust_checkpoint: bool = False,
+         backend: str | None = None, precision: str = "fp32", engine: str | Path | None = None):
+    """A `model.inference.Predictor` for any backend name: None/"auto" = the fastest exact encoder for the
+    device, "spconv", "torch" (the engine), "onnxruntime", "tensorrt"."""
+    from model.inference import load_predictor
+
+    backend = backend or "auto"
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if engine and backend not in EXPORT_BACKENDS:
+        raise ValueError("--engine applies to the onnxruntime and tensorrt backends only")
+    if backend in EXPORT_BACKENDS:
+        if precision != "fp32":
+            raise ValueError(f"--precision {precision} applies to the torch engine only")
+        return load_predictor(checkpoint, device, trust_checkpoint,
+                              encoder=lambda loaded, dev: make_encoder(backend, loaded, engine, dev))
+    return load_predictor(checkpoint, device, trust_checkpoint, backend=backend, precision=precision)

@@ -1,6 +1,6 @@
 """Export a GatherSpUNet to ONNX with a dynamic number of voxels at every UNet level.
 
-The graph holds only Gather / MatMul / Gemm / elementwise ops over the kernel-map tables (computed
+The graph holds only Gather / MatMul / Gemm / elementwise ops over the int32 kernel-map tables (computed
 outside the model by `model.sparse.kernel_maps`), so it is exact in onnxruntime: no Scatter op is
 allowed in the result (ScatterElements is wrong with repeated indices, ScatterND(add) is
 non-deterministic in onnxruntime with >= 2 threads).
@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import torch
 
-from export.graph import GatherSpUNet, GraphInfo
+from export.graph import GatherSpUNet, GraphInfo  # GatherSpUNet: model.engine's gather formulation
 from model.sparse.kernel_maps import KernelMaps
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def metadata(info: GraphInfo, extra: dict[str, str] | None = None) -> dict[str, 
         "inputs": json.dumps(info.input_names),
         "outputs": json.dumps(list(info.outputs)),
         "table_format": "zero-row-v1",  # missing neighbour = number of input rows (appended zero row)
+        "table_dtype": "int32",  # every table input (model.sparse.kernel_maps tables are int32)
     }
     return {METADATA_PREFIX + k: v for k, v in {**meta, **(extra or {})}.items()}
 

@@ -1,7 +1,7 @@
 """Run an exported GatherSpUNet in onnxruntime: voxelised scenes in, per-voxel outputs out.
 
 The kernel maps are computed here, on the host, by the same `model.sparse.kernel_maps` the PyTorch
-path and the gateway use; the ONNX model only ever sees tables.
+path and the gateway use; the ONNX model only ever sees tables (int32).
 """
 
 from __future__ import annotations
@@ -85,12 +85,17 @@ class OnnxRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.path), options, providers=available_providers(device))
+        ints = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
+        self._int_inputs = {i.name: ints[i.type] for i in self.session.get_inputs() if i.type in ints}
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
     def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Tables are int32 (`KernelMaps.onnx_inputs`); models exported before that took int64 and get
+        their tables widened here."""
+        feeds = {k: v.astype(self._int_inputs[k], copy=False) if k in self._int_inputs else v for k, v in feeds.items()}
         outputs = self.session.run(list(self.info.outputs), feeds)
         return dict(zip(self.info.outputs, outputs))
 

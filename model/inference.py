@@ -6,7 +6,6 @@ results through ``point_to_voxel``.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from model.checkpoint import LoadedModel, load_checkpoint
 from model.config import ModelConfig
+from model.engine.encoder import Encoder, SpconvEncoder, model_encoder, place
 from model.pointcloud.cloud import PointCloud
 from model.pointcloud.voxelize import VoxelizedCloud, voxelize
 
@@ -55,21 +55,26 @@ class Predictor:
     """Thread-safe inference around one model. ``encode`` runs one forward pass over a batch of scenes;
     rows of different scenes never interact (each scene gets its own batch index)."""
 
-    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", encoder=None):
-        """``encoder``: an alternative encoder backend with ``encode(batch, condition)`` (e.g. onnxruntime,
-        see export/backends.py); heads always run here in PyTorch."""
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", encoder: Encoder | None = None):
+        """``encoder``: any `model.engine.encoder.Encoder` (the torch engine, onnxruntime, TensorRT...);
+        None = the model's own spconv modules, which follow the live model (training evaluation).
+        Heads always run here in PyTorch. `load_predictor` picks the fastest encoder by default."""
         self.config: ModelConfig = loaded.config
-        self.encoder = encoder
         self.source = loaded.source
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA GPU is available")
-        self.model = loaded.model.to(self.device).eval()
-        self._lock = threading.Lock()
+        self.model = place(loaded.model, self.device).eval()  # spconv algorithm chosen here, once
+        self.encoder: Encoder = encoder if encoder is not None else SpconvEncoder(self.model, self.device)
         cfg = self.config
         self.info = ModelInfo(name=cfg.name, kind=cfg.kind, conditions=cfg.conditions, class_names=cfg.class_names,
                               feature_dim=cfg.feature_dim, grid_size=cfg.grid_size,
                               input_features=cfg.input_features, version=cfg.version)
+
+    @property
+    def backend(self) -> str:
+        """The encoder's name: spconv, torch (the engine), onnxruntime, tensorrt."""
+        return getattr(self.encoder, "name", type(self.encoder).__name__)
 
     @property
     def has_classifier(self) -> bool:
@@ -94,15 +99,7 @@ class Predictor:
     def encode(self, batch: list[VoxelizedCloud], condition: str | None = None) -> list[np.ndarray]:
         """Per-voxel features (M_i, C) for each scene, from one forward pass over the whole batch."""
         condition = self.resolve_condition(condition)
-        if self.encoder is not None:
-            return [np.ascontiguousarray(f, dtype=np.float32) for f in self.encoder.encode(batch, condition)]
-        feat = torch.from_numpy(np.concatenate([v.feat for v in batch])).to(self.device)
-        grid = torch.from_numpy(np.concatenate([v.grid_coord for v in batch])).to(self.device)
-        index = torch.from_numpy(np.concatenate([np.full(v.num_voxels, i) for i, v in enumerate(batch)]))
-        with self._lock:  # spconv layers cache per-call state; one forward at a time per model
-            features = self.model.features(feat, grid, index.to(self.device), condition)
-        sizes = [v.num_voxels for v in batch]
-        return [f.float().cpu().numpy() for f in torch.split(features, sizes)]
+        return [np.ascontiguousarray(f, dtype=np.float32) for f in self.encoder.encode(batch, condition)]
 
     @torch.no_grad()
     def classify(self, voxel_features: list[np.ndarray], condition: str | None = None) -> list[np.ndarray]:
@@ -159,16 +156,19 @@ def default_checkpoint(task: str = "segment") -> Path:
 
 
 def load_predictor(checkpoint: str | Path | None = None, device: str = "cpu", trust_checkpoint: bool = False,
-                   backend: str = "torch", engine: str | Path | None = None) -> Predictor:
-    """Load a checkpoint (default: the bundled model). ``backend``: "torch" (spconv), "onnxruntime" or
-    "tensorrt" (the exported gather graph; ``engine`` names the .onnx file, else it is exported and cached)."""
+                   backend: str = "auto", precision: str = "fp32", encoder=None) -> Predictor:
+    """Load a checkpoint (default: the bundled model) with a model-internal encoder: ``backend`` "auto"
+    (the fastest exact one for the device: the torch engine when it can run the checkpoint, else spconv),
+    "torch" (the engine) or "spconv". ``encoder``: a callable ``(loaded, device) -> Encoder`` for
+    encoders built outside model (onnxruntime / TensorRT, see export/backends.py); it overrides backend."""
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     loaded = load_checkpoint(path, trust=trust_checkpoint)
     if loaded.config.name == "ponder" and checkpoint is not None:
         loaded.config.name = path.stem if path.is_file() else path.name
-    encoder = None
-    if backend != "torch" or engine:
-        from export.backends import make_encoder
-
-        encoder = make_encoder(backend, loaded, engine, device)
-    return Predictor(loaded, device, encoder=encoder)
+    if encoder is not None:
+        made = encoder(loaded, device)
+    else:
+        made = model_encoder(backend, loaded, device, precision)
+        if isinstance(made, SpconvEncoder):
+            made = None  # the Predictor builds it on the placed model
+    return Predictor(loaded, device, encoder=made)

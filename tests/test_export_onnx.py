@@ -128,6 +128,8 @@ def test_exported_graph_is_clean_and_described(onnx_models):
             assert desc["outputs"]["seg_logits"] == ["m0", "num_classes"]  # depends on the condition
         else:
             assert info.kind == "segmentor" and desc["outputs"]["seg_logits"] == ["m0", 20]
+        tables = [v for v in model.graph.input if v.name not in ("feat", "condition")]
+        assert tables and all(v.type.tensor_type.elem_type == onnx.TensorProto.INT32 for v in tables)
         meta = {p.key: p.value for p in model.metadata_props}
         assert json.loads(meta["ponder.inputs"])[0] == "feat" and float(meta["ponder.grid_size"]) == 0.02
 

@@ -13,8 +13,10 @@ from model.sparse.gather_ops import (
     inverse_conv,
     taps_from_spconv,
 )
+from model.sparse import kernel_maps as km
 from model.sparse.kernel_maps import KernelMapError, build_kernel_maps, table_names
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _random_sites(rng: np.random.Generator, n: int, extent: int, scenes: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -93,26 +95,106 @@ def test_bad_input_raises_clear_errors():
         build_kernel_maps(np.zeros((0, 3), dtype=np.int64))
 
 
+def test_bad_torch_input_and_ranges_raise_clear_errors(monkeypatch):
+    with pytest.raises(KernelMapError, match="integer"):
+        build_kernel_maps(torch.zeros((4, 3)))
+    with pytest.raises(KernelMapError, match="integer"):
+        build_kernel_maps(torch.zeros((4, 3), dtype=torch.bool))
+    with pytest.raises(KernelMapError, match="batch must be an integer"):
+        build_kernel_maps(torch.zeros((1, 3), dtype=torch.int32), torch.zeros(1))
+    with pytest.raises(KernelMapError, match="batch must have shape"):
+        build_kernel_maps(torch.zeros((2, 3), dtype=torch.int32), np.zeros(3, dtype=np.int64))
+    with pytest.raises(KernelMapError, match="batch indices must be non-negative"):
+        build_kernel_maps(np.array([[0, 0, 0]]), np.array([-1]))
+    with pytest.raises(KernelMapError, match="non-negative"):
+        build_kernel_maps(torch.tensor([[3, 0, -2]]))
+    # keys are int64: an extent whose cells overflow them is refused, not wrapped
+    with pytest.raises(KernelMapError, match="too large"):
+        build_kernel_maps(np.array([[0, 0, 0], [2**21, 2**21, 2**21]]))
+    # only the bounding box counts: a small scene far from the origin is fine
+    far = build_kernel_maps(np.array([[2**40, 2**40, 2**40], [2**40, 2**40, 2**40 + 1]]), num_levels=2)
+    assert far.subm[0][0, 14].item() == 1 and far.coords[1][0, 1].item() == 2**39
+    # int32 tables cannot hold more rows than MAX_ROWS (checked before any work)
+    monkeypatch.setattr(km, "MAX_ROWS", 3)
+    with pytest.raises(KernelMapError, match="int32"):
+        build_kernel_maps(np.arange(12).reshape(4, 3))
+
+
 def test_onnx_inputs_and_to():
     rng = np.random.default_rng(2)
     coord, _ = _random_sites(rng, 200, 10)
     maps = build_kernel_maps(coord, num_levels=5)
     inputs = maps.onnx_inputs()
     assert list(inputs) == table_names(5)
-    assert all(a.dtype == np.int64 for a in inputs.values())
+    assert all(a.dtype == np.int32 for a in inputs.values())
     assert maps.to("cpu").num_sites == maps.num_sites
 
 
-def test_large_cloud_is_fast_enough():
-    """100k voxels of a room's surfaces: exercises the vectorised path (the 1M figure is in the report)."""
+def test_tables_are_int32_on_the_input_device():
+    rng = np.random.default_rng(4)
+    coord, batch = _random_sites(rng, 300, 10, scenes=2)
+    for grid_coord, b in ((coord, batch), (torch.from_numpy(coord).int(), torch.from_numpy(batch))):
+        maps = build_kernel_maps(grid_coord, b, num_levels=4)
+        assert all(t.dtype == torch.int32 and t.device.type == "cpu" for t in maps.tables())
+        assert all(c.dtype == torch.int64 and c.device.type == "cpu" for c in maps.coords)
+        assert maps.stem.is_contiguous() and all(t.is_contiguous() for t in maps.tables())
+    # int32 and int64 tables give the same convs
+    feat, w = torch.randn(len(coord), 6), torch.randn(27, 6, 5)
+    assert torch.equal(gather_conv(feat, maps.subm[0], w), gather_conv(feat, maps.subm[0].long(), w))
+    coarse, w_up = torch.randn(maps.num_sites[1], 4), torch.randn(8, 4, 3)
+    assert torch.equal(inverse_conv(coarse, maps.up[0], w_up), inverse_conv(coarse, maps.up[0].long(), w_up))
+
+
+def _assert_same_maps(a, b) -> None:
+    assert a.num_sites == b.num_sites
+    for x, y in zip(a.tables() + a.coords, b.tables() + b.coords):
+        assert x.dtype == y.dtype and torch.equal(x.cpu(), y.cpu())
+
+
+@pytest.mark.parametrize("stem_kernel", [5, 3, None])
+def test_sorted_fallback_equals_dense_grid(stem_kernel):
+    """A zero grid budget forces the sorted-key lookup; it must give the dense grid's tables exactly."""
+    rng = np.random.default_rng(5)
+    coord, batch = _random_sites(rng, 2000, 20, scenes=3)
+    dense = build_kernel_maps(coord, batch, num_levels=4, stem_kernel=stem_kernel)
+    sparse = build_kernel_maps(coord, batch, num_levels=4, stem_kernel=stem_kernel, grid_budget=0)
+    _assert_same_maps(dense, sparse)
+    np.testing.assert_array_equal(dense.subm[0].numpy(), _brute_subm(coord, batch, 3))
+    with pytest.raises(KernelMapError, match="1 duplicate"):
+        build_kernel_maps(np.concatenate([coord, coord[7:8]]), np.concatenate([batch, batch[7:8]]), grid_budget=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("budget", [None, 0])
+def test_cuda_equals_cpu(budget):
+    rng = np.random.default_rng(6)
+    coord, batch = _random_sites(rng, 20000, 40, scenes=2)
+    cpu = build_kernel_maps(coord, batch, grid_budget=budget)
+    gpu = build_kernel_maps(torch.from_numpy(coord).cuda(), torch.from_numpy(batch).cuda(), grid_budget=budget)
+    assert all(t.device.type == "cuda" for t in gpu.tables() + gpu.coords)
+    _assert_same_maps(cpu, gpu)
+    with pytest.raises(KernelMapError, match="duplicate"):
+        build_kernel_maps(torch.from_numpy(np.concatenate([coord, coord[:1]])).cuda(), grid_budget=budget)
+
+
+def test_large_cloud_tables_are_symmetric_and_paths_agree():
+    """100k voxels of a room's surfaces (several grid chunks): every neighbour relation holds both ways
+    (q is p's neighbour at d iff p is q's at -d), and the sorted-key fallback gives the same tables."""
     rng = np.random.default_rng(3)
     side = 330
     u = rng.integers(0, side, size=(150_000, 3))
     u[np.arange(len(u)), rng.integers(0, 3, len(u))] = 0  # on three walls
-    coord = np.unique(u, axis=0)
+    coord = np.unique(u, axis=0)[rng.permutation(len(np.unique(u, axis=0)))]
     maps = build_kernel_maps(coord)
-    assert maps.num_sites[0] == len(coord) and maps.stem.shape == (len(coord), 125)
+    m = len(coord)
+    assert maps.num_sites[0] == m and maps.stem.shape == (m, 125)
     assert maps.num_sites[-1] < maps.num_sites[1] < maps.num_sites[0]
+    stem = maps.stem.long()
+    rows, taps = torch.nonzero(stem < m, as_tuple=True)
+    assert torch.equal(stem[stem[rows, taps], 124 - taps], rows)
+    assert (stem[:, 62] == torch.arange(m)).all()
+    _assert_same_maps(maps, build_kernel_maps(coord, grid_budget=0))
 
 
 # ---- parity with spconv (ConvAlgo.Native on CPU) -------------------------------------------------

@@ -13,7 +13,7 @@ import spconv.pytorch as spconv
 import torch
 from torch import nn
 
-from model.sparse.conv import down_conv, inverse_conv, make_sparse_tensor, pointwise, subm_conv, sync_algorithms
+from model.sparse.conv import down_conv, inverse_conv, make_sparse_tensor, pointwise, subm_conv
 
 BatchNorm = partial(nn.BatchNorm1d, eps=1e-3, momentum=0.01)
 
@@ -79,7 +79,6 @@ class SpUNetV1m1(nn.Module):
     def forward_features(self, feat: torch.Tensor, grid_coord: torch.Tensor, batch: torch.Tensor,
                          condition: str | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C_in) features at unique (batch, grid_coord) sites -> (N, channels[-1]) decoder output."""
-        sync_algorithms(self, feat.device)
         x = self.conv_input(make_sparse_tensor(feat, grid_coord, batch))
         skips = [x]
         for s in range(self.num_stages):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from model.backbones.pdnorm import PDBatchNorm
-from model.sparse.conv import down_conv, inverse_conv, make_sparse_tensor, pointwise, subm_conv, sync_algorithms
+from model.sparse.conv import down_conv, inverse_conv, make_sparse_tensor, pointwise, subm_conv
 
 
 class _Conditioned(nn.Module):
@@ -111,7 +111,6 @@ class SpUNetV1m3(nn.Module):
             raise ValueError(f"SpUNet-v1m3 needs a condition, one of {list(self.conditions)}")
         if condition not in self.conditions:
             raise ValueError(f"unknown condition {condition!r}; this backbone has {list(self.conditions)}")
-        sync_algorithms(self, feat.device)
         x = self.conv_input(make_sparse_tensor(feat, grid_coord, batch), condition, context)
         skips = [x]
         for s in range(self.num_stages):

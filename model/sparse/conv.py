@@ -1,8 +1,9 @@
 """spconv layer factories and the device-dependent choice of spconv algorithm.
 
 spconv picks its algorithm when a layer is built: the CUDA build defaults to implicit GEMM, which
-cannot run on a CPU. The official checkpoints do not depend on the algorithm, so layers are built
-with spconv's default and switched to ``ConvAlgo.Native`` whenever the model runs on a CPU.
+cannot run on a CPU. The official checkpoints do not depend on the algorithm, so the layers choose it
+when they are placed: built and moved (``.to``/``.cuda``/``.cpu``, i.e. ``nn.Module._apply``), each layer
+takes ``ConvAlgo.Native`` on a CPU and spconv's default fast one on CUDA. Nothing is checked per forward.
 """
 
 from __future__ import annotations
@@ -19,41 +20,62 @@ def subm_conv(in_channels: int, out_channels: int, kernel_size: int, indice_key:
               bias: bool = False) -> spconv.SubMConv3d:
     """Submanifold conv (output sites = input sites). spconv ignores ``padding`` here; the kernel is centred."""
     padding = 1 if kernel_size > 1 else 0
-    return _remember(spconv.SubMConv3d(in_channels, out_channels, kernel_size, padding=padding, bias=bias,
+    return _remember(SubMConv3d(in_channels, out_channels, kernel_size, padding=padding, bias=bias,
                                        indice_key=indice_key))
 
 
 def down_conv(in_channels: int, out_channels: int, indice_key: str) -> spconv.SparseConv3d:
     """k=2, stride=2 downsampling: every site p feeds the coarse site floor(p / 2)."""
-    return _remember(spconv.SparseConv3d(in_channels, out_channels, 2, stride=2, bias=False,
+    return _remember(SparseConv3d(in_channels, out_channels, 2, stride=2, bias=False,
                                          indice_key=indice_key))
 
 
 def inverse_conv(in_channels: int, out_channels: int, indice_key: str) -> spconv.SparseInverseConv3d:
     """Inverse of the down conv with the same ``indice_key``: restores the fine sites, in their order."""
-    return _remember(spconv.SparseInverseConv3d(in_channels, out_channels, 2, bias=False,
+    return _remember(SparseInverseConv3d(in_channels, out_channels, 2, bias=False,
                                                 indice_key=indice_key))
+
+
+class _PlacedAlgorithm:
+    """Mixin for spconv conv layers: re-choose the algorithm whenever the layer's tensors move."""
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        _choose_algorithm(self)
+        return out
+
+
+class SubMConv3d(_PlacedAlgorithm, spconv.SubMConv3d):
+    pass
+
+
+class SparseConv3d(_PlacedAlgorithm, spconv.SparseConv3d):
+    pass
+
+
+class SparseInverseConv3d(_PlacedAlgorithm, spconv.SparseInverseConv3d):
+    pass
+
+
+def _choose_algorithm(layer: spconv.conv.SparseConvolution) -> None:
+    default = getattr(layer, _DEFAULT_ALGO, layer.algo)
+    layer.algo = default if layer.weight.device.type == "cuda" else ConvAlgo.Native
 
 
 def _remember(conv: spconv.conv.SparseConvolution) -> spconv.conv.SparseConvolution:
     setattr(conv, _DEFAULT_ALGO, conv.algo)
+    _choose_algorithm(conv)  # built on the CPU: Native until moved to CUDA
     return conv
 
 
 def use_device_algorithms(module: nn.Module, device: torch.device | str) -> None:
-    """Native algorithm on CPU (the only one spconv has there), spconv's default fast one on CUDA."""
+    """Force the algorithm of every spconv layer for ``device`` (layers built here already follow their
+    own device; this covers spconv layers built elsewhere)."""
     device = torch.device(device)
     for layer in module.modules():
         if isinstance(layer, spconv.conv.SparseConvolution):
             default = getattr(layer, _DEFAULT_ALGO, layer.algo)
             layer.algo = ConvAlgo.Native if device.type != "cuda" else default
-
-
-def sync_algorithms(module: nn.Module, device: torch.device) -> None:
-    """Switch algorithms when the data's device changes (called at the top of each backbone forward)."""
-    if getattr(module, "_ponder_algo_device", None) != device.type:
-        use_device_algorithms(module, device)
-        module._ponder_algo_device = device.type
 
 
 def pointwise(features: torch.Tensor, conv: spconv.conv.SparseConvolution) -> torch.Tensor:

@@ -30,7 +30,7 @@ def gather_conv(feat: torch.Tensor, table: torch.Tensor, weight: torch.Tensor,
                 taps_per_matmul: int | None = None) -> torch.Tensor:
     """``out[r] = sum_k pad(feat)[table[r, k]] @ weight[k]``.
 
-    feat: (M_in, C_in); table: (M_out, K) int64 with M_in = missing; weight: (K, C_in, C_out).
+    feat: (M_in, C_in); table: (M_out, K) int32 (or int64) with M_in = missing; weight: (K, C_in, C_out).
     taps_per_matmul: how many taps share one gather + matmul (None: 1, or ~128/C_in for narrow
     inputs; K: a single (M_out, K*C_in) @ (K*C_in, C_out) product, fastest in onnxruntime but it
     materialises the whole gathered operand). Returns (M_out, C_out).
@@ -65,9 +65,9 @@ def inverse_conv(coarse: torch.Tensor, up_table: torch.Tensor, weight: torch.Ten
     weight: (8, C_in, C_out). Returns (M_f, C_out).
     """
     taps, c_in, c_out = weight.shape
-    parent, tap = torch.min(up_table, dim=1)  # the parent is the only entry < M_c
+    parent, tap = torch.min(up_table, dim=1)  # the parent is the only entry < M_c (tap: int64)
     every = coarse @ weight.permute(1, 0, 2).reshape(c_in, taps * c_out)  # (M_c, 8*C_out)
-    return every.reshape(-1, c_out).index_select(0, parent * taps + tap)  # (M_f, C_out)
+    return every.reshape(-1, c_out).index_select(0, parent.to(tap.dtype) * taps + tap)  # (M_f, C_out)
 
 
 def conv1x1(feat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

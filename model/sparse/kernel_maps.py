@@ -13,6 +13,13 @@ Tap order, the same for every table: for a kernel of size K with centre c = K //
 ``f = i*K*K + j*K + k`` holds the neighbour at offset ``(i-c, j-c, k-c)`` (submanifold), and for the
 k2s2 maps ``f = 4*tx + 2*ty + tz`` with ``t = p mod 2`` of the fine site. This is the flat order of a
 spconv weight ``(C_out, kx, ky, kz, C_in)``.
+
+Everything runs in torch on the input's device (numpy input: CPU), with no host sync inside loops.
+Tables are int32 (so at most ``MAX_ROWS`` rows per level); ``coords`` are int64. Neighbour lookups go
+through a dense int32 grid over each level's padded bounding box (`_grid_tables`: one strided-window
+gather per row) when it fits the memory budget, and through sorted keys + ``torch.searchsorted``
+otherwise (`_sorted_table`); both give the same tables. The stem's 5³ lookups at level 0 dominate; on
+the 2-core CPU the grid path is several times faster than the sorted one (bench/kernel_maps.py).
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+MAX_ROWS = 2**31 - 2  # int32 tables: row ids and the "missing" id M must fit
+DEFAULT_GRID_BUDGET = 256 * 2**20  # bytes a dense grid may take regardless of the table sizes
 _MAX_KEY = 2**62
+_CHUNK_ENTRIES = {"cpu": 2**21, "cuda": 2**24}  # lookups per gather (fewer, larger ones hold up better on a loaded CPU)
 
 
 class KernelMapError(ValueError):
@@ -31,7 +41,7 @@ class KernelMapError(ValueError):
 
 @dataclass
 class KernelMaps:
-    """Neighbour tables of every UNet level (int64 torch tensors).
+    """Neighbour tables of every UNet level (int32 torch tensors on the input's device).
 
     num_sites: M_l per level, level 0 = input rows.
     coords:    per level (M_l, 4) int64 ``(batch, x, y, z)`` of the sites (row order of that level).
@@ -74,8 +84,9 @@ class KernelMaps:
         return table_names(self.num_levels, with_stem=self.stem is not None)
 
     def onnx_inputs(self) -> dict[str, np.ndarray]:
-        """Name → int64 numpy array for every table, ready to feed an ONNX / Triton model."""
-        return {n: t.detach().cpu().numpy() for n, t in zip(self.table_names(), self.tables())}
+        """Name → int32 numpy array for every table, ready to feed an ONNX / Triton model."""
+        return {n: t.detach().cpu().numpy().astype(np.int32, copy=False)
+                for n, t in zip(self.table_names(), self.tables())}
 
 
 def table_names(num_levels: int, with_stem: bool = True) -> list[str]:
@@ -93,24 +104,28 @@ def build_kernel_maps(
     num_levels: int = 5,
     stem_kernel: int | None = 5,
     subm_kernel: int = 3,
+    *,
+    grid_budget: int | None = None,
 ) -> KernelMaps:
-    """Kernel maps of a batch of voxelised scenes.
+    """Kernel maps of a batch of voxelised scenes, computed on ``grid_coord``'s device.
 
     grid_coord: (M, 3) non-negative integer voxel coordinates (x, y, z), unique per scene.
     batch:      (M,) scene index of each row (None = one scene). Scenes are never neighbours.
     num_levels: UNet levels (SpUNet: 4 stages → 5 levels).
     stem_kernel: kernel size of the level-0 stem submanifold conv (SpUNet: 5), or None for none.
+    grid_budget: bytes a level's dense lookup grid may take (None: the larger of `DEFAULT_GRID_BUDGET`
+        and the bytes of the tables it builds, so peak memory stays within ~2x the output); beyond it
+        the sorted-key lookup is used. 0 forces the sorted lookup.
     """
-    coord, bidx = _validate(grid_coord, batch)
     if num_levels < 1:
         raise KernelMapError(f"num_levels must be >= 1, got {num_levels}")
     for name, k in (("subm_kernel", subm_kernel), ("stem_kernel", stem_kernel)):
         if k is not None and (k < 1 or k % 2 == 0):
             raise KernelMapError(f"{name} must be a positive odd integer, got {k}")
+    coords = [_validate(grid_coord, batch)]  # (M_0, 4) int64 b, x, y, z
 
-    coords = [np.concatenate([bidx[:, None], coord], axis=1)]  # (M_0, 4) b, x, y, z
-    down: list[np.ndarray] = []
-    up: list[np.ndarray] = []
+    down: list[torch.Tensor] = []
+    up: list[torch.Tensor] = []
     for _ in range(num_levels - 1):
         coarse, down_map, up_map = _downsample(coords[-1])
         coords.append(coarse)
@@ -120,128 +135,231 @@ def build_kernel_maps(
     stem = None
     subm = []
     for level, c in enumerate(coords):
-        if level == 0 and stem_kernel is not None and stem_kernel >= subm_kernel:
-            stem = _subm_table(c, stem_kernel)
-            subm.append(_crop_kernel(stem, stem_kernel, subm_kernel))
+        if level == 0 and stem_kernel is not None:
+            if stem_kernel >= subm_kernel:
+                stem, first = _subm_tables(c, stem_kernel, subm_kernel, grid_budget, check_duplicates=True)
+            else:  # unusual; two passes
+                first, _ = _subm_tables(c, subm_kernel, None, grid_budget, check_duplicates=True)
+                stem, _ = _subm_tables(c, stem_kernel, None, grid_budget)
+            subm.append(first)
         else:
-            subm.append(_subm_table(c, subm_kernel))
-    if stem is None and stem_kernel is not None:
-        stem = _subm_table(coords[0], stem_kernel)
+            subm.append(_subm_tables(c, subm_kernel, None, grid_budget, check_duplicates=level == 0)[0])
 
-    t = torch.from_numpy
-    return KernelMaps(
-        num_sites=[len(c) for c in coords],
-        coords=[t(c) for c in coords],
-        stem=None if stem is None else t(stem),
-        subm=[t(s) for s in subm],
-        down=[t(d) for d in down],
-        up=[t(u) for u in up],
-    )
+    return KernelMaps(num_sites=[len(c) for c in coords], coords=coords, stem=stem, subm=subm, down=down, up=up)
 
 
-def _validate(grid_coord, batch) -> tuple[np.ndarray, np.ndarray]:
-    coord = grid_coord.detach().cpu().numpy() if isinstance(grid_coord, torch.Tensor) else np.asarray(grid_coord)
-    if coord.ndim != 2 or coord.shape[1] != 3:
-        raise KernelMapError(f"grid_coord must have shape (M, 3), got {coord.shape}")
-    if not np.issubdtype(coord.dtype, np.integer):
-        raise KernelMapError(f"grid_coord must be an integer array, got dtype {coord.dtype}")
+# ---- input checks -------------------------------------------------------------------------------
+
+def _as_integer_tensor(x, name: str, device: torch.device | None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise KernelMapError(f"{name} must be an integer array, got dtype {x.dtype}")
+        return x.detach().to(device=device if device is not None else x.device, dtype=torch.int64)
+    a = np.asarray(x)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise KernelMapError(f"{name} must be an integer array, got dtype {a.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device or "cpu")
+
+
+def _validate(grid_coord, batch) -> torch.Tensor:
+    """(M, 4) int64 ``(batch, x, y, z)`` on grid_coord's device (numpy: CPU)."""
+    shape = tuple(grid_coord.shape) if hasattr(grid_coord, "shape") else np.shape(grid_coord)
+    if len(shape) != 2 or shape[1] != 3:
+        raise KernelMapError(f"grid_coord must have shape (M, 3), got {shape}")
+    coord = _as_integer_tensor(grid_coord, "grid_coord", None)
     m = len(coord)
     if m == 0:
         raise KernelMapError("grid_coord has no rows")
+    if m > MAX_ROWS:
+        raise KernelMapError(f"{m} rows exceed the int32 tables' limit of {MAX_ROWS}")
     if batch is None:
-        bidx = np.zeros(m, dtype=np.int64)
+        bidx = torch.zeros(m, dtype=torch.int64, device=coord.device)
     else:
-        bidx = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
-        if bidx.shape != (m,):
-            raise KernelMapError(f"batch must have shape ({m},), got {bidx.shape}")
-        if not np.issubdtype(bidx.dtype, np.integer):
-            raise KernelMapError(f"batch must be an integer array, got dtype {bidx.dtype}")
-        if bidx.min() < 0:
-            raise KernelMapError("batch indices must be non-negative")
-    if coord.min() < 0:
-        raise KernelMapError(f"grid_coord must be non-negative (min {int(coord.min())})")
-    return coord.astype(np.int64, copy=False), bidx.astype(np.int64, copy=False)
+        bshape = tuple(batch.shape) if hasattr(batch, "shape") else np.shape(batch)
+        if bshape != (m,):
+            raise KernelMapError(f"batch must have shape ({m},), got {bshape}")
+        bidx = _as_integer_tensor(batch, "batch", coord.device)
+    c = torch.cat([bidx[:, None], coord], dim=1)
+    lo = torch.amin(c, dim=0).tolist()  # one sync for both checks
+    if lo[0] < 0:
+        raise KernelMapError("batch indices must be non-negative")
+    if min(lo[1:]) < 0:
+        raise KernelMapError(f"grid_coord must be non-negative (min {min(lo[1:])})")
+    return c
 
 
-def _packing(c: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Linear keys of (b, x, y, z) rows with `pad` free cells on each side of every spatial axis, so
-    that key(p + d) = key(p) + delta(d) for |d| <= pad without wrapping into another row or scene.
-    Returns (keys (M,), strides (4,))."""
-    extent = c.max(axis=0) + 1
-    size = np.array([extent[0], *(extent[1:] + 2 * pad)], dtype=np.int64)
-    if float(np.prod(size.astype(np.float64))) >= _MAX_KEY:
-        raise KernelMapError(f"coordinate extent {extent[1:].tolist()} x {extent[0]} scenes is too large")
-    strides = np.array([size[1] * size[2] * size[3], size[2] * size[3], size[3], 1], dtype=np.int64)
-    shifted = c + np.array([0, pad, pad, pad], dtype=np.int64)
-    return shifted @ strides, strides
+# ---- packing and lookups ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Packing:
+    """Linear keys of (b, x, y, z) rows over their bounding box, with `pad` free cells on each side of every
+    spatial axis, so that key(p + d) = key(p) + delta(d) for |d| <= pad without wrapping into another row or
+    scene. Keys are ordered like the rows' lexicographic (b, x, y, z) order."""
+
+    lo: tuple[int, int, int, int]  # subtracted from each column (the spatial ones less `pad`)
+    size: tuple[int, int, int, int]
+    pad: int
+
+    @classmethod
+    def of(cls, c: torch.Tensor, pad: int) -> "_Packing":
+        lo_hi = torch.stack([torch.amin(c, dim=0), torch.amax(c, dim=0)]).tolist()
+        lo, hi = lo_hi
+        extent = [h - l + 1 for l, h in zip(lo, hi)]
+        size = (extent[0], *(e + 2 * pad for e in extent[1:]))
+        if float(np.prod(np.array(size, dtype=np.float64))) >= _MAX_KEY:
+            raise KernelMapError(f"coordinate extent {extent[1:]} x {extent[0]} scenes is too large")
+        return cls((lo[0], lo[1] - pad, lo[2] - pad, lo[3] - pad), size, pad)
+
+    @property
+    def strides(self) -> tuple[int, int, int, int]:
+        s = self.size
+        return (s[1] * s[2] * s[3], s[2] * s[3], s[3], 1)
+
+    @property
+    def cells(self) -> int:
+        return self.strides[0] * self.size[0]
+
+    def keys(self, c: torch.Tensor) -> torch.Tensor:
+        s = self.strides
+        k = (c[:, 0] - self.lo[0]) * s[0]
+        k += (c[:, 1] - self.lo[1]) * s[1]
+        k += (c[:, 2] - self.lo[2]) * s[2]
+        k += c[:, 3] - self.lo[3]
+        return k
+
+    def decode(self, keys: torch.Tensor) -> torch.Tensor:
+        s = self.strides
+        cols = [keys // s[0], keys % s[0] // s[1], keys % s[1] // s[2], keys % s[2]]
+        return torch.stack([col + lo for col, lo in zip(cols, self.lo)], dim=1)
+
+    def deltas(self, kernel: int) -> torch.Tensor:
+        """(kernel³,) key offset of every tap, in the tables' flat tap order."""
+        r = kernel // 2
+        d = torch.arange(-r, r + 1, dtype=torch.int64)
+        s = self.strides
+        return (d[:, None, None] * s[1] + d[None, :, None] * s[2] + d[None, None, :] * s[3]).reshape(-1)
 
 
-def _sorted_keys(c: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sorted keys, permutation with keys[perm] sorted, strides); rejects duplicate sites."""
-    keys, strides = _packing(c, pad)
-    perm = np.argsort(keys, kind="stable")
-    sk = keys[perm]
-    dup = np.flatnonzero(sk[1:] == sk[:-1])
-    if len(dup):
-        row = c[perm[dup[0]]]
-        raise KernelMapError(
-            f"{len(dup)} duplicate voxel(s): (batch, x, y, z) = {row.tolist()} appears more than once; "
-            "voxelise the cloud first (one row per voxel)"
-        )
-    return sk, perm, strides
-
-
-def _subm_table(c: np.ndarray, kernel: int) -> np.ndarray:
-    """(M, kernel³) submanifold neighbour table, missing = M.
-
-    Each pair is looked up once: if q = p + d then p = q - d, so only half of the offsets are searched
-    and the opposite tap (K³ - 1 - f) is filled from the same hits."""
+def _subm_tables(c: torch.Tensor, kernel: int, inner: int | None, grid_budget: int | None,
+                 check_duplicates: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(M, kernel³) submanifold neighbour table, missing = M, and (if `inner`) the (M, inner³) table of the
+    centred smaller kernel (the same lookups)."""
     m = len(c)
-    r = kernel // 2
-    sk, perm, strides = _sorted_keys(c, r)
+    pack = _Packing.of(c, kernel // 2)
+    keys = pack.keys(c)
+    table_bytes = 4 * m * (kernel**3 + (inner**3 if inner else 0))
+    budget = max(DEFAULT_GRID_BUDGET, table_bytes) if grid_budget is None else grid_budget
+    if 4 * pack.cells <= budget:
+        return _grid_tables(c, keys, pack, kernel, inner, check_duplicates)
+    table = _sorted_table(c, keys, pack, kernel, check_duplicates)
+    if inner is None:
+        return table, None
+    o = (kernel - inner) // 2
+    cube = table.view(m, kernel, kernel, kernel)[:, o : o + inner, o : o + inner, o : o + inner]
+    return table, cube.reshape(m, inner**3)
+
+
+def _chunk_rows(device: torch.device, taps: int) -> int:
+    return max(1, _CHUNK_ENTRIES.get(device.type, _CHUNK_ENTRIES["cuda"]) // taps)
+
+
+def _duplicate_error(c: torch.Tensor, count: int, row: int) -> KernelMapError:
+    return KernelMapError(
+        f"{count} duplicate voxel(s): (batch, x, y, z) = {c[row].tolist()} appears more than once; "
+        "voxelise the cloud first (one row per voxel)"
+    )
+
+
+def _grid_tables(c: torch.Tensor, keys: torch.Tensor, pack: _Packing, kernel: int, inner: int | None,
+                 check_duplicates: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense lookup: an int32 grid over the padded bounding box holds each cell's row id (M where empty).
+
+    A row's K³ neighbours are one strided window of that grid (``as_strided`` with the key strides), so a
+    chunk of rows is one ``index_select`` of windows straight into the table, in input row order, and no
+    per-tap needle keys are materialised. The inner table is cut out of each chunk while it is in cache."""
+    m, dev = len(c), c.device
+    grid = torch.full((pack.cells,), m, dtype=torch.int32, device=dev)
+    rows = torch.arange(m, dtype=torch.int32, device=dev)
+    grid[keys] = rows
+    if check_duplicates:  # with duplicates one row per key wins the write; the others read back another id
+        lost = grid.index_select(0, keys) != rows
+        count = int(lost.sum())
+        if count:
+            raise _duplicate_error(c, count, int(torch.nonzero(lost)[0, 0]))
+    s = pack.strides
+    corner = (kernel // 2) * (s[1] + s[2] + s[3])  # key offset from a window's lowest corner to its centre
+    windows = grid.as_strided((pack.cells - 2 * corner, kernel, kernel, kernel), (1, s[1], s[2], s[3]))
     vol = kernel**3
-    table = np.full((m, vol), m, dtype=np.int64)
-    table[:, vol // 2] = np.arange(m)
-    for f in range(vol // 2):
-        i, j, k = f // (kernel * kernel), (f // kernel) % kernel, f % kernel
-        delta = (i - r) * strides[1] + (j - r) * strides[2] + (k - r) * strides[3]
-        pos = np.searchsorted(sk, sk + delta)  # sorted needles: cache-friendly
-        np.minimum(pos, m - 1, out=pos)
-        hit = np.flatnonzero(sk[pos] == sk + delta)
-        if len(hit) == 0:
-            continue
-        p = perm[hit]
-        q = perm[pos[hit]]
-        table[p, f] = q
-        table[q, vol - 1 - f] = p
-    return table
+    table = torch.empty((m, vol), dtype=torch.int32, device=dev)
+    small = crop = None
+    if inner is not None:
+        o, cube = (kernel - inner) // 2, torch.arange(vol).reshape(kernel, kernel, kernel)
+        crop = cube[o : o + inner, o : o + inner, o : o + inner].reshape(-1).to(dev)
+        small = torch.empty((m, inner**3), dtype=torch.int32, device=dev)
+    chunk = _chunk_rows(dev, vol)
+    for a in range(0, m, chunk):
+        b = min(a + chunk, m)
+        torch.index_select(windows, 0, keys[a:b] - corner, out=table[a:b].view(b - a, kernel, kernel, kernel))
+        if small is not None:
+            torch.index_select(table[a:b], 1, crop, out=small[a:b])
+    return table, small
 
 
-def _crop_kernel(table: np.ndarray, big: int, small: int) -> np.ndarray:
-    """Columns of a centred `small`³ kernel taken out of a `big`³ table (same sites, same centre)."""
-    o = (big - small) // 2
-    cube = table.reshape(len(table), big, big, big)[:, o : o + small, o : o + small, o : o + small]
-    return np.ascontiguousarray(cube).reshape(len(table), small**3)
+def _sorted_table(c: torch.Tensor, keys: torch.Tensor, pack: _Packing, kernel: int,
+                  check_duplicates: bool) -> torch.Tensor:
+    """Sorted keys + binary search (``torch.searchsorted``): no memory beyond the keys and the table.
+
+    Rows are visited in key order, so consecutive searches touch nearby keys, and each pair of neighbours
+    is searched once: if q = p + d then p = q - d, so only the first half of the taps is searched and the
+    opposite tap (K³ - 1 - f) of the hit is filled from the same result (2.8x faster than searching every
+    tap of every row in input order, measured with one thread at 307k voxels)."""
+    m, dev = len(c), c.device
+    sk, perm = torch.sort(keys)
+    if check_duplicates:
+        same = sk[1:] == sk[:-1]
+        count = int(same.sum())
+        if count:
+            raise _duplicate_error(c, count, int(perm[int(torch.nonzero(same)[0, 0])]))
+    vol = kernel**3
+    half = vol // 2
+    table = torch.full((m + 1, vol), m, dtype=torch.int32, device=dev)  # row m: sink for the misses' mirror writes
+    flat = table.view(-1)
+    table[:, half] = torch.arange(m + 1, dtype=torch.int32, device=dev)
+    deltas = pack.deltas(kernel)[:half].to(dev)
+    cols = torch.arange(half, device=dev)
+    mirror = vol - 1 - cols
+    missing = torch.tensor(m, dtype=torch.int64, device=dev)
+    chunk = _chunk_rows(dev, half) * 2
+    for a in range(0, m, chunk):
+        b = min(a + chunk, m)
+        needles = (sk[a:b, None] + deltas).reshape(-1)
+        pos = torch.searchsorted(sk, needles).clamp_(max=m - 1)
+        hit = sk.index_select(0, pos) == needles
+        q = torch.where(hit, perm.index_select(0, pos), missing).view(b - a, half)
+        p = perm[a:b, None]
+        flat.scatter_(0, (p * vol + cols).reshape(-1), q.reshape(-1).to(torch.int32))  # scatter_: 1.5x index_put_
+        flat.scatter_(0, (q * vol + mirror).reshape(-1), p.expand(b - a, half).reshape(-1).to(torch.int32))
+    return table[:m]
 
 
-def _downsample(fine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _downsample(fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coarse sites of a k2s2 conv and its down / up tables.
 
     fine: (M_f, 4) (b, x, y, z). Returns coarse (M_c, 4) sorted by key, down (M_c, 8), up (M_f, 8)."""
     m_f = len(fine)
-    half = fine.copy()
-    half[:, 1:] //= 2
-    keys, _ = _packing(half, 0)
-    uniq, first, parent = np.unique(keys, return_index=True, return_inverse=True)
-    coarse = half[first]
+    half = torch.cat([fine[:, :1], torch.div(fine[:, 1:], 2, rounding_mode="floor")], dim=1)
+    pack = _Packing.of(half, 0)
+    uniq, parent = torch.unique(pack.keys(half), sorted=True, return_inverse=True)
+    coarse = pack.decode(uniq)
     m_c = len(uniq)
     odd = fine[:, 1:] & 1
     tap = 4 * odd[:, 0] + 2 * odd[:, 1] + odd[:, 2]
-    down = np.full((m_c, 8), m_f, dtype=np.int64)
-    down[parent, tap] = np.arange(m_f)
-    up = np.full((m_f, 8), m_c, dtype=np.int64)
-    up[np.arange(m_f), tap] = parent
-    return coarse, down, up
+    rows = torch.arange(m_f, dtype=torch.int32, device=fine.device)
+    down = torch.full((m_c * 8,), m_f, dtype=torch.int32, device=fine.device)
+    down[parent * 8 + tap] = rows
+    up = torch.full((m_f, 8), m_c, dtype=torch.int32, device=fine.device)
+    up.scatter_(1, tap[:, None], parent.to(torch.int32)[:, None])
+    return coarse, down.reshape(m_c, 8), up
 
 
-__all__ = ["KernelMapError", "KernelMaps", "build_kernel_maps", "table_names"]
+__all__ = ["DEFAULT_GRID_BUDGET", "MAX_ROWS", "KernelMapError", "KernelMaps", "build_kernel_maps", "table_names"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from model.inference import Predictor, load_predictor
+from export.backends import load
+from model.inference import Predictor
 
 LOG = logging.getLogger("service.models")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")
@@ -48,9 +49,10 @@ def discover_checkpoints(checkpoint: Path | None, models_dir: Path | None) -> di
 
 
 def load_predictors(checkpoints: dict[str, Path | None], device: str = "cpu", trust_checkpoint: bool = False,
-                    backend: str = "torch") -> dict[str, Predictor]:
+                    backend: str = "auto") -> dict[str, Predictor]:
+    """``backend``: "auto" (the fastest exact encoder for the device), spconv, torch, onnxruntime, tensorrt."""
     predictors = {}
     for name, path in checkpoints.items():
-        LOG.info("loading model %s from %s (%s backend)", name, path or "<bundled default>", backend)
-        predictors[name] = load_predictor(path, device=device, trust_checkpoint=trust_checkpoint, backend=backend)
+        predictors[name] = load(path, device=device, trust_checkpoint=trust_checkpoint, backend=backend)
+        LOG.info("loaded model %s from %s (%s encoder)", name, path or "<bundled default>", predictors[name].backend)
     return predictors

@@ -50,6 +50,12 @@ class FoldedNorm(torch.nn.Module):
         self.register_buffer("a", a.float().contiguous())
         self.register_buffer("b", b.float().contiguous())
 
+    def affine(self, condition: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b), each (C,), of one condition: to fold into the preceding conv's weights and bias."""
+        if condition is None:
+            return self.a[0], self.b[0]
+        return self.a.index_select(0, condition)[0], self.b.index_select(0, condition)[0]
+
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         # x (M, C); condition (1,) int64 or None
         if condition is None:

@@ -1,0 +1,306 @@
+"""SpUNetEngine: the SpUNet (v1m1 and v1m3/PDNorm) as convolutions over precomputed kernel maps.
+
+Built from a state_dict with the official key names, it computes the same function as the spconv model
+without spconv: every norm is folded into ``x * a[cond] + b[cond]`` (`model.engine.folding`), every conv
+runs over a table of `model.sparse.kernel_maps` in one of two formulations:
+
+- ``"gather"``: dense tables, ``sum_k pad(x)[table[:, k]] @ W[k]`` (`model.sparse.gather_ops`); only
+  Gather / MatMul / elementwise ops, so it exports to ONNX and TensorRT (export/graph.py) with no Scatter.
+- ``"pairs"``: valid pairs only (`model.engine.pairs`), derived once per table per forward and shared by
+  every conv of a level; gather → GEMM → ``index_add_``. Not exportable (Scatter), fast on CPU.
+
+Inputs (positional): ``feat (M_0, C_in)`` float32, then the tables in `KernelMaps.tables` order, then
+``condition (1,)`` int64 (index into `conditions`) for PDNorm models. Outputs: ``backbone_feat
+(M_0, C)`` and, when built with heads and the checkpoint has one, ``seg_logits (M_0, K)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.engine.folding import FoldedNorm, build_norm
+from model.engine.pairs import PRECISIONS, TapPairs, pairs_conv
+from model.infer_config import infer_config
+from model.sparse.gather_ops import conv1x1_from_spconv, gather_conv, inverse_conv, taps_from_spconv
+from model.sparse.kernel_maps import KernelMaps, build_kernel_maps
+
+FORMULATIONS = ("gather", "pairs")
+Plan = torch.Tensor | TapPairs  # a dense table (gather) or its valid pairs (pairs)
+
+
+def _conv(x: torch.Tensor, plan: Plan, w: torch.Tensor, group: int | None, inverse: bool = False) -> torch.Tensor:
+    return inverse_conv(x, plan, w) if inverse else gather_conv(x, plan, w, group)
+
+
+def _folded(w: torch.Tensor, norm: FoldedNorm, cond: torch.Tensor | None, dtype: torch.dtype):
+    """The conv weight with the norm's scale folded into its output channels, and the norm's shift:
+    ``norm(conv_W(x)) = conv_{W*a}(x) + b``. One pass over the weights per forward (cheap next to the
+    convs), and no (M, C) multiply per norm."""
+    a, b = norm.affine(cond)
+    return (w * a).to(dtype), b
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv in the weight's precision, result float32."""
+    out = (x if x.dtype == w.dtype else x.to(w.dtype)) @ w
+    return out if out.dtype == torch.float32 else out.float()
+
+
+class _Block(nn.Module):
+    """BasicBlock: ``relu(n2(conv2(relu(n1(conv1(x))))) + proj(x))``, proj = 1x1 conv + norm or identity."""
+
+    def __init__(self, sd: dict, prefix: str, norm, taps_per_matmul: int | None):
+        super().__init__()
+        self.group = taps_per_matmul
+        self.register_buffer("w1", taps_from_spconv(sd[prefix + "conv1.weight"]))
+        self.register_buffer("w2", taps_from_spconv(sd[prefix + "conv2.weight"]))
+        self.n1, self.n2 = norm(prefix + "bn1."), norm(prefix + "bn2.")
+        proj = next((k for k in (prefix + "proj.0.weight", prefix + "proj_conv.weight") if k in sd), None)
+        self.has_proj = proj is not None
+        if self.has_proj:
+            self.register_buffer("wp", conv1x1_from_spconv(sd[proj]))
+            self.np = norm(prefix + ("proj.1." if proj.endswith("proj.0.weight") else "proj_norm."))
+
+    def forward(self, x: torch.Tensor, plan: Plan, cond: torch.Tensor | None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if isinstance(plan, TapPairs):  # norms folded into the convs, in-place ReLUs
+            h = pairs_conv(x, plan, *_folded(self.w1, self.n1, cond, dtype)).relu_()
+            h = pairs_conv(h, plan, *_folded(self.w2, self.n2, cond, dtype))
+            if self.has_proj:
+                wp, bp = _folded(self.wp, self.np, cond, dtype)
+                h += _matmul(x, wp) + bp
+            else:
+                h += x
+            return h.relu_()
+        h = torch.relu(self.n1(_conv(x, plan, self.w1, self.group), cond))
+        h = self.n2(_conv(h, plan, self.w2, self.group), cond)
+        residual = self.np(x @ self.wp, cond) if self.has_proj else x
+        return torch.relu(h + residual)
+
+
+class _ConvNorm(nn.Module):
+    """Stem / down / up: conv over a table, norm, ReLU."""
+
+    def __init__(self, weight: torch.Tensor, norm: FoldedNorm, inverse: bool = False,
+                 taps_per_matmul: int | None = None):
+        super().__init__()
+        self.register_buffer("w", taps_from_spconv(weight))
+        self.norm, self.inverse, self.group = norm, inverse, taps_per_matmul
+
+    def forward(self, x: torch.Tensor, plan: Plan, cond: torch.Tensor | None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if isinstance(plan, TapPairs):
+            return pairs_conv(x, plan, *_folded(self.w, self.norm, cond, dtype)).relu_()
+        return torch.relu(self.norm(_conv(x, plan, self.w, self.group, self.inverse), cond))
+
+
+class SpUNetEngine(nn.Module):
+    """See the module docstring. Build with `from_state_dict` or `from_loaded`.
+
+    formulation: "gather" (exportable) or "pairs" (CPU-fast). precision: "fp32", or "bf16" (pairs only:
+    bf16 GEMM operands, float32 sums). taps_per_matmul (gather only): None = per-tap matmuls; 27 = one
+    gather + GEMM per conv (fastest in onnxruntime). See `gather_conv`."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], config: ModelConfig, heads: bool = True,
+                 taps_per_matmul: int | None = None, formulation: str = "gather", precision: str = "fp32"):
+        super().__init__()
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision != "fp32" and formulation != "pairs":
+            raise ValueError("bf16 precision is implemented for the pairs formulation only")
+        self.formulation, self.precision, self.config = formulation, precision, config
+        bb_cfg = config.backbone
+        if bb_cfg.type not in ("SpUNet-v1m1", "SpUNet-v1m3"):
+            raise ValueError(f"the engine cannot run backbone type {bb_cfg.type!r}")
+        nested = config.kind == "ppt-backbone-segmentor"
+        bb = "backbone.backbone." if nested else "backbone."
+        wrapper = "backbone." if nested else ""
+        if bb + "conv_input.0.weight" not in sd and bb + "conv_input.conv.weight" not in sd:
+            raise ValueError(f"state_dict has no SpUNet stem under {bb!r} (kind {config.kind!r})")
+        v1m1 = bb_cfg.type == "SpUNet-v1m1"
+        conv, norm_key = ("0", "1") if v1m1 else ("conv", "bn")
+
+        # conditions: the wrapper's order (embedding rows); each selects a BN bank + context row
+        self.conditions: tuple[str, ...] = ()
+        banks = contexts = None
+        if not v1m1:
+            table = sd.get(wrapper + "embedding_table.weight")
+            self.conditions = tuple(config.conditions) if table is not None else tuple(bb_cfg.conditions)
+            missing = [c for c in self.conditions if c not in bb_cfg.conditions]
+            if missing:
+                raise ValueError(f"conditions {missing} have no BN bank; the backbone has {list(bb_cfg.conditions)}")
+            banks = [bb_cfg.conditions.index(c) if bb_cfg.norm_decouple else 0 for c in self.conditions]
+            contexts = [None if table is None else table[i] for i in range(len(self.conditions))]
+
+        def norm(prefix: str) -> FoldedNorm:
+            return build_norm(sd, prefix, banks, contexts)  # prefix: absolute key prefix
+
+        stages = len(bb_cfg.layers) // 2
+        self.num_levels = stages + 1
+        stem = sd[f"{bb}conv_input.{conv}.weight"]
+        self.stem_kernel = int(stem.shape[1])
+        self.in_channels = int(stem.shape[-1])
+        group = self.taps_per_matmul = taps_per_matmul
+        self.stem = _ConvNorm(stem, norm(f"{bb}conv_input.{norm_key}."), taps_per_matmul=group)
+        self.down = nn.ModuleList(_ConvNorm(sd[f"{bb}down.{s}.{conv}.weight"], norm(f"{bb}down.{s}.{norm_key}."),
+                                            taps_per_matmul=group) for s in range(stages))
+        self.up = nn.ModuleList(_ConvNorm(sd[f"{bb}up.{s}.{conv}.weight"], norm(f"{bb}up.{s}.{norm_key}."), inverse=True)
+                                for s in range(stages))
+        self.enc = nn.ModuleList(nn.ModuleList(_Block(sd, f"{bb}enc.{s}.block{i}.", norm, group)
+                                               for i in range(bb_cfg.layers[s])) for s in range(stages))
+        self.dec = nn.ModuleList(nn.ModuleList(_Block(sd, f"{bb}dec.{s}.block{i}.", norm, group)
+                                               for i in range(bb_cfg.layers[len(bb_cfg.layers) - 1 - s]))
+                                 for s in range(stages))
+
+        self.head = "none"
+        self.num_classes: dict[str, int] = {}
+        if heads and bb + "final.weight" in sd:
+            self.head = "final"
+            self.register_buffer("final_w", conv1x1_from_spconv(sd[bb + "final.weight"]))
+            self.register_buffer("final_b", sd[bb + "final.bias"].float().clone())
+            k = int(sd[bb + "final.bias"].shape[0])
+            self.num_classes = {c: k for c in self.conditions} if self.conditions else {"default": k}
+        elif heads and config.kind == "ppt-segmentor":
+            self.head = "language"
+            self._language_head(sd, config)
+            self.num_classes = {c: len(v) for c, v in zip(self.conditions, config.valid_index)}
+        self.outputs: tuple[str, ...] = ("backbone_feat",) + (("seg_logits",) if self.head != "none" else ())
+
+    def _language_head(self, sd: dict[str, torch.Tensor], config: ModelConfig) -> None:
+        """PPT-v1m1: ``exp(logit_scale) * normalize(proj_head(f)) @ class_embedding[valid_index[c]].T``.
+
+        The rows of every condition are stored back to back with their condition id; the graph picks
+        the current condition's rows with NonZero + Gather (the number of classes depends on it)."""
+        if len(config.valid_index) != len(self.conditions):
+            raise ValueError(f"{len(config.valid_index)} valid_index lists for {len(self.conditions)} conditions")
+        rows = [i for idx in config.valid_index for i in idx]
+        owner = [c for c, idx in enumerate(config.valid_index) for _ in idx]
+        text = sd["class_embedding"].double()[rows] * sd["logit_scale"].double().exp()  # (sum K_c, 512)
+        self.register_buffer("proj_w", sd["proj_head.weight"].float().t().contiguous())  # (C, 512)
+        self.register_buffer("proj_b", sd["proj_head.bias"].float().clone())
+        self.register_buffer("text", text.float().t().contiguous())  # (512, sum K_c)
+        self.register_buffer("text_owner", torch.tensor(owner, dtype=torch.int64))
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], config: ModelConfig | None = None,
+                        heads: bool = True, **options) -> "SpUNetEngine":
+        """From an official (``module.``-stripped) state_dict; the config is inferred when not given.
+        ``options``: taps_per_matmul, formulation, precision (see the class)."""
+        sd = {k: v.detach().cpu() for k, v in sd.items()}
+        try:
+            return cls(sd, config or infer_config(sd), heads=heads, **options).eval()
+        except KeyError as exc:
+            raise ValueError(f"state_dict does not match the SpUNet layout: missing key {exc.args[0]!r}") from exc
+
+    @classmethod
+    def from_loaded(cls, loaded, heads: bool = True, **options) -> "SpUNetEngine":
+        """From a `model.checkpoint.LoadedModel` (its modules carry the official key names)."""
+        return cls.from_state_dict(loaded.model.state_dict(), loaded.config, heads=heads, **options)
+
+    def kernel_maps(self, grid_coord, batch=None) -> KernelMaps:
+        """The tables this network needs for a batch of voxelised scenes (on grid_coord's device)."""
+        return build_kernel_maps(grid_coord, batch, num_levels=self.num_levels, stem_kernel=self.stem_kernel)
+
+    def example_inputs(self, maps: KernelMaps, feat: torch.Tensor, condition: int = 0) -> tuple[torch.Tensor, ...]:
+        args = (feat, *maps.tables())
+        return args + ((torch.tensor([condition], dtype=torch.int64, device=feat.device),) if self.conditions else ())
+
+    def _plans(self, stem, subm, down, up) -> tuple[Plan, list[Plan], list[Plan], list[Plan]]:
+        """The tables themselves (gather), or their valid pairs, derived once per table (pairs)."""
+        if self.formulation == "gather":
+            return stem, list(subm), list(down), list(up)
+        sizes = [t.shape[0] for t in subm]
+        return (TapPairs.from_table(stem, sizes[0], submanifold=True),
+                [TapPairs.from_table(t, sizes[l], submanifold=True) for l, t in enumerate(subm)],
+                [TapPairs.from_table(t, sizes[l]) for l, t in enumerate(down)],
+                [TapPairs.from_table(t, sizes[l + 1]) for l, t in enumerate(up)])
+
+    @staticmethod
+    def _local_order(stem, subm, down, up):
+        """Level-0 rows come in the caller's order (FNV-hash order for voxelised clouds: spatially random),
+        which makes every gather and scatter of the largest level a cache miss. Coarser levels are sorted by
+        position, so ordering level-0 rows by (parent row, tap) is spatially local; the level-0 tables are
+        renumbered to that order. Returns the renumbered tables and ``perm`` (new row i = old row perm[i])."""
+        m0 = subm[0].shape[0]
+        parent, tap = torch.min(up[0], dim=1)  # the parent is the only entry < M_1
+        perm = torch.argsort(parent.long() * 8 + tap)
+        inv = torch.empty(m0 + 1, dtype=subm[0].dtype, device=perm.device)
+        inv[perm] = torch.arange(m0, dtype=inv.dtype, device=perm.device)
+        inv[m0] = m0  # "missing" stays missing
+
+        def rows_and_ids(t):
+            return inv[t.index_select(0, perm).long()]
+
+        stem = rows_and_ids(stem) if stem is not None else None
+        subm = [rows_and_ids(subm[0]), *subm[1:]]
+        down = [inv[down[0].long()], *down[1:]]
+        up = [up[0].index_select(0, perm), *up[1:]]
+        return stem, subm, down, up, perm
+
+    def forward(self, feat: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        levels = self.num_levels
+        cond = inputs[3 * levels - 1] if self.conditions else None
+        tables = (inputs[0], inputs[1 : 1 + levels], inputs[1 + levels : 2 * levels], inputs[2 * levels : 3 * levels - 1])
+        perm = None
+        if self.formulation == "pairs" and levels > 1:
+            *tables, perm = self._local_order(*tables)
+            feat = feat.index_select(0, perm)
+        outputs = self._network(feat, *self._plans(*tables), cond)
+        if perm is None:
+            return outputs
+        order = torch.empty_like(perm)
+        order[perm] = torch.arange(len(perm), device=perm.device)
+        return tuple(o.index_select(0, order) for o in outputs)
+
+    def _network(self, feat, stem, subm, down, up, cond) -> tuple[torch.Tensor, ...]:
+        levels = self.num_levels
+        dt = torch.bfloat16 if self.precision == "bf16" else torch.float32  # GEMM operands (pairs)
+        x = self.stem(feat, stem, cond, dt)  # level 0
+        skips = [x]
+        for s in range(levels - 1):
+            x = self.down[s](x, down[s], cond, dt)  # level s + 1
+            for block in self.enc[s]:
+                x = block(x, subm[s + 1], cond, dt)
+            skips.append(x)
+        x = skips.pop()
+        for s in reversed(range(levels - 1)):
+            x = self.up[s](x, up[s], cond, dt)  # level s
+            x = torch.cat([x, skips.pop()], dim=1)  # [upsampled, skip]
+            for block in self.dec[s]:
+                x = block(x, subm[s], cond, dt)
+        if self.head == "final":
+            return x, x @ self.final_w + self.final_b
+        if self.head == "language":
+            f = x @ self.proj_w + self.proj_b  # (M, 512)
+            f = f / torch.linalg.vector_norm(f, dim=1, keepdim=True)  # no epsilon, as the official code
+            cols = torch.nonzero(self.text_owner == cond).reshape(-1)  # rows of this condition
+            return x, f @ self.text.index_select(1, cols)
+        return (x,)
+
+    @torch.no_grad()
+    def run(self, feat, grid_coord, batch=None, condition: int | str | None = None) -> dict[str, np.ndarray]:
+        """Convenience for tests and benchmarks: numpy in, per-voxel numpy outputs."""
+        device = next(iter(self.buffers())).device
+        grid = torch.as_tensor(np.asarray(grid_coord)).to(device)
+        maps = self.kernel_maps(grid, None if batch is None else torch.as_tensor(np.asarray(batch)).to(device))
+        feat = torch.as_tensor(np.asarray(feat, dtype=np.float32)).to(device)
+        args = self.example_inputs(maps, feat, self.condition_index(condition))
+        return {n: o.cpu().numpy() for n, o in zip(self.outputs, self(*args))}
+
+    def condition_index(self, condition: int | str | None) -> int:
+        if not self.conditions:
+            if condition not in (None, 0, "", "default"):
+                raise ValueError(f"this model takes no condition (got {condition!r})")
+            return 0
+        if isinstance(condition, str):
+            if condition not in self.conditions:
+                raise ValueError(f"unknown condition {condition!r}; this model supports {list(self.conditions)}")
+            return self.conditions.index(condition)
+        if condition is None or not 0 <= int(condition) < len(self.conditions):
+            raise ValueError(f"condition must be one of {list(self.conditions)} (or its index), got {condition!r}")
+        return int(condition)

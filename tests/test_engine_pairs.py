@@ -1,0 +1,125 @@
+"""The torch engine (model/engine): valid-pair convs match the official fixtures and the dense gather
+formulation, bf16 stays close to fp32, and the CLI / Predictor choose it by default on CPU."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PONDER, fixture_dir, random_room
+from model.checkpoint import load_checkpoint, read_official
+from model.engine.encoder import EngineEncoder, SpconvEncoder
+from model.engine.pairs import TapPairs, pairs_conv
+from model.engine.unet import SpUNetEngine
+from model.inference import load_predictor
+from model.pointcloud.cloud import PointCloud
+from model.pointcloud.readers import read_point_cloud
+from model.pointcloud.voxelize import voxelize
+from model.sparse.gather_ops import gather_conv
+from model.sparse.kernel_maps import build_kernel_maps
+
+TOL = 1e-4
+CASES = [  # fixture, condition, expected file, has a segmentation head
+    ("spunet_v1m1_seg", None, "expected.npz", True),
+    ("ppt_v1m3_seg", "ScanNet", "expected_scannet.npz", True),
+    ("ppt_v1m3_seg", "S3DIS", "expected_s3dis.npz", True),
+    ("ponder_render", "ScanNet", "expected.npz", False),
+]
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
+
+def _cloud(name: str) -> PointCloud:
+    return read_point_cloud(fixture_dir(name) / "input.npz")
+
+
+@pytest.mark.parametrize("name,condition,expected_file,segments", CASES)
+def test_pairs_engine_matches_the_official_outputs(name, condition, expected_file, segments):
+    folder = fixture_dir(name)
+    expected = np.load(folder / expected_file)
+    predictor = load_predictor(folder / "checkpoint.pth", backend="torch")
+    assert predictor.backend == "torch" and predictor.encoder.engine.formulation == "pairs"
+    cloud = _cloud(name)
+    features = predictor.features(cloud, condition).point_features()
+    assert np.abs(features - expected["backbone_feat"]).max() <= TOL
+    if segments:
+        logits = predictor.segment(cloud, condition).logits
+        assert np.abs(logits - expected["seg_logits"]).max() <= TOL
+
+
+def test_pairs_equal_gather_on_a_batch_of_generated_rooms():
+    sd = read_official(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth")
+    gather = SpUNetEngine.from_state_dict(sd, formulation="gather")
+    pairs = SpUNetEngine.from_state_dict(sd, formulation="pairs")
+    scenes = [voxelize(PointCloud(**random_room(8000, seed=s)).validate(), 0.02, ("color", "normal")) for s in (1, 2)]
+    feat = np.concatenate([s.feat for s in scenes])
+    grid = np.concatenate([s.grid_coord for s in scenes])
+    batch = np.repeat([0, 1], [s.num_voxels for s in scenes])
+    a = gather.run(feat, grid, batch, condition="S3DIS")
+    b = pairs.run(feat, grid, batch, condition="S3DIS")
+    for key in ("backbone_feat", "seg_logits"):
+        assert np.abs(a[key] - b[key]).max() <= 1e-5 * max(1.0, float(np.abs(a[key]).max()))
+    alone = pairs.run(scenes[1].feat, scenes[1].grid_coord, condition="S3DIS")  # scenes never interact
+    assert np.abs(alone["backbone_feat"] - b["backbone_feat"][scenes[0].num_voxels:]).max() <= 1e-5
+
+
+def test_pairs_conv_equals_gather_conv_for_every_table_kind():
+    rng = np.random.default_rng(0)
+    grid = np.unique(rng.integers(0, 12, size=(600, 3)), axis=0)
+    maps = build_kernel_maps(grid, num_levels=2, stem_kernel=5)
+    m0, m1 = maps.num_sites
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(m0, 8, generator=g), torch.randn(m1, 8, generator=g)
+    for table, x, m_in, subm in ((maps.stem, x0, m0, True), (maps.subm[0], x0, m0, True),
+                                 (maps.down[0], x0, m0, False), (maps.up[0], x1, m1, False)):
+        w = torch.randn(table.shape[1], 8, 4, generator=g)
+        pairs = TapPairs.from_table(table, m_in, submanifold=subm)
+        assert (pairs.centre is not None) == subm
+        assert torch.allclose(pairs_conv(x, pairs, w), gather_conv(x, table, w), atol=1e-5)
+    assert maps.subm[0].dtype == torch.int32
+
+
+def test_bf16_stays_close_to_fp32():
+    model = load_checkpoint(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth")
+    voxels = voxelize(_cloud("ppt_v1m3_seg"), model.config.grid_size, model.config.input_features)
+    (fp32,) = EngineEncoder.from_loaded(model, "cpu").encode([voxels], "ScanNet")
+    (bf16,) = EngineEncoder.from_loaded(model, "cpu", precision="bf16").encode([voxels], "ScanNet")
+    cosine = (fp32 * bf16).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(bf16, axis=1))
+    assert cosine.mean() > 0.99 and np.quantile(cosine, 0.01) > 0.95
+
+
+def test_default_backend_on_cpu_is_the_torch_engine():
+    folder = fixture_dir("spunet_v1m1_seg")
+    predictor = load_predictor(folder / "checkpoint.pth")
+    assert predictor.backend == "torch" and isinstance(predictor.encoder, EngineEncoder)
+    spconv = load_predictor(folder / "checkpoint.pth", backend="spconv")
+    assert spconv.backend == "spconv" and isinstance(spconv.encoder, SpconvEncoder)
+    from spconv.pytorch import ConvAlgo
+    from spconv.pytorch.conv import SparseConvolution
+
+    algos = {m.algo for m in spconv.model.modules() if isinstance(m, SparseConvolution)}
+    assert algos == {ConvAlgo.Native}  # chosen when the model was placed on the CPU
+    with pytest.raises(ValueError, match="bf16"):
+        load_predictor(folder / "checkpoint.pth", backend="spconv", precision="bf16")
+
+
+def test_cli_backends_spconv_and_torch_agree(tmp_path):
+    folder = fixture_dir("spunet_v1m1_seg")
+    expected = np.load(folder / "expected.npz")
+    outputs = {}
+    for backend in ("spconv", "torch", None):
+        out = tmp_path / f"{backend}.npy"
+        args = [PONDER, "features", str(folder / "input.npz"), "-o", str(out), "--checkpoint",
+                str(folder / "checkpoint.pth")] + (["--backend", backend] if backend else [])
+        result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        outputs[backend] = np.load(out)
+    assert np.abs(outputs["spconv"] - outputs["torch"]).max() <= TOL
+    assert np.array_equal(outputs[None], outputs["torch"])  # no --backend = the torch engine on CPU
+    assert np.abs(outputs["torch"] - expected["backbone_feat"]).max() <= TOL
+    bad = subprocess.run([PONDER, "features", str(folder / "input.npz"), "-o", str(tmp_path / "x.npy"),
+                          "--backend", "spconv", "--precision", "bf16"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "bf16" in bad.stderr
