@@ -174,12 +174,15 @@ def main(argv: list[str] | None = None) -> int:
             clients = {}
             for worker in args.workers:  # both gateways run side by side, idle while the other is measured
                 env = dict(gateway_env)
-                if worker == "triton":
+                if worker == "triton":  # the exported ensemble in the tritonserver binary, as operators run it
+                    repo = Path(tmp) / "repo"
+                    subprocess.run([sys.executable, "-m", "ponder", "export", "triton-repo", str(args.checkpoint),
+                                    "-o", str(repo), "--name", "bench", "--kind", "python-onnxruntime"], check=True)
                     grpc, http, metrics = free_port(), free_port(), free_port()
                     processes.append(start(
-                        [sys.executable, "-m", "service.cli", "worker", "--triton", "--checkpoint", str(args.checkpoint),
+                        [sys.executable, "-m", "ponder", "worker", "--triton", "--repo", str(repo),
                          "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)],
-                        {"OMP_NUM_THREADS": str(THREADS)}, f"http://127.0.0.1:{http}/v2/models/ponder_models/ready",
+                        {"OMP_NUM_THREADS": str(THREADS)}, f"http://127.0.0.1:{http}/v2/health/ready",
                         Path(tmp) / "triton.log"))
                     env |= {"PONDER_WORKER": "triton", "PONDER_TRITON_URLS": f"127.0.0.1:{grpc}"}
                 else:

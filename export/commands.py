@@ -38,13 +38,20 @@ def add_export_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workspace-gib", type=float, default=4.0)
     p.set_defaults(handler=run_tensorrt)
 
-    p = sub.add_parser("triton-repo", help="Triton model repository (config.pbtxt + model.onnx or model.plan)")
+    p = sub.add_parser("triton-repo", help="Triton model repository: an ensemble (kernel maps -> encoder) that takes "
+                                           "grid_coord/batch/feat[/condition]")
     p.add_argument("model", help="exported .onnx, or a checkpoint (exported to ONNX on the way)")
     p.add_argument("-o", "--output", required=True, help="repository folder (created if missing)")
-    p.add_argument("--name", default="ponder", help="Triton model name")
-    p.add_argument("--kind", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
-    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="instance_group kind")
+    p.add_argument("--name", default="ponder", help="Triton model name of the ensemble (the name clients call)")
+    p.add_argument("--kind", choices=("onnxruntime", "tensorrt", "python-onnxruntime"), default="onnxruntime",
+                   help="encoder step: Triton's onnxruntime backend, a TensorRT plan, or the ONNX file in onnxruntime "
+                        "inside a Python-backend model (for Triton builds with only the Python backend, e.g. "
+                        "nvidia-pytriton's)")
+    p.add_argument("--device", choices=("gpu", "cpu"), default=None,
+                   help="instance_group kind of both steps (default: cpu for python-onnxruntime, else gpu)")
     p.add_argument("--instances", type=int, default=1, help="instance_group count")
+    p.add_argument("--threads", type=int, default=0,
+                   help="python-onnxruntime: onnxruntime intra-op threads (0: onnxruntime's default)")
     p.add_argument("--plan", help="prebuilt TensorRT engine for --kind tensorrt (else it is built here)")
     p.add_argument("--features-only", action="store_true", help="when exporting a checkpoint: no head")
     p.add_argument("--trust-checkpoint", action="store_true")
@@ -94,7 +101,7 @@ def _profile(text: str):
 
 def run_tensorrt(args) -> int:
     from export.tensorrt import DEFAULT_PROFILES, TensorRTUnavailable, build_engine
-    from model.cli import CommandError
+    from model.errors import CommandError
 
     profiles = tuple(_profile(p) for p in args.profile) if args.profile else DEFAULT_PROFILES
     try:
@@ -107,10 +114,9 @@ def run_tensorrt(args) -> int:
 
 
 def run_triton_repo(args) -> int:
-    from export.triton_repo import read_model_config, write_triton_repository
-
     from export.tensorrt import TensorRTUnavailable
-    from model.cli import CommandError
+    from export.triton_repo import read_model_config, write_triton_repository
+    from model.errors import CommandError
 
     model = Path(args.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,11 +124,15 @@ def run_triton_repo(args) -> int:
             model = _export(str(model), Path(tmp) / "model.onnx", args.features_only, args.trust_checkpoint)
         try:
             folder = write_triton_repository(args.output, model, args.name, instance_count=args.instances,
-                                             kind=args.kind, device=args.device, plan_path=args.plan)
+                                             kind=args.kind, device=args.device, plan_path=args.plan,
+                                             threads=args.threads)
         except TensorRTUnavailable as exc:
             raise CommandError(f"{exc}; or pass --plan with an engine built on a GPU host") from exc
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
     config = read_model_config(folder)
-    summary = {"model": str(folder), "backend": config.backend, "inputs": [i.name for i in config.input],
-               "outputs": [o.name for o in config.output]}
+    summary = {"repository": str(folder.parent), "model": config.name, "kind": args.kind,
+               "steps": [s.model_name for s in config.ensemble_scheduling.step],
+               "inputs": [i.name for i in config.input], "outputs": [o.name for o in config.output]}
     print(json.dumps(summary), file=sys.stderr)
     return 0

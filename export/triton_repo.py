@@ -1,16 +1,27 @@
-"""Triton model repository for an exported GatherSpUNet: ``<out>/<name>/config.pbtxt`` + ``1/model.onnx``
-(onnxruntime backend) or ``1/model.plan`` (TensorRT).
+"""Triton model repository for an exported encoder: one ensemble that takes what the gateway has.
 
-The config is built as Triton's own ``ModelConfig`` protobuf (shipped by tritonclient) and written in
-its text format, so every field name and enum is checked by protobuf, not by string formatting.
+Layout (``NAME`` = ``--name``; the three model folders are the same for every kind)::
 
-Why ``max_batch_size: 0`` and no dynamic batching: a request is one or more whole scenes with their
-own voxel counts at every UNet level, and its neighbour tables hold row numbers *of that request*.
-Triton's batcher stacks requests along a new leading axis and only combines equal shapes, so it
-cannot merge two scenes; merging them correctly means concatenating the rows and re-basing every
-table index, i.e. recomputing kernel maps. That is the gateway's job (several scenes in one request,
-with distinct batch ids, before `model.sparse.kernel_maps` runs). So the model takes full shapes
-with -1 for every voxel-count axis, and concurrency comes from ``instance_group.count``.
+    NAME/                 ensemble (the model clients call); its parameters carry the ponder metadata
+    NAME_kernel_maps/     Python backend, 1/ponder_kernel_maps.py: grid_coord + batch -> kernel-map tables
+    NAME_encoder/         the exported graph: 1/model.onnx (onnxruntime), 1/model.plan (tensorrt), or
+                          1/ponder_onnx_encoder.py + 1/model.onnx (python-onnxruntime: the same ONNX file in
+                          onnxruntime inside a Python-backend model, for Triton builds without that backend)
+
+The Python models are not called ``model.py`` (Triton's default): the stub puts their folder on ``sys.path``,
+where a ``model.py`` would shadow the ``model`` package the kernel-map step imports.
+
+Ensemble inputs ``grid_coord (M, 3) INT32``, ``batch (M,) INT32`` (scene index of each row),
+``feat (M, C) FP32`` and, for conditional (PDNorm / PPT) models only, ``condition (1,) INT64`` (index into
+the ``ponder.conditions`` parameter); outputs ``backbone_feat (M, C_out) FP32`` and, when the graph was
+exported with its head, ``seg_logits (M, K) FP32``. The tables travel between the steps inside the server.
+Their data type is whatever the ONNX graph takes (read from its inputs).
+
+Configs are Triton's own ``ModelConfig`` protobuf (shipped by tritonclient) written in its text format, so
+every field name and enum is checked by protobuf. ``max_batch_size`` is 0 everywhere: a request is one or
+more whole scenes with their own voxel counts at every UNet level, and the tables index rows *of that
+request*, so Triton's batcher (which stacks equal shapes along a new axis) cannot merge requests. Several
+scenes go in one request with distinct ``batch`` ids instead; concurrency comes from ``instance_group``.
 """
 
 from __future__ import annotations
@@ -18,37 +29,137 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from google.protobuf import text_format
+import onnx
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from export.graph import GraphInfo
 from export.onnx_export import metadata, read_info
 
-KINDS = {"onnxruntime": ("onnxruntime", "model.onnx"), "tensorrt": ("tensorrt", "model.plan")}
+if TYPE_CHECKING:
+    from export.graph import GraphInfo
+
+KINDS = ("python-onnxruntime", "onnxruntime", "tensorrt")
+KERNEL_MAPS_FILE = "ponder_kernel_maps.py"
+ENCODER_FILES = {"python-onnxruntime": ("python", "ponder_onnx_encoder.py"),
+                 "onnxruntime": ("onnxruntime", "model.onnx"), "tensorrt": ("tensorrt", "model.plan")}
 DEVICES = {"gpu": pb.ModelInstanceGroup.KIND_GPU, "cpu": pb.ModelInstanceGroup.KIND_CPU}
+TEMPLATES = Path(__file__).resolve().parent / "triton_models"
+ONNX_TO_TRITON = {onnx.TensorProto.INT32: pb.TYPE_INT32, onnx.TensorProto.INT64: pb.TYPE_INT64,
+                  onnx.TensorProto.FLOAT: pb.TYPE_FP32}
+GATEWAY_INPUTS = ("grid_coord", "batch", "feat", "condition")
+KERNEL_MAPS_SUFFIX, ENCODER_SUFFIX = "_kernel_maps", "_encoder"
+
+Spec = tuple[str, int, list[int]]  # (tensor name, Triton data type, dims; -1 = dynamic)
 
 
-def io_shapes(info: GraphInfo) -> tuple[list[tuple[str, int, list[int]]], list[tuple[str, int, list[int]]]]:
-    """(name, Triton data type, dims) of every input and output; -1 = dynamic."""
-    inputs = [("feat", pb.TYPE_FP32, [-1, info.in_channels]), ("stem_nbr", pb.TYPE_INT64, [-1, info.stem_kernel**3])]
-    inputs += [(f"subm{l}_nbr", pb.TYPE_INT64, [-1, 27]) for l in range(info.num_levels)]
-    inputs += [(f"down{l}_map", pb.TYPE_INT64, [-1, 8]) for l in range(info.num_levels - 1)]
-    inputs += [(f"up{l}_map", pb.TYPE_INT64, [-1, 8]) for l in range(info.num_levels - 1)]
-    if info.conditions:
-        inputs.append(("condition", pb.TYPE_INT64, [1]))
-    outputs = [("backbone_feat", pb.TYPE_FP32, [-1, info.out_channels])]
+def step_names(name: str) -> tuple[str, str]:
+    """(kernel-map model, encoder model) of the ensemble ``name``."""
+    return name + KERNEL_MAPS_SUFFIX, name + ENCODER_SUFFIX
+
+
+def graph_specs(onnx_model: onnx.ModelProto, info: GraphInfo) -> tuple[list[Spec], list[Spec]]:
+    """(inputs, outputs) of the exported graph, with data types read from the ONNX file."""
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx_model.graph.input}
+    missing = [n for n in info.input_names if n not in types]
+    if missing:
+        raise ValueError(f"the ONNX graph lacks the inputs {missing} that its metadata names")
+    widths = {"feat": info.in_channels, "stem_nbr": info.stem_kernel**3, "condition": None}
+    inputs = []
+    for n in info.input_names:
+        if types[n] not in ONNX_TO_TRITON:
+            raise ValueError(f"ONNX input {n!r} has element type {onnx.TensorProto.DataType.Name(types[n])}; "
+                             f"expected one of INT32, INT64, FLOAT")
+        width = widths.get(n, 27 if n.startswith("subm") else 8)
+        inputs.append((n, ONNX_TO_TRITON[types[n]], [1] if n == "condition" else [-1, width]))
+    outputs: list[Spec] = [("backbone_feat", pb.TYPE_FP32, [-1, info.out_channels])]
     if "seg_logits" in info.outputs:
         classes = set(info.num_classes.values())
         outputs.append(("seg_logits", pb.TYPE_FP32, [-1, classes.pop() if len(classes) == 1 else -1]))
     return inputs, outputs
 
 
-def model_config(info: GraphInfo, name: str, kind: str = "onnxruntime", device: str = "gpu",
-                 instance_count: int = 1, max_batch_size: int = 0) -> pb.ModelConfig:
-    """Triton ``ModelConfig`` for an exported graph (see the module docstring for the batching choice)."""
+def _base(name: str, backend: str = "", platform: str = "") -> pb.ModelConfig:
+    config = pb.ModelConfig(name=name, max_batch_size=0)
+    if backend:
+        config.backend = backend
+    if platform:
+        config.platform = platform
+    config.version_policy.latest.num_versions = 1
+    return config
+
+
+def _add(repeated, specs: list[Spec]) -> None:
+    for n, dtype, dims in specs:
+        repeated.add(name=n, data_type=dtype, dims=dims)
+
+
+def gateway_specs(info: GraphInfo, inputs: list[Spec]) -> list[Spec]:
+    """The ensemble's inputs: what the gateway has after voxelising."""
+    specs: list[Spec] = [("grid_coord", pb.TYPE_INT32, [-1, 3]), ("batch", pb.TYPE_INT32, [-1]),
+                         ("feat", pb.TYPE_FP32, [-1, info.in_channels])]
+    return specs + [s for s in inputs if s[0] == "condition"]
+
+
+def kernel_maps_config(info: GraphInfo, name: str, inputs: list[Spec], device: str, instances: int) -> pb.ModelConfig:
+    """Step 1 (Python backend): checks the request and builds the tables on the instance's device."""
+    config = _base(name, backend="python")
+    config.default_model_filename = KERNEL_MAPS_FILE
+    _add(config.input, gateway_specs(info, inputs))
+    _add(config.output, [s for s in inputs if s[0] not in GATEWAY_INPUTS])
+    config.instance_group.add(kind=DEVICES[device], count=instances)
+    params = {"ponder.step": "kernel_maps", "ponder.num_levels": str(info.num_levels),
+              "ponder.stem_kernel": str(info.stem_kernel), "ponder.in_channels": str(info.in_channels),
+              "ponder.num_conditions": str(len(info.conditions))}
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def encoder_config(name: str, kind: str, inputs: list[Spec], outputs: list[Spec], device: str, instances: int,
+                   threads: int = 0) -> pb.ModelConfig:
+    """Step 2: the exported graph in the backend of ``kind``."""
+    backend, filename = ENCODER_FILES[kind]
+    config = _base(name, backend=backend)
+    config.default_model_filename = filename
+    _add(config.input, inputs)
+    _add(config.output, outputs)
+    config.instance_group.add(kind=DEVICES[device], count=instances)
+    config.parameters["ponder.step"].string_value = "encoder"
+    if kind == "python-onnxruntime":
+        config.parameters["ponder.threads"].string_value = str(threads)
+    return config
+
+
+def ensemble_config(info: GraphInfo, name: str, inputs: list[Spec], outputs: list[Spec],
+                    extra: dict[str, str] | None = None) -> pb.ModelConfig:
+    """The model clients call: gateway tensors in, encoder outputs out, tables passed inside the server."""
+    maps_name, encoder_name = step_names(name)
+    config = _base(name, platform="ensemble")
+    _add(config.input, gateway_specs(info, inputs))
+    _add(config.output, outputs)
+    maps = config.ensemble_scheduling.step.add(model_name=maps_name, model_version=-1)
+    for n, _, _ in gateway_specs(info, inputs):
+        maps.input_map[n] = n
+    encoder = config.ensemble_scheduling.step.add(model_name=encoder_name, model_version=-1)
+    for n, _, _ in inputs:
+        encoder.input_map[n] = n
+        if n not in GATEWAY_INPUTS:
+            maps.output_map[n] = n
+    for n, _, _ in outputs:
+        encoder.output_map[n] = n
+    for key, value in {**(extra or {}), **metadata(info)}.items():  # what a client needs to build a model card
+        config.parameters[key].string_value = value
+    return config
+
+
+def repository_configs(onnx_path: str | Path, name: str, kind: str = "onnxruntime", device: str | None = None,
+                       instance_count: int = 1, max_batch_size: int = 0, threads: int = 0) -> dict[str, pb.ModelConfig]:
+    """Model name -> config of the three models (ensemble first), validated; nothing is written."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    device = device or ("cpu" if kind == "python-onnxruntime" else "gpu")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {sorted(DEVICES)}, got {device!r}")
     if kind == "tensorrt" and device == "cpu":
@@ -58,49 +169,49 @@ def model_config(info: GraphInfo, name: str, kind: str = "onnxruntime", device: 
                          "so Triton cannot batch them (batch scenes in one request instead)")
     if instance_count < 1:
         raise ValueError(f"instance_count must be >= 1, got {instance_count}")
-    backend, filename = KINDS[kind]
-    config = pb.ModelConfig(name=name, backend=backend, max_batch_size=0, default_model_filename=filename)
-    inputs, outputs = io_shapes(info)
-    for n, dtype, dims in inputs:
-        config.input.add(name=n, data_type=dtype, dims=dims)
-    for n, dtype, dims in outputs:
-        config.output.add(name=n, data_type=dtype, dims=dims)
-    config.instance_group.add(kind=DEVICES[device], count=instance_count)
-    config.version_policy.latest.num_versions = 1
-    for key, value in metadata(info).items():  # what a client needs to build the inputs and read outputs
-        config.parameters[key].string_value = value
-    return config
-
-
-def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: str, max_batch_size: int = 0,
-                            instance_count: int = 1, kind: str = "onnxruntime", device: str = "gpu",
-                            plan_path: str | Path | None = None) -> Path:
-    """Write ``<out_dir>/<name>/config.pbtxt`` and ``<out_dir>/<name>/1/model.onnx`` (or ``model.plan``).
-
-    onnx_path: the exported ONNX model; its metadata gives the inputs and outputs. For
-    kind="tensorrt", ``plan_path`` is the engine built from it (`export.tensorrt.build_engine`); without
-    one the engine is built here, which needs TensorRT and a GPU. Returns the model folder."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"invalid Triton model name {name!r}")
     onnx_path = Path(onnx_path)
     if not onnx_path.exists():
         raise FileNotFoundError(f"{onnx_path}: no such ONNX model")
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"invalid Triton model name {name!r}")
-    info = read_info(onnx_path)
-    config = model_config(info, name, kind, device, instance_count, max_batch_size)
-    folder = Path(out_dir) / name
-    version = folder / "1"
-    version.mkdir(parents=True, exist_ok=True)
-    target = version / KINDS[kind][1]
-    if kind == "onnxruntime":
-        shutil.copyfile(onnx_path, target)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    info = read_info(model)
+    inputs, outputs = graph_specs(model, info)
+    extra = {p.key: p.value for p in model.metadata_props if p.key.startswith("ponder.")}
+    maps_name, encoder_name = step_names(name)
+    return {name: ensemble_config(info, name, inputs, outputs, extra),
+            maps_name: kernel_maps_config(info, maps_name, inputs, device, instance_count),
+            encoder_name: encoder_config(encoder_name, kind, inputs, outputs, device, instance_count, threads)}
+
+
+def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: str, max_batch_size: int = 0,
+                            instance_count: int = 1, kind: str = "onnxruntime", device: str | None = None,
+                            plan_path: str | Path | None = None, threads: int = 0) -> Path:
+    """Write the ensemble and its two steps under ``out_dir`` (see the module docstring); returns the
+    ensemble's folder. device: instance kind of both steps (default: cpu for python-onnxruntime, gpu
+    otherwise). For kind="tensorrt", ``plan_path`` is the engine built from the ONNX file
+    (`export.tensorrt.build_engine`); without one it is built here, which needs TensorRT and a GPU.
+    threads: onnxruntime intra-op threads of the python-onnxruntime encoder (0 = onnxruntime's default)."""
+    configs = repository_configs(onnx_path, name, kind, device, instance_count, max_batch_size, threads)
+    maps_name, encoder_name = step_names(name)
+    out_dir = Path(out_dir)
+    for model_name, config in configs.items():
+        (out_dir / model_name / "1").mkdir(parents=True, exist_ok=True)  # an ensemble needs a version folder too
+        (out_dir / model_name / "config.pbtxt").write_text(text_format.MessageToString(config))
+    shutil.copyfile(TEMPLATES / "kernel_maps.py", out_dir / maps_name / "1" / KERNEL_MAPS_FILE)
+    version = out_dir / encoder_name / "1"
+    if kind == "python-onnxruntime":
+        shutil.copyfile(TEMPLATES / "onnx_encoder.py", version / ENCODER_FILES[kind][1])
+        shutil.copyfile(onnx_path, version / "model.onnx")
+    elif kind == "onnxruntime":
+        shutil.copyfile(onnx_path, version / "model.onnx")
     elif plan_path is not None:
-        shutil.copyfile(plan_path, target)
+        shutil.copyfile(plan_path, version / "model.plan")
     else:
         from export.tensorrt import build_engine
 
-        build_engine(onnx_path, target)
-    (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
-    return folder
+        build_engine(onnx_path, version / "model.plan")
+    return out_dir / name
 
 
 def read_model_config(path: str | Path) -> pb.ModelConfig:
@@ -109,6 +220,11 @@ def read_model_config(path: str | Path) -> pb.ModelConfig:
     if path.is_dir():
         path = path / "config.pbtxt"
     return text_format.Parse(path.read_text(), pb.ModelConfig())
+
+
+def parse_config_json(data: dict) -> pb.ModelConfig:
+    """A config as a server returns it in JSON (``get_model_config(..., as_json=True)``) as a ModelConfig."""
+    return json_format.ParseDict(data.get("config", data), pb.ModelConfig(), ignore_unknown_fields=True)
 
 
 def config_metadata(config: pb.ModelConfig) -> dict:

@@ -1,106 +1,219 @@
-"""Serve and query an exported model through a real Triton Inference Server.
+"""Run a real ``tritonserver`` on a model repository written by `export.triton_repo` (``ponder worker
+--triton --repo REPO`` is a thin front for `serve_repository`).
 
-Server side: the tritonserver that nvidia-pytriton ships has only the Python backend (no
-``backends/onnxruntime``), so a repository's ``model.onnx`` cannot be loaded by Triton's own
-onnxruntime backend there. `bind_onnx_model` serves it through pytriton instead: the same
-``config.pbtxt`` (inputs, outputs, shapes, no batching) is bound to a callable that runs the model in
-an onnxruntime session. A full Triton image (NGC ``tritonserver``) loads the repository directly.
+Which server: ``--tritonserver PATH`` / ``PONDER_TRITONSERVER``, else NVIDIA's image layout
+(``/opt/tritonserver``: every backend, including onnxruntime and tensorrt), else the binary inside
+nvidia-pytriton, which has only the Python backend (so ``--kind python-onnxruntime`` repositories). The
+pytriton binary needs a backend folder holding the Python backend plus the stub built for this Python, the
+Python LIBDIR and the wheel's bundled libraries on ``LD_LIBRARY_PATH``; every server gets this interpreter's
+``bin`` first on ``PATH`` (the stub's embedded Python finds its prefix, hence the venv's packages, there)
+and the folder holding the ponder packages on ``PYTHONPATH`` (the kernel-map step imports them).
 
-Client side: `TritonRunner` builds the kernel maps (`model.sparse.kernel_maps`) and queries any
-Triton serving the model — both paths above take the same request.
+Lifetime: the server runs in its own process group (its Python stubs are forked into it) with a
+parent-death signal, so it stops when this process dies for any reason, SIGKILL included; SIGTERM/SIGINT
+are forwarded, and whatever is left of the group after the exit timeout is killed (with the shared-memory
+regions its Python stubs named, which a killed server cannot remove).
+
+Python stubs get ``STUB_TIMEOUT_S`` to start instead of Triton's 30 s: on a loaded machine importing torch /
+onnxruntime took longer, and the python backend of Triton 2.51 then waits forever for the stub it gave up on.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import sysconfig
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tritonclient.grpc import model_config_pb2 as pb
-
-from export.onnx_export import read_info
-from export.onnxrt import OnnxRunner, make_inputs
-from export.triton_repo import read_model_config
-
-NUMPY_TYPES = {pb.TYPE_FP32: np.float32, pb.TYPE_INT64: np.int64, pb.TYPE_INT32: np.int32}
-TRITON_TYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}
+LOG = logging.getLogger("export.triton")
+DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT = 8100, 8101, 8102  # the gateway keeps 8000
+NVIDIA_IMAGE_SERVER = Path("/opt/tritonserver/bin/tritonserver")
+STUB_TIMEOUT_S = 300
+_PR_SET_PDEATHSIG = 1
+_SHM_PREFIX = "triton_python_backend_shm_region_"
 
 
-def fix_libpython_path() -> None:
-    """The Python-backend stub must load this interpreter's libpython: prepend its LIBDIR to
-    LD_LIBRARY_PATH before the server starts (it inherits the environment)."""
-    libdir = sysconfig.get_config_var("LIBDIR")
-    current = os.environ.get("LD_LIBRARY_PATH", "")
-    if libdir and libdir not in current.split(":"):
-        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
+@dataclass(frozen=True)
+class TritonInstall:
+    """A tritonserver binary, the backend folder it loads backends from, and extra library folders."""
+
+    binary: Path
+    backend_dir: Path
+    library_dirs: tuple[Path, ...] = ()
 
 
-def bind_onnx_model(triton: Any, model_dir: str | Path, threads: int | None = None) -> OnnxRunner:
-    """Bind ``<model_dir>/1/model.onnx`` to a started-or-starting ``pytriton.triton.Triton`` under the
-    name, inputs and outputs of ``<model_dir>/config.pbtxt``. Returns the runner behind it."""
-    from pytriton.model_config import ModelConfig, Tensor
-
-    model_dir = Path(model_dir)
-    config = read_model_config(model_dir)
-    if config.backend != "onnxruntime":
-        raise ValueError(f"{model_dir}: backend {config.backend!r}; only onnxruntime models can be served this way")
-    on_cpu = all(g.kind == pb.ModelInstanceGroup.KIND_CPU for g in config.instance_group)
-    runner = OnnxRunner(model_dir / "1" / "model.onnx", device="cpu" if on_cpu else "auto", threads=threads)
-    names = [i.name for i in config.input]
-
-    def infer(requests: list) -> list[dict[str, np.ndarray]]:
-        return [runner.run_feeds({n: np.asarray(request[n]) for n in names}) for request in requests]
-
-    def tensors(values) -> list:
-        return [Tensor(name=v.name, dtype=NUMPY_TYPES[v.data_type], shape=tuple(v.dims)) for v in values]
-
-    triton.bind(model_name=config.name, infer_func=infer, inputs=tensors(config.input),
-                outputs=tensors(config.output), config=ModelConfig(batching=False), strict=True)
-    return runner
+def find_tritonserver(binary: str | Path | None = None) -> TritonInstall:
+    """The server to run (see the module docstring for the order). FileNotFoundError when none is found."""
+    binary = binary or os.environ.get("PONDER_TRITONSERVER")
+    if binary:
+        path = Path(binary)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no tritonserver binary there")
+        return TritonInstall(path, path.resolve().parent.parent / "backends")
+    if NVIDIA_IMAGE_SERVER.is_file():
+        return TritonInstall(NVIDIA_IMAGE_SERVER, NVIDIA_IMAGE_SERVER.parent.parent / "backends")
+    return pytriton_install()
 
 
-class TritonRunner:
-    """Query a Triton-served GatherSpUNet: the host computes kernel maps, Triton runs the graph."""
+def pytriton_install() -> TritonInstall:
+    """The tritonserver inside nvidia-pytriton, with a backend folder prepared for this Python."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise FileNotFoundError("no tritonserver found: install nvidia-pytriton, run in NVIDIA's Triton image, or "
+                                "pass --tritonserver / PONDER_TRITONSERVER") from exc
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    return TritonInstall(root / "bin" / "tritonserver", _python_backend_dir(root), (libs,) if libs.is_dir() else ())
 
-    def __init__(self, url: str, model_name: str, onnx_path: str | Path, protocol: str = "http",
-                 timeout_s: float = 60.0):
-        self.info = read_info(onnx_path)
-        self.model_name = model_name
-        self.protocol = protocol
-        if protocol == "http":
-            import tritonclient.http as client
 
-            self.client = client.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
-        elif protocol == "grpc":
-            import tritonclient.grpc as client
+def _python_backend_dir(root: Path) -> Path:
+    """``<dir>/python/`` = pytriton's Python backend + the stub for this Python version, as symlinks in a
+    folder keyed by the install and the version (made once, atomically, reused by later workers)."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise FileNotFoundError(f"nvidia-pytriton has no Python-backend stub for Python {version} ({stub})")
+    key = hashlib.sha256(f"{root}|{version}".encode()).hexdigest()[:12]
+    target = Path(tempfile.gettempdir()) / f"ponder-triton-backends-{os.getuid()}" / key
+    if not (target / "python" / "triton_python_backend_stub").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent))
+        (staging / "python").mkdir()
+        for item in (root / "backends" / "python").iterdir():
+            if item.name != "__pycache__":
+                (staging / "python" / item.name).symlink_to(item)
+        (staging / "python" / stub.name).symlink_to(stub)
+        try:
+            staging.rename(target)
+        except OSError:  # another worker made it meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
-            self.client = client.InferenceServerClient(url)
-        else:
-            raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
-        self._module = client
 
-    def close(self) -> None:
-        self.client.close()
+def server_environment(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the server (and the Python stubs it forks) needs; see the module docstring."""
+    env = dict(os.environ if base is None else base)
 
-    def __enter__(self) -> "TritonRunner":
-        return self
+    def prepend(var: str, *paths: Path | str) -> None:
+        current = [p for p in env.get(var, "").split(os.pathsep) if p]
+        first = [str(p) for p in paths if p and str(p) not in current]
+        env[var] = os.pathsep.join(first + current)
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    prepend("LD_LIBRARY_PATH", sysconfig.get_config_var("LIBDIR") or "", *install.library_dirs)
+    prepend("PATH", Path(sys.executable).parent)
+    import model  # the folder holding the ponder packages, for the kernel-map step's imports
 
-    def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = []
-        for name, value in feeds.items():
-            value = np.ascontiguousarray(value)
-            tensor = self._module.InferInput(name, list(value.shape), TRITON_TYPES[value.dtype])
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
-        outputs = [self._module.InferRequestedOutput(n) for n in self.info.outputs]
-        result = self.client.infer(self.model_name, inputs, outputs=outputs)
-        return {n: result.as_numpy(n) for n in self.info.outputs}
+    prepend("PYTHONPATH", Path(model.__file__).resolve().parent.parent)
+    return env
 
-    def run(self, feat: np.ndarray, grid_coord: np.ndarray, batch: np.ndarray | None = None,
-            condition: int | str | None = None) -> dict[str, np.ndarray]:
-        return self.run_feeds(make_inputs(self.info, feat, grid_coord, batch, condition))
+
+def server_command(install: TritonInstall, repo: Path, host: str = "127.0.0.1", http_port: int = DEFAULT_HTTP_PORT,
+                   grpc_port: int = DEFAULT_GRPC_PORT, metrics_port: int = DEFAULT_METRICS_PORT,
+                   exit_timeout_s: int = 5, extra: tuple[str, ...] = ()) -> list[str]:
+    return [str(install.binary), f"--model-repository={repo}", f"--backend-directory={install.backend_dir}",
+            f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}",
+            f"--grpc-port={grpc_port}", f"--metrics-address={host}", f"--metrics-port={metrics_port}",
+            f"--exit-timeout-secs={exit_timeout_s}", "--strict-readiness=true",
+            f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}", *extra]
+
+
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn: SIGTERM when the parent dies (checked after setting, in case it already has)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def start_server(command: list[str], env: dict[str, str], **popen: Any) -> subprocess.Popen:
+    """The server in a new process group (session) that receives SIGTERM when this process dies."""
+    parent = os.getpid()
+    return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=lambda: _die_with_parent(parent),
+                            **popen)
+
+
+def stop_server(process: subprocess.Popen, grace_s: float = 15.0, sig: int = signal.SIGTERM) -> int:
+    """Ask the server to stop, wait ``grace_s``, then kill its whole group (stubs included)."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            LOG.warning("tritonserver did not stop within %g s; killing its process group", grace_s)
+    regions = _shm_regions(process.pid)
+    _kill_group(process.pid)
+    code = process.wait()
+    for name in regions:  # only a killed stub leaves its region behind
+        Path("/dev/shm", name).unlink(missing_ok=True)
+    return code
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _shm_regions(pgid: int) -> set[str]:
+    """Shared-memory region names on the command lines of the live processes of group ``pgid``."""
+    names: set[str] = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        names.update(a.decode(errors="replace") for a in args if a.startswith(_SHM_PREFIX.encode()))
+    return names
+
+
+def serve_repository(repo: str | Path, host: str = "127.0.0.1", http_port: int = DEFAULT_HTTP_PORT,
+                     grpc_port: int = DEFAULT_GRPC_PORT, metrics_port: int = DEFAULT_METRICS_PORT,
+                     tritonserver: str | Path | None = None, exit_timeout_s: int = 5,
+                     extra_args: tuple[str, ...] = ()) -> int:
+    """Run tritonserver on ``repo`` until it exits or this process gets SIGTERM/SIGINT (forwarded);
+    returns the server's exit status. FileNotFoundError for a missing repository or server."""
+    repo = Path(repo).resolve()
+    if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
+        raise FileNotFoundError(f"{repo}: not a Triton model repository (no <model>/config.pbtxt); write one with "
+                                "`ponder export triton-repo`")
+    install = find_tritonserver(tritonserver)
+    command = server_command(install, repo, host, http_port, grpc_port, metrics_port, exit_timeout_s, extra_args)
+    LOG.info("starting %s", " ".join(command))
+    process = start_server(command, server_environment(install))
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                code = process.wait()
+                break
+            except KeyboardInterrupt:  # a handler-less SIGINT race: forward like the handler does
+                forward(signal.SIGINT, None)
+        if received:  # a requested stop is a success; a server that overran its exit timeout was killed below
+            LOG.info("tritonserver stopped after signal %d (its status %d)", received[0], code)
+            return 0
+        return code
+    finally:
+        stop_server(process, grace_s=exit_timeout_s + 10)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

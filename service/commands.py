@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from service.cli import (add_extract_arguments, add_serve_arguments, add_worker_arguments, run_extract, run_serve,
-                         run_worker)
+from service.cli import add_extract_arguments, add_serve_arguments, run_extract, run_serve
+from service.workers.triton_server import add_worker_arguments, run_worker
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -13,7 +13,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_serve_arguments(p)
     p.set_defaults(handler=run_serve)
 
-    p = subparsers.add_parser("worker", help="serve the model inside a Triton server (--triton)")
+    p = subparsers.add_parser("worker", help="run a Triton server on an exported model repository (--triton --repo)")
     add_worker_arguments(p)
     p.set_defaults(handler=run_worker)
 

@@ -164,17 +164,6 @@ def start_gateway(env: dict[str, str], folder: Path) -> Server:
     return Server(command, env, "/readyz", port, folder / f"gateway-{port}.log")
 
 
-def start_triton_worker(checkpoint: Path, folder: Path) -> tuple[Server, int]:
-    """``ponder worker --triton`` (through service.cli) on free loopback ports; returns (server, grpc port).
-    ``server.url`` is Triton's HTTP endpoint."""
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    command = [PYTHON, "-m", "service.cli", "worker", "--triton", "--checkpoint", str(checkpoint),
-               "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)]
-    server = Server(command, {"OMP_NUM_THREADS": "2"}, "/v2/models/ponder_models/ready", http_port,
-                    folder / f"triton-{http_port}.log")
-    return server, grpc_port
-
-
 @contextmanager
 def gateway(env: dict[str, str], timeout: float = 180.0) -> Iterator[Server]:
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,3 +216,34 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def start_triton_repo_worker(repo: Path, folder: Path, ports: tuple[int, int, int] | None = None
+                             ) -> tuple[Server, tuple[int, int, int]]:
+    """``ponder worker --triton --repo REPO`` (the console script) on free loopback ports, or on the given
+    (http, grpc, metrics) ones to restart a worker where the gateway expects it. Returns (server, ports);
+    ``server.url`` is Triton's HTTP endpoint, ready at /v2/health/ready."""
+    http_port, grpc_port, metrics_port = ports or (free_port(), free_port(), free_port())
+    ponder = Path(PYTHON).parent / "ponder"
+    command = [str(ponder), "worker", "--triton", "--repo", str(repo), "--http-port", str(http_port),
+               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    server = Server(command, {"OMP_NUM_THREADS": "1"}, "/v2/health/ready", http_port,
+                    folder / f"triton-repo-{http_port}-{time.monotonic_ns()}.log")
+    return server, (http_port, grpc_port, metrics_port)
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose command line contains ``text`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (entry / "status").read_text().splitlines()
+            state = next((line for line in status if line.startswith("State:")), "")
+        except OSError:
+            continue
+        if text in cmdline and "zombie" not in state:
+            found.append((int(entry.name), cmdline.strip()))
+    return found

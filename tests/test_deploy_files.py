@@ -50,7 +50,8 @@ def test_dockerfile_stages_are_non_root_with_health_checks():
     assert names == ["gateway", "worker"]
     for stage in stages:
         assert "\nUSER 10001" in stage and "HEALTHCHECK" in stage
-    assert stages[1].startswith("nvidia/cuda:")
+    assert stages[1].startswith("${TRITON_IMAGE} AS worker")
+    assert "ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:" in (REPO / "Dockerfile").read_text()
 
 
 def test_compose_file_validates_and_wires_gateway_workers_and_prometheus(tmp_path):

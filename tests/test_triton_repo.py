@@ -1,123 +1,148 @@
-"""Triton model repository: config.pbtxt checked with Triton's own protobuf schema, and the exported
-model served by a real tritonserver (through nvidia-pytriton) and queried with tritonclient."""
+"""Triton model repository: the ensemble (kernel maps -> encoder) of every kind, its config.pbtxt files parsed
+with Triton's own protobuf schema and checked. Serving it in a real tritonserver behind the gateway is
+tests/test_service_triton.py (python-onnxruntime kind; the onnxruntime/tensorrt backends are not in the
+tritonserver of nvidia-pytriton)."""
 
 from __future__ import annotations
 
-import socket
+import py_compile
 from pathlib import Path
 
-import numpy as np
+import onnx
 import pytest
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from conftest import fixture_dir
-from export.graph import GatherSpUNet
-from export.onnx_export import export_onnx, read_info
-from export.onnxrt import OnnxRunner
+from export.onnx_export import read_info
 from export.tensorrt import TensorRTUnavailable, VoxelRange, build_engine, tensorrt_available
-from export.triton_repo import config_metadata, model_config, read_model_config, write_triton_repository
-from model.checkpoint import read_official
-
+from export.triton_repo import (KINDS, config_metadata, parse_config_json, read_model_config, step_names,
+                                write_triton_repository)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+GATEWAY = ["grid_coord", "batch", "feat"]
 
 
 @pytest.fixture(scope="module")
 def ppt_onnx(tmp_path_factory) -> Path:
-    graph = GatherSpUNet.from_state_dict(read_official(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth"))
-    return export_onnx(graph, tmp_path_factory.mktemp("onnx") / "ppt.onnx")
+    from ponder.cli import main as ponder
 
-
-@pytest.fixture(scope="module")
-def scene() -> dict[str, np.ndarray]:
-    expected = np.load(fixture_dir("spunet_v1m1_seg") / "expected.npz")
-    return {"feat": expected["feat"], "grid_coord": expected["grid_coord"]}
+    path = tmp_path_factory.mktemp("onnx") / "ppt.onnx"
+    assert ponder(["export", "onnx", str(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth"), "-o", str(path)]) == 0
+    return path
 
 
 def _parse(folder: Path) -> pb.ModelConfig:
     return text_format.Parse((folder / "config.pbtxt").read_text(), pb.ModelConfig())
 
 
-def test_repository_layout_and_config(tmp_path, ppt_onnx):
-    folder = write_triton_repository(tmp_path / "repo", ppt_onnx, "ponder_ppt", instance_count=2)
-    assert folder == tmp_path / "repo" / "ponder_ppt"
-    assert (folder / "1" / "model.onnx").read_bytes() == ppt_onnx.read_bytes()
-    config = _parse(folder)
-    assert config.name == "ponder_ppt" and config.backend == "onnxruntime"
-    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
-    assert [(g.kind, g.count) for g in config.instance_group] == [(pb.ModelInstanceGroup.KIND_GPU, 2)]
-    inputs = {i.name: (i.data_type, list(i.dims)) for i in config.input}
+def _table_types(onnx_path: Path) -> dict[str, int]:
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.input}
+    to_triton = {onnx.TensorProto.INT32: pb.TYPE_INT32, onnx.TensorProto.INT64: pb.TYPE_INT64}
+    return {n: to_triton[t] for n, t in types.items() if n not in ("feat", "condition")}
+
+
+def test_ensemble_layout_and_configs(tmp_path, ppt_onnx):
+    repo = tmp_path / "repo"
+    folder = write_triton_repository(repo, ppt_onnx, "ponder_ppt", kind="python-onnxruntime", threads=2)
+    maps_name, encoder_name = step_names("ponder_ppt")
+    assert folder == repo / "ponder_ppt" and (folder / "1").is_dir()
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["ponder_ppt", maps_name, encoder_name])
+    assert (repo / encoder_name / "1" / "model.onnx").read_bytes() == ppt_onnx.read_bytes()
+    for script in (repo / maps_name / "1" / "ponder_kernel_maps.py",
+                   repo / encoder_name / "1" / "ponder_onnx_encoder.py"):
+        py_compile.compile(str(script), cfile=str(tmp_path / "x.pyc"), doraise=True)
+
+    ensemble, maps, encoder = _parse(folder), _parse(repo / maps_name), _parse(repo / encoder_name)
     info = read_info(ppt_onnx)
-    assert list(inputs) == info.input_names
-    assert inputs["feat"] == (pb.TYPE_FP32, [-1, 6]) and inputs["stem_nbr"] == (pb.TYPE_INT64, [-1, 125])
-    assert inputs["up3_map"] == (pb.TYPE_INT64, [-1, 8]) and inputs["condition"] == (pb.TYPE_INT64, [1])
-    outputs = {o.name: list(o.dims) for o in config.output}
-    assert outputs == {"backbone_feat": [-1, 24], "seg_logits": [-1, -1]}
-    meta = config_metadata(config)
+    assert ensemble.platform == "ensemble" and ensemble.max_batch_size == 0
+    assert {i.name: (i.data_type, list(i.dims)) for i in ensemble.input} == {
+        "grid_coord": (pb.TYPE_INT32, [-1, 3]), "batch": (pb.TYPE_INT32, [-1]), "feat": (pb.TYPE_FP32, [-1, 6]),
+        "condition": (pb.TYPE_INT64, [1])}
+    assert {o.name: list(o.dims) for o in ensemble.output} == {"backbone_feat": [-1, 24], "seg_logits": [-1, -1]}
+    meta = config_metadata(ensemble)
     assert meta["conditions"] == ["Structured3D", "ScanNet", "S3DIS"] and meta["num_classes"]["S3DIS"] == 13
-    assert read_model_config(folder) == config
+    assert meta["kind"] == info.kind and meta["out_channels"] == 24 and meta["grid_size"] == 0.02
+
+    # step 1: the gateway's tensors in, every table out, typed as the ONNX graph takes them
+    assert maps.backend == "python" and [i.name for i in maps.input] == GATEWAY + ["condition"]
+    assert {o.name: o.data_type for o in maps.output} == _table_types(ppt_onnx)
+    assert config_metadata(maps)["num_levels"] == info.num_levels and config_metadata(maps)["stem_kernel"] == 5
+    # step 2: exactly the ONNX graph's inputs and outputs
+    assert encoder.backend == "python" and config_metadata(encoder)["threads"] == 2
+    assert [i.name for i in encoder.input] == info.input_names
+    assert [o.name for o in encoder.output] == list(info.outputs)
+    assert [g.kind for g in encoder.instance_group] == [pb.ModelInstanceGroup.KIND_CPU]
+
+    # the ensemble wires them: tables from step 1, everything else from the request
+    step1, step2 = ensemble.ensemble_scheduling.step
+    assert (step1.model_name, step2.model_name) == (maps_name, encoder_name)
+    assert dict(step1.input_map) == {n: n for n in GATEWAY + ["condition"]}
+    assert set(step1.output_map.values()) == set(_table_types(ppt_onnx))
+    assert set(step2.input_map) == set(info.input_names) and set(step2.output_map.values()) == set(info.outputs)
+    produced = set(step1.output_map.values()) | {i.name for i in ensemble.input}
+    assert set(step2.input_map.values()) <= produced
+    # what a gateway reads back over gRPC/HTTP as JSON parses to the same config
+    assert parse_config_json({"config": json_format.MessageToDict(ensemble)}) == ensemble
+    assert read_model_config(folder) == ensemble
 
 
-def test_cpu_and_tensorrt_variants_parse(tmp_path, ppt_onnx):
-    info = read_info(ppt_onnx)
-    cpu = write_triton_repository(tmp_path, ppt_onnx, "ponder_cpu", device="cpu")
-    assert [g.kind for g in _parse(cpu).instance_group] == [pb.ModelInstanceGroup.KIND_CPU]
-    trt = model_config(info, "ponder_trt", kind="tensorrt")
-    parsed = text_format.Parse(text_format.MessageToString(trt), pb.ModelConfig())
-    assert parsed.backend == "tensorrt" and parsed.default_model_filename == "model.plan"
-    assert [i.name for i in parsed.input] == info.input_names
+def test_all_kinds_share_names_and_differ_only_in_the_encoder(tmp_path, ppt_onnx):
+    plan = tmp_path / "prebuilt.plan"
+    plan.write_bytes(b"engine bytes")  # copied as is; its contents are TensorRT's business
+    configs = {}
+    for kind in KINDS:
+        repo = tmp_path / kind
+        write_triton_repository(repo, ppt_onnx, "m", kind=kind, plan_path=plan if kind == "tensorrt" else None)
+        configs[kind] = {p.name: _parse(p) for p in repo.iterdir()}
+    for kind, models in configs.items():
+        assert sorted(models) == ["m", "m_encoder", "m_kernel_maps"]
+        assert models["m"] == configs["onnxruntime"]["m"]  # same ensemble, same tensor names
+        encoder = models["m_encoder"]
+        assert [i.name for i in encoder.input] == [i.name for i in configs["onnxruntime"]["m_encoder"].input]
+        assert [(i.data_type, list(i.dims)) for i in encoder.input] == \
+            [(i.data_type, list(i.dims)) for i in configs["onnxruntime"]["m_encoder"].input]
+        device = pb.ModelInstanceGroup.KIND_CPU if kind == "python-onnxruntime" else pb.ModelInstanceGroup.KIND_GPU
+        for step in ("m_encoder", "m_kernel_maps"):
+            assert [g.kind for g in models[step].instance_group] == [device]
+    assert configs["onnxruntime"]["m_encoder"].backend == "onnxruntime"
+    assert configs["onnxruntime"]["m_encoder"].default_model_filename == "model.onnx"
+    assert configs["tensorrt"]["m_encoder"].backend == "tensorrt"
+    assert configs["tensorrt"]["m_encoder"].default_model_filename == "model.plan"
+    assert (tmp_path / "tensorrt" / "m_encoder" / "1" / "model.plan").read_bytes() == b"engine bytes"
+    assert (tmp_path / "onnxruntime" / "m_encoder" / "1" / "model.onnx").exists()
+    cpu = write_triton_repository(tmp_path / "cpu", ppt_onnx, "c", kind="onnxruntime", device="cpu", instance_count=3)
+    groups = _parse(cpu.parent / "c_encoder").instance_group
+    assert [(g.kind, g.count) for g in groups] == [(pb.ModelInstanceGroup.KIND_CPU, 3)]
+
+
+def test_table_types_follow_the_onnx_graph(tmp_path, ppt_onnx):
+    """A graph that takes int64 tables gets int64 tables from step 1 (the dtype is read, not assumed)."""
+    model = onnx.load(str(ppt_onnx))
+    for value in model.graph.input:
+        if value.name.endswith(("_nbr", "_map")):
+            value.type.tensor_type.elem_type = onnx.TensorProto.INT64
+    other = tmp_path / "int64.onnx"
+    onnx.save(model, str(other))
+    repo = tmp_path / "repo"
+    write_triton_repository(repo, other, "m", kind="onnxruntime")
+    assert {o.data_type for o in _parse(repo / "m_kernel_maps").output} == {pb.TYPE_INT64}
+    assert {i.data_type for i in _parse(repo / "m_encoder").input if i.name.endswith("_map")} == {pb.TYPE_INT64}
 
 
 def test_bad_repository_requests_are_refused(tmp_path, ppt_onnx):
-    info = read_info(ppt_onnx)
     with pytest.raises(ValueError, match="max_batch_size must be 0"):
         write_triton_repository(tmp_path, ppt_onnx, "m", max_batch_size=8)
     with pytest.raises(ValueError, match="GPUs only"):
-        model_config(info, "m", kind="tensorrt", device="cpu")
+        write_triton_repository(tmp_path, ppt_onnx, "m", kind="tensorrt", device="cpu")
     with pytest.raises(ValueError, match="kind must be"):
-        model_config(info, "m", kind="pytorch")
+        write_triton_repository(tmp_path, ppt_onnx, "m", kind="pytorch")
     with pytest.raises(ValueError, match="invalid Triton model name"):
         write_triton_repository(tmp_path, ppt_onnx, "a/b")
     with pytest.raises(FileNotFoundError):
         write_triton_repository(tmp_path, tmp_path / "missing.onnx", "m")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def test_served_by_real_triton_matches_onnxruntime(tmp_path, ppt_onnx, scene):
-    """tritonserver 2.51 (nvidia-pytriton) has only the Python backend, so the repository's model.onnx is
-    bound through pytriton with an onnxruntime session; requests still go through the real server."""
-    pytest.importorskip("pytriton")
-    from pytriton.triton import Triton, TritonConfig
-
-    from export.triton_serve import TritonRunner, bind_onnx_model, fix_libpython_path
-
-    folder = write_triton_repository(tmp_path / "repo", ppt_onnx, "ponder_ppt", device="cpu")
-    direct = OnnxRunner(ppt_onnx, device="cpu", threads=1)
-    fix_libpython_path()
-    http, grpc, metrics = _free_ports(3)
-    config = TritonConfig(http_address="127.0.0.1", http_port=http, grpc_address="127.0.0.1", grpc_port=grpc,
-                          metrics_port=metrics, exit_timeout_secs=5)
-    with Triton(config=config, workspace=tmp_path / "triton") as triton:
-        bind_onnx_model(triton, folder, threads=1)
-        triton.run()
-        for protocol, url in (("http", f"127.0.0.1:{http}"), ("grpc", f"127.0.0.1:{grpc}")):
-            with TritonRunner(url, "ponder_ppt", ppt_onnx, protocol=protocol) as client:
-                for condition, classes in (("ScanNet", 20), ("S3DIS", 13)):
-                    served = client.run(scene["feat"], scene["grid_coord"], condition=condition)
-                    ref = direct.run(scene["feat"], scene["grid_coord"], condition=condition)
-                    assert served["seg_logits"].shape == (len(scene["feat"]), classes)
-                    for key in ("backbone_feat", "seg_logits"):
-                        assert np.abs(served[key] - ref[key]).max() <= 1e-5
+    assert not any(tmp_path.iterdir())  # nothing half-written
 
 
 def test_tensorrt_profiles_and_engine(tmp_path, ppt_onnx):
@@ -130,4 +155,4 @@ def test_tensorrt_profiles_and_engine(tmp_path, ppt_onnx):
         pytest.skip("TensorRT is not installed here (GPU-only optional extra); engine build not exercised")
     plan = build_engine(ppt_onnx, tmp_path / "model.plan", profiles=(VoxelRange(1, 30_000, 60_000),))
     folder = write_triton_repository(tmp_path / "repo", ppt_onnx, "ponder_trt", kind="tensorrt", plan_path=plan)
-    assert (folder / "1" / "model.plan").stat().st_size > 0 and _parse(folder).backend == "tensorrt"
+    assert (folder.parent / "ponder_trt_encoder" / "1" / "model.plan").stat().st_size > 0

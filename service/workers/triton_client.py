@@ -1,16 +1,23 @@
-"""The Triton worker: the gateway decodes and voxelises, then sends the tensors to one of several Triton
-endpoints (``ponder worker --triton``) over gRPC (default) or HTTP with tritonclient's asyncio clients.
+"""The Triton worker: the gateway decodes and voxelises, then calls the ensemble of a repository written by
+``ponder export triton-repo`` (served by ``ponder worker --triton --repo``) on one of several Triton endpoints,
+over gRPC (default) or HTTP with tritonclient's asyncio clients. The request carries what the gateway has:
+``grid_coord (M, 3) INT32``, ``batch (M,) INT32``, ``feat (M, C) FP32`` and, for conditional models,
+``condition (1,) INT64``; Triton computes the kernel maps and runs the encoder (`export.triton_repo`).
+
+Models: every ready ensemble with ponder metadata in its config parameters (read through the repository
+index and the model configs) becomes a model card, in the repository's order, so the gateway needs no
+checkpoint and serves the repository's model as its default.
 
 Robustness: endpoints are used round-robin; each has a circuit breaker (``breaker_failures`` consecutive
 failures open it for ``breaker_reset_s``, then one trial call decides); transient errors (connection,
-UNAVAILABLE, 5xx) are retried on the next endpoint with exponential backoff; input errors are not retried.
-In-flight requests are bounded by ``queue_size`` (503 beyond it).
+UNAVAILABLE, a model that is not loaded (yet), a dead Python stub, 5xx) are retried on the next endpoint with
+exponential backoff and end as 503 + Retry-After; input errors are not retried (422). In-flight requests are
+bounded by ``queue_size`` (503 beyond it). gRPC channels reconnect within a second once a worker is back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -19,23 +26,43 @@ from typing import Any
 
 import numpy as np
 
+from model.inference import ModelInfo
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerFailed,
                                   WorkerInputError, WorkerUnavailable)
-from service.workers.triton_server import INFO_MODEL
 
 LOG = logging.getLogger("service.triton")
 _TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
-              "StatusCode.ABORTED", "429", "502", "503", "504"}
-_INPUT = {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.FAILED_PRECONDITION", "400", "404"}
+              "StatusCode.ABORTED", "StatusCode.CANCELLED", "StatusCode.NOT_FOUND", "429", "502", "503", "504"}
+_INPUT = {"StatusCode.INVALID_ARGUMENT", "StatusCode.FAILED_PRECONDITION", "StatusCode.OUT_OF_RANGE", "400"}
+# A model that is not (yet / any more) loaded or a stub that died reads like this whatever the status says;
+# the gateway checked the model name against the server's own list, so none of them is the input's fault.
+_TRANSIENT_TEXT = re.compile(r"unknown model|is not ready|no available versions|is not healthy|stub process|"
+                             r"server is stopping|socket closed", re.IGNORECASE)
 _EXCEPTION_LINE = re.compile(r"^\s*(?:\w+\.)*\w*(?:Error|Exception): .+$", re.MULTILINE)
+_CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                 ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.keepalive_time_ms", 2**31 - 1)]
 
 
 def _short(message: str) -> str:
     """The last ``SomeError: text`` line of a server-side traceback (the whole message if none)."""
     lines = [m.group(0).strip() for m in _EXCEPTION_LINE.finditer(message)]
     return lines[-1] if lines else message.strip()[:500]
+
+
+def card_from_metadata(name: str, meta: dict) -> ModelCard:
+    """A model card from the ponder metadata of an ensemble config (`export.triton_repo.config_metadata`)."""
+    conditions = tuple(meta.get("conditions") or ())
+    info = ModelInfo(name=name, kind=str(meta["kind"]), conditions=conditions,
+                     class_names={k: tuple(v) for k, v in (meta.get("class_names") or {}).items()},
+                     feature_dim=int(meta["out_channels"]), grid_size=float(meta["grid_size"]),
+                     input_features=tuple(meta.get("input_features") or ("color", "normal")),
+                     version=str(meta.get("version", "1")))
+    default = ("ScanNet" if "ScanNet" in conditions else conditions[0]) if conditions else None
+    return ModelCard(info=info, has_classifier="seg_logits" in (meta.get("outputs") or ()),
+                     default_condition=default)
 
 
 class CircuitBreaker:
@@ -86,6 +113,10 @@ class _TransientError(Exception):
     pass
 
 
+def _is_grpc(client: Any) -> bool:
+    return type(client).__module__.startswith("tritonclient.grpc")
+
+
 class TritonWorker(Worker):
     kind = "triton"
 
@@ -96,6 +127,7 @@ class TritonWorker(Worker):
         self._next = 0
         self._in_flight = 0
         self._cards: dict[str, ModelCard] = {}
+        self._in_channels: dict[str, int] = {}
         self._discovery: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -113,7 +145,9 @@ class TritonWorker(Worker):
             raise ValueError("PONDER_TRITON_URLS is empty: name at least one Triton endpoint (host:port)")
         _, aio = self._client_module()
         for url in self.settings.triton_urls:
-            self._endpoints.append(_Endpoint(url=url, client=aio.InferenceServerClient(url=url),
+            # gRPC: a short reconnect backoff, so a restarted worker is used again within a second
+            extra = {"channel_args": _CHANNEL_ARGS} if self.settings.triton_protocol == "grpc" else {}
+            self._endpoints.append(_Endpoint(url=url, client=aio.InferenceServerClient(url=url, **extra),
                                              protocol=self.settings.triton_protocol,
                                              breaker=CircuitBreaker(self.settings.breaker_failures,
                                                                     self.settings.breaker_reset_s)))
@@ -135,23 +169,43 @@ class TritonWorker(Worker):
                 LOG.debug("closing the client of %s: %s", endpoint.url, exc)
 
     async def _discover_models(self) -> None:
-        module, _ = self._client_module()
         delay = 0.2
         while not self._cards:
             for endpoint in self._endpoints:
                 try:
-                    query = module.InferInput("query", [1], "BYTES")
-                    query.set_data_from_numpy(np.array([b"cards"], dtype=np.object_))
-                    result = await endpoint.client.infer(INFO_MODEL, [query])
-                    raw = result.as_numpy("cards").reshape(-1)[0]
-                    cards = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-                    self._cards = {name: ModelCard.from_dict(card) for name, card in cards.items()}
-                    LOG.info("Triton at %s serves %s", endpoint.url, ", ".join(self._cards))
-                    return
+                    cards = await self._cards_of(endpoint.client)
                 except Exception as exc:  # noqa: BLE001 - retried until a server answers
                     LOG.debug("model discovery on %s failed: %s", endpoint.url, exc)
+                    continue
+                if cards:
+                    self._cards = {name: card for name, (card, _) in cards.items()}
+                    self._in_channels = {name: channels for name, (_, channels) in cards.items()}
+                    LOG.info("Triton at %s serves %s", endpoint.url, ", ".join(self._cards))
+                    return
+                LOG.warning("Triton at %s serves no ready ponder ensemble yet", endpoint.url)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    @staticmethod
+    async def _cards_of(client: Any) -> dict[str, tuple[ModelCard, int]]:
+        """Name -> (card, input channels) of every ready ensemble carrying ponder metadata, in index order."""
+        from export.triton_repo import config_metadata, parse_config_json
+
+        index = await client.get_model_repository_index(as_json=True) if _is_grpc(client) else \
+            await client.get_model_repository_index()
+        entries = index.get("models", []) if isinstance(index, dict) else index
+        cards = {}
+        for entry in entries:
+            name = entry.get("name")
+            if not name or entry.get("state", "READY") != "READY":
+                continue
+            raw = await client.get_model_config(name, as_json=True) if _is_grpc(client) else \
+                await client.get_model_config(name)
+            config = parse_config_json(raw)
+            meta = config_metadata(config)
+            if config.platform == "ensemble" and "kind" in meta and "out_channels" in meta:
+                cards[name] = (card_from_metadata(name, meta), int(meta["in_channels"]))
+        return cards
 
     def models(self) -> dict[str, ModelCard]:
         return self._cards
@@ -183,24 +237,39 @@ class TritonWorker(Worker):
         return None
 
     def _request(self, job: EncodeJob) -> tuple[list, list]:
+        """The ensemble's inputs (see the module docstring) and requested outputs; a scene that cannot be
+        one is refused here (WorkerInputError), before it reaches a server."""
         module, _ = self._client_module()
+        card = self._cards.get(job.model)
+        if card is None:
+            raise WorkerUnavailable(f"no Triton endpoint has listed model {job.model!r} yet")
         grid = np.ascontiguousarray(job.voxels.grid_coord, dtype=np.int32)  # (M, 3)
         feat = np.ascontiguousarray(job.voxels.feat, dtype=np.float32)  # (M, C)
-        condition = np.array([(job.condition or "").encode()], dtype=np.object_)  # (1,) BYTES
+        channels = self._in_channels.get(job.model, feat.shape[-1])
+        if grid.ndim != 2 or grid.shape[1] != 3 or len(grid) == 0 or feat.shape != (len(grid), channels):
+            raise WorkerInputError(f"model {job.model!r} takes grid_coord (M, 3) and feat (M, {channels}) with M >= 1; "
+                                   f"got {grid.shape} and {feat.shape}")
+        tensors = [("grid_coord", grid, "INT32"), ("batch", np.zeros(len(grid), np.int32), "INT32"),
+                   ("feat", feat, "FP32")]
+        conditions = card.info.conditions
+        if conditions:
+            try:
+                condition = card.resolve_condition(job.condition)
+            except ValueError as exc:
+                raise WorkerInputError(str(exc)) from exc
+            tensors.append(("condition", np.array([conditions.index(condition)], np.int64), "INT64"))
+        http = self.settings.triton_protocol == "http"
         inputs = []
-        for name, array, dtype in (("grid_coord", grid, "INT32"), ("feat", feat, "FP32"),
-                                   ("condition", condition, "BYTES")):
+        for name, array, dtype in tensors:
             tensor = module.InferInput(name, list(array.shape), dtype)
-            if self.settings.triton_protocol == "http":
+            if http:
                 tensor.set_data_from_numpy(array, binary_data=True)
             else:
                 tensor.set_data_from_numpy(array)
             inputs.append(tensor)
-        names = ["features"] + (["logits"] if job.want_logits else [])
-        if self.settings.triton_protocol == "http":
-            outputs = [module.InferRequestedOutput(n, binary_data=True) for n in names]
-        else:
-            outputs = [module.InferRequestedOutput(n) for n in names]
+        names = ["backbone_feat"] + (["seg_logits"] if job.want_logits and card.has_classifier else [])
+        outputs = [module.InferRequestedOutput(n, binary_data=True) if http else module.InferRequestedOutput(n)
+                   for n in names]
         return inputs, outputs
 
     def _classify_error(self, exc: Exception) -> Exception:
@@ -208,11 +277,12 @@ class TritonWorker(Worker):
 
         if isinstance(exc, InferenceServerException):
             status = str(exc.status() or "")
-            message = _short(exc.message() or str(exc))
+            text = exc.message() or str(exc)
+            message = _short(text)
+            if status in _TRANSIENT or not status or _TRANSIENT_TEXT.search(text):  # no status: no connection
+                return _TransientError(message)
             if status in _INPUT:
                 return WorkerInputError(f"the model server refused the input: {message}")
-            if status in _TRANSIENT or not status:  # no status: the connection itself failed
-                return _TransientError(message)
             return WorkerFailed(f"{status}: {message}")
         if isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError)):
             return _TransientError(f"{type(exc).__name__}: {exc}")
@@ -268,7 +338,7 @@ class TritonWorker(Worker):
             self.metrics.worker_latency.labels(self.kind).observe(time.perf_counter() - start)
             self.metrics.batch_size.observe(1)
             self.metrics.voxels.inc(job.voxels.num_voxels)
-            features = result.as_numpy("features")
-            logits = result.as_numpy("logits") if len(outputs) > 1 else None
+            features = result.as_numpy("backbone_feat")
+            logits = result.as_numpy("seg_logits") if len(outputs) > 1 else None
             return EncodeOutput(features=features, logits=logits)
         raise WorkerUnavailable(f"gave up after {self.settings.triton_retries + 1} attempts ({last})")

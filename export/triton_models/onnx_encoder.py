@@ -1,0 +1,45 @@
+"""Step 2 of the ponder ensemble for ``--kind python-onnxruntime``: the exported ONNX graph (``model.onnx``
+beside this file) in onnxruntime, inside a Triton Python-backend model. Same tensors as the onnxruntime
+backend's model, for Triton builds that ship only the Python backend (the one inside nvidia-pytriton).
+
+GPU instances use onnxruntime's CUDA provider when this onnxruntime has it; ``ponder.threads`` sets the
+intra-op threads (0 = onnxruntime's default).
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        threads = int(params.get("ponder.threads", "0"))
+        options = ort.SessionOptions()
+        if threads > 0:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = ort.InferenceSession(path, options, providers=providers)
+        self.inputs = [i["name"] for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            feeds = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
+            try:
+                values = self.session.run(self.outputs, feeds)
+            except Exception as exc:  # noqa: BLE001 - step 1 checked the input, so this is the server's fault
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"onnxruntime: {exc}")))
+                continue
+            tensors = [pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in zip(self.outputs, values)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses
