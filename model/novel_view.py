@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.cancel import CancelToken, active, checkpoint
 from model.checkpoint import LoadedModel
 from model.config import ModelConfig
 from model.pointcloud.cloud import PointCloud
@@ -56,8 +57,9 @@ def resolve_condition(config: ModelConfig, condition: str | None) -> str | None:
 @torch.no_grad()
 def scene_volume(model: nn.Module, config: ModelConfig, cloud: PointCloud, condition: str | None = None) -> SceneVolume:
     """Voxelise the cloud, run the backbone and the projection: the scene's render volume (model in eval mode,
-    on the device of its parameters)."""
+    on the device of its parameters). Checks the active cancel token (model.cancel) between its steps."""
     check_renderable(config, model)
+    checkpoint()
     condition = resolve_condition(config, condition)
     device = next(model.parameters()).device
     vox = voxelize(cloud, config.grid_size, config.input_features)
@@ -71,6 +73,7 @@ def scene_volume(model: nn.Module, config: ModelConfig, cloud: PointCloud, condi
     coord = torch.from_numpy(vox.coord).to(device)
     batch = torch.zeros(len(feat), dtype=torch.long, device=device)
     features = model.features(feat, grid, batch, condition)  # (M, C)
+    checkpoint()
     offsets = torch.tensor([len(feat)], device=device)
     scenes = model.render_head.fit_scenes(coord, offsets)
     volume = model.volume(features, coord, offsets, scenes)[0]  # (C', Z, Y, X)
@@ -79,11 +82,17 @@ def scene_volume(model: nn.Module, config: ModelConfig, cloud: PointCloud, condi
 
 
 def render_views_of(model: nn.Module, volume: SceneVolume, cameras: Sequence[Camera],
-                    chunk: int = 4096) -> list[RenderedView]:
-    """Render each camera through a scene volume, ``chunk`` rays at a time (memory is bounded by the chunk)."""
+                    chunk: int = 4096, cancel: CancelToken | None = None) -> list[RenderedView]:
+    """Render each camera through a scene volume, ``chunk`` rays at a time (memory is bounded by the chunk).
+    ``cancel`` (default: the active token) is checked before every chunk: model.cancel.Cancelled stops it."""
     if not cameras:
         raise ValueError("no cameras to render")
-    return render_views(model.render_head.renderer, volume.volume, volume.world_to_unit, cameras, chunk)
+    with active(cancel):  # the renderer calls model.cancel.checkpoint() per chunk
+        views = []
+        for camera in cameras:
+            checkpoint()
+            views += render_views(model.render_head.renderer, volume.volume, volume.world_to_unit, [camera], chunk)
+        return views
 
 
 def render_scene(loaded: LoadedModel, cloud: PointCloud, cameras: Sequence[Camera], condition: str | None = None,

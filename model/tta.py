@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.cancel import CancelToken, current
 from model.pointcloud.cloud import PointCloud
 from model.pointcloud.voxelize import (VoxelizedCloud, assemble_features, center_shift, complete_cloud,
                                        grid_fragments)
@@ -43,6 +44,9 @@ OFFICIAL_AUGMENTATIONS = (tuple(Augmentation(a) for a in ROTATIONS)
                           + (Augmentation(flip=True),))
 
 
+CANCELLABLE_BATCH_VOXELS = 50_000  # voxels per forward pass under a cancel token (~2 s on one CPU core)
+
+
 def fragment_inputs(cloud: PointCloud, grid_size: float, feature_keys: tuple[str, ...],
                     augmentations: tuple[Augmentation, ...] = OFFICIAL_AUGMENTATIONS):
     """Yield (point index (M,), VoxelizedCloud) for every augmentation × fragment."""
@@ -60,14 +64,21 @@ def fragment_inputs(cloud: PointCloud, grid_size: float, feature_keys: tuple[str
 
 def precise_probabilities(predictor, cloud: PointCloud, condition: str | None, grid_size: float | None = None,
                           augmentations: tuple[Augmentation, ...] = OFFICIAL_AUGMENTATIONS,
-                          max_batch_voxels: int = 300_000) -> np.ndarray:
-    """(N, K) summed softmax probabilities over all augmentations and fragments (argmax = prediction)."""
+                          max_batch_voxels: int = 300_000, cancel: CancelToken | None = None) -> np.ndarray:
+    """(N, K) summed softmax probabilities over all augmentations and fragments (argmax = prediction).
+    ``cancel`` (default: the token active in this context, see model.cancel) is checked before every fragment
+    and every forward pass, so a cancelled or late request stops within one batch."""
     grid_size = grid_size or predictor.config.grid_size
+    token = cancel or current()
+    check = token.check if token is not None else (lambda: None)
+    if token is not None:  # smaller forward passes, so a cancelled request waits for at most one of them
+        max_batch_voxels = min(max_batch_voxels, CANCELLABLE_BATCH_VOXELS)
     total = None
     batch: list[tuple[np.ndarray, VoxelizedCloud]] = []
 
     def flush() -> None:
         nonlocal total
+        check()
         features = predictor.encode([v for _, v in batch], condition)
         for (kept, _), logits in zip(batch, predictor.classify(features, condition)):
             probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
@@ -76,7 +87,9 @@ def precise_probabilities(predictor, cloud: PointCloud, condition: str | None, g
             total[kept] += probs  # kept is unique within a fragment
         batch.clear()
 
+    check()
     for kept, voxels in fragment_inputs(cloud, grid_size, predictor.config.input_features, augmentations):
+        check()
         if batch and sum(v.num_voxels for _, v in batch) + voxels.num_voxels > max_batch_voxels:
             flush()
         batch.append((kept, voxels))

@@ -1,8 +1,10 @@
 """Batch feature extraction through a gateway: ``ponder extract INPUT... --server URL -o OUT_DIR``.
 
 Inputs are a directory (every supported point-cloud file under it), a glob, a text file listing paths,
-or plain file paths. Each input gets one ``OUT_DIR/<relative path>.npy`` (or ``.parquet``) of per-point
-features, written atomically (temporary file + rename), so a killed run loses nothing it finished and
+or plain file paths. A Pointcept scene folder (``coord.npy`` beside ``color.npy``/``normal.npy``/labels) is
+one scene, uploaded as one NPZ; a ``.npy`` that is not an (N, >=3) float cloud (labels, a lone colour array)
+is left out with the reason, listed in the summary. Each input gets one ``OUT_DIR/<relative path>.npy``
+(or ``.parquet``) of per-point features, written atomically (temporary file + rename), so a killed run loses nothing it finished and
 a rerun skips every input whose output exists. Uploads run ``concurrency`` at a time; 5xx answers,
 429 and connection errors are retried with backoff, other 4xx answers are reported and skipped.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,6 +26,15 @@ from model.pointcloud.readers import SUPPORTED_FORMATS, format_from_name
 from service.client import NPY, PonderError, load_npy, raise_for_problem, retry_delay
 
 TMP_SUFFIX = ".ponder-tmp"
+SCENE_PARTS = ("coord", "color", "normal")  # the Pointcept arrays a scene folder's upload carries
+
+
+class InputList(list):
+    """The inputs to extract, plus ``ignored``: files left out and why (shown in the run's summary)."""
+
+    def __init__(self, paths: list[Path], ignored: dict[Path, str]) -> None:
+        super().__init__(paths)
+        self.ignored = ignored
 
 
 @dataclass
@@ -47,6 +59,7 @@ class ExtractReport:
     done: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)
+    ignored: dict[Path, str] = field(default_factory=dict)  # not point clouds (see expand_inputs)
     points: int = 0
     seconds: float = 0.0
 
@@ -54,17 +67,60 @@ class ExtractReport:
         rate = self.points / self.seconds if self.seconds > 0 else 0.0
         lines = [f"extracted {len(self.done)}, skipped {len(self.skipped)} (output present), "
                  f"failed {len(self.failed)}; {self.points} points in {self.seconds:.1f} s ({rate:,.0f} points/s)"]
+        if self.ignored:
+            lines.append(f"ignored {len(self.ignored)} file(s) that are not point clouds:")
+            lines += [f"  ignored {path}: {reason}" for path, reason in self.ignored.items()]
         lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed.items()]
         return "\n".join(lines)
 
 
-def expand_inputs(specs: list[str]) -> list[Path]:
-    """Files named by directories, globs, list files (.txt/.lst with one path a line) or paths."""
+def is_scene_folder(path: Path) -> bool:
+    """A Pointcept-layout scene: a folder holding coord.npy (with color.npy, normal.npy, labels beside it)."""
+    return path.is_dir() and (path / "coord.npy").is_file()
+
+
+def not_a_cloud(path: Path) -> str | None:
+    """Why a .npy file is no point cloud (None when it is one): it must be an (N, >=3) float array."""
+    if path.suffix.lower() != ".npy":
+        return None
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        return None if "pickle" not in str(exc) else "an object array, not a point cloud"  # the server reports
+    if array.ndim != 2 or array.shape[1] < 3:
+        return f"shape {array.shape} is not an (N, >=3) point cloud"
+    if not np.issubdtype(array.dtype, np.floating):
+        return f"{array.dtype} values (labels or colours?) are not an (N, >=3) float point cloud"
+    return None
+
+
+def _walk(folder: Path, ignored: dict[Path, str]) -> list[Path]:
+    """Scene folders and point-cloud files under ``folder``; the arrays inside scene folders are parts of
+    their scene, not inputs of their own."""
+    if is_scene_folder(folder):
+        return [folder]
+    scenes = sorted(p.parent for p in folder.rglob("coord.npy") if is_scene_folder(p.parent))
+    found: list[Path] = list(scenes)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and format_from_name(p.name)):
+        if any(path.is_relative_to(scene) for scene in scenes):
+            continue
+        reason = not_a_cloud(path)
+        if reason:
+            ignored[path.resolve()] = reason
+        else:
+            found.append(path)
+    return found
+
+
+def expand_inputs(specs: list[str]) -> InputList:
+    """Files and scene folders named by directories, globs, list files (.txt/.lst with one path a line) or
+    paths; ``.ignored`` lists the .npy files left out because they are not point clouds."""
     files: list[Path] = []
+    ignored: dict[Path, str] = {}
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and format_from_name(p.name))
+            files += _walk(path, ignored)
         elif any(ch in spec for ch in "*?["):
             files += sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         elif path.is_file() and (path.suffix.lower() in (".lst", ".list")
@@ -82,8 +138,17 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     unique = list(dict.fromkeys(p.resolve() for p in files))
     if not unique:
         raise ValueError(f"no point-cloud files found in {', '.join(specs)} "
-                         f"(supported suffixes: {', '.join(SUPPORTED_FORMATS)})")
-    return unique
+                         f"(supported suffixes: {', '.join(SUPPORTED_FORMATS)})"
+                         + (f"; {len(ignored)} .npy file(s) are not (N, >=3) clouds" if ignored else ""))
+    return InputList(unique, ignored)
+
+
+def scene_npz(folder: Path) -> bytes:
+    """A scene folder's coord/color/normal arrays as one NPZ upload (Pointcept keys)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in SCENE_PARTS
+                        if (folder / f"{name}.npy").is_file()})
+    return buffer.getvalue()
 
 
 def _looks_like_list(path: Path) -> bool:
@@ -151,8 +216,11 @@ def _alive(pid: int) -> bool:
 
 async def _extract_one(client: httpx.AsyncClient, path: Path, target: Path, opts: ExtractOptions) -> int:
     """Upload one file and write its features; returns its point count. Raises PonderError on failure."""
-    data = await asyncio.to_thread(path.read_bytes)
-    params = {"output": "per_point", "dtype": opts.dtype, "filename": path.name}
+    if path.is_dir():  # a scene folder: one NPZ of its arrays
+        data, name = await asyncio.to_thread(scene_npz, path), f"{path.name}.npz"
+    else:
+        data, name = await asyncio.to_thread(path.read_bytes), path.name
+    params = {"output": "per_point", "dtype": opts.dtype, "filename": name}
     params.update({k: str(v) for k, v in (("model", opts.model), ("condition", opts.condition),
                                           ("grid_size", opts.grid_size)) if v is not None})
     headers = {"Accept": NPY, "Content-Type": "application/octet-stream"}
@@ -180,7 +248,7 @@ async def extract(inputs: list[Path], opts: ExtractOptions) -> ExtractReport:
 
     if opts.out_format == "parquet":
         import pyarrow.parquet  # noqa: F401 - fail before any upload when parquet cannot be written
-    report = ExtractReport()
+    report = ExtractReport(ignored=dict(getattr(inputs, "ignored", {})))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(opts.out_dir)
     targets = output_paths(inputs, opts.out_dir, "." + opts.out_format)
@@ -198,7 +266,10 @@ async def extract(inputs: list[Path], opts: ExtractOptions) -> ExtractReport:
         async def one(path: Path) -> None:
             async with semaphore:
                 try:
-                    report.points += await _extract_one(client, path, targets[path], opts)
+                    # not `report.points += await ...`: that reads the total before the await and loses the
+                    # counts other uploads add meanwhile
+                    points = await _extract_one(client, path, targets[path], opts)
+                    report.points += points
                     report.done.append(path)
                 except (PonderError, OSError, ValueError) as exc:
                     report.failed[path] = str(exc)

@@ -1,11 +1,14 @@
-"""The request pipeline shared by every model route: decode (thread pool) -> limits -> voxelise (thread
-pool) -> worker (queue + batched forward pass). Every bad-input case ends here as an ApiError with a
-message; the event loop only awaits."""
+"""The request pipeline shared by every model route: admission (a place in the worker's lane, 503 at once when
+it is full, before the upload is even read) -> read the upload -> decode (thread pool) -> limits -> voxelise
+(thread pool) -> worker (queue + batched forward pass), all under the request's deadline, whose
+``model.cancel.CancelToken`` travels with the job so the model thread stops too. Every bad-input case ends
+here as an ApiError with a message; the event loop only awaits."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,16 +16,57 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from model.pointcloud.cloud import PointCloud, PointCloudError
-from model.pointcloud.readers import read_point_cloud
-from model.pointcloud.voxelize import VoxelizedCloud, complete_cloud, voxelize
+import numpy as np
+from starlette.requests import Request
+
+from model.cancel import CancelToken, Cancelled
+from model.pointcloud.cloud import PointCloud, PointCloudError, PointCloudTooLarge
+from model.pointcloud.readers import ReadLimits, read_point_cloud
+from model.pointcloud.voxelize import VoxelizedCloud, complete_cloud, count_voxels, voxelize
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
-from service.rgbd import RGBDError, RGBDView, decode_color, decode_depth, fuse_views, parse_cameras
+from service.rgbd import (RGBDError, RGBDView, check_image_budget, decode_color, decode_depth, fuse_views,
+                          parse_cameras)
 from service.settings import ServiceSettings
-from service.uploads import CloudUpload, RGBDUpload
-from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerFailed,
-                                  WorkerInputError, WorkerUnavailable, WorkerUnsupported)
+from service.uploads import CloudUpload, RGBDUpload, discard_body
+from service.workers.base import (FAST, EncodeJob, EncodeOutput, ModelCard, Ticket, Worker, WorkerBusy,
+                                  WorkerFailed, WorkerInputError, WorkerUnavailable, WorkerUnsupported)
+
+LOG = logging.getLogger("service.pipeline")
+DISCONNECT_POLL_S = 0.25
+SHUTTING_DOWN = "the server is shutting down"
+
+
+@dataclass
+class Admission:
+    """A request's place in a lane (``ticket``) and its deadline/cancel flag (``token``), from admission to
+    the answer. ``watch`` starts noticing a client that leaves (call it once the body has been read)."""
+
+    token: CancelToken
+    ticket: Ticket
+    _task: asyncio.Task | None = None
+    _watcher: asyncio.Task | None = None
+    disconnected: bool = False
+
+    def watch(self, request: Request) -> None:
+        if self._watcher is None and self._task is not None:
+            self._watcher = asyncio.create_task(self._watch(request))
+
+    async def _watch(self, request: Request) -> None:
+        while not self.token.cancelled:
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            if await request.is_disconnected():
+                self.disconnected = True
+                self.token.cancel("the client disconnected")
+                assert self._task is not None
+                self._task.cancel()
+                return
+
+    def close(self) -> None:
+        self.token.cancel("the request ended")  # a job still queued is skipped; a running one stops
+        self.ticket.release()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 @dataclass
@@ -50,9 +94,12 @@ class Pipeline:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the preprocessing pool (never on the event loop), with the request's log context."""
         ctx = contextvars.copy_context()  # keeps the request id in log lines written by the thread
         return await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, fn, *args)
+
+    _in_pool = in_pool
 
     def card(self, model: str | None) -> ModelCard:
         """The model a request names (404 naming the served ones), or the default model."""
@@ -76,14 +123,37 @@ class Pipeline:
         return min(requested, limit) if requested else limit
 
     @asynccontextmanager
-    async def deadline(self, timeout_s: float) -> AsyncIterator[None]:
-        """Run the body within ``timeout_s`` (504 after it) and turn worker failures into ApiErrors."""
+    async def deadline(self, timeout_s: float, lane: str = FAST, request: Request | None = None
+                       ) -> AsyncIterator[Admission]:
+        """Admit the request to ``lane`` (503 + Retry-After at once when it is full: the upload of ``request``
+        is then read and dropped, never decoded), run the body within ``timeout_s`` (504 after it) and turn
+        worker failures into ApiErrors. The admission's token is cancelled and its place released when the
+        body ends, however it ends."""
+        admission: Admission | None = None
         try:
+            try:
+                ticket = self.worker.admit(lane)
+            except WorkerBusy:
+                if request is not None:
+                    await discard_body(request)
+                raise
+            admission = Admission(CancelToken.after(timeout_s), ticket, asyncio.current_task())
             async with asyncio.timeout(timeout_s):
-                yield
+                yield admission
         except TimeoutError as exc:
             raise ApiError(504, f"the request did not finish within {timeout_s:g} s "
                                 f"(PONDER_REQUEST_TIMEOUT_S or ?timeout_s=)") from exc
+        except asyncio.CancelledError:
+            if admission is None or not admission.disconnected:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            raise ApiError(499, "the client disconnected before the answer", title="Client Closed Request")
+        except Cancelled as exc:
+            if exc.reason.startswith(SHUTTING_DOWN):
+                raise ApiError(503, exc.reason, headers={"Retry-After": "5"}) from exc
+            raise ApiError(504, f"the request did not finish within {timeout_s:g} s ({exc.reason})") from exc
         except WorkerBusy as exc:
             raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
         except WorkerUnavailable as exc:
@@ -94,18 +164,26 @@ class Pipeline:
             raise ApiError(422, str(exc)) from exc
         except WorkerUnsupported as exc:
             raise ApiError(501, str(exc)) from exc
+        finally:
+            if admission is not None:
+                admission.close()
 
     async def run(self, upload: CloudUpload | RGBDUpload, card: ModelCard, condition: str | None,
-                  grid_size: float | None, want_logits: bool, timeout_s: float) -> Processed:
-        """Decode, voxelise and encode one upload within ``timeout_s`` (504 after it)."""
-        async with self.deadline(timeout_s):
-            start = time.perf_counter()
-            cloud = await self._in_pool(self._decode, upload)
-            filled = self._missing(cloud, card)
-            voxels = await self._in_pool(self._voxelize, cloud, card, grid_size)
-            self.metrics.preprocess_latency.observe(time.perf_counter() - start)
-            job = EncodeJob(model=card.info.name, voxels=voxels, condition=condition, want_logits=want_logits)
-            output = await self.worker.run(job)
+                  grid_size: float | None, want_logits: bool, timeout_s: float | None = None,
+                  admission: Admission | None = None) -> Processed:
+        """Decode, voxelise and encode one upload: under ``admission`` (the caller's deadline block), or
+        within ``timeout_s`` in a block of its own."""
+        if admission is None:
+            async with self.deadline(timeout_s or self.settings.request_timeout_s) as admission:
+                return await self.run(upload, card, condition, grid_size, want_logits, admission=admission)
+        start = time.perf_counter()
+        cloud = await self.in_pool(self._decode, upload, grid_size or card.info.grid_size)
+        filled = self._missing(cloud, card)
+        voxels = await self.in_pool(self._voxelize, cloud, card, grid_size)
+        self.metrics.preprocess_latency.observe(time.perf_counter() - start)
+        job = EncodeJob(model=card.info.name, voxels=voxels, condition=condition, want_logits=want_logits,
+                        cancel=admission.token, ticket=admission.ticket)
+        output = await self.worker.run(job)
         return Processed(card=card, condition=condition, voxels=voxels, output=output, filled=filled)
 
     async def decode_cloud(self, upload: CloudUpload | RGBDUpload, card: ModelCard, grid_size: float | None
@@ -113,9 +191,9 @@ class Pipeline:
         """For model jobs that voxelise themselves (detection, rendering): the decoded cloud with missing
         colours/normals already filled here (so the model thread does not), and the names of those filled."""
         start = time.perf_counter()
-        cloud = await self._in_pool(self._decode, upload)
+        cloud = await self.in_pool(self._decode, upload, grid_size or card.info.grid_size)
         filled = self._missing(cloud, card)
-        cloud = await self._in_pool(self._complete, cloud, card, grid_size)
+        cloud = await self.in_pool(self._complete, cloud, card, grid_size)
         self.metrics.preprocess_latency.observe(time.perf_counter() - start)
         return cloud, filled
 
@@ -124,26 +202,41 @@ class Pipeline:
         return [name for name in card.info.input_features
                 if name in ("color", "normal") and getattr(cloud, name) is None]
 
-    def _decode(self, upload: CloudUpload | RGBDUpload) -> PointCloud:
+    def _decode(self, upload: CloudUpload | RGBDUpload, grid_size: float | None = None) -> PointCloud:
+        """Bytes → PointCloud under the size limits; with ``grid_size`` (the model's grid) also the voxel limit,
+        checked before any step whose cost grows with the scene (normals, kernel maps, the encoder)."""
         try:
-            cloud = self._fuse(upload) if isinstance(upload, RGBDUpload) else self._read(upload)
+            cloud = self._fuse(upload, grid_size) if isinstance(upload, RGBDUpload) else self._read(upload)
+        except PointCloudTooLarge as exc:  # sized from the header, refused before allocating
+            raise ApiError(413, f"{exc} (PONDER_MAX_POINTS, PONDER_MAX_DECODED_BYTES)") from exc
+        except MemoryError as exc:
+            raise ApiError(413, "decoding the upload ran out of memory; send a smaller input") from exc
         except (PointCloudError, RGBDError) as exc:
             raise ApiError(422, str(exc)) from exc
         if len(cloud) > self.settings.max_points:
             raise ApiError(413, f"{cloud.source}: {len(cloud)} points exceed the limit of "
                                 f"{self.settings.max_points} (PONDER_MAX_POINTS); split the scene")
+        if grid_size is not None and not isinstance(upload, RGBDUpload):  # fusion checked before its normals
+            self._check_voxels(cloud.coord, grid_size, cloud.source)
+        LOG.info("decoded the upload: %d points", len(cloud), extra={"points": len(cloud)})
         return cloud
 
-    @staticmethod
-    def _read(upload: CloudUpload) -> PointCloud:
+    def _check_voxels(self, coord: np.ndarray, grid_size: float, source: str) -> None:
+        voxels = count_voxels(coord, grid_size)
+        if voxels > self.settings.max_voxels:
+            raise ApiError(413, f"{source}: {voxels} voxels at {grid_size:g} m exceed the limit of "
+                                f"{self.settings.max_voxels} (PONDER_MAX_VOXELS); split the scene or use a coarser grid")
+
+    def _read(self, upload: CloudUpload) -> PointCloud:
+        limits = ReadLimits(max_points=self.settings.max_points, max_bytes=self.settings.max_decoded_bytes)
         try:
-            return read_point_cloud(upload.source, format=upload.format, name=upload.name)
+            return read_point_cloud(upload.source, format=upload.format, name=upload.name, limits=limits)
         finally:
             close = getattr(upload.source, "close", None)
             if close is not None:
                 close()
 
-    def _fuse(self, upload: RGBDUpload) -> PointCloud:
+    def _fuse(self, upload: RGBDUpload, grid_size: float | None = None) -> PointCloud:
         cameras, depth_scale = parse_cameras(upload.cameras)
         unknown = sorted(set(upload.color) - set(upload.depth))
         if unknown:
@@ -152,13 +245,17 @@ class Pipeline:
         if missing:
             raise RGBDError(f"no camera for views {', '.join(missing)} in the cameras part "
                             f"(it has {', '.join(cameras)})")
+        check_image_budget(upload.depth, upload.color, self.settings.max_decoded_bytes,  # before decoding
+                           self.settings.rgbd_max_pixels)
         views = [RGBDView(depth=decode_depth(data, f"depth_{key}"), camera=cameras[key],
                           color=decode_color(upload.color[key], f"color_{key}") if key in upload.color else None,
                           name=key)
                  for key, data in sorted(upload.depth.items())]
         return fuse_views(views, depth_scale=depth_scale or self.settings.depth_scale,
                           voxel_size=self.settings.rgbd_voxel_m, max_depth=self.settings.rgbd_max_depth_m,
-                          source=f"rgbd ({len(views)} views)")
+                          source=f"rgbd ({len(views)} views)", max_points=self.settings.max_points,
+                          before_normals=None if grid_size is None else
+                          (lambda fused: self._check_voxels(fused, grid_size, f"rgbd ({len(views)} views)")))
 
     @staticmethod
     def _complete(cloud: PointCloud, card: ModelCard, grid_size: float | None) -> PointCloud:

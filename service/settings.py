@@ -13,10 +13,10 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | default_model | None | model used when a request names none (default: the first name in sorted order) |
 | device | "cpu" | torch device for the in-process worker |
 | trust_checkpoint | False | allow full unpickling of checkpoints (only for files you made yourself) |
-| backend | "torch" | encoder runtime of the in-process worker: "torch" (spconv), "onnxruntime" (the exported gather graph, CPU/CUDA providers) or "tensorrt" (onnxruntime's TensorRT provider) |
-| torch_threads | None | torch intra-op threads for the in-process worker (None = torch's default) |
+| backend | "auto" | encoder of the in-process worker: "auto" (the fastest exact one for the device: the torch engine), "torch" (the spconv-free engine: valid pairs on CPU, gather on CUDA), "spconv" (the model's spconv layers), "onnxruntime" (the exported gather graph, CPU/CUDA providers) or "tensorrt" (onnxruntime's TensorRT provider) |
+| torch_threads | None | torch intra-op threads for the in-process worker (None = torch's default); the fast and long lanes compute at once, so on a small CPU use about cores / (1 + long_concurrency) |
 | worker | "inprocess" | "inprocess" (models in the gateway process) or "triton" (remote Triton servers) |
-| triton_urls | ["localhost:8001"] | Triton endpoints (host:port), used round-robin |
+| triton_urls | ["127.0.0.1:8101"] | Triton endpoints (host:port), used round-robin |
 | triton_protocol | "grpc" | "grpc" or "http" |
 | triton_retries | 3 | retries per request on transient Triton errors (with exponential backoff) |
 | triton_backoff_s | 0.05 | first retry delay; doubles per retry |
@@ -24,12 +24,17 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | breaker_failures | 5 | consecutive failures that open an endpoint's circuit breaker |
 | breaker_reset_s | 10.0 | how long an open breaker refuses calls before one trial call |
 | max_upload_bytes | 512 MiB | request bodies above this are refused with 413 while they are read |
-| max_points | 5_000_000 | clouds with more points are refused with 413 |
+| max_points | 5_000_000 | clouds with more points are refused with 413 (from the file header, before decoding) |
+| max_voxels | 1_500_000 | most voxels of one scene at the model's grid, counted before normals, kernel maps and the encoder (their memory grows with it: ~3 KB per voxel for the published-size encoder); more get 413 |
+| max_decoded_bytes | 2 GiB | memory budget for decoding one upload (arrays sized from its header, RGB-D fusion from its image sizes); above it 413 before allocating |
 | max_json_values | 2_000_000 | answers with more numbers are refused in JSON (406: ask for NPY/NPZ/Arrow) |
 | max_render_pixels | 4_194_304 | /v1/render: requests whose cameras add up to more pixels are refused with 413 |
 | render_chunk | 4096 | /v1/render: rays rendered at a time; bounds memory (on a GPU, 65536 rendered 2.3x faster for 3.5 GiB: bench/render_gpu.py) |
 | request_timeout_s | 120.0 | deadline for one request (decode + queue + inference); 504 after it |
-| queue_size | 32 | requests waiting for the model; more are refused with 503 + Retry-After |
+| queue_size | 32 | fast lane (features, segment): requests admitted beyond those running; more get 503 + Retry-After at once, before their upload is read |
+| long_queue_size | 4 | long lane (render, precise segment, detect): the same bound for long jobs, which have their own queue and threads |
+| long_concurrency | 1 | long lane: model threads running long jobs at once (each job's cancel token is checked per chunk) |
+| drain_s | 10.0 | on SIGTERM: how long in-flight requests may finish before their jobs are cancelled and the server exits |
 | max_batch | 4 | requests merged into one forward pass |
 | max_wait_ms | 5.0 | how long the batching loop waits to fill a batch |
 | preprocess_threads | 2 | threads that decode uploads and voxelise (never the event loop) |
@@ -39,6 +44,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | depth_scale | 1000.0 | RGB-D: depth PNG units per metre (1000 = millimetres) |
 | rgbd_max_depth_m | 10.0 | RGB-D: depths beyond this are dropped |
 | rgbd_voxel_m | 0.01 | RGB-D: voxel size of the fused cloud's downsampling |
+| rgbd_max_pixels | 3_145_728 | RGB-D: most depth pixels of one upload (ten 640x480 views), read from the PNG headers; more get 413 before decoding |
 | log_level | "INFO" | level of the structured JSON logs |
 """
 
@@ -69,11 +75,11 @@ class ServiceSettings(BaseSettings):
     default_model: str | None = None
     device: str = "cpu"
     trust_checkpoint: bool = False
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    backend: Literal["auto", "spconv", "torch", "onnxruntime", "tensorrt"] = "auto"
     torch_threads: int | None = Field(default=None, ge=1)
 
     worker: Literal["inprocess", "triton"] = "inprocess"
-    triton_urls: StrList = Field(default_factory=lambda: ["localhost:8001"])
+    triton_urls: StrList = Field(default_factory=lambda: ["127.0.0.1:8101"])
     triton_protocol: Literal["grpc", "http"] = "grpc"
     triton_retries: int = Field(default=3, ge=0)
     triton_backoff_s: float = Field(default=0.05, ge=0)
@@ -83,11 +89,16 @@ class ServiceSettings(BaseSettings):
 
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_points: int = Field(default=5_000_000, ge=1)
+    max_voxels: int = Field(default=1_500_000, ge=1)
+    max_decoded_bytes: int = Field(default=2 << 30, ge=1)
     max_json_values: int = Field(default=2_000_000, ge=1)
     max_render_pixels: int = Field(default=4_194_304, ge=1)
     render_chunk: int = Field(default=4096, ge=1)
     request_timeout_s: float = Field(default=120.0, gt=0)
     queue_size: int = Field(default=32, ge=1)
+    long_queue_size: int = Field(default=4, ge=0)
+    long_concurrency: int = Field(default=1, ge=1)
+    drain_s: float = Field(default=10.0, ge=0)
     max_batch: int = Field(default=4, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
     preprocess_threads: int = Field(default=2, ge=1)
@@ -99,6 +110,7 @@ class ServiceSettings(BaseSettings):
     depth_scale: float = Field(default=1000.0, gt=0)
     rgbd_max_depth_m: float = Field(default=10.0, gt=0)
     rgbd_voxel_m: float = Field(default=0.01, gt=0)
+    rgbd_max_pixels: int = Field(default=3 << 20, ge=1)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -8,6 +8,7 @@ name (multipart filename, ``?filename=`` or Content-Disposition), else the file'
 
 from __future__ import annotations
 
+import asyncio
 import re
 import tempfile
 from dataclasses import dataclass
@@ -138,6 +139,17 @@ async def _part_bytes(part: UploadFile | str) -> bytes:
     if isinstance(part, UploadFile):
         return await part.read()
     return part.encode()
+
+
+async def discard_body(request: Request, limit_s: float = 10.0) -> None:
+    """Read and drop what is left of the body (bounded in time), so a refusal reaches a client that is still
+    sending instead of a reset connection. Nothing is stored or parsed."""
+    try:
+        async with asyncio.timeout(limit_s):
+            async for _ in request.stream():
+                pass
+    except Exception:  # noqa: BLE001 - consumed already, disconnected, too slow, over the limit: refuse anyway
+        pass
 
 
 async def read_upload(request: Request, format_param: str | None, filename: str | None

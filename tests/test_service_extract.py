@@ -110,3 +110,61 @@ def test_busy_server_is_retried_and_parquet_output(server, inputs, tmp_path):
     features = np.stack(table.column("features").to_numpy(zero_copy_only=False))
     source = next(p for p in chosen if p.stem == files[0].stem)
     assert features.shape == (len(clouds[source]), 24)
+
+
+def summary_points(log: str) -> int:
+    line = next(line for line in log.splitlines() if line.startswith("extracted "))
+    return int(line.split(";")[1].split("points")[0].strip())
+
+
+def test_scene_folders_are_one_scene_and_label_arrays_are_ignored(server, tmp_path):
+    """A generated/Pointcept dataset: coord.npy + color.npy + normal.npy (+ labels) per scene folder is one
+    scene each; a stray label array is ignored with its reason; the point total is exact at concurrency 4."""
+    data = tmp_path / "dataset"
+    sizes = {}
+    for i in range(5):
+        cloud = scene(900 + 150 * i, seed=300 + i)
+        folder = data / "train" / f"scene{i:04d}"
+        folder.mkdir(parents=True)
+        np.save(folder / "coord.npy", cloud.coord.astype(np.float32))
+        np.save(folder / "color.npy", cloud.color.astype(np.uint8))
+        np.save(folder / "normal.npy", cloud.normal.astype(np.float32))
+        np.save(folder / "segment.npy", np.zeros(len(cloud), np.int32))
+        sizes[folder.name] = len(cloud)
+    np.save(data / "labels.npy", np.arange(10, dtype=np.int64))
+    out = tmp_path / "features"
+    run = extract(str(data), "--server", server.url, "-o", str(out), "--concurrency", "4", "--retries", "20")
+    log, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, log
+    assert "extracted 5" in log and "failed 0" in log, log
+    assert "labels.npy" in log and "not an (N, >=3)" in log, log
+    assert summary_points(log) == sum(sizes.values()), log
+    for name, n in sizes.items():
+        assert np.load(out / f"{name}.npy").shape == (n, 24)  # relative to the scenes' common folder
+    assert not list(out.rglob("color.npy")) and not list(out.rglob("segment.npy"))
+
+
+def test_gateway_killed_midway_leaves_no_partial_output_and_rerun_completes(inputs, tmp_path):
+    require_fixtures()
+    folder, clouds = inputs
+    out = tmp_path / "features"
+    env = {"PONDER_CHECKPOINT": str(SPUNET), "PONDER_MAX_BATCH": "1"}
+    with gateway(env) as first:
+        run = extract(str(folder), "--server", first.url, "-o", str(out), "--concurrency", "2", "--retries", "1")
+        deadline = time.monotonic() + 240
+        while len(outputs(out)) < 2 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+        log, _ = run.communicate(timeout=600)
+    assert run.returncode == 1, log  # the uploads in flight (and after) failed: the server is gone
+    done = outputs(out)
+    assert 2 <= len(done) < len(clouds), log
+    assert not [p for p in out.rglob("*") if p.name.endswith(".ponder-tmp")]
+    for path in done:  # every file there is whole
+        assert np.load(path).shape[1] == 24
+    with gateway(env) as second:
+        rerun = extract(str(folder), "--server", second.url, "-o", str(out), "--concurrency", "2")
+        log, _ = rerun.communicate(timeout=600)
+    assert f"skipped {len(done)}" in log and "failed 1" in log and "broken.ply" in log, log  # only the broken file
+    assert len(outputs(out)) == len(clouds)

@@ -11,6 +11,11 @@ class PointCloudError(ValueError):
     """Bad or unreadable point-cloud input. The message names the source and the problem."""
 
 
+class PointCloudTooLarge(PointCloudError):
+    """Input that is well-formed enough to size but would exceed the point or memory limits
+    (:class:`~model.pointcloud.formats.limits.ReadLimits`); refused before the arrays are allocated."""
+
+
 @dataclass
 class PointCloud:
     """A point cloud in metres, rows in input order.

@@ -5,6 +5,10 @@ format decodes from that buffer (``np.frombuffer`` wherever the layout allows, s
 upload is not copied again). The format comes from ``format=``, else the name's suffix, else the
 magic bytes. Every failure, including a library's own exception, surfaces as
 :class:`PointCloudError` naming the source and the problem.
+
+Each reader sizes its allocation from the header and checks it against :class:`ReadLimits` (point
+count and memory budget) before decoding; inputs over the limits raise :class:`PointCloudTooLarge`
+(a PointCloudError), and so does a MemoryError that still escapes a library.
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ from typing import BinaryIO
 
 import numpy as np
 
-from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.pointcloud.cloud import PointCloud, PointCloudError, PointCloudTooLarge
 from model.pointcloud.formats.kitti import read_kitti_bin
 from model.pointcloud.formats.las import read_las
+from model.pointcloud.formats.limits import DEFAULT_LIMITS, ReadLimits
 from model.pointcloud.formats.numpy_files import read_npy, read_npz, write_npz
 from model.pointcloud.formats.pcd import read_pcd
+from model.pointcloud.formats.scene_folder import is_scene_folder, read_scene_folder
 from model.pointcloud.formats.ply import read_ply, write_ply
 from model.pointcloud.formats.text import read_xyz, write_xyz
 
-Reader = Callable[[bytes, str], PointCloud]
+Reader = Callable[[bytes, str, ReadLimits], PointCloud]
 Writer = Callable[[PointCloud, Path], None]
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("ply", "las", "laz", "npy", "npz", "pcd", "xyz", "txt", "bin")
@@ -53,6 +59,8 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"FIELDS", "pcd"),
 )
 
+_MAX_MESSAGE = 600
+
 Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
 
@@ -73,12 +81,18 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def read_point_cloud(source: Source, format: str | None = None, name: str | None = None) -> PointCloud:
+def read_point_cloud(source: Source, format: str | None = None, name: str | None = None,
+                     limits: ReadLimits | None = None) -> PointCloud:
     """Decode ``source`` (path, bytes or binary stream) into a validated PointCloud.
 
     ``name`` labels error messages and, when ``format`` is None, its suffix picks the format
-    (an upload's file name, say); a path's own name is used otherwise.
+    (an upload's file name, say); a path's own name is used otherwise. ``limits`` bounds the point
+    count and decoded memory (:data:`DEFAULT_LIMITS` when None); inputs over them raise
+    :class:`PointCloudTooLarge` before the arrays are allocated.
     """
+    limits = limits or DEFAULT_LIMITS
+    if _is_path(source) and Path(source).is_dir():
+        return _read_folder(Path(source), limits)
     data, label, own_name = _load(source, name)
     if not data:
         raise PointCloudError(f"{label}: the file is empty")
@@ -86,11 +100,32 @@ def read_point_cloud(source: Source, format: str | None = None, name: str | None
     try:
         # float64 → float32 overflow becomes inf, which validate() reports with the row number.
         with np.errstate(over="ignore", invalid="ignore"):
-            cloud = _READERS[fmt](data, label)
-    except (PointCloudError, MemoryError):
-        raise
+            cloud = _READERS[fmt](data, label, limits)
+    except PointCloudError as exc:  # a reader's own message may quote a library's (and its corrupt bytes)
+        if len(str(exc)) <= _MAX_MESSAGE:
+            raise
+        raise type(exc)(_clip(exc, _MAX_MESSAGE)) from exc
+    except MemoryError as exc:  # an allocation no header check foresaw: still a clear "too large"
+        raise PointCloudTooLarge(f"{label}: decoding this {fmt.upper()} file ran out of memory") from exc
     except Exception as exc:  # a library's own error: keep its text, name the source and format
-        raise PointCloudError(f"{label}: not a valid {fmt.upper()} file ({type(exc).__name__}: {exc})") from exc
+        raise PointCloudError(f"{label}: not a valid {fmt.upper()} file ({type(exc).__name__}: {_clip(exc)})") from exc
+    except BaseException as exc:
+        # A Rust library's panic (lazrs through pyo3) derives from BaseException, not Exception.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise PointCloudError(f"{label}: not a valid {fmt.upper()} file (decoder panic: {_clip(exc)})") from exc
+    if len(cloud) > limits.max_points:
+        raise PointCloudTooLarge(f"{label}: {len(cloud)} points, more than the limit of {limits.max_points}")
+    return cloud.validate()
+
+
+def _read_folder(folder: Path, limits: ReadLimits) -> PointCloud:
+    """A Pointcept-style scene folder (coord.npy, color.npy, optional normal.npy) is one scene."""
+    if not is_scene_folder(folder):
+        raise PointCloudError(f"{folder}: is a folder without coord.npy; pass a point-cloud file or a scene "
+                              "folder (coord.npy, color.npy, optional normal.npy)")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cloud = read_scene_folder(folder, limits)
     return cloud.validate()
 
 
@@ -105,6 +140,12 @@ def write_point_cloud(cloud: PointCloud, path: str | os.PathLike, format: str | 
         )
     writer(cloud, path)
     return path
+
+
+def _clip(exc: BaseException, limit: int = 300) -> str:
+    """A library's message, shortened: some quote the corrupt bytes they met."""
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_path(source: Source) -> bool:

@@ -105,6 +105,15 @@ def grid_sample(coord: np.ndarray, grid_size: float,
     return kept, g[kept].astype(np.int32), point_to_voxel
 
 
+def count_voxels(coord: np.ndarray, grid_size: float) -> int:
+    """How many voxels `grid_sample` would make of ``coord`` (N, 3), without sampling: the cheap check that lets
+    a caller refuse a scene before the costly steps (normals, kernel maps, the encoder) scale with it."""
+    if len(coord) == 0:
+        return 0
+    g = np.floor(coord / np.array(grid_size)).astype(np.int64)
+    return len(np.unique(fnv_hash(g - g.min(axis=0))))
+
+
 def grid_fragments(coord: np.ndarray, grid_size: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """The official test mode: ``max(points per voxel)`` fragments; fragment i holds the (i mod count)-th
     point of every voxel, so together they cover every point. Returns [(point index (M,), grid_coord (M,3))]."""

@@ -8,6 +8,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from model.cancel import checkpoint
 from model.render.collider import collide_aabb
 from model.render.config import ColliderConfig, FieldConfig, SamplerConfig
 from model.render.field import SDFField
@@ -45,6 +46,7 @@ class NeuSRenderer(nn.Module):
         semantic (R, 512) if asked and available, and per sample weights / sdf (R, S, 1), gradients (R, S, 3),
         z_vals (R, S, 1) = bin starts.
         """
+        checkpoint()  # callers render chunk by chunk: a cancelled request (model.cancel) stops here
         grid = volume if isinstance(volume, GridVolume) else GridVolume.from_dense(volume)
         nears, fars = collide_aabb(origins, directions, self.collider_cfg)
         # QUIRK (spec §5.11): the sampler queries the SDF at un-normalised points.

@@ -20,7 +20,7 @@ from service.pipeline import Pipeline
 from service.routers.common import ERRORS, NOT_IMPLEMENTED, UPLOAD_BODY, job_card, ranked_media
 from service.schemas import DetectJSON, DetectParams
 from service.uploads import read_upload
-from service.workers.base import ModelJob, WorkerInputError
+from service.workers.base import LONG, ModelJob, WorkerInputError
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 JSON_TYPES = ("application/json", "application/*", "*/*")
@@ -46,12 +46,14 @@ async def detect_boxes(request: Request, params: Annotated[DetectParams, Query()
         raise ApiError(406, "/v1/detect answers application/json only")
     card = job_card(pipeline, params.model, "detect")
     condition = pipeline.resolve_condition(card, params.condition)
-    upload = await read_upload(request, params.format, params.filename)
-    async with pipeline.deadline(pipeline.timeout_for(params.timeout_s)):
+    async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), LONG, request) as admission:
+        upload = await read_upload(request, params.format, params.filename)
+        admission.watch(request)
         cloud, filled = await pipeline.decode_cloud(upload, card, params.grid_size)
         run = partial(detect_in_world, cloud=cloud, condition=condition, grid_size=params.grid_size,
                       score_threshold=params.score_threshold, iou_threshold=params.iou_threshold)
-        result: DetectionResult = await pipeline.worker.call(ModelJob(card.info.name, run, "detect"))
+        result: DetectionResult = await pipeline.worker.call(ModelJob(card.info.name, run, "detect",
+                                                                      cancel=admission.token, ticket=admission.ticket))
     pipeline.metrics.points.labels("/v1/detect").inc(len(cloud))
     body = {"model": card.info.name, "condition": condition, "num_points": len(cloud),
             "grid_size": params.grid_size or card.info.grid_size, **result.to_json(cloud.source)}

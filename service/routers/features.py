@@ -42,8 +42,9 @@ async def features(request: Request, params: Annotated[FeatureParams, Query()],
     fmt = negotiate(request.headers.get("accept"))  # refuse an impossible Accept before reading the upload
     card = pipeline.card(params.model)
     condition = pipeline.resolve_condition(card, params.condition)
-    upload = await read_upload(request, params.format, params.filename)
-    done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=False,
-                              timeout_s=pipeline.timeout_for(params.timeout_s))
+    async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), request=request) as admission:
+        upload = await read_upload(request, params.format, params.filename)
+        admission.watch(request)
+        done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=False, admission=admission)
     pipeline.metrics.points.labels("/v1/features").inc(done.num_points)
     return await run_in_threadpool(encode, features_payload(done, params), fmt, pipeline.settings.max_json_values)

@@ -31,7 +31,7 @@ from service.pipeline import Pipeline
 from service.routers.common import ERRORS, NOT_IMPLEMENTED, job_card, ranked_media
 from service.schemas import RenderParams
 from service.uploads import read_upload
-from service.workers.base import ModelJob, WorkerInputError
+from service.workers.base import LONG, ModelJob, WorkerInputError
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 PNG, ZIP = "image/png", "application/zip"
@@ -69,15 +69,31 @@ def render_job(predictor: Predictor, cloud: PointCloud, cameras: Sequence[Camera
 
 
 def parse_cameras(data: bytes) -> list[Camera]:
-    """Cameras from the 'cameras' part (422 naming the problem)."""
+    """Cameras from the 'cameras' part (422 naming the problem; 413 over MAX_CAMERAS, counted before the
+    cameras are built). Runs in the preprocessing pool: a big transforms.json takes seconds to read."""
     try:
         doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(422, f"the 'cameras' part is not valid JSON: {exc}") from exc
+    listed = doc.get("cameras", doc.get("frames")) if isinstance(doc, dict) else doc
+    if isinstance(listed, list) and len(listed) > MAX_CAMERAS:
+        raise ApiError(413, f"{len(listed)} cameras exceed the limit of {MAX_CAMERAS} per request; split them")
     try:
         return cameras_from_document(doc)
     except CameraError as exc:
         raise ApiError(422, f"invalid cameras: {exc}") from exc
+
+
+def checked_cameras(data: bytes, width: int | None, height: int | None, max_pixels: int) -> list[Camera]:
+    """The request's cameras, resized and within the camera and pixel limits (413); in the pool."""
+    cameras = [resize_camera(c, width, height) for c in parse_cameras(data)]
+    if len(cameras) > MAX_CAMERAS:
+        raise ApiError(413, f"{len(cameras)} cameras exceed the limit of {MAX_CAMERAS} per request; split them")
+    pixels = sum(c.width * c.height for c in cameras)
+    if pixels > max_pixels:
+        raise ApiError(413, f"{len(cameras)} camera(s) with {pixels} pixels in all exceed the limit of {max_pixels} "
+                            "(PONDER_MAX_RENDER_PIXELS); render fewer or smaller views (?width=, ?height=)")
+    return cameras
 
 
 def resize_camera(camera: Camera, width: int | None, height: int | None) -> Camera:
@@ -145,21 +161,19 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
     total pixel count is limited by PONDER_MAX_RENDER_PIXELS (413)."""
     card = job_card(pipeline, params.model, "render")
     condition = pipeline.resolve_condition(card, params.condition)
-    cameras = [resize_camera(c, params.width, params.height) for c in parse_cameras(await read_cameras_part(request))]
-    if len(cameras) > MAX_CAMERAS:
-        raise ApiError(413, f"{len(cameras)} cameras exceed the limit of {MAX_CAMERAS} per request; split them")
-    pixels = sum(c.width * c.height for c in cameras)
-    limit = pipeline.settings.max_render_pixels
-    if pixels > limit:
-        raise ApiError(413, f"{len(cameras)} camera(s) with {pixels} pixels in all exceed the limit of {limit} "
-                            "(PONDER_MAX_RENDER_PIXELS); render fewer or smaller views (?width=, ?height=)")
-    media = answer_type(request.headers.get("accept"), len(cameras))
-    upload = await read_upload(request, params.format, None)
-    async with pipeline.deadline(pipeline.timeout_for(params.timeout_s)):
+    async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), LONG, request) as admission:
+        data = await read_cameras_part(request)
+        cameras = await pipeline.in_pool(checked_cameras, data, params.width, params.height,
+                                         pipeline.settings.max_render_pixels)
+        media = answer_type(request.headers.get("accept"), len(cameras))
+        upload = await read_upload(request, params.format, None)
+        admission.watch(request)
         cloud, filled = await pipeline.decode_cloud(upload, card, None)
         run = partial(render_job, cloud=cloud, cameras=cameras, condition=condition,
                       chunk=pipeline.settings.render_chunk)
-        images: list[ViewImages] = await pipeline.worker.call(ModelJob(card.info.name, run, "render"))
+        images: list[ViewImages] = await pipeline.worker.call(ModelJob(card.info.name, run, "render",
+                                                                       cancel=admission.token,
+                                                                       ticket=admission.ticket))
     pipeline.metrics.points.labels("/v1/render").inc(len(cloud))
     headers = {"X-Ponder-Model": card.info.name, "X-Ponder-Num-Points": str(len(cloud))}
     if condition:

@@ -20,7 +20,7 @@ from service.pipeline import Pipeline, Processed
 from service.routers.common import NOT_IMPLEMENTED, UPLOAD_BODY, answers
 from service.schemas import SegmentJSON, SegmentParams
 from service.uploads import read_upload
-from service.workers.base import ModelCard, ModelJob, WorkerInputError
+from service.workers.base import FAST, LONG, ModelCard, ModelJob, WorkerInputError
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -83,17 +83,22 @@ async def segment(request: Request, params: Annotated[SegmentParams, Query()],
         raise ApiError(422, f"model {card.info.name!r} ({card.info.kind}) has no segmentation head; "
                             "use /v1/features or pick another model")
     condition = pipeline.resolve_condition(card, params.condition)
-    upload = await read_upload(request, params.format, params.filename)
-    if params.mode == "precise":
-        async with pipeline.deadline(pipeline.timeout_for(params.timeout_s)):
+    lane = LONG if params.mode == "precise" else FAST
+    async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), lane, request) as admission:
+        upload = await read_upload(request, params.format, params.filename)
+        admission.watch(request)
+        if params.mode == "precise":
             cloud, filled = await pipeline.decode_cloud(upload, card, params.grid_size)
             run = partial(precise_segment, cloud=cloud, condition=condition, grid_size=params.grid_size)
-            result, num_voxels = await pipeline.worker.call(ModelJob(card.info.name, run, "segment-precise"))
+            result, num_voxels = await pipeline.worker.call(ModelJob(card.info.name, run, "segment-precise",
+                                                                     cancel=admission.token, ticket=admission.ticket))
+        else:
+            done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=True,
+                                      admission=admission)
+    if params.mode == "precise":
         pipeline.metrics.points.labels("/v1/segment").inc(len(cloud))
         payload = precise_payload(result, num_voxels, cloud, card, condition, params.grid_size or card.info.grid_size,
                                   filled, params)
         return await run_in_threadpool(encode, payload, fmt, pipeline.settings.max_json_values)
-    done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=True,
-                              timeout_s=pipeline.timeout_for(params.timeout_s))
     pipeline.metrics.points.labels("/v1/segment").inc(done.num_points)
     return await run_in_threadpool(encode, segment_payload(done, params), fmt, pipeline.settings.max_json_values)

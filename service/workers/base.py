@@ -3,7 +3,12 @@ logits when asked). Decoding and voxelising stay in the gateway, so every worker
 
 Detection and rendering need the whole model (head, render volume), not just features, so they travel as a
 :class:`ModelJob`: a function of the loaded Predictor that a worker holding the models runs on its model
-thread (the in-process worker); other workers refuse it with :class:`WorkerUnsupported`."""
+thread (the in-process worker); other workers refuse it with :class:`WorkerUnsupported`.
+
+Admission: a request reserves its place with ``Worker.admit(lane)`` (a :class:`Ticket`) before its upload is
+read or decoded, so an overloaded worker refuses with 503 at once; the ticket is released when the request
+ends (answered, failed, timed out or disconnected). Jobs carry a ``model.cancel.CancelToken`` with the
+request's deadline: the worker skips a job whose token is cancelled and long model work checks it per chunk."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from model.cancel import CancelToken
 from model.inference import ModelInfo, Predictor
 from model.pointcloud.voxelize import VoxelizedCloud
 
@@ -116,14 +122,36 @@ class WorkerUnsupported(Exception):
     """This kind of worker cannot run the request at all (e.g. a ModelJob on the Triton worker)."""
 
 
+FAST, LONG = "fast", "long"  # lanes: batched encoder passes; long model jobs (render, precise segment, detect)
+
+
+class Ticket:
+    """A place reserved in a lane from admission to the end of the request; ``release`` is idempotent."""
+
+    def __init__(self, on_release: Callable[[], None] | None = None) -> None:
+        self._on_release = on_release
+
+    def release(self) -> None:
+        callback, self._on_release = self._on_release, None
+        if callback is not None:
+            callback()
+
+    @property
+    def held(self) -> bool:
+        return self._on_release is not None
+
+
 @dataclass
 class EncodeJob:
-    """One scene for one model. ``condition`` was validated against the model's conditions."""
+    """One scene for one model. ``condition`` was validated against the model's conditions. ``cancel``: the
+    request's deadline/cancel flag; ``ticket``: its admission (None = the worker admits it when submitted)."""
 
     model: str
     voxels: VoxelizedCloud
     condition: str | None = None
     want_logits: bool = False
+    cancel: CancelToken | None = None
+    ticket: Ticket | None = None
 
 
 @dataclass
@@ -134,6 +162,8 @@ class ModelJob:
     model: str
     fn: Callable[[Predictor], Any]
     name: str = "job"
+    cancel: CancelToken | None = None  # made active (model.cancel.active) while fn runs; checked per chunk
+    ticket: Ticket | None = None
 
 
 @dataclass
@@ -170,6 +200,15 @@ class Worker(ABC):
         """Run ``job.fn(predictor)`` on the model; raises WorkerUnsupported unless ``runs_model_jobs``."""
         raise WorkerUnsupported(f"the {self.kind} worker serves only features and segmentation; detection and "
                                 "rendering need the in-process worker (PONDER_WORKER=inprocess)")
+
+    def admit(self, lane: str = FAST) -> Ticket:
+        """Reserve a place for one request in ``lane`` (raises WorkerBusy when it is full). This worker
+        bounds its work elsewhere, so its tickets hold nothing."""
+        return Ticket()
+
+    def cancel_all(self, reason: str) -> int:
+        """Cancel every queued and running job (shutdown); returns how many. Nothing to cancel here."""
+        return 0
 
     def queue_depth(self) -> int:
         return 0

@@ -1,35 +1,125 @@
-"""The in-process worker: models loaded once in the gateway, a bounded asyncio queue, and one batching
-loop that merges up to ``max_batch`` waiting requests (or what arrived within ``max_wait_ms``) into one
-``Predictor.encode`` call, run in a dedicated thread so the event loop never waits on the model. Model jobs
-(detection, rendering) share that queue and thread, one job per call, so every request sees the same
-queue limit, timeout and metrics."""
+"""The in-process worker: models loaded once in the gateway and two lanes, each with its own bounded
+admission, asyncio queue and model thread(s), so one kind of work never waits behind the other:
+
+* the fast lane batches encoder passes (features, segment): its loop merges up to ``max_batch`` waiting
+  requests (or what arrived within ``max_wait_ms``) into one ``Predictor.encode`` call;
+* the long lane runs model jobs (render, precise segmentation, detection), ``long_concurrency`` at a time.
+
+Every job carries its request's ``model.cancel.CancelToken``: a job whose request timed out, disconnected or
+was refused at shutdown is skipped in the queue, and a running long job stops at its next chunk (the token is
+made active while it runs; rendering and precise segmentation check it per chunk). A thread still running
+``STUCK_GRACE_S`` after its job's deadline (a forward pass cannot be interrupted) makes ``ready`` false.
+The model threads are daemon threads, so such a pass never holds the process at exit."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import logging
+import queue
+import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from model.cancel import CancelToken, Cancelled, active
 from model.inference import Predictor
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
-from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, ModelJob, Worker, WorkerBusy,
-                                  WorkerInputError)
+from service.workers.base import (FAST, LONG, EncodeJob, EncodeOutput, ModelCard, ModelJob, Ticket, Worker,
+                                  WorkerBusy, WorkerInputError)
 from service.workers.loading import discover_checkpoints, load_predictors
 
 LOG = logging.getLogger("service.worker")
+STUCK_GRACE_S = 2.0  # a model thread this long past its job's deadline is reported stuck by /readyz
+STOP_JOIN_S = 5.0  # how long stop() waits for each model thread to return after cancelling its job
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     job: EncodeJob | ModelJob
     future: asyncio.Future
     request_id: str | None
+    token: CancelToken = field(default_factory=CancelToken)
+
+    @property
+    def skip(self) -> bool:
+        """Nobody waits for it any more (timed out, disconnected, refused at shutdown)."""
+        return self.future.done() or self.token.cancelled
+
+
+class _ModelThread:
+    """One daemon thread running submitted calls in order, recording the deadline of the running one."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.deadline: float | None = None  # of the running call (time.monotonic), None when idle
+        self.busy = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any], deadline: float | None) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((future, fn, deadline))
+        return future
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            future, fn, deadline = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            self.busy, self.deadline = True, deadline
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - delivered to the waiting request
+                future.set_exception(exc)
+            finally:
+                self.busy, self.deadline = False, None
+
+    def overdue(self, now: float) -> float:
+        """Seconds the running call is past its deadline (0 when idle or on time)."""
+        deadline = self.deadline
+        return max(0.0, now - deadline) if self.busy and deadline is not None else 0.0
+
+    def close(self, timeout: float) -> bool:
+        """Ask the thread to end after its current call; True when it did within ``timeout``."""
+        self._calls.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+class _Lane:
+    """Admission (at most ``waiting + concurrency`` requests from admission to answer), a queue and threads."""
+
+    def __init__(self, name: str, waiting: int, concurrency: int, metrics: ServiceMetrics) -> None:
+        self.name = name
+        self.capacity = waiting + concurrency
+        self.metrics = metrics
+        self.reserved = 0
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.live: set[_Pending] = set()
+        self.threads = [_ModelThread(f"ponder-{name}-{i}") for i in range(concurrency)]
+
+    def admit(self) -> Ticket:
+        if self.reserved >= self.capacity:
+            self.metrics.rejected.inc()
+            raise WorkerBusy(f"the {self.name} lane's queue is full ({self.capacity} requests admitted); "
+                             "retry shortly")
+        self.reserved += 1
+        return Ticket(self._release)
+
+    def _release(self) -> None:
+        self.reserved -= 1
+
+    @property
+    def saturated(self) -> bool:
+        return self.reserved >= self.capacity
+
+    def stuck(self, now: float) -> float:
+        return max((t.overdue(now) for t in self.threads), default=0.0)
 
 
 class InProcessWorker(Worker):
@@ -42,10 +132,10 @@ class InProcessWorker(Worker):
         self.metrics = metrics
         self._predictors = predictors or {}
         self._cards: dict[str, ModelCard] = {}
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._loop_task: asyncio.Task | None = None
-        # One model thread: forward passes are serial, torch parallelises inside each one.
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ponder-model")
+        self._lanes: dict[str, _Lane] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._model_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._closing: str | None = None  # set by cancel_all: later requests are refused with this reason
 
     async def start(self) -> None:
         if not self._predictors:
@@ -58,22 +148,37 @@ class InProcessWorker(Worker):
                 load_predictors, checkpoints, self.settings.device, self.settings.trust_checkpoint,
                 self.settings.backend)
         self._cards = {name: ModelCard.of(name, p) for name, p in self._predictors.items()}
-        self._queue = asyncio.Queue(maxsize=self.settings.queue_size)
-        self._loop_task = asyncio.create_task(self._batch_loop(), name="ponder-batching")
+        fast = _Lane(FAST, self.settings.queue_size + self.settings.max_batch - 1, 1, self.metrics)  # a batch runs
+        long = _Lane(LONG, self.settings.long_queue_size, self.settings.long_concurrency, self.metrics)
+        self._lanes = {FAST: fast, LONG: long}
+        self._tasks = [asyncio.create_task(self._batch_loop(fast, fast.threads[0]), name="ponder-fast")]
+        self._tasks += [asyncio.create_task(self._job_loop(long, thread), name=f"ponder-long-{i}")
+                        for i, thread in enumerate(long.threads)]
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        self.cancel_all("the server is shutting down")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._loop_task
+                await task
             except asyncio.CancelledError:
                 pass
-        if self._queue is not None:
-            while not self._queue.empty():
-                pending = self._queue.get_nowait()
+        for lane in self._lanes.values():
+            for thread in lane.threads:
+                if not await asyncio.to_thread(thread.close, STOP_JOIN_S):
+                    LOG.warning("model thread %s is still inside a forward pass; leaving it (daemon)", thread.name)
+
+    def cancel_all(self, reason: str) -> int:
+        self._closing = reason
+        count = 0
+        for lane in self._lanes.values():
+            for pending in list(lane.live):
+                pending.token.cancel(reason)
                 if not pending.future.done():
-                    pending.future.set_exception(WorkerBusy("the server is shutting down"))
-        self._model_thread.shutdown(wait=True, cancel_futures=True)
+                    pending.future.set_exception(WorkerBusy(reason, retry_after=5))
+                count += 1
+        return count
 
     def models(self) -> dict[str, ModelCard]:
         return self._cards
@@ -81,96 +186,156 @@ class InProcessWorker(Worker):
     async def ready(self) -> tuple[bool, str]:
         if not self._predictors:
             return False, "no model loaded yet"
-        if self._loop_task is None or self._loop_task.done():
-            return False, "the batching loop is not running"
+        if not self._tasks or any(task.done() for task in self._tasks):
+            return False, "a lane's loop is not running"
+        now = time.monotonic()
+        for lane in self._lanes.values():
+            overdue = lane.stuck(now)
+            if overdue > STUCK_GRACE_S:
+                return False, (f"the {lane.name} lane's model thread is {overdue:.1f} s past its request's deadline "
+                               "(inside a pass that cannot be interrupted)")
+            if lane.saturated:
+                return False, f"the {lane.name} lane's queue is full ({lane.reserved} requests admitted)"
         return True, f"{len(self._predictors)} model(s) loaded in process"
 
     def queue_depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return sum(lane.queue.qsize() for lane in self._lanes.values())
+
+    def admit(self, lane: str = FAST) -> Ticket:
+        assert self._lanes, "worker not started"
+        if self._closing:
+            raise WorkerBusy(self._closing, retry_after=5)
+        return self._lanes[lane].admit()
 
     async def run(self, job: EncodeJob) -> EncodeOutput:
-        return await self._submit(job)
+        return await self._submit(self._lanes[FAST], job)
 
     async def call(self, job: ModelJob) -> Any:
         if job.model not in self._predictors:
             raise WorkerInputError(f"unknown model {job.model!r}")
-        return await self._submit(job)
+        return await self._submit(self._lanes[LONG], job)
 
-    async def _submit(self, job: EncodeJob | ModelJob) -> Any:
-        assert self._queue is not None, "worker not started"
+    async def _submit(self, lane: _Lane, job: EncodeJob | ModelJob) -> Any:
+        assert self._lanes, "worker not started"
         from service.logs import request_id_var
 
-        future = asyncio.get_running_loop().create_future()
+        if self._closing:
+            raise WorkerBusy(self._closing, retry_after=5)
+        ticket = job.ticket if job.ticket is not None else lane.admit()
+        pending = _Pending(job, asyncio.get_running_loop().create_future(), request_id_var.get(),
+                           job.cancel or CancelToken())
+        lane.live.add(pending)
+        lane.queue.put_nowait(pending)
+        self._set_depth()
         try:
-            self._queue.put_nowait(_Pending(job, future, request_id_var.get()))
-        except asyncio.QueueFull:
-            self.metrics.rejected.inc()
-            raise WorkerBusy(f"the model queue is full ({self.settings.queue_size} requests waiting); retry shortly")
-        self.metrics.queue_depth.set(self._queue.qsize())
-        return await future
+            return await pending.future
+        except asyncio.CancelledError:  # the request timed out or its client left: skip or stop its job
+            pending.token.cancel("the request was cancelled (timeout or disconnect)")
+            raise
+        finally:
+            lane.live.discard(pending)
+            if job.ticket is None:
+                ticket.release()
 
-    async def _collect(self) -> list[_Pending]:
+    def _set_depth(self) -> None:
+        self.metrics.queue_depth.set(self.queue_depth())
+
+    async def _next(self, lane: _Lane) -> _Pending:
+        """The next request still waited for; skipped ones are dropped here."""
+        while True:
+            pending = await lane.queue.get()
+            if not pending.skip:
+                return pending
+
+    async def _collect(self, lane: _Lane) -> list[_Pending]:
         """The next batch: block for one request, then take more until max_batch or max_wait_ms."""
-        assert self._queue is not None
-        batch = [await self._queue.get()]
+        batch = [await self._next(lane)]
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000
         while len(batch) < self.settings.max_batch:
             remaining = deadline - time.monotonic()
             try:
                 if remaining <= 0:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(lane.queue.get_nowait())
                 else:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    batch.append(await asyncio.wait_for(lane.queue.get(), remaining))
             except (asyncio.QueueEmpty, TimeoutError):
                 break
-        self.metrics.queue_depth.set(self._queue.qsize())
-        return [p for p in batch if not p.future.done()]  # timed-out or cancelled requests are skipped
+        self._set_depth()
+        return [p for p in batch if not p.skip]
 
     @staticmethod
     def _groups(batch: list[_Pending]) -> list[list[_Pending]]:
-        """Encode jobs merge per (model, condition); each model job runs on its own."""
+        """Encode jobs merge per (model, condition)."""
         groups: dict[tuple, list[_Pending]] = defaultdict(list)
         for pending in batch:
-            job = pending.job
-            key = (job.model, job.condition) if isinstance(job, EncodeJob) else ("job", id(pending))
-            groups[key].append(pending)
+            groups[(pending.job.model, pending.job.condition)].append(pending)
         return list(groups.values())
 
-    def _work_of(self, members: list[_Pending]) -> Callable[[], list[Any]]:
-        first = members[0].job
-        if isinstance(first, ModelJob):
-            return lambda: [first.fn(self._predictors[first.model])]
-        return lambda: self._infer(first.model, first.condition, [m.job for m in members])
+    async def _execute(self, thread: _ModelThread, members: list[_Pending], work: Callable[[], list[Any]],
+                       what: str) -> None:
+        """Run ``work`` on ``thread`` and deliver its outputs (or its error) to the members still waiting."""
+        deadlines = [m.token.deadline for m in members]
+        deadline = None if any(d is None for d in deadlines) else max(deadlines)  # type: ignore[type-var]
+        model = members[0].job.model
+        self.metrics.batch_size.observe(len(members))
+        start = time.perf_counter()
+        ctx = contextvars.copy_context()
+        try:
+            outputs = await asyncio.wrap_future(thread.submit(lambda: ctx.run(work), deadline))
+        except Exception as exc:  # noqa: BLE001 - delivered to every request of the group
+            level = logging.INFO if isinstance(exc, Cancelled) else logging.WARNING
+            LOG.log(level, "%s of %d for %s stopped: %s", what, len(members), model, exc,
+                    extra={"batch_request_ids": [m.request_id for m in members]})
+            for m in members:
+                if not m.future.done():
+                    m.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - start
+        self.metrics.worker_latency.labels(self.kind).observe(elapsed)
+        LOG.debug("%s of %d for %s in %.1f ms", what, len(members), model, elapsed * 1000,
+                  extra={"batch_request_ids": [m.request_id for m in members]})
+        for m, out in zip(members, outputs):
+            if not m.future.done():
+                m.future.set_result(out)
 
-    async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _batch_loop(self, lane: _Lane, thread: _ModelThread) -> None:
         while True:
-            batch = await self._collect()
+            batch = await self._collect(lane)
             for members in self._groups(batch):
-                model = members[0].job.model
-                what = getattr(members[0].job, "name", "encode")
-                self.metrics.batch_size.observe(len(members))
-                start = time.perf_counter()
-                ctx = contextvars.copy_context()
-                try:
-                    outputs = await loop.run_in_executor(self._model_thread, ctx.run, self._work_of(members))
-                except Exception as exc:  # noqa: BLE001 - delivered to every request of the group
-                    LOG.warning("%s batch of %d for %s failed: %s", what, len(members), model, exc,
-                                extra={"batch_request_ids": [m.request_id for m in members]})
-                    for m in members:
-                        if not m.future.done():
-                            m.future.set_exception(exc)
-                    continue
-                elapsed = time.perf_counter() - start
-                self.metrics.worker_latency.labels(self.kind).observe(elapsed)
-                LOG.debug("%s batch of %d for %s in %.1f ms", what, len(members), model, elapsed * 1000,
-                          extra={"batch_request_ids": [m.request_id for m in members]})
-                for m, out in zip(members, outputs):
-                    if not m.future.done():
-                        m.future.set_result(out)
+                members = [m for m in members if not m.skip]
+                if members:
+                    first = members[0].job
+                    await self._execute(thread, members, self._encode_work(first.model, first.condition, members),
+                                        "encode batch")
+
+    async def _job_loop(self, lane: _Lane, thread: _ModelThread) -> None:
+        while True:
+            pending = await self._next(lane)
+            self._set_depth()
+            await self._execute(thread, [pending], self._job_work(pending), getattr(pending.job, "name", "job"))
+
+    def _encode_work(self, model: str, condition: str | None, members: list[_Pending]) -> Callable[[], list]:
+        return lambda: self._infer(model, condition, [m.job for m in members])  # type: ignore[misc]
+
+    def _job_work(self, pending: _Pending) -> Callable[[], list[Any]]:
+        job = pending.job
+        assert isinstance(job, ModelJob)
+
+        def work() -> list[Any]:
+            lock = self._model_locks[job.model]  # a model's spconv layers keep per-call state: one job at a time
+            while not lock.acquire(timeout=0.1):
+                pending.token.check()
+            try:
+                with active(pending.token):
+                    pending.token.check()
+                    return [job.fn(self._predictors[job.model])]
+            finally:
+                lock.release()
+
+        return work
 
     def _infer(self, model: str, condition: str | None, jobs: list[EncodeJob]) -> list[EncodeOutput]:
-        """One forward pass for the whole group (runs in the model thread)."""
+        """One forward pass for the whole group (runs in the fast lane's model thread)."""
         predictor = self._predictors[model]
         features = predictor.encode([j.voxels for j in jobs], condition=condition)  # [(M_i, C)]
         self.metrics.voxels.inc(sum(len(f) for f in features))

@@ -1,9 +1,9 @@
 """PCD (PCL point cloud data) in ASCII, binary and binary_compressed encodings through ``pypcd4``.
 
-pypcd4 parses the header and decompresses binary_compressed data; binary data is viewed straight
-from the input buffer and ASCII rows are parsed with ``np.loadtxt`` into pypcd4's record dtype. Colour comes
-from a packed ``rgb``/``rgba`` field (float32 or uint32 bits 0x00RRGGBB) or from ``r``/``g``/``b``.
-The VIEWPOINT pose is not applied.
+pypcd4 parses the header (after its sizes are bounded here); binary_compressed data is decompressed
+with pypcd4's LZF codec, binary data is viewed straight from the input buffer and ASCII rows are parsed
+with ``np.loadtxt`` into pypcd4's record dtype. Colour comes from a packed ``rgb``/``rgba`` field
+(float32 or uint32 bits 0x00RRGGBB) or from ``r``/``g``/``b``. The VIEWPOINT pose is not applied.
 """
 
 from __future__ import annotations
@@ -11,27 +11,41 @@ from __future__ import annotations
 import io
 import struct
 
+import lzf
 import numpy as np
 import pydantic
 from pypcd4 import Encoding, MetaData
-from pypcd4 import PointCloud as PcdCloud
 
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.pointcloud.formats import MAX_EXPANSION
 from model.pointcloud.formats.columns import cloud_from_columns
+from model.pointcloud.formats.limits import ReadLimits, require_bytes
 
 _MAX_HEADER_LINES = 64
+_MAX_HEADER_LINE_BYTES = 1 << 16
+# Values per point (sum of COUNT): the widest PCL descriptors (SHOT: 352, VFH: 308) fit with room.
+# Checked before pypcd4 builds one dtype field per value (COUNT 10^11 would build 10^11 names).
+_MAX_VALUES_PER_POINT = 4096
 _PADDING_PREFIX = "#$%&~~"  # pypcd4's name for "_" padding fields
 _PACKED = ("rgb", "rgba")
 
 
-def read_pcd(data: bytes, source: str) -> PointCloud:
+def read_pcd(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
     metadata, offset = _parse_header(data, source)
+    itemsize = metadata.build_dtype().itemsize
     if metadata.data == Encoding.BINARY:
-        records = _read_binary(data, offset, metadata, source)
+        records = _read_binary(data, offset, metadata, source)  # a view: the columns and the cloud are copies
+        limits.check(source, "the PCD header", metadata.points, itemsize)
     elif metadata.data == Encoding.ASCII:
+        # Every value takes at least two bytes of text ("0 "); records widen packed colour to float64.
+        require_bytes(source, "PCD file", metadata.points * 2 * sum(metadata.count), len(data) - offset)
+        limits.check(source, "the PCD header", metadata.points, 2 * itemsize + 8)
         records = _read_ascii(data, offset, metadata, source)
     else:
+        # The decompressed buffer, the record array and the columns.
+        if metadata.points:
+            _check_compressed_sizes(data, offset, metadata.points * itemsize, source)
+        limits.check(source, "the PCD header", metadata.points, 3 * itemsize)
         records = _read_compressed(data, offset, metadata, source)
     columns = _columns(records, metadata)
     for packed in _PACKED:
@@ -47,9 +61,13 @@ def _parse_header(data: bytes, source: str) -> tuple[MetaData, int]:
     stream = io.BytesIO(data)
     lines: list[str] = []
     while not (lines and lines[-1].upper().startswith("DATA")):
-        raw = stream.readline()
+        raw = stream.readline(_MAX_HEADER_LINE_BYTES + 1)
         if not raw or len(lines) >= _MAX_HEADER_LINES:
             raise PointCloudError(f"{source}: not a valid PCD file (no DATA line in the header)")
+        if len(raw) > _MAX_HEADER_LINE_BYTES:
+            raise PointCloudError(
+                f"{source}: not a valid PCD file (a header line is over {_MAX_HEADER_LINE_BYTES} bytes)"
+            )
         try:
             line = raw.decode("utf-8").strip()
         except UnicodeDecodeError as exc:
@@ -63,6 +81,11 @@ def _parse_header(data: bytes, source: str) -> tuple[MetaData, int]:
     counts = {len(metadata.fields), len(metadata.size), len(metadata.type), len(metadata.count)}
     if len(counts) != 1:
         raise PointCloudError(f"{source}: PCD header FIELDS/SIZE/TYPE/COUNT have different lengths")
+    if sum(metadata.count) > _MAX_VALUES_PER_POINT:
+        raise PointCloudError(
+            f"{source}: PCD header COUNT declares {sum(metadata.count)} values per point "
+            f"(at most {_MAX_VALUES_PER_POINT} are accepted)"
+        )
     try:
         metadata.build_dtype()
     except KeyError as exc:
@@ -100,18 +123,36 @@ def _read_ascii(data: bytes, offset: int, metadata: MetaData, source: str) -> np
 
 
 def _read_compressed(data: bytes, offset: int, metadata: MetaData, source: str) -> np.ndarray:
+    """Decompressed here rather than by pypcd4, which re-reads the header its own way (10 lines at most)
+    and trusts the block's declared size: the sizes are checked first, then each field's column is laid
+    out from the buffer (binary_compressed stores the points field by field)."""
+    dtype = metadata.build_dtype()
     if metadata.points == 0:
-        return np.empty(0, dtype=metadata.build_dtype())
-    _check_compressed_sizes(data, offset, metadata.points * metadata.build_dtype().itemsize, source)
+        return np.empty(0, dtype=dtype)
+    expected = metadata.points * dtype.itemsize
+    _check_compressed_sizes(data, offset, expected, source)
+    compressed, _ = struct.unpack_from("<II", data, offset)
     try:
-        return PcdCloud.from_fileobj(io.BytesIO(data)).pc_data
-    except (ValueError, RuntimeError, OSError) as exc:
+        buffer = lzf.decompress(data[offset + 8 : offset + 8 + compressed], expected)
+    except ValueError as exc:
         raise PointCloudError(f"{source}: not a valid binary_compressed PCD file ({exc})") from exc
+    if buffer is None or len(buffer) != expected:
+        raise PointCloudError(
+            f"{source}: not a valid binary_compressed PCD file (the block decompresses to "
+            f"{0 if buffer is None else len(buffer)} bytes, the header needs {expected})"
+        )
+    records = np.empty(metadata.points, dtype=dtype)
+    start = 0
+    for name in dtype.names:
+        field = dtype[name]
+        records[name] = np.frombuffer(buffer, dtype=field, count=metadata.points, offset=start)
+        start += field.itemsize * metadata.points
+    return records
 
 
 def _check_compressed_sizes(data: bytes, offset: int, expected: int, source: str) -> None:
     """binary_compressed data starts with uint32 compressed and uncompressed sizes; check both
-    before pypcd4 allocates the uncompressed buffer."""
+    before the uncompressed buffer is allocated."""
     if len(data) < offset + 8:
         raise PointCloudError(f"{source}: PCD file is truncated: no compressed data block")
     compressed, uncompressed = struct.unpack_from("<II", data, offset)

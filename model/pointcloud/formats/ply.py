@@ -18,11 +18,14 @@ from plyfile import PlyData, PlyElement, PlyListProperty, PlyParseError
 
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.pointcloud.formats.columns import cloud_from_columns
+from model.pointcloud.formats.limits import CLOUD_BYTES_PER_POINT, ReadLimits, require_bytes, require_count
 
 _VERTEX = "vertex"
+# plyfile keeps each list-property value of each row as its own numpy array (~100 bytes of object).
+_LIST_ENTRY_BYTES = 128
 
 
-def read_ply(data: bytes, source: str) -> PointCloud:
+def read_ply(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
     stream = io.BytesIO(data)
     try:
         # Private but stable for years (same signature in plyfile 0.7 to 1.1): reads the header lines only.
@@ -32,15 +35,28 @@ def read_ply(data: bytes, source: str) -> PointCloud:
     names = [element.name for element in header.elements]
     if _VERTEX not in names:
         raise PointCloudError(f"{source}: PLY file has no 'vertex' element (elements: {', '.join(names) or 'none'})")
+    for element in header.elements:
+        require_count(source, f"PLY element {element.name!r}", element.count)
     position = names.index(_VERTEX)
     before, vertex = header.elements[:position], header.elements[position]
+    available = len(data) - stream.tell()
     if _has_lists(vertex) or any(_has_lists(element) for element in before):
+        # plyfile decodes every element, row by row: size them all from the header first.
+        elements = header.elements
+        require_bytes(source, "PLY file", sum(_min_row_bytes(e, header.text) * e.count for e in elements), available)
+        limits.check_points(source, "the PLY vertex element", vertex.count)
+        memory = sum(_memory_row_bytes(e) * e.count for e in elements)
+        limits.check_bytes(source, "the PLY elements", memory + vertex.count * CLOUD_BYTES_PER_POINT)
         records = _read_general(data, source)
     elif header.text:
+        rows = [*before, vertex]
+        require_bytes(source, "PLY file", sum(_min_row_bytes(e, True) * e.count for e in rows), available)
+        limits.check(source, "the PLY vertex element", vertex.count, 2 * vertex.dtype().itemsize)
         records = _read_ascii(stream, vertex, sum(element.count for element in before), source)
     else:
         offset = stream.tell() + sum(element.count * element.dtype(header.byte_order).itemsize for element in before)
-        records = _read_binary(data, offset, vertex, header.byte_order, source)
+        records = _read_binary(data, offset, vertex, header.byte_order, source)  # a view: nothing allocated yet
+        limits.check(source, "the PLY vertex element", vertex.count, vertex.dtype().itemsize)
     columns = {p.name: records[p.name] for p in vertex.properties if not isinstance(p, PlyListProperty)}
     return cloud_from_columns(columns, source, "PLY vertex")
 
@@ -67,6 +83,22 @@ def write_ply(cloud: PointCloud, path: Path) -> None:
 
 def _has_lists(element: PlyElement) -> bool:
     return any(isinstance(p, PlyListProperty) for p in element.properties)
+
+
+def _min_row_bytes(element: PlyElement, text: bool) -> int:
+    """The fewest bytes one row can take in the file: a digit and a separator per value in ASCII
+    (an empty list is its length "0"); the scalars and list lengths in binary."""
+    if text:
+        return 2 * len(element.properties)
+    return sum(np.dtype(p.len_dtype if isinstance(p, PlyListProperty) else p.val_dtype).itemsize
+               for p in element.properties)
+
+
+def _memory_row_bytes(element: PlyElement) -> int:
+    """What plyfile's general reader allocates per row: the record (lists as object pointers) plus
+    one small array per list value."""
+    lists = sum(isinstance(p, PlyListProperty) for p in element.properties)
+    return element.dtype().itemsize + lists * _LIST_ENTRY_BYTES
 
 
 def _read_binary(data: bytes, offset: int, vertex: PlyElement, byte_order: str, source: str) -> np.ndarray:

@@ -12,12 +12,18 @@ from pathlib import Path
 import numpy as np
 
 from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.pointcloud.formats.limits import CLOUD_BYTES_PER_POINT, ReadLimits
 
 _COLUMN_COUNTS = (3, 4, 6, 9)
+# A data row holds at most 9 numbers; a longer first line is not a table (and is not split into tokens).
+_MAX_ROW_BYTES = 4096
 
 
-def read_xyz(data: bytes, source: str) -> PointCloud:
-    skip, delimiter = _layout(data, source)
+def read_xyz(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
+    skip, delimiter, columns = _layout(data, source)
+    # Every line may be a row: the float64 table (grown, so up to twice) plus the decoded cloud.
+    rows = data.count(b"\n") + 1 - skip
+    limits.check_bytes(source, f"an XYZ table of up to {rows} rows", rows * (16 * columns + CLOUD_BYTES_PER_POINT))
     text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
     try:
         table = np.loadtxt(text, dtype=np.float64, comments="#", delimiter=delimiter, skiprows=skip, ndmin=2)
@@ -52,16 +58,22 @@ def write_xyz(cloud: PointCloud, path: Path) -> None:
     np.savetxt(path, np.hstack(parts), fmt=formats, delimiter=" ")
 
 
-def _layout(data: bytes, source: str) -> tuple[int, str | None]:
-    """(lines before the first data row, delimiter of that row); comments and one header line are skipped."""
+def _layout(data: bytes, source: str) -> tuple[int, str | None, int]:
+    """(lines before the first data row, its delimiter, its column count); comments and one header
+    line are skipped."""
     seen_header = False
     for index, raw in enumerate(io.BytesIO(data)):
         line = raw.strip()
         if not line or line.startswith(b"#"):
             continue
+        if len(line) > _MAX_ROW_BYTES:
+            raise PointCloudError(
+                f"{source}: not a valid XYZ text table (line {index + 1} is {len(line)} bytes long; "
+                "a row holds 3 to 9 numbers)"
+            )
         delimiter = "," if b"," in line else None
         try:
-            [float(token) for token in line.decode("utf-8").split(delimiter)]
+            values = [float(token) for token in line.decode("utf-8").split(delimiter)]
         except UnicodeDecodeError as exc:
             raise PointCloudError(f"{source}: not a valid XYZ text table (not UTF-8 text)") from exc
         except ValueError as exc:
@@ -71,5 +83,5 @@ def _layout(data: bytes, source: str) -> tuple[int, str | None]:
                 ) from exc
             seen_header = True  # a header line such as "x y z r g b"
             continue
-        return index, delimiter
+        return index, delimiter, len(values)
     raise PointCloudError(f"{source}: XYZ text has no data rows")
