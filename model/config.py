@@ -20,9 +20,11 @@ PPT_VALID_INDEX = (
     (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 15, 20, 22, 24, 25, 27, 34),
     (0, 1, 4, 5, 6, 7, 8, 10, 19, 29, 30, 31, 32),
 )
-SCANNET20_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-                   "picture", "counter", "desk", "curtain", "refrigerator", "shower curtain", "toilet", "sink",
-                   "bathtub", "otherfurniture")
+# ScanNet-20 in label order, spelled as the official ScanNet configs' ``data.names`` ("refridgerator" sic; the
+# 36-name PPT vocabulary spells it "refrigerator"). The one source of truth: training imports it from here.
+SCANNET20_NAMES: tuple[str, ...] = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture", "counter",
+    "desk", "curtain", "refridgerator", "shower curtain", "toilet", "sink", "bathtub", "otherfurniture")
 S3DIS_NAMES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa", "bookcase",
                "board", "clutter")
 STRUCTURED3D_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "picture", "desk",

@@ -6,12 +6,7 @@ from fastapi import Request
 
 from service.metrics import ServiceMetrics
 from service.pipeline import Pipeline
-from service.settings import ServiceSettings
 from service.workers.base import Worker
-
-
-def get_settings(request: Request) -> ServiceSettings:
-    return request.app.state.settings
 
 
 def get_pipeline(request: Request) -> Pipeline:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from model.checkpoint import save_checkpoint
-from model.cli import main
 from model.config import BackboneConfig, ModelConfig
 from model.detection import box_corners
 from model.pointcloud.cloud import PointCloud
 from model.pointcloud.readers import write_point_cloud
+from ponder.cli import main
 from training.data.classes import DETECTION_NAMES
 from training.data.synthetic import SceneConfig, generate_dataset
 

@@ -3,17 +3,16 @@ checkpoint, encoders load from any checkpoint, a frozen backbone stays frozen.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from conftest import fixture_dir
 from model.checkpoint import load_checkpoint
-from model.cli import main
 from model.detection import detect, points_in_boxes
 from model.inference import Predictor
+from ponder.cli import main
 from training.data.classes import DETECTION_NAMES
 from training.data.synthetic import SceneConfig, generate_dataset
 from training.detect.config import AugmentConfig, ConfigError, DetectConfig
@@ -21,7 +20,6 @@ from training.detect.dataset import DetectionSamples, DetectionScenes, find_scen
 from training.detect.task import DetectorTrainer, DetectTask, build_detector
 from training.engine import OptimConfig, TrainConfig, Trainer
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures" / "spunet_v1m1_seg"
 SMALL_BACKBONE = {"type": "SpUNet-v1m1", "in_channels": 6, "base_channels": 16,
                   "channels": [16, 24, 32, 48, 48, 32, 24, 24], "layers": [1, 1, 1, 1, 1, 1, 1, 1]}
 
@@ -112,12 +110,12 @@ def test_tiny_run_lowers_the_loss_and_saves_a_working_detector(tmp_path, data_ro
     assert np.all(np.diff(result.scores) <= 0)
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"reference fixtures not found at {FIXTURE}")
 def test_encoder_comes_from_an_official_checkpoint_and_can_stay_frozen(tmp_path, data_root):
+    fixture = fixture_dir("spunet_v1m1_seg")
     cfg = DetectConfig.from_dict(_config(data_root))
-    cfg.model.init, cfg.model.freeze_backbone = str(FIXTURE / "checkpoint.pth"), True
+    cfg.model.init, cfg.model.freeze_backbone = str(fixture / "checkpoint.pth"), True
     model, model_cfg = build_detector(cfg)
-    official = load_checkpoint(FIXTURE / "checkpoint.pth").model.state_dict()
+    official = load_checkpoint(fixture / "checkpoint.pth").model.state_dict()
     state = model.state_dict()
     encoder = [k for k in state if not k.startswith("detector.")]
     assert encoder and all(torch.equal(state[k], official[k]) for k in encoder)

@@ -12,11 +12,11 @@ import yaml
 from PIL import Image
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.cli import main
 from model.novel_view import render_scene
 from model.pointcloud.cloud import PointCloud
 from model.pointcloud.readers import write_point_cloud
 from model.render import Camera
+from ponder.cli import main
 from training.data.formats import load_rgbd_frames, load_scene
 from test_pretrain import make_data, tiny_config  # noqa: E402  (sibling test module: the tiny set-up)
 

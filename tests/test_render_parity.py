@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import KEYS, fixture_dir
 from model.render import (Camera, CameraError, PonderRenderHead, RenderConfigError, RenderHeadConfig,
                           cameras_from_json, cameras_from_transforms, get_rays, grid_resolution, head_state_dict,
                           infer_head_config, legacy_field_config, normalize_3d_coordinate, render_views,
@@ -17,9 +18,6 @@ from model.render import (Camera, CameraError, PonderRenderHead, RenderConfigErr
 from model.render.rays import TrainingRays
 from model.render.trilinear import GridVolume
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURE = SHARED / "reference" / "fixtures" / "ponder_render"
-KEYS = SHARED / "reference" / "keys"
 TOL = 1e-4
 
 
@@ -34,7 +32,7 @@ def _require(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fx():
-    base = _require(FIXTURE)
+    base = fixture_dir("ponder_render")
     cfg = RenderHeadConfig.from_official(json.loads((base / "model_config.json").read_text()))
     ckpt = torch.load(base / "checkpoint.pth", weights_only=True)
     head = PonderRenderHead(cfg)

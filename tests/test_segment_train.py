@@ -12,9 +12,9 @@ import yaml
 
 from conftest import fixture_dir
 from model.checkpoint import LoadedModel, load_checkpoint
-from model.cli import main
 from model.inference import Predictor
 from model.pointcloud.cloud import PointCloud
+from ponder.cli import main
 from training.data.classes import SCANNET20_NAMES
 from training.data.formats import load_scene
 from training.data.synthetic import SceneConfig, generate_dataset

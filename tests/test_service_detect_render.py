@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 def train_detector(base: Path) -> tuple[Path, Path]:
     """Three steps of ``ponder train detect`` on one generated room: (checkpoint folder, scene folder)."""
-    from model.cli import main
+    from ponder.cli import main
     from training.data.synthetic import SceneConfig, generate_dataset
 
     root = base / "data"

@@ -113,4 +113,5 @@ def test_augmentations_rotate_scale_and_flip_about_the_origin():
     np.testing.assert_allclose(c, [[0.0, 1.05, 0.525]], atol=1e-6)
     np.testing.assert_allclose(n, [[0.0, 1.0, 0.0]], atol=1e-6)
     c, n = Augmentation(flip=True).apply(point, normal)
-    np.testing.assert_allclose(c, [[-1.0, 0.0, 0.5]]) and np.testing.assert_allclose(n, [[-1.0, 0.0, 0.0]])
+    np.testing.assert_allclose(c, [[-1.0, 0.0, 0.5]])
+    np.testing.assert_allclose(n, [[-1.0, 0.0, 0.0]])

@@ -30,7 +30,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 
 def ponder(*args: str) -> str:
     """Run one ``ponder`` command (same interpreter), echo it, return its stdout."""
-    cmd = [sys.executable, "-m", "model.cli", *args]
+    cmd = [sys.executable, "-m", "ponder", *args]
     print("$ ponder " + " ".join(args), flush=True)
     start = time.perf_counter()
     result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)

@@ -8,6 +8,9 @@ the step counter are restored).
 
 Multi-GPU / multi-node: launch with ``torchrun``; each rank takes a disjoint slice of every global
 batch, gradients are averaged by DistributedDataParallel, rank 0 writes checkpoints and TensorBoard.
+Sample augmentation RNGs do not depend on the rank (a sample is augmented alike however the batch is split);
+the step generator of rank r > 0 also mixes in r, so ranks do not draw identical masks and rays. Logged
+scalars are averaged over ranks, i.e. they describe the global batch (tests/test_engine_ddp.py).
 """
 
 from __future__ import annotations
@@ -105,10 +108,14 @@ class Trainer:
         """``save_fn(model, out_dir)`` writes the final checkpoint in our format (the task knows its config)."""
         self.cfg, self.task, self.out_dir, self.save_fn = cfg, task, Path(out_dir), save_fn
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if cfg.device == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if cfg.batch_size < self.world:
+            raise ValueError(f"batch_size is the global batch, split over the {self.world} processes; it must be at "
+                             f"least {self.world}, got {cfg.batch_size}")
+        if self.world > 1 and not torch.distributed.is_initialized():
+            if cfg.device == "cuda":
+                torch.cuda.set_device(local_rank)  # else every rank's NCCL communicator lands on GPU 0
+            torch.distributed.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
         self.device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device)
@@ -202,7 +209,8 @@ class Trainer:
                 shuffle=False, num_workers=self.cfg.num_workers)
             for batch in loader:
                 in_epoch = self.step % self.steps_per_epoch
-                record = self._train_step(batch, step_generator(self.device, self.cfg.seed, epoch, in_epoch))
+                rank = (self.rank,) if self.rank else ()  # rank 0 (and a single process) keeps the plain seed
+                record = self._train_step(batch, step_generator(self.device, self.cfg.seed, epoch, in_epoch, *rank))
                 self.step += 1
                 record["step"] = self.step
                 self.history.append(record)
@@ -220,6 +228,8 @@ class Trainer:
             self._writer.close()
         if self.save_fn is not None and self.rank == 0:
             self.save_fn(self.module, self.out_dir / "final")
+        if self.world > 1:
+            torch.distributed.barrier()  # no rank returns before rank 0 has written the final checkpoint
         return self.history
 
     def _train_step(self, batch: Any, generator: torch.Generator) -> dict[str, float]:
@@ -227,8 +237,14 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             losses = self.task.losses(self.model, _to(batch, self.device), generator)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {self.step}")
+        scalars = {k: v.detach().float() for k, v in losses.items() if v.numel() == 1}
+        if self.world > 1:  # the global batch's values (as DDP averages the gradients), not this rank's slice;
+            stacked = torch.stack([v.reshape(()) for v in scalars.values()])  # before backward, so a non-finite
+            torch.distributed.all_reduce(stacked)                             # loss on one rank stops every rank
+            scalars = dict(zip(scalars, stacked / self.world))                # instead of leaving them waiting
+        record = {k: float(v) for k, v in scalars.items()}
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"loss became {record['loss']} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad:
@@ -237,7 +253,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        record = {k: float(v.detach()) for k, v in losses.items() if v.numel() == 1}
         record["lr"] = self.scheduler.get_last_lr()[0]
         record["time"] = time.perf_counter() - start
         return record

@@ -117,9 +117,6 @@ class DetectionHead(nn.Module):
     def from_config(cls, data: dict[str, Any]) -> "DetectionHead":
         return cls(HeadConfig.from_dict(dict(data)))
 
-    def to_config(self) -> dict[str, Any]:
-        return self.cfg.to_dict()
-
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.cfg.class_names

@@ -12,31 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from model.config import SCANNET20_NAMES  # re-exported: ScanNet-20 names in label order
+
 IGNORE_INDEX = -1
 
-# ScanNet-20 names in label order. "refridgerator" (sic) is the spelling of the official config.
-SCANNET20_NAMES: tuple[str, ...] = (
-    "wall",
-    "floor",
-    "cabinet",
-    "bed",
-    "chair",
-    "sofa",
-    "table",
-    "door",
-    "window",
-    "bookshelf",
-    "picture",
-    "counter",
-    "desk",
-    "curtain",
-    "refridgerator",
-    "shower curtain",
-    "toilet",
-    "sink",
-    "bathtub",
-    "otherfurniture",
-)
 # NYU40 id of each ScanNet-20 class (index i -> VALID_CLASS_IDS_20[i]).
 VALID_CLASS_IDS_20: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
 
@@ -118,11 +97,3 @@ def scannet20_to_nyu40(labels: np.ndarray) -> np.ndarray:
         raise ValueError(f"ScanNet-20 labels must lie in -1..19, got range [{labels.min()}, {labels.max()}]")
     table = np.array((0,) + VALID_CLASS_IDS_20, dtype=np.int64)
     return table[labels + 1]
-
-
-def scannet20_index(name: str) -> int:
-    """ScanNet-20 index of a class name (raises KeyError naming the class if unknown)."""
-    try:
-        return SCANNET20_NAMES.index(name)
-    except ValueError:
-        raise KeyError(f"{name!r} is not a ScanNet-20 class; known: {', '.join(SCANNET20_NAMES)}") from None

@@ -112,7 +112,7 @@ def run_segmentation(args: argparse.Namespace, arm: Arm, fraction: float, data: 
 
 def run_detection(args: argparse.Namespace, arm: Arm, fraction: float, data: Path, source) -> dict[str, float]:
     """mAP@0.25 and mAP@0.5 of one detection fine-tune through ``ponder train detect`` (training/detect)."""
-    from model.cli import main
+    from training.detect.cli import add_train_arguments, run_train
 
     out = args.out / "detect" / f"{arm.name}-{_pct(fraction)}"
     done = out / "metrics.json"
@@ -137,8 +137,15 @@ def run_detection(args: argparse.Namespace, arm: Arm, fraction: float, data: Pat
             train.update(steps_per_epoch=per_epoch, epochs=max(1, math.ceil(total / per_epoch)))
         out.mkdir(parents=True, exist_ok=True)
         (out / "experiment.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        parser = argparse.ArgumentParser(prog="ponder train detect")
+        add_train_arguments(parser)
+        train_args = parser.parse_args(["--config", str(out / "experiment.yaml"), "--out", str(out), "--resume"])
         with open(out / "train.log", "a") as log_file, contextlib.redirect_stdout(log_file):  # its tables go there
-            code = main(["train", "detect", "--config", str(out / "experiment.yaml"), "--out", str(out), "--resume"])
+            try:
+                code = run_train(train_args)
+            except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:  # ponder's exit 2
+                print(f"ponder train detect: error: {exc}", file=sys.stderr)
+                code = 2
         if code != 0 or not done.is_file():
             log.warning("detection run %s gave no metrics (exit code %d)", out, code)
             return {}

@@ -1,24 +1,28 @@
 """``ponder``: one console script in front of the four packages.
 
-Each package contributes its subcommands through an ``add_commands(subparsers)`` function; handlers
-import their heavy dependencies lazily so ``ponder --help`` stays quick.
+Each package's ``commands`` module contributes its subcommands through ``add_commands(subparsers)``; they are
+imported here by name, and their handlers import heavy dependencies lazily so ``ponder --help`` stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import warnings
-from typing import Callable, Sequence
+from types import ModuleType
+from typing import Sequence
 
-# Packages whose ``commands`` module adds subcommands, in help order.
-COMMAND_MODULES = ("model.commands", "training.commands", "export.commands", "service.commands")
+from export import commands as export_commands
+from model import commands as model_commands
+from model.errors import CommandError
+from ponder import inference_commands
+from service import commands as service_commands
+from training import commands as training_commands
 
-
-class CommandError(Exception):
-    """A user-facing failure: printed without a traceback, exit code 2."""
+# In help order.
+COMMAND_MODULES: tuple[ModuleType, ...] = (inference_commands, model_commands, training_commands, export_commands,
+                                           service_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,15 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "segmentation, detection, rendering, training, export and serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # a package without commands yet
-                continue
-            raise
-        add: Callable = module.add_commands
-        add(subparsers)
+    for module in COMMAND_MODULES:
+        module.add_commands(subparsers)
     return parser
 
 

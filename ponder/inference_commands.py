@@ -1,0 +1,128 @@
+"""Inference subcommands: ``ponder features`` and ``ponder segment``.
+
+They live in the composition root because they choose among every encoder backend: the model's own
+(``spconv``, ``torch`` = the spconv-free engine) and the exported ones (``onnxruntime``, ``tensorrt``),
+which model must not import. Without ``--backend`` the fastest exact encoder for the device is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+BACKENDS = ("spconv", "torch", "onnxruntime", "tensorrt")  # = export.backends.BACKENDS (kept import-free for --help)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "-c", help="official .pth or our checkpoint folder (default: the bundled model)")
+    p.add_argument("--condition", help="dataset condition of PDNorm/PPT models (e.g. ScanNet, S3DIS, Structured3D)")
+    p.add_argument("--grid-size", type=float, help="voxel size in metres (default: the model's, usually 0.02)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--format", dest="input_format", help="input format when the suffix does not tell")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of the checkpoint (only for files you trust)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="encoder: torch = the spconv-free engine (valid pairs on CPU, gather on CUDA), spconv = the "
+                        "model's spconv layers, onnxruntime = the exported graph (CPU/CUDA), tensorrt = onnxruntime's "
+                        "TensorRT provider (default: the fastest exact one for the device, the torch engine)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="torch engine only: bf16 = bfloat16 GEMM operands with float32 sums (AMX/AVX512-BF16; "
+                        "not bit-exact, see README)")
+    p.add_argument("--engine", help="exported .onnx encoder for --backend onnxruntime/tensorrt "
+                                    "(default: export once and cache under ~/.cache/ponder)")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("features", help="per-point encoder features of a point cloud")
+    p.add_argument("input", help="point cloud: .ply .las .laz .npy .npz .pcd .xyz .txt .bin")
+    p.add_argument("-o", "--output", required=True, help="output .npy (N x C float32, input order)")
+    p.add_argument("--per-voxel", action="store_true",
+                   help="write voxel features (M x C) and OUTPUT.point_to_voxel.npy instead of per-point rows")
+    add_model_arguments(p)
+    p.set_defaults(handler=run_features)
+
+    p = subparsers.add_parser("segment", help="per-point semantic labels and logits")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True, help="output .npz with labels, logits, class_names")
+    p.add_argument("--precise", action="store_true",
+                   help="official precise mode: 13 test-time augmentations x fragments, probabilities voted")
+    p.add_argument("--colored", metavar="PLY",
+                   help="also write the points coloured by class (fixed palette, vertex property 'label') "
+                        "as a binary .ply for MeshLab / CloudCompare")
+    add_model_arguments(p)
+    p.set_defaults(handler=run_segment)
+
+
+def _steps(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=not sys.stderr.isatty(),
+                bar_format="{desc}: {n}/{total} {postfix}")
+
+
+def _load(args):
+    from model.pointcloud.readers import read_point_cloud
+
+    progress = _steps(3, "ponder")
+    progress.set_postfix_str(f"reading {args.input}")  # read first: bad input fails before the model loads
+    cloud = read_point_cloud(Path(args.input), format=args.input_format)
+    progress.update()
+    progress.set_postfix_str("loading model")
+    from export.backends import load  # imports spconv (seconds)
+
+    predictor = load(args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint,
+                     backend=args.backend, precision=args.precision, engine=args.engine)
+    progress.update()
+    progress.set_postfix_str(f"running on {len(cloud):,} points")
+    return predictor, cloud, progress
+
+
+def _write_npy(path: Path, array) -> None:
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    tmp.replace(path)
+
+
+def run_features(args) -> int:
+    predictor, cloud, progress = _load(args)
+    result = predictor.features(cloud, args.condition, args.grid_size)
+    progress.update()
+    progress.close()
+    out = Path(args.output)
+    if args.per_voxel:
+        _write_npy(out, result.voxel_features)
+        _write_npy(out.with_suffix(".point_to_voxel.npy"), result.point_to_voxel)
+    else:
+        _write_npy(out, result.point_features())
+    print(f"wrote {out}: {len(cloud):,} points, {len(result.voxel_features):,} voxels, "
+          f"{result.voxel_features.shape[1]} channels", file=sys.stderr)
+    return 0
+
+
+def run_segment(args) -> int:
+    import numpy as np
+
+    if args.colored and Path(args.colored).is_dir():
+        raise IsADirectoryError(f"{args.colored}: is a folder; --colored takes a .ply file path")
+    predictor, cloud, progress = _load(args)
+    result = predictor.segment(cloud, args.condition, args.grid_size, precise=args.precise)
+    progress.update()
+    progress.close()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, labels=result.labels, logits=result.logits, class_names=np.array(result.class_names, dtype=str))
+    counts = np.bincount(result.labels, minlength=len(result.class_names))
+    top = ", ".join(f"{result.class_names[i]} {counts[i]:,}" for i in np.argsort(-counts)[:5] if counts[i])
+    print(f"wrote {out}: {len(cloud):,} points; most frequent: {top}", file=sys.stderr)
+    if args.colored:
+        from model.pointcloud.palette import write_labelled_points
+
+        world = cloud.coord + cloud.origin if np.any(cloud.origin) else cloud.coord  # float64 when georeferenced
+        write_labelled_points(args.colored, world, result.labels, result.class_names)
+        print(f"wrote {args.colored}: points coloured by class", file=sys.stderr)
+    return 0
