@@ -2,11 +2,19 @@
 (loads the models or connects to Triton) and stops it.
 
 Run it with ``ponder serve`` or ``python -m uvicorn service.app:create_app --factory`` (settings then
-come from ``PONDER_*`` variables and ``PONDER_CONFIG_FILE``)."""
+come from ``PONDER_*`` variables and ``PONDER_CONFIG_FILE``).
+
+Shutdown: on SIGTERM/SIGINT uvicorn stops accepting connections and waits for the open ones; the gateway
+turns /readyz to 503 at once, lets in-flight requests finish for ``drain_s`` seconds, then cancels every
+queued and running job (their requests get 503), so uvicorn's wait, and the process, end within about
+``drain_s`` plus one render chunk, whatever was running."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -17,7 +25,7 @@ from service.logs import configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from service.pipeline import Pipeline
-from service.routers import detect, features, health, metrics, models, render, segment
+from service.routers import detect, docs, features, health, metrics, models, render, segment, viewer
 from service.settings import ServiceSettings
 from service.workers.base import Worker
 
@@ -53,15 +61,17 @@ def create_app(settings: ServiceSettings | None = None, worker: Worker | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await worker.start()
         LOG.info("ready: %s worker, models %s", worker.kind, ", ".join(worker.models()))
+        restore = _drain_on_signals(app, worker, settings.drain_s)
         if on_started is not None:
             on_started()
         try:
             yield
         finally:
+            restore()
             await worker.stop()
             pipeline.close()
 
-    app = FastAPI(title="PonderV2 inference service", version="1", lifespan=lifespan,
+    app = FastAPI(title="PonderV2 inference service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Point-cloud features, segmentation, 3D detection and novel-view rendering from "
                               "PonderV2 models. Errors are application/problem+json; every answer carries "
                               "X-Request-ID.")
@@ -69,9 +79,10 @@ def create_app(settings: ServiceSettings | None = None, worker: Worker | None = 
     app.state.metrics = registry
     app.state.worker = worker
     app.state.pipeline = pipeline
+    app.state.draining = False
     install_error_handlers(app)
     for router in (features.router, segment.router, detect.router, render.router, models.router, health.router,
-                   metrics.router):
+                   metrics.router, docs.router, viewer.router):  # docs/viewer: pages and assets served offline
         app.include_router(router)
     # Added innermost first: request context -> auth -> body limit -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
@@ -79,3 +90,43 @@ def create_app(settings: ServiceSettings | None = None, worker: Worker | None = 
                        burst=settings.rate_limit_burst)
     app.add_middleware(RequestContextMiddleware, metrics=registry)
     return app
+
+
+def _drain_on_signals(app: FastAPI, worker: Worker, drain_s: float) -> Callable[[], None]:
+    """Chain onto the server's SIGTERM/SIGINT handlers (uvicorn's start its graceful shutdown): mark the app
+    draining and, ``drain_s`` later, cancel every job still queued or running. Returns the undo. Signal
+    handlers can only be set in the main thread; elsewhere (tests' in-process apps), or where no server
+    handler is installed, nothing is chained."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+
+    async def drain(signum: int) -> None:
+        LOG.info("signal %d: draining for up to %g s", signum, drain_s)
+        await asyncio.sleep(drain_s)
+        cancelled = worker.cancel_all("the server is shutting down")
+        if cancelled:
+            LOG.warning("drain time over: cancelled %d request(s) still queued or running", cancelled)
+
+    previous: dict[int, object] = {}
+
+    def handler(signum: int, frame: object) -> None:
+        if not app.state.draining:
+            app.state.draining = True
+            loop.call_soon_threadsafe(lambda: app.state.__setattr__("drain_task", loop.create_task(drain(signum))))
+        chained = previous[signum]
+        chained(signum, frame)  # type: ignore[operator]
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if callable(signal.getsignal(sig)):  # only chain onto a server's handler: never swallow a default exit
+            previous[sig] = signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, old)  # type: ignore[arg-type]
+        task = getattr(app.state, "drain_task", None)
+        if task is not None:
+            task.cancel()
+
+    return restore
