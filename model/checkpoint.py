@@ -46,8 +46,22 @@ def _numpy_safe_globals() -> list:
     return allowed
 
 
+def check_torch_header(path: Path) -> None:
+    """Refuse files that are neither a zip archive (torch.save since 1.6) nor a pickle (legacy format), so a
+    text or random file gets one clear sentence instead of an unpickler error."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc})") from exc
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (expected a .pth/.pt file written by torch.save, "
+                              "or a folder with model.safetensors)")
+
+
 def read_official(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """The state_dict of an official checkpoint, ``module.`` prefix removed."""
+    check_torch_header(path)
     try:
         if trust:
             obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -55,11 +69,16 @@ def read_official(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals(_numpy_safe_globals()):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: the file needs full unpickling, which can run arbitrary code ({str(exc).splitlines()[0]}). "
-            "If you trust its origin, pass --trust-checkpoint (trust=True).") from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+        if not trust and "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{path}: the file needs full unpickling, which can run arbitrary code "
+                f"({str(exc).splitlines()[0]}). If you trust its origin, pass --trust-checkpoint "
+                "(trust=True).") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle data)") from exc
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError, AttributeError,
+            ImportError, MemoryError) as exc:
+        # A damaged or foreign file makes the unpickler fail in arbitrary ways (e.g. ``KeyError: 101``).
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no state_dict of tensors found (expected a dict with 'state_dict')")

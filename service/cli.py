@@ -1,11 +1,13 @@
 """Command-line handlers for ``ponder serve``, ``ponder worker`` and ``ponder extract``. The top-level
-parser (model/cli.py) adds each subcommand with ``add_*_arguments`` and calls ``run_*`` with the
+parser (ponder/cli.py) adds each subcommand with ``add_*_arguments`` and calls ``run_*`` with the
 parsed namespace; each ``run_*`` returns the process exit code."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import socket
 import sys
 from pathlib import Path
 
@@ -55,44 +57,59 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as exc:
         print(f"ponder serve: invalid settings: {exc}", file=sys.stderr)
         return 2
+    problem = _check_models(settings)
+    if problem:
+        print(f"ponder serve: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as exc:
+        reason = f"port {args.port} is in use" if exc.errno == errno.EADDRINUSE else f"cannot listen ({exc})"
+        print(f"ponder serve: error: {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return 2
     url = f"http://{args.host}:{args.port}"
 
     def announce() -> None:
         print(f"PonderV2 gateway serving at {url}  (API docs: {url}/docs)", flush=True)
 
     app = create_app(settings, on_started=announce)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    server.run(sockets=[sock])
+    return 0 if server.started else 3
 
 
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--triton", action="store_true", help="serve the model inside Triton (nvidia-pytriton)")
-    _model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address Triton listens on (0.0.0.0 for remote gateways)")
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+def _check_models(settings) -> str | None:
+    """A missing checkpoint, an empty --models folder or a file that is no PyTorch checkpoint, found before
+    uvicorn starts (a failing lifespan would print a traceback). Only names and magic bytes are looked at;
+    reading the weights stays with the workers."""
+    if settings.models_dir is None and settings.checkpoint is None:
+        return None
+    from service.workers.loading import discover_checkpoints
 
+    from model.checkpoint import CheckpointError, check_torch_header
 
-def run_worker(args: argparse.Namespace) -> int:
-    if not args.triton:
-        print("ponder worker: only Triton workers run standalone (pass --triton); the in-process worker runs "
-              "inside `ponder serve`", file=sys.stderr)
-        return 2
-    from service.logs import configure_logging
-    from service.workers.triton_server import serve_triton
-
-    configure_logging("INFO")
-    print(f"Triton worker: gRPC {args.host}:{args.grpc_port}, HTTP {args.host}:{args.http_port}; point the gateway "
-          f"at it with PONDER_WORKER=triton PONDER_TRITON_URLS=HOST:{args.grpc_port}", flush=True)
     try:
-        serve_triton(args.checkpoint, args.models_dir, device=args.device or "cpu",
-                     trust_checkpoint=bool(args.trust_checkpoint), grpc_port=args.grpc_port,
-                     http_port=args.http_port, metrics_port=args.metrics_port, host=args.host)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"ponder worker: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        found = discover_checkpoints(settings.checkpoint, settings.models_dir)
+        for path in found.values():  # a text file named .pth: one sentence now, not a traceback from the lifespan
+            if path is not None and path.is_file() and path.suffix.lower() != ".safetensors":
+                check_torch_header(path)
+    except (ValueError, CheckpointError) as exc:
+        return str(exc)
+    return None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is announced; uvicorn serves on it (no bind race)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +152,9 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m service.cli serve|worker|extract ...``) for when model/cli.py is absent."""
+    """Standalone entry (``python -m service.cli serve|worker|extract ...``) without the composition root (ponder/cli.py)."""
+    from service.workers.triton_server import add_worker_arguments, run_worker
+
     parser = argparse.ArgumentParser(prog="ponder")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, add, run in (("serve", add_serve_arguments, run_serve), ("worker", add_worker_arguments, run_worker),

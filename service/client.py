@@ -75,6 +75,7 @@ class RenderedImage:
 
 Source = str | os.PathLike | bytes | PointCloud
 Cameras = Camera | Mapping | Sequence[Camera | Mapping] | str | bytes | os.PathLike
+Image = str | os.PathLike | bytes | np.ndarray  # a PNG file, its bytes, or the pixels
 
 
 def encode_source(source: Source, format: str | None = None) -> tuple[bytes, dict[str, str]]:
@@ -101,18 +102,56 @@ def encode_source(source: Source, format: str | None = None) -> tuple[bytes, dic
 
 
 def cameras_json(cameras: Cameras) -> str:
-    """The 'cameras' part: Camera objects, camera dicts (or a transforms.json dict), JSON text, or a JSON file."""
+    """The 'cameras' part: Camera objects, camera dicts (or a transforms.json dict), JSON text, or a JSON file
+    (a path, as ``Path`` or as a string that is not JSON text)."""
     if isinstance(cameras, bytes):
         return cameras.decode()
     if isinstance(cameras, str):
-        return cameras
+        if cameras.lstrip()[:1] in ("{", "["):
+            return cameras
+        cameras = Path(cameras)
     if isinstance(cameras, os.PathLike):
-        return Path(cameras).read_text()
+        path = Path(cameras)
+        if not path.is_file():
+            raise FileNotFoundError(f"camera file {path} not found (pass a path, JSON text, dicts or Camera objects)")
+        return path.read_text()
     if isinstance(cameras, Camera):
         cameras = [cameras]
     if isinstance(cameras, Mapping):
         return json.dumps(dict(cameras))
     return json.dumps([c.to_dict() if isinstance(c, Camera) else dict(c) for c in cameras])
+
+
+def image_bytes(image: Image, what: str) -> bytes:
+    """PNG bytes of an image given as a path, PNG bytes or an array (uint16 depth / uint8 colour)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).read_bytes()
+    from PIL import Image as PILImage
+
+    array = np.asarray(image)
+    if array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{what}: an image array must be uint16 (depth) or uint8 (colour), not {array.dtype}")
+    buffer = io.BytesIO()
+    PILImage.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _views(images: Mapping[str, Image] | Sequence[Image]) -> dict[str, Image]:
+    if isinstance(images, Mapping):
+        return {str(k): v for k, v in images.items()}
+    return {str(i): image for i, image in enumerate(images)}
+
+
+def rgbd_cameras_json(cameras: Cameras) -> str:
+    """The RGB-D 'cameras' part ({"views": ...} of K + pose per view); Camera objects become K/world_to_camera."""
+    if isinstance(cameras, Camera):
+        cameras = [cameras]
+    if isinstance(cameras, Sequence) and not isinstance(cameras, (str, bytes)):
+        cameras = {"views": [{"K": c.K.tolist(), "world_to_camera": c.w2c.tolist()} if isinstance(c, Camera)
+                             else dict(c) for c in cameras]}
+    return cameras_json(cameras)
 
 
 def read_views(content: bytes) -> list[RenderedImage]:
@@ -252,6 +291,40 @@ class PonderClient:
                                  files={"file": (name, body, "application/octet-stream")},
                                  data={"cameras": cameras_json(cameras)})
         return read_views(response.content)
+
+    def rgbd(self, depth: Mapping[str, Image] | Sequence[Image], cameras: Cameras, *,
+             color: Mapping[str, Image] | Sequence[Image] | None = None, task: str = "features",
+             model: str | None = None, condition: str | None = None, grid_size: float | None = None,
+             dtype: str = "float32", logits: bool = False) -> np.ndarray | Segmentation:
+        """Multi-view RGB-D, fused server-side into one cloud, then ``task`` "features" ((N, C) per fused point)
+        or "segment" (labels per fused point). ``depth``: 16-bit PNGs in millimetres (or the depth scale named in
+        the cameras JSON) per view id (a list is ids 0, 1, ...); ``color``: the same ids; ``cameras``: JSON
+        text, a camera file, dicts or Camera objects with ``K`` and a pose per view (OpenCV axes)."""
+        if task not in ("features", "segment"):
+            raise ValueError(f"task must be 'features' or 'segment', not {task!r}")
+        depth_views, color_views = _views(depth), _views(color or {})
+        if not depth_views:
+            raise ValueError("no depth images given")
+        unknown = sorted(set(color_views) - set(depth_views))
+        if unknown:
+            raise ValueError(f"colour images for views without depth: {', '.join(unknown)}")
+        files: list[tuple[str, tuple[str, bytes, str]]] = []
+        for prefix, views in (("depth", depth_views), ("color", color_views)):
+            for view, image in views.items():
+                files.append((f"{prefix}_{view}", (f"{prefix}_{view}.png",
+                                                   image_bytes(image, f"{prefix}_{view}"), "image/png")))
+        files.append(("cameras", ("cameras.json", rgbd_cameras_json(cameras).encode(), JSON)))
+        params = {k: str(v) for k, v in (("model", model), ("condition", condition), ("grid_size", grid_size))
+                  if v is not None}
+        if task == "features":
+            params.update(dtype=dtype, output="per_point")
+            response = self._request("POST", "/v1/features", params=params, files=files, headers={"Accept": NPY})
+            return load_npy(response.content)
+        params["logits"] = str(logits).lower()
+        response = self._request("POST", "/v1/segment", params=params, files=files, headers={"Accept": NPZ})
+        arrays = load_npz(response.content)
+        return Segmentation(labels=arrays["labels"], class_names=tuple(str(n) for n in arrays["class_names"]),
+                            logits=arrays.get("logits"))
 
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["models"]

@@ -1,7 +1,8 @@
 """Answer formats chosen by the ``Accept`` header: JSON (small answers), NPY (one array), NPZ (several
 arrays) and the Arrow IPC stream format (when pyarrow imports). Binary answers are streamed in chunks, so
 a million-point answer never needs a second full copy in memory; a JSON answer over the configured size
-is refused with 406 and a message naming the binary formats."""
+asked for explicitly is refused with 406 and a message naming the binary formats. ``*/*`` (curl's default) or
+no Accept gets JSON when the answer is small and NPY/NPZ otherwise, with an ``X-Ponder-Hint`` header."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class OutputFormat(str, Enum):
     NPY = "application/x-npy"
     NPZ = "application/x-npz"
     ARROW = "application/vnd.apache.arrow.stream"
+    AUTO = "*/*"  # no preference: JSON when small enough, else NPY (one array) or NPZ; never offered by name
 
 
 # Media types a client may send that mean one of ours.
@@ -49,13 +51,14 @@ def arrow_available() -> bool:
 
 
 def available_formats() -> list[OutputFormat]:
-    return [f for f in OutputFormat if f is not OutputFormat.ARROW or arrow_available()]
+    return [f for f in OutputFormat
+            if f is not OutputFormat.AUTO and (f is not OutputFormat.ARROW or arrow_available())]
 
 
 def negotiate(accept: str | None) -> OutputFormat:
-    """The best format for an ``Accept`` header (q-values honoured; ``*/*`` or none -> JSON)."""
+    """The best format for an ``Accept`` header (q-values honoured; ``*/*``, ``application/*`` or none -> AUTO)."""
     if not accept or not accept.strip():
-        return OutputFormat.JSON
+        return OutputFormat.AUTO
     offered = available_formats()
     ranked: list[tuple[float, int, OutputFormat]] = []
     for position, item in enumerate(accept.split(",")):
@@ -71,7 +74,7 @@ def negotiate(accept: str | None) -> OutputFormat:
         if q <= 0:
             continue
         if media in ("*/*", "application/*"):
-            candidates = offered
+            candidates = [OutputFormat.AUTO]
         elif media in _ALIASES and _ALIASES[media] in offered:
             candidates = [_ALIASES[media]]
         else:
@@ -109,9 +112,19 @@ def _meta_headers(meta: dict) -> dict[str, str]:
 
 def encode(payload: Payload, fmt: OutputFormat, max_json_values: int) -> Response:
     """Serialise ``payload`` as ``fmt`` (406 when the format cannot carry it)."""
+    hint = None
+    if fmt is OutputFormat.AUTO:
+        if payload.num_values <= max_json_values:
+            return _json(payload, max_json_values)
+        fmt = OutputFormat.NPY if len(payload.arrays) == 1 else OutputFormat.NPZ
+        hint = (f"answered as {fmt.value}: {payload.num_values} values are over the JSON limit of {max_json_values}; "
+                f"choose with Accept: {OutputFormat.NPY.value}, {OutputFormat.NPZ.value}"
+                + (f", {OutputFormat.ARROW.value}" if arrow_available() else "") + f" or {OutputFormat.JSON.value}")
     if fmt is OutputFormat.JSON:
         return _json(payload, max_json_values)
     headers = _meta_headers(payload.meta)
+    if hint:
+        headers["X-Ponder-Hint"] = hint
     if fmt is OutputFormat.NPY:
         if len(payload.arrays) != 1:
             names = ", ".join(payload.arrays)

@@ -62,7 +62,7 @@ def test_bad_config_files_are_named(tmp_path, text, message):
 
 # -- answer formats ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("accept, expected", [
-    (None, OutputFormat.JSON), ("*/*", OutputFormat.JSON), ("application/x-npy", OutputFormat.NPY),
+    (None, OutputFormat.AUTO), ("*/*", OutputFormat.AUTO), ("application/x-npy", OutputFormat.NPY),
     ("application/octet-stream", OutputFormat.NPY), ("application/zip", OutputFormat.NPZ),
     ("application/json;q=0.2, application/x-npz;q=0.9", OutputFormat.NPZ),
     ("text/html, application/x-npy;q=0.1", OutputFormat.NPY),

@@ -178,6 +178,9 @@ def add_run_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", dest="input_format", default=None, help="input format when the suffix does not tell")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of an official .pth")
+    p.add_argument("--ply", type=Path, default=None,
+                   help="also write the boxes as wireframes (12 PLY edges per box, coloured by class) for "
+                        "MeshLab / CloudCompare")
     p.set_defaults(handler=run_detect)
 
 
@@ -191,6 +194,8 @@ def run_detect(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.output.is_dir():
         raise IsADirectoryError(f"{args.output}: is a folder; -o takes a .json file path")
+    if args.ply is not None and args.ply.is_dir():
+        raise IsADirectoryError(f"{args.ply}: is a folder; --ply takes a .ply file path")
     cloud = read_point_cloud(args.input, format=args.input_format)     # bad input fails before the model loads
     from model.inference import default_checkpoint, load_predictor
 
@@ -201,6 +206,12 @@ def run_detect(args: argparse.Namespace) -> int:
     tmp = args.output.with_name(args.output.name + ".partial")
     tmp.write_text(result.dumps(source=str(args.input)))
     tmp.replace(args.output)
+    if args.ply is not None:
+        from model.detection import box_corners
+        from model.pointcloud.palette import write_box_wireframes
+
+        write_box_wireframes(args.ply, box_corners(result.boxes) if len(result) else [], result.labels,
+                             result.class_names)
     counts: dict[str, int] = {}
     for label in result.labels:
         counts[result.class_names[int(label)]] = counts.get(result.class_names[int(label)], 0) + 1
