@@ -58,9 +58,6 @@ class CancelToken:
             return self._reason
         return "deadline passed" if self.expired else ""
 
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
     def check(self) -> None:
         """Raise Cancelled when cancelled or past the deadline; cheap enough to call per chunk."""
         if self.cancelled:

@@ -27,7 +27,7 @@ from service.middleware import AuthMiddleware, BodyLimitMiddleware, RequestConte
 from service.pipeline import Pipeline
 from service.routers import detect, docs, features, health, metrics, models, render, segment, viewer
 from service.settings import ServiceSettings
-from service.workers.base import Worker
+from service.workers.base import SHUTTING_DOWN, Worker
 
 LOG = logging.getLogger("service.app")
 
@@ -104,7 +104,7 @@ def _drain_on_signals(app: FastAPI, worker: Worker, drain_s: float) -> Callable[
     async def drain(signum: int) -> None:
         LOG.info("signal %d: draining for up to %g s", signum, drain_s)
         await asyncio.sleep(drain_s)
-        cancelled = worker.cancel_all("the server is shutting down")
+        cancelled = worker.cancel_all(SHUTTING_DOWN)
         if cancelled:
             LOG.warning("drain time over: cancelled %d request(s) still queued or running", cancelled)
 

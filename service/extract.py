@@ -101,8 +101,9 @@ def _walk(folder: Path, ignored: dict[Path, str]) -> list[Path]:
         return [folder]
     scenes = sorted(p.parent for p in folder.rglob("coord.npy") if is_scene_folder(p.parent))
     found: list[Path] = list(scenes)
+    scene_set = set(scenes)
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and format_from_name(p.name)):
-        if any(path.is_relative_to(scene) for scene in scenes):
+        if not scene_set.isdisjoint(path.parents):  # an array inside a scene folder
             continue
         reason = not_a_cloud(path)
         if reason:

@@ -29,12 +29,11 @@ from service.rgbd import (RGBDError, RGBDView, check_image_budget, decode_color,
                           parse_cameras)
 from service.settings import ServiceSettings
 from service.uploads import CloudUpload, RGBDUpload, discard_body
-from service.workers.base import (FAST, EncodeJob, EncodeOutput, ModelCard, Ticket, Worker, WorkerBusy,
+from service.workers.base import (FAST, SHUTTING_DOWN, EncodeJob, EncodeOutput, ModelCard, Ticket, Worker, WorkerBusy,
                                   WorkerFailed, WorkerInputError, WorkerUnavailable, WorkerUnsupported)
 
 LOG = logging.getLogger("service.pipeline")
 DISCONNECT_POLL_S = 0.25
-SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass
@@ -99,7 +98,6 @@ class Pipeline:
         ctx = contextvars.copy_context()  # keeps the request id in log lines written by the thread
         return await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, fn, *args)
 
-    _in_pool = in_pool
 
     def card(self, model: str | None) -> ModelCard:
         """The model a request names (404 naming the served ones), or the default model."""

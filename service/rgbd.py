@@ -18,7 +18,7 @@ an optional top-level ``depth_scale`` overrides the server's.
 
 Memory is bounded before any pixel is decoded: :func:`check_image_budget` reads every image's size from
 its header and refuses uploads whose fusion would exceed the memory budget; the decoders refuse images
-larger than announced; :func:`fuse_views` refuses more than ``max_points`` fused points before it
+whose header gives a side over 32768 px, and decompression bombs; :func:`fuse_views` refuses more than ``max_points`` fused points before it
 estimates normals. Over-limit inputs raise :class:`RGBDTooLarge` (a PointCloudTooLarge: HTTP 413).
 """
 

@@ -18,7 +18,6 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
 
 from model.pointcloud.cloud import PointCloud
@@ -107,7 +106,7 @@ async def points(request: Request, params: Annotated[DisplayParams, Query()],
     upload = await read_upload(request, params.format, params.filename)
     cloud: PointCloud = await pipeline.in_pool(pipeline._decode, upload)  # the model routes' own decoding
     rows = display_rows(len(cloud), params.max_points)
-    array, offset = await run_in_threadpool(display_points, cloud, rows)
+    array, offset = await pipeline.in_pool(display_points, cloud, rows)
     meta = {"num_points": len(cloud), "num_display": len(rows), "offset": offset.tolist(),
             "origin": np.asarray(cloud.origin, dtype=np.float64).tolist(), "has_color": cloud.color is not None}
     return encode(Payload(arrays={"points": array}, meta=meta), OutputFormat.NPY, pipeline.settings.max_json_values)
@@ -126,7 +125,7 @@ async def pca(request: Request, params: Annotated[DisplayParams, Query()],
         done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=False, admission=admission)
     rows = display_rows(done.num_points, params.max_points)
     voxel_of_rows = done.voxels.point_to_voxel[rows]
-    rgb, explained = await run_in_threadpool(pca_colors, done.output.features, voxel_of_rows)
+    rgb, explained = await pipeline.in_pool(pca_colors, done.output.features, voxel_of_rows)
     meta = {"model": card.info.name, "num_points": done.num_points, "num_display": len(rows),
             "explained_variance": [round(v, 6) for v in explained]}
     return encode(Payload(arrays={"colors": rgb}, meta=meta), OutputFormat.NPY, pipeline.settings.max_json_values)

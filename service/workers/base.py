@@ -98,6 +98,9 @@ def _can_render(predictor: Predictor) -> bool:
     return True
 
 
+SHUTTING_DOWN = "the server is shutting down"  # cancel reason at shutdown; the pipeline answers it with 503
+
+
 class WorkerBusy(Exception):
     """The worker's queue is full; the client should retry after ``retry_after`` seconds."""
 

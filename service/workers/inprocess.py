@@ -28,7 +28,7 @@ from model.cancel import CancelToken, Cancelled, active
 from model.inference import Predictor
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
-from service.workers.base import (FAST, LONG, EncodeJob, EncodeOutput, ModelCard, ModelJob, Ticket, Worker,
+from service.workers.base import (FAST, LONG, SHUTTING_DOWN, EncodeJob, EncodeOutput, ModelCard, ModelJob, Ticket, Worker,
                                   WorkerBusy, WorkerInputError)
 from service.workers.loading import discover_checkpoints, load_predictors
 
@@ -104,7 +104,7 @@ class _Lane:
         self.threads = [_ModelThread(f"ponder-{name}-{i}") for i in range(concurrency)]
 
     def admit(self) -> Ticket:
-        if self.reserved >= self.capacity:
+        if self.saturated:
             self.metrics.rejected.inc()
             raise WorkerBusy(f"the {self.name} lane's queue is full ({self.capacity} requests admitted); "
                              "retry shortly")
@@ -156,7 +156,7 @@ class InProcessWorker(Worker):
                         for i, thread in enumerate(long.threads)]
 
     async def stop(self) -> None:
-        self.cancel_all("the server is shutting down")
+        self.cancel_all(SHUTTING_DOWN)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -312,7 +312,7 @@ class InProcessWorker(Worker):
         while True:
             pending = await self._next(lane)
             self._set_depth()
-            await self._execute(thread, [pending], self._job_work(pending), getattr(pending.job, "name", "job"))
+            await self._execute(thread, [pending], self._job_work(pending), pending.job.name)
 
     def _encode_work(self, model: str, condition: str | None, members: list[_Pending]) -> Callable[[], list]:
         return lambda: self._infer(model, condition, [m.job for m in members])  # type: ignore[misc]
