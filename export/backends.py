@@ -14,6 +14,7 @@ import numpy as np
 
 from model.checkpoint import LoadedModel
 from model.engine.encoder import MODEL_BACKENDS
+from model.files import replaced_on_success
 
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 BACKENDS = (*MODEL_BACKENDS, *EXPORT_BACKENDS)  # CLI values; no --backend = "auto" (fastest exact)
@@ -47,8 +48,8 @@ def exported_encoder(loaded: LoadedModel) -> Path:
     path = CACHE / f"{digest.hexdigest()[:20]}.onnx"
     if not path.exists():
         graph = GatherSpUNet.from_state_dict(loaded.model.state_dict(), loaded.config, heads=False)
-        tmp = export_onnx(graph, path.with_suffix(".partial.onnx"))
-        tmp.replace(path)
+        with replaced_on_success(path, path.with_suffix(".partial.onnx")) as tmp:
+            export_onnx(graph, tmp)
     return path
 
 

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from export.graph import GraphInfo
 from export.onnx_export import read_info
+from model.conditions import condition_index
 from model.sparse.kernel_maps import KernelMaps, build_kernel_maps
 
 
@@ -51,25 +52,10 @@ def make_inputs(info: GraphInfo, feat: np.ndarray, grid_coord: np.ndarray, batch
     if maps is None:
         maps = build_kernel_maps(grid_coord, batch, num_levels=info.num_levels, stem_kernel=info.stem_kernel)
     feeds = {"feat": feat, **maps.onnx_inputs()}
-    if info.conditions:
-        feeds["condition"] = np.array([condition_index(info, condition)], dtype=np.int64)
-    elif condition not in (None, "", "default", 0):
-        raise ValueError(f"this model takes no condition (got {condition!r})")
+    index = condition_index(info.conditions, condition)
+    if index is not None:
+        feeds["condition"] = np.array([index], dtype=np.int64)
     return feeds
-
-
-def condition_index(info: GraphInfo, condition: int | str | None) -> int:
-    """Index of a condition name (or index) in the model's condition order; the default is ScanNet
-    when the model knows it, else its first condition."""
-    if condition in (None, ""):
-        return info.conditions.index("ScanNet") if "ScanNet" in info.conditions else 0
-    if isinstance(condition, str):
-        if condition not in info.conditions:
-            raise ValueError(f"unknown condition {condition!r}; this model supports {list(info.conditions)}")
-        return info.conditions.index(condition)
-    if not 0 <= int(condition) < len(info.conditions):
-        raise ValueError(f"condition index {condition} out of range for {list(info.conditions)}")
-    return int(condition)
 
 
 class OnnxRunner:

@@ -21,6 +21,7 @@ from torch import nn
 
 from model.build import build_model
 from model.config import ModelConfig
+from model.files import replaced_on_success
 from model.infer_config import infer_config
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -172,8 +173,6 @@ def save_official(model: nn.Module, path: str | Path, epoch: int = 0, ddp_prefix
     state = {prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"epoch": epoch, "state_dict": state, "best_metric_value": float("-inf"), **(extra or {})}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with replaced_on_success(path, path.with_suffix(path.suffix + ".tmp")) as tmp:
+        torch.save(payload, tmp)
     return path

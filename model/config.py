@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from model.conditions import default_condition
+
 # Names used by the official configs (spec §4.4). The PPT wrapper and the backbone order conditions
 # differently: embedding rows / valid_index follow PPT_CONDITIONS, PDNorm banks BACKBONE_CONDITIONS.
 PPT_CONDITIONS = ("Structured3D", "ScanNet", "S3DIS")
@@ -98,10 +100,8 @@ class ModelConfig:
         return self.backbone.out_channels
 
     def default_condition(self) -> str | None:
-        """ScanNet when the model knows it (the published models' main target), else the first condition."""
-        if not self.conditions:
-            return None
-        return "ScanNet" if "ScanNet" in self.conditions else self.conditions[0]
+        """The condition a request naming none runs under (`model.conditions.default_condition`)."""
+        return default_condition(self.conditions)
 
     def labels_for(self, condition: str | None) -> tuple[str, ...]:
         key = condition if condition is not None else "default"

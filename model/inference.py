@@ -1,7 +1,7 @@
 """Predictor: one loaded model and the steps every caller shares (CLI, service workers, training eval).
 
-Flow: PointCloud → ``prepare`` (voxelize) → ``encode`` (backbone, batched) → ``classify`` (head) → per-point
-results through ``point_to_voxel``.
+Flow: PointCloud → ``prepare_input`` (model.prepare: invalid rows, up axis, voxelise) → ``encode`` (backbone,
+batched) → ``classify`` (head) → per-point results at the input's length (model.results).
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ import numpy as np
 import torch
 
 from model.checkpoint import LoadedModel, load_checkpoint
+from model.conditions import resolve_condition
 from model.config import ModelConfig
 from model.engine.encoder import Encoder, SpconvEncoder, model_encoder, place
 from model.pointcloud.cloud import PointCloud
-from model.pointcloud.voxelize import VoxelizedCloud, voxelize
+from model.pointcloud.voxelize import VoxelizedCloud
+from model.prepare import InputOptions, PreparedCloud, prepare, prepare_cloud
+from model.results import SegmentResult, input_point_to_voxel, point_values, segment_from_voxels, segment_from_votes
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
@@ -36,19 +39,21 @@ class ModelInfo:
 @dataclass
 class FeatureResult:
     voxel_features: np.ndarray   # (M, C) float32
-    point_to_voxel: np.ndarray   # (N,) int64
+    point_to_voxel: np.ndarray   # (N_valid,) int64, the voxel of each valid point
     grid_coord: np.ndarray       # (M, 3) int32
+    prepared: PreparedCloud | None = None  # how the input mapped to the model (dropped rows, rotation)
+
+    @property
+    def valid(self) -> np.ndarray | None:
+        return None if self.prepared is None else self.prepared.valid
 
     def point_features(self) -> np.ndarray:
-        """(N, C) float32 features of every input point, in input order."""
-        return self.voxel_features[self.point_to_voxel]
+        """(N, C) float32 features of every input point, in input order (NaN rows for dropped points)."""
+        return point_values(self.voxel_features, self.point_to_voxel, self.valid)
 
-
-@dataclass
-class SegmentResult:
-    logits: np.ndarray           # (N, K) float32
-    labels: np.ndarray           # (N,) int32
-    class_names: tuple[str, ...]
+    def input_point_to_voxel(self) -> np.ndarray:
+        """(N,) voxel row of every input point; -1 for dropped points."""
+        return input_point_to_voxel(self.point_to_voxel, self.valid)
 
 
 class Predictor:
@@ -81,19 +86,16 @@ class Predictor:
         return bool(getattr(self.model, "has_classifier", False))
 
     def resolve_condition(self, condition: str | None) -> str | None:
-        conditions = self.config.conditions
-        if not conditions:
-            if condition not in (None, "", "default"):
-                raise ValueError(f"this model takes no condition (got {condition!r})")
-            return None
-        if condition in (None, ""):
-            return self.config.default_condition()
-        if condition not in conditions:
-            raise ValueError(f"unknown condition {condition!r}; this model supports {list(conditions)}")
-        return condition
+        return resolve_condition(self.config.conditions, condition)
 
-    def prepare(self, cloud: PointCloud, grid_size: float | None = None) -> VoxelizedCloud:
-        return voxelize(cloud, grid_size or self.config.grid_size, self.config.input_features)
+    def prepare_input(self, cloud: PointCloud, grid_size: float | None = None, options: InputOptions | None = None
+                      ) -> tuple[PreparedCloud, VoxelizedCloud]:
+        """The model's input pipeline (model.prepare): (the prepared cloud, its network input)."""
+        return prepare(cloud, grid_size or self.config.grid_size, self.config.input_features, options)
+
+    def prepare(self, cloud: PointCloud, grid_size: float | None = None, options: InputOptions | None = None
+                ) -> VoxelizedCloud:
+        return self.prepare_input(cloud, grid_size, options)[1]
 
     @torch.no_grad()
     def encode(self, batch: list[VoxelizedCloud], condition: str | None = None) -> list[np.ndarray]:
@@ -117,30 +119,39 @@ class Predictor:
         names = self.config.labels_for(condition)
         return names
 
-    def features(self, cloud: PointCloud, condition: str | None = None, grid_size: float | None = None) -> FeatureResult:
-        voxels = self.prepare(cloud, grid_size)
+    def features(self, cloud: PointCloud, condition: str | None = None, grid_size: float | None = None,
+                 options: InputOptions | None = None) -> FeatureResult:
+        prepared, voxels = self.prepare_input(cloud, grid_size, options)
         (features,) = self.encode([voxels], condition)
-        return FeatureResult(features, voxels.point_to_voxel, voxels.grid_coord)
+        return FeatureResult(features, voxels.point_to_voxel, voxels.grid_coord, prepared)
 
     def segment(self, cloud: PointCloud, condition: str | None = None, grid_size: float | None = None,
-                precise: bool = False) -> SegmentResult:
+                precise: bool = False, options: InputOptions | None = None) -> SegmentResult:
         """Fast mode: one pass, logits of each point's voxel. Precise mode (the official tester): 13 test-time
-        augmentations × test fragments, softmax summed per point; ``logits`` are then log mean probabilities."""
+        augmentations × test fragments, softmax summed per point; ``logits`` are then log mean probabilities.
+        Results have the input's length and order (label -1 and NaN logits for dropped NaN/inf points)."""
+        names = self.class_names(condition)
         if precise:
             from model.tta import precise_probabilities
 
             if not self.has_classifier:
                 raise ValueError(f"model {self.info.name!r} ({self.info.kind}) has no segmentation head")
-            summed = precise_probabilities(self, cloud, self.resolve_condition(condition), grid_size)
-            logits = np.log(np.maximum(summed / summed.sum(axis=1, keepdims=True), 1e-12)).astype(np.float32)
+            prepared = self.prepare_points(cloud, grid_size, options)
+            summed = precise_probabilities(self, prepared.cloud, self.resolve_condition(condition), grid_size)
+            result = segment_from_votes(summed, names, prepared.valid)
         else:
-            result = self.features(cloud, condition, grid_size)
-            (voxel_logits,) = self.classify([result.voxel_features], condition)
-            logits = voxel_logits[result.point_to_voxel]
-        names = self.class_names(condition)
-        if len(names) != logits.shape[1]:
-            names = tuple(f"class{i}" for i in range(logits.shape[1]))
-        return SegmentResult(logits=logits, labels=logits.argmax(axis=1).astype(np.int32), class_names=names)
+            features = self.features(cloud, condition, grid_size, options)
+            (voxel_logits,) = self.classify([features.voxel_features], condition)
+            result = segment_from_voxels(voxel_logits, features.point_to_voxel, names, features.valid)
+            prepared = features.prepared
+        result.prepared = prepared
+        return result
+
+    def prepare_points(self, cloud: PointCloud, grid_size: float | None = None, options: InputOptions | None = None
+                       ) -> PreparedCloud:
+        """Steps 1-3 of model.prepare (valid rows, z-up, filled fields) for jobs that voxelise themselves
+        (precise mode, detection)."""
+        return prepare_cloud(cloud, grid_size or self.config.grid_size, self.config.input_features, options)
 
 
 DEFAULT_PARTS = {"segment": ".", "features": ".", "detect": "detect", "render": "render"}

@@ -7,8 +7,9 @@ The one place the CLI (``ponder render``), training evaluation and the service t
     views = render_scene(loaded, cloud, cameras)         # both steps
 
 Cameras are in the cloud's own frame (metres, world-to-camera, OpenCV axes; see ``model.render.cameras``).
-The cloud goes through the inference pipeline of ``model.pointcloud.voxelize`` (CenterShift, first point per
-voxel, CenterShift without z); the recorded shifts map the cameras into the model's unit cube.
+The cloud goes through the model's input pipeline (``model.prepare``: invalid rows, up axis, CenterShift, first
+point per voxel, CenterShift without z); the recorded shift (and the up rotation) map the cameras into the
+model's unit cube, so cameras stay in the input's frame whatever ``up`` is.
 A model's spconv layers keep per-call state: serialise calls on one model (as ``Predictor`` does).
 """
 
@@ -23,9 +24,10 @@ from torch import Tensor, nn
 
 from model.cancel import CancelToken, active, checkpoint
 from model.checkpoint import LoadedModel
+from model.conditions import resolve_condition
 from model.config import ModelConfig
 from model.pointcloud.cloud import PointCloud
-from model.pointcloud.voxelize import center_shift, voxelize
+from model.prepare import InputOptions, prepare
 from model.render import Camera, RenderedView, render_views
 
 
@@ -44,29 +46,16 @@ def check_renderable(config: ModelConfig, model: nn.Module) -> None:
         raise ValueError(f"model {config.name!r} has no RGB decoder, so it cannot render views")
 
 
-def resolve_condition(config: ModelConfig, condition: str | None) -> str | None:
-    if not config.conditions:
-        return None
-    if condition in (None, ""):
-        return config.default_condition()
-    if condition not in config.conditions:
-        raise ValueError(f"unknown condition {condition!r}; this model supports {list(config.conditions)}")
-    return condition
-
-
 @torch.no_grad()
-def scene_volume(model: nn.Module, config: ModelConfig, cloud: PointCloud, condition: str | None = None) -> SceneVolume:
+def scene_volume(model: nn.Module, config: ModelConfig, cloud: PointCloud, condition: str | None = None,
+                 options: InputOptions | None = None) -> SceneVolume:
     """Voxelise the cloud, run the backbone and the projection: the scene's render volume (model in eval mode,
     on the device of its parameters). Checks the active cancel token (model.cancel) between its steps."""
     check_renderable(config, model)
     checkpoint()
-    condition = resolve_condition(config, condition)
+    condition = resolve_condition(config.conditions, condition)
     device = next(model.parameters()).device
-    vox = voxelize(cloud, config.grid_size, config.input_features)
-    # The two CenterShifts voxelize applied (same calls, same float32 arithmetic), to place the cameras.
-    shifted, first = center_shift(cloud.coord, apply_z=True)
-    _, second = center_shift(shifted[vox.kept], apply_z=False)
-    pre_shift = first.astype(np.float64) + second.astype(np.float64)
+    prepared, vox = prepare(cloud, config.grid_size, config.input_features, options)
     model.eval()
     feat = torch.from_numpy(vox.feat).to(device)
     grid = torch.from_numpy(vox.grid_coord).to(device)
@@ -77,8 +66,12 @@ def scene_volume(model: nn.Module, config: ModelConfig, cloud: PointCloud, condi
     offsets = torch.tensor([len(feat)], device=device)
     scenes = model.render_head.fit_scenes(coord, offsets)
     volume = model.volume(features, coord, offsets, scenes)[0]  # (C', Z, Y, X)
-    return SceneVolume(volume=volume, world_to_unit=scenes[0].cube.world_to_unit(pre_shift),
-                       num_voxels=vox.num_voxels)
+    world_to_unit = scenes[0].cube.world_to_unit(vox.shift)  # the model's (z-up) frame -> unit cube
+    if prepared.rotation is not None:  # cameras are in the input's frame
+        to_model = np.eye(4)
+        to_model[:3, :3] = prepared.rotation
+        world_to_unit = world_to_unit @ to_model
+    return SceneVolume(volume=volume, world_to_unit=world_to_unit, num_voxels=vox.num_voxels)
 
 
 def render_views_of(model: nn.Module, volume: SceneVolume, cameras: Sequence[Camera],
@@ -96,7 +89,8 @@ def render_views_of(model: nn.Module, volume: SceneVolume, cameras: Sequence[Cam
 
 
 def render_scene(loaded: LoadedModel, cloud: PointCloud, cameras: Sequence[Camera], condition: str | None = None,
-                 chunk: int = 4096, device: str | torch.device | None = None) -> list[RenderedView]:
+                 chunk: int = 4096, device: str | torch.device | None = None,
+                 options: InputOptions | None = None) -> list[RenderedView]:
     """Views of ``cloud`` from ``cameras`` with a loaded pre-training checkpoint (moved to ``device`` if given)."""
     model = loaded.model
     if device is not None:
@@ -104,5 +98,5 @@ def render_scene(loaded: LoadedModel, cloud: PointCloud, cameras: Sequence[Camer
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA GPU is available")
         model.to(device)
-    volume = scene_volume(model, loaded.config, cloud, condition)
+    volume = scene_volume(model, loaded.config, cloud, condition, options)
     return render_views_of(model, volume, cameras, chunk)

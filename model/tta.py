@@ -14,8 +14,8 @@ import torch
 
 from model.cancel import CancelToken, current
 from model.pointcloud.cloud import PointCloud
-from model.pointcloud.voxelize import (VoxelizedCloud, assemble_features, center_shift, complete_cloud,
-                                       grid_fragments)
+from model.pointcloud.voxelize import VoxelizedCloud
+from model.prepare import fragments
 
 
 @dataclass(frozen=True)
@@ -49,17 +49,8 @@ CANCELLABLE_BATCH_VOXELS = 50_000  # voxels per forward pass under a cancel toke
 
 def fragment_inputs(cloud: PointCloud, grid_size: float, feature_keys: tuple[str, ...],
                     augmentations: tuple[Augmentation, ...] = OFFICIAL_AUGMENTATIONS):
-    """Yield (point index (M,), VoxelizedCloud) for every augmentation × fragment."""
-    cloud = complete_cloud(cloud, grid_size, feature_keys)
-    coord, _ = center_shift(cloud.coord, apply_z=True)
-    for aug in augmentations:
-        aug_coord, aug_normal = aug.apply(coord, cloud.normal)
-        for kept, grid in grid_fragments(aug_coord, grid_size):
-            kept_coord, _ = center_shift(aug_coord[kept], apply_z=False)
-            color = cloud.color[kept] if cloud.color is not None else None
-            normal = aug_normal[kept] if aug_normal is not None else None
-            feat = assemble_features(color, normal, kept_coord, feature_keys)
-            yield kept, VoxelizedCloud(grid, feat, np.arange(len(kept)), kept_coord, kept, grid_size)  # 1 point/voxel
+    """Yield (point index (M,), VoxelizedCloud) for every augmentation × fragment (model.prepare.fragments)."""
+    yield from fragments(cloud, grid_size, feature_keys, tuple(aug.apply for aug in augmentations))
 
 
 def precise_probabilities(predictor, cloud: PointCloud, condition: str | None, grid_size: float | None = None,

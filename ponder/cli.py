@@ -16,13 +16,13 @@ from typing import Sequence
 from export import commands as export_commands
 from model import commands as model_commands
 from model.errors import CommandError
-from ponder import inference_commands
+from ponder import detect_commands, image_commands, inference_commands, render_commands
 from service import commands as service_commands
 from training import commands as training_commands
 
 # In help order.
-COMMAND_MODULES: tuple[ModuleType, ...] = (inference_commands, model_commands, training_commands, export_commands,
-                                           service_commands)
+COMMAND_MODULES: tuple[ModuleType, ...] = (inference_commands, model_commands, training_commands, render_commands,
+                                           detect_commands, image_commands, export_commands, service_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

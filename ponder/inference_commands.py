@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 BACKENDS = ("spconv", "torch", "onnxruntime", "tensorrt")  # = export.backends.BACKENDS (kept import-free for --help)
+UP_AXES = ("z", "-z", "y", "-y", "x", "-x", "auto")  # = model.pointcloud.gravity.UP_AXES
+CONVENTION = ("The model expects metres with z up (indoor scenes: floor at the bottom); use --up for scans in "
+              "another frame. Outputs keep the input's length, order and frame.")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,20 +34,29 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "not bit-exact, see README)")
     p.add_argument("--engine", help="exported .onnx encoder for --backend onnxruntime/tensorrt "
                                     "(default: export once and cache under ~/.cache/ponder)")
+    p.add_argument("--up", default="z", choices=UP_AXES,
+                   help="the input's up axis (the model expects z-up metres): the cloud and its normals are rotated "
+                        "into z-up before voxelisation and the rotation is printed; auto = estimate gravity from the "
+                        "scan's planes (see README). Default z")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a cloud with NaN/inf points (exit 2) instead of dropping them from the model's "
+                        "input with a warning (dropped points get NaN features and label -1)")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("features", help="per-point encoder features of a point cloud")
+    p = subparsers.add_parser("features", help="per-point encoder features of a point cloud", description=CONVENTION)
     p.add_argument("input", help="point cloud: .ply .las .laz .npy .npz .pcd .xyz .txt .bin")
-    p.add_argument("-o", "--output", required=True, help="output .npy (N x C float32, input order)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .npy (N x C float32, input order; H x W x C for an organised PCD)")
     p.add_argument("--per-voxel", action="store_true",
                    help="write voxel features (M x C) and OUTPUT.point_to_voxel.npy instead of per-point rows")
     add_model_arguments(p)
     p.set_defaults(handler=run_features)
 
-    p = subparsers.add_parser("segment", help="per-point semantic labels and logits")
+    p = subparsers.add_parser("segment", help="per-point semantic labels and logits", description=CONVENTION)
     p.add_argument("input")
-    p.add_argument("-o", "--output", required=True, help="output .npz with labels, logits, class_names")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .npz with labels (N; H x W for an organised PCD), logits, class_names")
     p.add_argument("--precise", action="store_true",
                    help="official precise mode: 13 test-time augmentations x fragments, probabilities voted")
     p.add_argument("--colored", metavar="PLY",
@@ -66,7 +78,7 @@ def _load(args):
 
     progress = _steps(3, "ponder")
     progress.set_postfix_str(f"reading {args.input}")  # read first: bad input fails before the model loads
-    cloud = read_point_cloud(Path(args.input), format=args.input_format)
+    cloud = read_point_cloud(Path(args.input), format=args.input_format, keep_invalid=not args.strict)
     progress.update()
     progress.set_postfix_str("loading model")
     from export.backends import load  # imports spconv (seconds)
@@ -81,24 +93,55 @@ def _load(args):
 def _write_npy(path: Path, array) -> None:
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+    from model.files import replaced_on_success
+
+    with replaced_on_success(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
-    tmp.replace(path)
+
+
+def _options(args):
+    from model.prepare import InputOptions
+
+    return InputOptions(up=args.up, invalid="error" if args.strict else "drop")
+
+
+def _report(prepared) -> None:
+    """The CLI lines for what model.prepare did to the input (dropped rows, up rotation)."""
+    if prepared is None:
+        return
+    if prepared.dropped:
+        print(f"warning: dropped {prepared.dropped:,} of {prepared.num_input:,} points with NaN or infinite "
+              "coordinates or normals (NaN features / label -1 in the output; --strict refuses them)",
+              file=sys.stderr)
+    if prepared.rotation is not None:
+        rows = "; ".join(" ".join(f"{v:.6f}" for v in row) for row in prepared.rotation)
+        print(f"up: rotated the input into z-up by [{rows}] (row-major, coord_z_up = R @ coord)", file=sys.stderr)
+
+
+def _quiet_invalid_warning() -> None:
+    import warnings
+
+    from model.prepare import InvalidPointsWarning
+
+    warnings.simplefilter("ignore", InvalidPointsWarning)  # _report prints one line instead
 
 
 def run_features(args) -> int:
+    from model.results import organised
+
+    _quiet_invalid_warning()
     predictor, cloud, progress = _load(args)
-    result = predictor.features(cloud, args.condition, args.grid_size)
+    result = predictor.features(cloud, args.condition, args.grid_size, _options(args))
     progress.update()
     progress.close()
+    _report(result.prepared)
+    shape = result.prepared.grid_shape if result.prepared is not None else None
     out = Path(args.output)
     if args.per_voxel:
         _write_npy(out, result.voxel_features)
-        _write_npy(out.with_suffix(".point_to_voxel.npy"), result.point_to_voxel)
+        _write_npy(out.with_suffix(".point_to_voxel.npy"), organised(result.input_point_to_voxel(), shape))
     else:
-        _write_npy(out, result.point_features())
+        _write_npy(out, organised(result.point_features(), shape))
     print(f"wrote {out}: {len(cloud):,} points, {len(result.voxel_features):,} voxels, "
           f"{result.voxel_features.shape[1]} channels", file=sys.stderr)
     return 0
@@ -109,20 +152,28 @@ def run_segment(args) -> int:
 
     if args.colored and Path(args.colored).is_dir():
         raise IsADirectoryError(f"{args.colored}: is a folder; --colored takes a .ply file path")
+    from model.results import organised
+
+    _quiet_invalid_warning()
     predictor, cloud, progress = _load(args)
-    result = predictor.segment(cloud, args.condition, args.grid_size, precise=args.precise)
+    result = predictor.segment(cloud, args.condition, args.grid_size, precise=args.precise, options=_options(args))
     progress.update()
     progress.close()
+    _report(result.prepared)
+    shape = result.prepared.grid_shape if result.prepared is not None else None
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, labels=result.labels, logits=result.logits, class_names=np.array(result.class_names, dtype=str))
-    counts = np.bincount(result.labels, minlength=len(result.class_names))
+    np.savez(out, labels=organised(result.labels, shape), logits=organised(result.logits, shape),
+             class_names=np.array(result.class_names, dtype=str))
+    seen = result.labels[result.labels >= 0]
+    counts = np.bincount(seen, minlength=len(result.class_names))
     top = ", ".join(f"{result.class_names[i]} {counts[i]:,}" for i in np.argsort(-counts)[:5] if counts[i])
     print(f"wrote {out}: {len(cloud):,} points; most frequent: {top}", file=sys.stderr)
     if args.colored:
         from model.pointcloud.palette import write_labelled_points
 
         world = cloud.coord + cloud.origin if np.any(cloud.origin) else cloud.coord  # float64 when georeferenced
-        write_labelled_points(args.colored, world, result.labels, result.class_names)
+        keep = result.labels >= 0  # dropped NaN/inf points have no place in a viewer
+        write_labelled_points(args.colored, world[keep], result.labels[keep], result.class_names)
         print(f"wrote {args.colored}: points coloured by class", file=sys.stderr)
     return 0

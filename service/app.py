@@ -53,6 +53,8 @@ def create_app(settings: ServiceSettings | None = None, worker: Worker | None = 
     """The gateway; ``on_started`` runs once the models are loaded (``ponder serve`` prints the URL)."""
     settings = settings or ServiceSettings()
     configure_logging(settings.log_level)
+    if settings.fallback_note:
+        LOG.warning(settings.fallback_note)
     registry = ServiceMetrics()
     worker = worker or WORKERS[settings.worker](settings, registry)
     pipeline = Pipeline(settings, worker, registry)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import ipaddress
+import os
 import socket
 import sys
 from pathlib import Path
@@ -24,8 +26,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; another address needs API keys or "
+                             "PONDER_ALLOW_ANONYMOUS_PUBLIC=true)")
+    parser.add_argument("--port", type=int, default=os.environ.get("PONDER_PORT", "8000"),
+                        help="port to listen on (default: PONDER_PORT or 8000)")
     parser.add_argument("--config", type=Path, dest="config_file", help="YAML/JSON settings file (PONDER_* vars win)")
     parser.add_argument("--default-model", default=None, help="model used when a request names none")
     parser.add_argument("--worker", choices=("inprocess", "triton"), default=None,
@@ -57,7 +62,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as exc:
         print(f"ponder serve: invalid settings: {exc}", file=sys.stderr)
         return 2
-    problem = _check_models(settings)
+    problem = _check_exposure(args.host, settings) or _check_models(settings)
     if problem:
         print(f"ponder serve: error: {problem}", file=sys.stderr)
         return 2
@@ -76,6 +81,27 @@ def run_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
     server.run(sockets=[sock])
     return 0 if server.started else 3
+
+
+def _check_exposure(host: str, settings) -> str | None:
+    """An open gateway on a public interface is refused: listening beyond loopback needs API keys, or the
+    operator's explicit ``allow_anonymous_public`` (e.g. a container whose port is published on loopback only)."""
+    if settings.api_keys or settings.allow_anonymous_public or _is_loopback(host):
+        return None
+    return (f"--host {host} listens beyond this machine without API keys; set PONDER_API_KEYS (or --api-key), "
+            "or PONDER_ALLOW_ANONYMOUS_PUBLIC=true if something else guards the port")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: resolve it
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
 
 
 def _check_models(settings) -> str | None:

@@ -89,10 +89,16 @@ def negotiate(accept: str | None) -> OutputFormat:
 
 @dataclass
 class Payload:
-    """What an endpoint answers: named arrays (the first is the main one) and JSON-able metadata."""
+    """What an endpoint answers: named arrays (the first is the main one) and JSON-able metadata.
+    ``extra_arrays`` ride along only in the multi-array binary formats (NPZ, Arrow), e.g. the fused ``coord``
+    of an RGB-D upload, which would swell a JSON answer and cannot share an NPY file."""
 
     arrays: dict[str, np.ndarray]
     meta: dict = field(default_factory=dict)
+    extra_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def with_extras(self) -> "Payload":
+        return Payload(arrays={**self.arrays, **self.extra_arrays}, meta=self.meta)
 
     @property
     def num_values(self) -> int:
@@ -135,10 +141,11 @@ def encode(payload: Payload, fmt: OutputFormat, max_json_values: int) -> Respons
         headers["Content-Length"] = str(size)
         return StreamingResponse(chunks, media_type=fmt.value, headers=headers)
     if fmt is OutputFormat.NPZ:
-        size, chunks = _npz_chunks(payload)
+        size, chunks = _npz_chunks(payload.with_extras())
         headers["Content-Length"] = str(size)
         headers["Content-Disposition"] = 'attachment; filename="result.npz"'
         return StreamingResponse(chunks, media_type=fmt.value, headers=headers)
+    payload = payload.with_extras()
     lengths = {len(a) for a in payload.arrays.values()}
     if len(lengths) != 1:
         raise ApiError(406, "this answer mixes per-voxel and per-point arrays, which one Arrow table cannot "

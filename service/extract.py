@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from model.files import replaced_on_success
 from model.pointcloud.readers import SUPPORTED_FORMATS, format_from_name
 from service.client import NPY, PonderError, load_npy, raise_for_problem, retry_delay
 
@@ -176,9 +177,9 @@ def output_paths(inputs: list[Path], out_dir: Path, suffix: str) -> dict[Path, P
 
 
 def write_atomic(array: np.ndarray, target: Path, out_format: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
+    """The temporary name carries the pid, so `remove_stale_temporaries` can tell a killed run's leftovers."""
+    with replaced_on_success(target, target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}"),
+                             fsync=True) as tmp:
         if out_format == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -189,12 +190,6 @@ def write_atomic(array: np.ndarray, target: Path, out_format: str) -> None:
         else:
             with tmp.open("wb") as handle:
                 np.save(handle, array, allow_pickle=False)
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:

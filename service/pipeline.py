@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -22,7 +22,8 @@ from starlette.requests import Request
 from model.cancel import CancelToken, Cancelled
 from model.pointcloud.cloud import PointCloud, PointCloudError, PointCloudTooLarge
 from model.pointcloud.readers import ReadLimits, read_point_cloud
-from model.pointcloud.voxelize import VoxelizedCloud, complete_cloud, count_voxels, voxelize
+from model.pointcloud.voxelize import VoxelizedCloud, count_voxels
+from model.prepare import InputOptions, PreparedCloud, invalid_rows, prepare, prepare_cloud
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
 from service.rgbd import (RGBDError, RGBDView, check_image_budget, decode_color, decode_depth, fuse_views,
@@ -74,13 +75,20 @@ class Processed:
 
     card: ModelCard
     condition: str | None
+    prepared: PreparedCloud
     voxels: VoxelizedCloud
     output: EncodeOutput
-    filled: list[str] = field(default_factory=list)  # input fields the server had to fill in
+    rgbd_coord: np.ndarray | None = None  # the fused cloud of an RGB-D upload (input frame), else None
 
     @property
     def num_points(self) -> int:
+        """Points the model saw (the valid rows)."""
         return self.voxels.num_points
+
+    @property
+    def filled(self) -> list[str]:
+        """Input fields the server had to fill in."""
+        return list(self.prepared.filled)
 
 
 class Pipeline:
@@ -167,44 +175,44 @@ class Pipeline:
                 admission.close()
 
     async def run(self, upload: CloudUpload | RGBDUpload, card: ModelCard, condition: str | None,
-                  grid_size: float | None, want_logits: bool, timeout_s: float | None = None,
-                  admission: Admission | None = None) -> Processed:
-        """Decode, voxelise and encode one upload: under ``admission`` (the caller's deadline block), or
-        within ``timeout_s`` in a block of its own."""
-        if admission is None:
-            async with self.deadline(timeout_s or self.settings.request_timeout_s) as admission:
-                return await self.run(upload, card, condition, grid_size, want_logits, admission=admission)
+                  grid_size: float | None, want_logits: bool, admission: Admission,
+                  options: InputOptions | None = None) -> Processed:
+        """Decode, prepare (model.prepare: invalid rows, up axis, voxelise) and encode one upload, under
+        ``admission`` (the caller's deadline block)."""
         start = time.perf_counter()
-        cloud = await self.in_pool(self._decode, upload, grid_size or card.info.grid_size)
-        filled = self._missing(cloud, card)
-        voxels = await self.in_pool(self._voxelize, cloud, card, grid_size)
+        cloud = await self.in_pool(self._decode, upload, grid_size or card.info.grid_size, True)
+        prepared, voxels = await self.in_pool(self._prepare, cloud, card, grid_size, options)
         self.metrics.preprocess_latency.observe(time.perf_counter() - start)
         job = EncodeJob(model=card.info.name, voxels=voxels, condition=condition, want_logits=want_logits,
                         cancel=admission.token, ticket=admission.ticket)
         output = await self.worker.run(job)
-        return Processed(card=card, condition=condition, voxels=voxels, output=output, filled=filled)
+        return Processed(card=card, condition=condition, prepared=prepared, voxels=voxels, output=output,
+                         rgbd_coord=cloud.coord if isinstance(upload, RGBDUpload) else None)
+
+    async def decode_prepared(self, upload: CloudUpload | RGBDUpload, card: ModelCard, grid_size: float | None,
+                              options: InputOptions | None = None) -> PreparedCloud:
+        """For model jobs that voxelise themselves (precise segmentation, detection): the cloud through steps 1-3
+        of model.prepare (valid rows, z-up, missing colours/normals filled here, not on the model thread)."""
+        start = time.perf_counter()
+        cloud = await self.in_pool(self._decode, upload, grid_size or card.info.grid_size, True)
+        prepared = await self.in_pool(self._prepare_points, cloud, card, grid_size, options)
+        self.metrics.preprocess_latency.observe(time.perf_counter() - start)
+        return prepared
 
     async def decode_cloud(self, upload: CloudUpload | RGBDUpload, card: ModelCard, grid_size: float | None
                            ) -> tuple[PointCloud, list[str]]:
-        """For model jobs that voxelise themselves (detection, rendering): the decoded cloud with missing
-        colours/normals already filled here (so the model thread does not), and the names of those filled."""
-        start = time.perf_counter()
-        cloud = await self.in_pool(self._decode, upload, grid_size or card.info.grid_size)
-        filled = self._missing(cloud, card)
-        cloud = await self.in_pool(self._complete, cloud, card, grid_size)
-        self.metrics.preprocess_latency.observe(time.perf_counter() - start)
-        return cloud, filled
+        """The decoded, completed cloud (z up, NaN refused) and the names of the fields filled (rendering)."""
+        prepared = await self.decode_prepared(upload, card, grid_size, InputOptions(invalid="error"))
+        return prepared.cloud, list(prepared.filled)
 
-    @staticmethod
-    def _missing(cloud: PointCloud, card: ModelCard) -> list[str]:
-        return [name for name in card.info.input_features
-                if name in ("color", "normal") and getattr(cloud, name) is None]
-
-    def _decode(self, upload: CloudUpload | RGBDUpload, grid_size: float | None = None) -> PointCloud:
+    def _decode(self, upload: CloudUpload | RGBDUpload, grid_size: float | None = None,
+                keep_invalid: bool = False) -> PointCloud:
         """Bytes → PointCloud under the size limits; with ``grid_size`` (the model's grid) also the voxel limit,
-        checked before any step whose cost grows with the scene (normals, kernel maps, the encoder)."""
+        checked before any step whose cost grows with the scene (normals, kernel maps, the encoder).
+        ``keep_invalid`` keeps NaN/inf rows for model.prepare to drop (or refuse, per the request)."""
         try:
-            cloud = self._fuse(upload, grid_size) if isinstance(upload, RGBDUpload) else self._read(upload)
+            cloud = (self._fuse(upload, grid_size) if isinstance(upload, RGBDUpload)
+                     else self._read(upload, keep_invalid))
         except PointCloudTooLarge as exc:  # sized from the header, refused before allocating
             raise ApiError(413, f"{exc} (PONDER_MAX_POINTS, PONDER_MAX_DECODED_BYTES)") from exc
         except MemoryError as exc:
@@ -215,7 +223,9 @@ class Pipeline:
             raise ApiError(413, f"{cloud.source}: {len(cloud)} points exceed the limit of "
                                 f"{self.settings.max_points} (PONDER_MAX_POINTS); split the scene")
         if grid_size is not None and not isinstance(upload, RGBDUpload):  # fusion checked before its normals
-            self._check_voxels(cloud.coord, grid_size, cloud.source)
+            bad = invalid_rows(cloud) if keep_invalid else None
+            self._check_voxels(cloud.coord if bad is None or not bad.any() else cloud.coord[~bad], grid_size,
+                               cloud.source)
         LOG.info("decoded the upload: %d points", len(cloud), extra={"points": len(cloud)})
         return cloud
 
@@ -225,10 +235,11 @@ class Pipeline:
             raise ApiError(413, f"{source}: {voxels} voxels at {grid_size:g} m exceed the limit of "
                                 f"{self.settings.max_voxels} (PONDER_MAX_VOXELS); split the scene or use a coarser grid")
 
-    def _read(self, upload: CloudUpload) -> PointCloud:
+    def _read(self, upload: CloudUpload, keep_invalid: bool = False) -> PointCloud:
         limits = ReadLimits(max_points=self.settings.max_points, max_bytes=self.settings.max_decoded_bytes)
         try:
-            return read_point_cloud(upload.source, format=upload.format, name=upload.name, limits=limits)
+            return read_point_cloud(upload.source, format=upload.format, name=upload.name, limits=limits,
+                                    keep_invalid=keep_invalid)
         finally:
             close = getattr(upload.source, "close", None)
             if close is not None:
@@ -256,18 +267,46 @@ class Pipeline:
                           (lambda fused: self._check_voxels(fused, grid_size, f"rgbd ({len(views)} views)")))
 
     @staticmethod
-    def _complete(cloud: PointCloud, card: ModelCard, grid_size: float | None) -> PointCloud:
+    def _prepare_points(cloud: PointCloud, card: ModelCard, grid_size: float | None,
+                        options: InputOptions | None) -> PreparedCloud:
         try:
-            completed = complete_cloud(cloud, grid_size or card.info.grid_size, card.info.input_features)
+            prepared = prepare_cloud(cloud, grid_size or card.info.grid_size, card.info.input_features, options)
         except PointCloudError as exc:
             raise ApiError(422, str(exc)) from exc
-        completed.origin = cloud.origin  # normals.fill_missing builds a new cloud without it
-        return completed
+        _log_prepared(prepared)
+        return prepared
 
     @staticmethod
-    def _voxelize(cloud: PointCloud, card: ModelCard, grid_size: float | None) -> VoxelizedCloud:
-        """The model's own input pipeline (Predictor.prepare does the same call)."""
+    def _prepare(cloud: PointCloud, card: ModelCard, grid_size: float | None, options: InputOptions | None
+                 ) -> tuple[PreparedCloud, VoxelizedCloud]:
+        """The model's own input pipeline (model.prepare, as Predictor.prepare_input)."""
         try:
-            return voxelize(cloud, grid_size or card.info.grid_size, card.info.input_features)
+            prepared, voxels = prepare(cloud, grid_size or card.info.grid_size, card.info.input_features, options)
         except PointCloudError as exc:
             raise ApiError(422, str(exc)) from exc
+        _log_prepared(prepared)
+        return prepared, voxels
+
+
+def _log_prepared(prepared: PreparedCloud) -> None:
+    if prepared.dropped:
+        LOG.warning("dropped %d of %d points with NaN or infinite coordinates or normals", prepared.dropped,
+                    prepared.num_input, extra={"dropped_points": prepared.dropped})
+    if prepared.rotation is not None:
+        LOG.info("rotated the upload into z-up", extra={"up_rotation": prepared.rotation.round(6).tolist()})
+
+
+def prepared_meta(prepared: PreparedCloud) -> dict:
+    """Answer metadata (also headers) telling how the input mapped to the model: ``dropped_points``
+    (X-Ponder-Dropped-Points), ``up_rotation`` (X-Ponder-Up-Rotation, 3x3 row-major, input → z-up) and the
+    organised ``grid_shape`` [height, width] of the input (X-Ponder-Grid-Shape)."""
+    meta: dict = {}
+    if prepared.filled:
+        meta["filled"] = list(prepared.filled)
+    if prepared.dropped:
+        meta["dropped_points"] = prepared.dropped
+    if prepared.rotation is not None:
+        meta["up_rotation"] = [[round(float(v), 9) for v in row] for row in prepared.rotation]
+    if prepared.grid_shape is not None:
+        meta["grid_shape"] = list(prepared.grid_shape)
+    return meta

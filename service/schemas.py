@@ -30,6 +30,18 @@ class CommonParams(ModelParams):
     grid_size: float | None = Field(None, gt=0, le=10, allow_inf_nan=False,
                                     description="voxel size in metres (default: the model's)")
     filename: str | None = Field(None, max_length=500, description="upload name (its suffix can tell the format)")
+    up: Literal["z", "-z", "y", "-y", "x", "-x", "auto"] = Field(
+        "z", description="the input's up axis; the model expects z-up metres. The cloud is rotated into z-up before "
+                         "voxelisation (X-Ponder-Up-Rotation: the 3x3 row-major rotation applied); per-point answers "
+                         "stay in the input's order. auto: estimated from the scan's planes (see README)")
+    invalid: Literal["drop", "error"] = Field(
+        "drop", description="points with NaN/inf coordinates or normals: drop them from the model's input "
+                            "(their features are NaN and labels -1; X-Ponder-Dropped-Points) or refuse (422)")
+
+    def input_options(self):
+        from model.prepare import InputOptions
+
+        return InputOptions(up=self.up, invalid=self.invalid)
 
 
 class FeatureParams(CommonParams):

@@ -10,6 +10,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 |---|---|---|
 | checkpoint | None | one checkpoint to serve (named by its file/folder stem); None + no models_dir = bundled default |
 | models_dir | None | serve every checkpoint file/folder in this directory, each named by its stem |
+| empty_models_dir | "error" | models_dir missing or holding no checkpoint: "error" (refuse to start) or "default" (serve the bundled default model and log it; the images set this) |
 | default_model | None | model used when a request names none (default: the first name in sorted order) |
 | device | "cpu" | torch device for the in-process worker |
 | trust_checkpoint | False | allow full unpickling of checkpoints (only for files you made yourself) |
@@ -39,6 +40,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | max_wait_ms | 5.0 | how long the batching loop waits to fill a batch |
 | preprocess_threads | 2 | threads that decode uploads and voxelise (never the event loop) |
 | api_keys | [] | accepted API keys (``X-API-Key`` or ``Authorization: Bearer``); empty = no auth |
+| allow_anonymous_public | False | `ponder serve` on a non-loopback address without api_keys refuses to start unless this is true (compose sets it: it publishes the port on the host's 127.0.0.1 only) |
 | rate_limit_per_s | 0.0 | token-bucket refill rate per API key (per client address without keys); 0 = off |
 | rate_limit_burst | 20 | token-bucket capacity |
 | depth_scale | 1000.0 | RGB-D: depth PNG units per metre (1000 = millimetres) |
@@ -56,7 +58,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -72,6 +74,7 @@ class ServiceSettings(BaseSettings):
 
     checkpoint: Path | None = None
     models_dir: Path | None = None
+    empty_models_dir: Literal["error", "default"] = "error"
     default_model: str | None = None
     device: str = "cpu"
     trust_checkpoint: bool = False
@@ -104,6 +107,7 @@ class ServiceSettings(BaseSettings):
     preprocess_threads: int = Field(default=2, ge=1)
 
     api_keys: StrList = Field(default_factory=list)
+    allow_anonymous_public: bool = False
     rate_limit_per_s: float = Field(default=0.0, ge=0)
     rate_limit_burst: int = Field(default=20, ge=1)
 
@@ -113,6 +117,26 @@ class ServiceSettings(BaseSettings):
     rgbd_max_pixels: int = Field(default=3 << 20, ge=1)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _fallback_note: str | None = PrivateAttr(default=None)  # why the default model replaced models_dir
+
+    @model_validator(mode="after")
+    def _default_for_empty_models_dir(self) -> "ServiceSettings":
+        """``empty_models_dir="default"``: a models folder that is missing or holds no checkpoint (an empty
+        mount) means the bundled default model, as if none was given; ``fallback_note`` says so."""
+        if self.empty_models_dir == "default" and self.models_dir is not None and self.checkpoint is None:
+            from service.workers.loading import holds_checkpoints
+
+            if not holds_checkpoints(self.models_dir):
+                self._fallback_note = (f"models directory {self.models_dir} is missing or holds no checkpoint: "
+                                      "serving the bundled default model")
+                self.models_dir = None
+        return self
+
+    @property
+    def fallback_note(self) -> str | None:
+        """Set when ``empty_models_dir="default"`` replaced an empty models folder by the bundled default model."""
+        return self._fallback_note
 
     @field_validator("triton_urls", "api_keys", mode="before")
     @classmethod

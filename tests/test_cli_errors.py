@@ -27,7 +27,7 @@ def test_cli_errors_are_clear(tmp_path):
     cases = [
         (("features", str(tmp_path / "missing.ply"), "-o", str(tmp_path / "o.npy"), "-c", ckpt), "missing.ply"),
         (("features", str(garbage), "-o", str(tmp_path / "o.npy"), "-c", ckpt), "garbage.ply"),
-        (("features", str(nan), "-o", str(tmp_path / "o.npy"), "-c", ckpt), "NaN"),
+        (("features", str(nan), "-o", str(tmp_path / "o.npy"), "-c", ckpt, "--strict"), "NaN"),
         (("segment", str(cloud), "-o", str(tmp_path / "o.npz"), "-c", ckpt, "--condition", "Mars"), "'Mars'"),
         (("features", str(cloud), "-o", str(tmp_path / "o.npy"), "-c", str(garbage)), "garbage.ply"),
         (("inspect", str(tmp_path / "nope.pth")), "no such checkpoint"),

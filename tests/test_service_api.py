@@ -237,6 +237,7 @@ def test_rgbd_views_are_fused_then_encoded(server, predictors):
     fused = fuse_views(views, depth_scale=1000.0, voxel_size=0.01)
     expected = predictors["spunet"].features(fused)
     assert len(got["point_to_voxel"]) == len(fused)
+    np.testing.assert_allclose(got["coord"], fused.coord, atol=1e-6)  # the fused cloud rides along in NPZ
     np.testing.assert_allclose(got["features"], expected.voxel_features, atol=1e-5, rtol=0)
     missing = dict(files)
     del missing["cameras"]
@@ -266,7 +267,7 @@ BAD_INPUTS = [
     ("unknown format", b"1 2 3", {"format": "obj"}, {}, 415, "unknown point-cloud format 'obj'"),
     ("unknown content type", b"1 2 3", {}, {"Content-Type": "image/png"}, 415, "unsupported Content-Type"),
     ("garbage as ply", b"\x00\x01garbage" * 10, {"format": "ply"}, {}, 422, "not a valid PLY"),
-    ("NaN coordinates", None, {}, {}, 422, "NaN or infinite coordinates"),
+    ("NaN coordinates", None, {"invalid": "error"}, {}, 422, "NaN or infinite coordinates"),
     ("too many points", None, {"format": "npy"}, {}, 413, "PONDER_MAX_POINTS"),
     ("too large upload", b"x" * 8_000_001, {"format": "xyz"}, {}, 413, "PONDER_MAX_UPLOAD_BYTES"),
     ("unknown condition", b"", {"model": "ppt", "condition": "Mars"}, {}, 422, "unknown condition 'Mars'"),
@@ -348,3 +349,15 @@ def test_streamed_upload_is_cut_off_once_over_the_limit(server):
 
     response = httpx.post(server.url + "/v1/features", content=chunks(), params={"format": "xyz"}, timeout=60)
     assert response.status_code == 413 and "PONDER_MAX_UPLOAD_BYTES" in response.json()["detail"]
+
+
+def test_nan_points_are_dropped_and_answers_keep_the_input_length(server, predictors):
+    """invalid=drop (the default): NaN rows get label -1 / NaN features, the count is in a header; up=y
+    rotates the upload and says so."""
+    body = _nan_cloud()
+    got = npz(post(server, "/v1/segment", body, accept=NPZ, logits="true"))
+    assert len(got["labels"]) == 500 and got["labels"][7] == -1 and (np.delete(got["labels"], 7) >= 0).all()
+    assert np.isnan(got["logits"][7]).all() and np.isfinite(np.delete(got["logits"], 7, axis=0)).all()
+    response = post(server, "/v1/features", body, accept=NPY, up="y")
+    assert response.status_code == 200 and response.headers["x-ponder-dropped-points"] == "1"
+    assert json.loads(response.headers["x-ponder-up-rotation"]) == [[0, 0, 1], [1, 0, 0], [0, 1, 0]]

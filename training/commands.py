@@ -1,8 +1,8 @@
 """Training-side subcommands: ``datasets generate``, ``train pretrain|segment|detect``,
-``evaluate pretrain|segment|detect``, and the task commands that run trained models (``render``, ``detect``).
+``evaluate pretrain|segment|detect`` (commands that run trained models live in `ponder`).
 
 Each task module exposes ``add_train_arguments(parser)``/``run_train(args)`` (and, where it applies,
-``add_evaluate_arguments``/``run_evaluate`` and ``add_run_commands``); this file only wires them. The task
+``add_evaluate_arguments``/``run_evaluate``); this file only wires them. The task
 modules import their heavy dependencies inside the handlers, so importing them here is cheap.
 """
 
@@ -16,7 +16,6 @@ from training.pretrain import cli as pretrain_cli
 from training.segment import cli as segment_cli
 
 TASKS = {"pretrain": pretrain_cli, "segment": segment_cli, "detect": detect_cli}  # task name -> its entry points
-RUN_COMMANDS = (pretrain_cli, detect_cli)  # add top-level commands that run a trained model (``ponder render``)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -38,5 +37,3 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             p = esub.add_parser(task, help=f"evaluate a {task} checkpoint")
             module.add_evaluate_arguments(p)
             p.set_defaults(handler=module.run_evaluate)
-    for module in RUN_COMMANDS:
-        module.add_run_commands(subparsers)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from model.pointcloud.voxelize import grid_sample
+from model.pointcloud.voxelize import center_shift, grid_sample
 
 Data = dict[str, Any]
 Transform = Callable[[Data, np.random.Generator], Data]
@@ -99,16 +99,14 @@ def _float_color(data: Data) -> np.ndarray | None:
 
 
 class CenterShift:
-    """coord -= ((xmin+xmax)/2, (ymin+ymax)/2, zmin if apply_z else 0)."""
+    """coord -= ((xmin+xmax)/2, (ymin+ymax)/2, zmin if apply_z else 0): the inference pipeline's
+    ``model.pointcloud.voxelize.center_shift``, plus the cameras named in ``keys``."""
 
     def __init__(self, apply_z: bool = True, keys: Sequence[str] = ()):
         self.apply_z, self.keys = apply_z, tuple(keys)
 
     def __call__(self, data: Data, rng: np.random.Generator) -> Data:
-        coord = data["coord"]
-        lo, hi = coord.min(axis=0), coord.max(axis=0)
-        shift = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2] if self.apply_z else 0], dtype=coord.dtype)
-        data["coord"] = coord - shift
+        data["coord"], shift = center_shift(data["coord"], self.apply_z)
         return update_cameras(data, self.keys, _translation(-shift.astype(np.float64)))
 
 

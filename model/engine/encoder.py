@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # model.checkpoint builds spconv modules; the engine must imp
     from model.checkpoint import LoadedModel
 
 MODEL_BACKENDS = ("spconv", "torch")
+DEFAULT_BACKEND = "torch"  # what "auto" means on every device: the engine (valid pairs on CPU, gather on CUDA)
 
 
 @runtime_checkable
@@ -49,7 +50,9 @@ def _split(features: torch.Tensor, batch: list[VoxelizedCloud]) -> list[np.ndarr
 
 
 def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
-    """Move a model to a device and pick its spconv algorithm for that device (once, not per forward)."""
+    """Move a model to a device and pick its spconv algorithm for that device (once, not per forward):
+    layers built by `model.sparse.conv` choose it themselves when moved; `use_device_algorithms` covers
+    only spconv layers built elsewhere, so no layer is set twice."""
     from model.sparse.conv import use_device_algorithms  # imports spconv
 
     device = torch.device(device)
@@ -105,8 +108,8 @@ class EngineEncoder:
 
 
 def default_backend(device: torch.device | str) -> str:
-    """The fastest exact encoder for a device: the torch engine (valid pairs on CPU, gather on CUDA)."""
-    return "torch"
+    """The fastest exact encoder for a device: `DEFAULT_BACKEND` on CPU and CUDA alike."""
+    return DEFAULT_BACKEND
 
 
 def model_encoder(backend: str, loaded: LoadedModel, device: torch.device | str = "cpu",
@@ -116,7 +119,7 @@ def model_encoder(backend: str, loaded: LoadedModel, device: torch.device | str 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)
-    if backend == "auto":
+    if backend == "auto":  # DEFAULT_BACKEND, falling back to spconv for checkpoints the engine cannot run
         try:
             return EngineEncoder.from_loaded(loaded, device, precision)
         except ValueError:

@@ -30,6 +30,8 @@ class PointCloud:
             georeferenced data (world = coord + origin); zeros for ordinary scans. The model is
             translation-invariant (it centre-shifts every scene), so only outputs in world
             coordinates (detected boxes) add it back.
+    grid_shape: (height, width) of an organised cloud (PCD with HEIGHT > 1, as PCL/ROS write depth
+            cameras' clouds, NaN holes included), rows in row-major order; None for unorganised ones.
     """
 
     coord: np.ndarray
@@ -38,6 +40,7 @@ class PointCloud:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     source: str = "<memory>"
     origin: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    grid_shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.coord = np.ascontiguousarray(self.coord, dtype=np.float32)
@@ -52,6 +55,8 @@ class PointCloud:
             self.normal = np.ascontiguousarray(self.normal, dtype=np.float32)
             if self.normal.shape != (n, 3):
                 raise PointCloudError(f"{self.source}: normal must have shape ({n}, 3), got {self.normal.shape}")
+        if self.grid_shape is not None and int(np.prod(self.grid_shape)) != n:
+            raise PointCloudError(f"{self.source}: organised shape {self.grid_shape} does not hold {n} points")
         for name, values in self.extras.items():
             if len(values) != n:
                 raise PointCloudError(f"{self.source}: extra field {name!r} has {len(values)} rows for {n} points")
@@ -59,10 +64,13 @@ class PointCloud:
     def __len__(self) -> int:
         return len(self.coord)
 
-    def validate(self) -> "PointCloud":
-        """Refuse clouds the model cannot take: no points, or NaN/inf coordinates or normals."""
+    def validate(self, finite: bool = True) -> "PointCloud":
+        """Refuse clouds the model cannot take: no points, or (``finite``) NaN/inf coordinates or normals
+        (``model.prepare`` can drop such rows instead)."""
         if len(self) == 0:
             raise PointCloudError(f"{self.source}: the point cloud has no points")
+        if not finite:
+            return self
         bad = ~np.isfinite(self.coord).all(axis=1)
         if bad.any():
             raise PointCloudError(

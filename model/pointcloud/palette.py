@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.files import replaced_on_success
+
 # Twenty well-separated colours (class 0, 1, ...); classes beyond them get golden-ratio hues.
 _BASE = np.array([
     [174, 199, 232], [152, 223, 138], [31, 119, 180], [255, 187, 120], [188, 189, 34], [140, 86, 75],
@@ -49,10 +51,8 @@ def _coord_dtype(coord: np.ndarray) -> str:
 def _write(path: Path, elements) -> None:
     from plyfile import PlyData
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    PlyData(elements, text=False, byte_order="<").write(str(tmp))
-    tmp.replace(path)
+    with replaced_on_success(path) as tmp:
+        PlyData(elements, text=False, byte_order="<").write(str(tmp))
 
 
 def write_labelled_points(path: str | Path, coord: np.ndarray, labels: np.ndarray, class_names) -> None:

@@ -82,17 +82,19 @@ def sniff_format(head: bytes) -> str | None:
 
 
 def read_point_cloud(source: Source, format: str | None = None, name: str | None = None,
-                     limits: ReadLimits | None = None) -> PointCloud:
+                     limits: ReadLimits | None = None, keep_invalid: bool = False) -> PointCloud:
     """Decode ``source`` (path, bytes or binary stream) into a validated PointCloud.
 
     ``name`` labels error messages and, when ``format`` is None, its suffix picks the format
     (an upload's file name, say); a path's own name is used otherwise. ``limits`` bounds the point
     count and decoded memory (:data:`DEFAULT_LIMITS` when None); inputs over them raise
-    :class:`PointCloudTooLarge` before the arrays are allocated.
+    :class:`PointCloudTooLarge` before the arrays are allocated. ``keep_invalid``: keep rows with NaN/inf
+    coordinates or normals (for callers that drop them and answer at the input's length, see
+    ``model.prepare``); by default they are refused, naming the first bad row.
     """
     limits = limits or DEFAULT_LIMITS
     if _is_path(source) and Path(source).is_dir():
-        return _read_folder(Path(source), limits)
+        return _read_folder(Path(source), limits, keep_invalid)
     data, label, own_name = _load(source, name)
     if not data:
         raise PointCloudError(f"{label}: the file is empty")
@@ -116,17 +118,17 @@ def read_point_cloud(source: Source, format: str | None = None, name: str | None
         raise PointCloudError(f"{label}: not a valid {fmt.upper()} file (decoder panic: {_clip(exc)})") from exc
     if len(cloud) > limits.max_points:
         raise PointCloudTooLarge(f"{label}: {len(cloud)} points, more than the limit of {limits.max_points}")
-    return cloud.validate()
+    return cloud.validate(finite=not keep_invalid)
 
 
-def _read_folder(folder: Path, limits: ReadLimits) -> PointCloud:
+def _read_folder(folder: Path, limits: ReadLimits, keep_invalid: bool = False) -> PointCloud:
     """A Pointcept-style scene folder (coord.npy, color.npy, optional normal.npy) is one scene."""
     if not is_scene_folder(folder):
         raise PointCloudError(f"{folder}: is a folder without coord.npy; pass a point-cloud file or a scene "
                               "folder (coord.npy, color.npy, optional normal.npy)")
     with np.errstate(over="ignore", invalid="ignore"):
         cloud = read_scene_folder(folder, limits)
-    return cloud.validate()
+    return cloud.validate(finite=not keep_invalid)
 
 
 def write_point_cloud(cloud: PointCloud, path: str | os.PathLike, format: str | None = None) -> Path:

@@ -32,6 +32,8 @@ class VoxelizedCloud:
     coord:          (M, 3) float32 centre-shifted coordinates of the kept points (metres).
     kept:           (M,) int64, the input point kept for each voxel (to gather labels in training).
     grid_size:      voxel edge in metres.
+    shift:          (3,) float64 total CenterShift subtracted from the input coordinates (``coord`` = input
+                    coordinates of the kept points - shift); places cameras in novel views. None if unknown.
     """
 
     grid_coord: np.ndarray
@@ -40,6 +42,7 @@ class VoxelizedCloud:
     coord: np.ndarray
     kept: np.ndarray
     grid_size: float
+    shift: np.ndarray | None = None
 
     @classmethod
     def from_network_input(cls, grid_coord: np.ndarray, feat: np.ndarray, grid_size: float = 0.0) -> "VoxelizedCloud":
@@ -167,11 +170,12 @@ def voxelize(cloud: PointCloud, grid_size: float = 0.02, feature_keys: tuple[str
     """Decoded point cloud → network input. Missing colours/normals are filled (with a warning).
     ``rng`` picks a random point per voxel (training); without it the first point is kept."""
     cloud = complete_cloud(cloud, grid_size, feature_keys)
-    coord, _ = center_shift(cloud.coord, apply_z=True)
+    coord, first = center_shift(cloud.coord, apply_z=True)
     kept, grid_coord, point_to_voxel = grid_sample(coord, grid_size, rng)
-    kept_coord, _ = center_shift(coord[kept], apply_z=False)
+    kept_coord, second = center_shift(coord[kept], apply_z=False)
     color = cloud.color[kept] if cloud.color is not None else None
     normal = cloud.normal[kept] if cloud.normal is not None else None
     feat = assemble_features(color, normal, kept_coord, feature_keys)
     return VoxelizedCloud(grid_coord=grid_coord, feat=feat, point_to_voxel=point_to_voxel,
-                          coord=kept_coord, kept=kept, grid_size=float(grid_size))
+                          coord=kept_coord, kept=kept, grid_size=float(grid_size),
+                          shift=first.astype(np.float64) + second.astype(np.float64))

@@ -69,11 +69,11 @@ def _remember(conv: spconv.conv.SparseConvolution) -> spconv.conv.SparseConvolut
 
 
 def use_device_algorithms(module: nn.Module, device: torch.device | str) -> None:
-    """Force the algorithm of every spconv layer for ``device`` (layers built here already follow their
-    own device; this covers spconv layers built elsewhere)."""
+    """Set the algorithm for ``device`` of every spconv layer built elsewhere (layers built here chose it
+    themselves when they were moved, see `_PlacedAlgorithm`, and are left alone)."""
     device = torch.device(device)
     for layer in module.modules():
-        if isinstance(layer, spconv.conv.SparseConvolution):
+        if isinstance(layer, spconv.conv.SparseConvolution) and not isinstance(layer, _PlacedAlgorithm):
             default = getattr(layer, _DEFAULT_ALGO, layer.algo)
             layer.algo = ConvAlgo.Native if device.type != "cuda" else default
 

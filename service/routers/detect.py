@@ -5,6 +5,7 @@ The boxes come from ``model.detection.detect`` run on the model thread (a ModelJ
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import Annotated
 
@@ -14,9 +15,10 @@ from starlette.responses import JSONResponse
 from model.detection.predict import DetectionResult, detect
 from model.inference import Predictor
 from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.results import detections_to_input_frame
 from service.dependencies import get_pipeline
 from service.errors import ApiError
-from service.pipeline import Pipeline
+from service.pipeline import Pipeline, prepared_meta
 from service.routers.common import ERRORS, NOT_IMPLEMENTED, UPLOAD_BODY, job_card, ranked_media
 from service.schemas import DetectJSON, DetectParams
 from service.uploads import read_upload
@@ -49,14 +51,20 @@ async def detect_boxes(request: Request, params: Annotated[DetectParams, Query()
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), LONG, request) as admission:
         upload = await read_upload(request, params.format, params.filename)
         admission.watch(request)
-        cloud, filled = await pipeline.decode_cloud(upload, card, params.grid_size)
-        run = partial(detect_in_world, cloud=cloud, condition=condition, grid_size=params.grid_size,
+        prepared = await pipeline.decode_prepared(upload, card, params.grid_size, params.input_options())
+        run = partial(detect_in_world, cloud=prepared.cloud, condition=condition, grid_size=params.grid_size,
                       score_threshold=params.score_threshold, iou_threshold=params.iou_threshold)
         result: DetectionResult = await pipeline.worker.call(ModelJob(card.info.name, run, "detect",
                                                                       cancel=admission.token, ticket=admission.ticket))
-    pipeline.metrics.points.labels("/v1/detect").inc(len(cloud))
-    body = {"model": card.info.name, "condition": condition, "num_points": len(cloud),
-            "grid_size": params.grid_size or card.info.grid_size, **result.to_json(cloud.source)}
-    if filled:
-        body["filled"] = filled
-    return JSONResponse(body)
+    pipeline.metrics.points.labels("/v1/detect").inc(len(prepared.cloud))
+    document = detections_to_input_frame(result.to_json(prepared.cloud.source), prepared.rotation)
+    meta = prepared_meta(prepared)
+    meta.pop("up_rotation", None)  # in the document
+    body = {"model": card.info.name, "condition": condition, "num_points": prepared.num_input,
+            "grid_size": params.grid_size or card.info.grid_size, **document, **meta}
+    headers = {}
+    if prepared.rotation is not None:
+        headers["X-Ponder-Up-Rotation"] = json.dumps(document["up_rotation"])
+    if prepared.dropped:
+        headers["X-Ponder-Dropped-Points"] = str(prepared.dropped)
+    return JSONResponse(body, headers=headers)

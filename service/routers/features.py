@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service.dependencies import get_pipeline
 from service.encoding import Payload, encode, negotiate
-from service.pipeline import Pipeline, Processed
+from model.results import input_point_to_voxel, point_values
+from service.pipeline import Pipeline, Processed, prepared_meta
 from service.routers.common import UPLOAD_BODY, answers
 from service.schemas import FeatureParams, FeaturesJSON
 from service.uploads import read_upload
@@ -21,30 +21,33 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 
 def features_payload(done: Processed, params: FeatureParams) -> Payload:
     voxel_features = done.output.features.astype(params.dtype, copy=False)  # (M, C)
-    meta = {"model": done.card.info.name, "condition": done.condition, "num_points": done.num_points,
-            "num_voxels": done.voxels.num_voxels, "grid_size": done.voxels.grid_size, "output": params.output}
-    if done.filled:
-        meta["filled"] = done.filled
-    if params.output == "per_voxel":
-        arrays = {"features": voxel_features, "point_to_voxel": done.voxels.point_to_voxel,  # (M, C), (N,)
-                  "grid_coord": done.voxels.grid_coord}  # (M, 3)
+    valid = done.prepared.valid
+    meta = {"model": done.card.info.name, "condition": done.condition, "num_points": done.prepared.num_input,
+            "num_voxels": done.voxels.num_voxels, "grid_size": done.voxels.grid_size, "output": params.output,
+            **prepared_meta(done.prepared)}
+    if params.output == "per_voxel":  # (M, C), (N,) with -1 for dropped points, (M, 3)
+        arrays = {"features": voxel_features, "point_to_voxel": input_point_to_voxel(done.voxels.point_to_voxel, valid),
+                  "grid_coord": done.voxels.grid_coord}
     else:
-        arrays = {"features": np.take(voxel_features, done.voxels.point_to_voxel, axis=0)}  # (N, C)
-    return Payload(arrays=arrays, meta=meta)
+        arrays = {"features": point_values(voxel_features, done.voxels.point_to_voxel, valid)}  # (N, C), NaN rows
+    extras = {"coord": done.rgbd_coord} if done.rgbd_coord is not None else {}
+    return Payload(arrays=arrays, meta=meta, extra_arrays=extras)
 
 
 @router.post("/features", response_model=None, responses=answers(FeaturesJSON), openapi_extra=UPLOAD_BODY,
              summary="Backbone features of a point cloud")
 async def features(request: Request, params: Annotated[FeatureParams, Query()],
                    pipeline: Pipeline = Depends(get_pipeline)) -> Response:
-    """Features for every input point (``output=per_point``, in input order) or for every voxel with the
-    point-to-voxel index (``output=per_voxel``). Answer format from ``Accept``: JSON, NPY, NPZ or Arrow."""
+    """Features for every input point (``output=per_point``, in input order; NaN rows for dropped NaN/inf
+    points) or for every voxel with the point-to-voxel index (``output=per_voxel``; -1 for dropped points).
+    RGB-D uploads also get the fused points as ``coord`` (N, 3) in NPZ and Arrow answers. Answer format from ``Accept``: JSON, NPY, NPZ or Arrow."""
     fmt = negotiate(request.headers.get("accept"))  # refuse an impossible Accept before reading the upload
     card = pipeline.card(params.model)
     condition = pipeline.resolve_condition(card, params.condition)
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), request=request) as admission:
         upload = await read_upload(request, params.format, params.filename)
         admission.watch(request)
-        done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=False, admission=admission)
+        done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=False, admission=admission,
+                                  options=params.input_options())
     pipeline.metrics.points.labels("/v1/features").inc(done.num_points)
     return await run_in_threadpool(encode, features_payload(done, params), fmt, pipeline.settings.max_json_values)

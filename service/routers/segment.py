@@ -10,16 +10,18 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from model.inference import Predictor, SegmentResult
+from model.inference import Predictor
 from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.prepare import PreparedCloud
+from model.results import SegmentResult, segment_from_voxels, to_input_rows
 from model.tta import OFFICIAL_AUGMENTATIONS
 from service.dependencies import get_pipeline
 from service.encoding import Payload, encode, negotiate
 from service.errors import ApiError
-from service.pipeline import Pipeline, Processed
+from service.pipeline import Pipeline, Processed, prepared_meta
 from service.routers.common import NOT_IMPLEMENTED, UPLOAD_BODY, answers
 from service.schemas import SegmentJSON, SegmentParams
-from service.uploads import read_upload
+from service.uploads import RGBDUpload, read_upload
 from service.workers.base import FAST, LONG, ModelCard, ModelJob, WorkerInputError
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -27,7 +29,8 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 
 def precise_segment(predictor: Predictor, cloud: PointCloud, condition: str | None, grid_size: float | None
                     ) -> tuple[SegmentResult, int]:
-    """The official precise mode on the model thread: per-point result and the plain voxel count."""
+    """The official precise mode on the model thread, for a prepared (valid, z-up, completed) cloud: per-point
+    result over its rows and the plain voxel count."""
     try:
         result = predictor.segment(cloud, condition, grid_size, precise=True)
         return result, predictor.prepare(cloud, grid_size).num_voxels  # one plain voxelisation: cheap next to 13
@@ -35,33 +38,32 @@ def precise_segment(predictor: Predictor, cloud: PointCloud, condition: str | No
         raise WorkerInputError(str(exc)) from exc
 
 
-def precise_payload(result: SegmentResult, num_voxels: int, cloud: PointCloud, card: ModelCard,
-                    condition: str | None, grid_size: float, filled: list[str], params: SegmentParams) -> Payload:
-    meta = {"model": card.info.name, "condition": condition, "num_points": len(cloud), "num_voxels": num_voxels,
-            "grid_size": grid_size, "class_names": list(result.class_names), "mode": "precise",
-            "augmentations": len(OFFICIAL_AUGMENTATIONS)}
-    if filled:
-        meta["filled"] = filled
-    arrays = {"labels": result.labels}
-    if params.logits:
-        arrays["logits"] = result.logits.astype(params.dtype, copy=False)  # (N, K) log mean probabilities
-    return Payload(arrays=arrays, meta=meta)
+def precise_payload(result: SegmentResult, num_voxels: int, prepared: PreparedCloud, card: ModelCard,
+                    condition: str | None, grid_size: float, params: SegmentParams,
+                    rgbd_coord: np.ndarray | None = None) -> Payload:
+    meta = {"model": card.info.name, "condition": condition, "num_points": prepared.num_input,
+            "num_voxels": num_voxels, "grid_size": grid_size, "class_names": list(result.class_names),
+            "mode": "precise", "augmentations": len(OFFICIAL_AUGMENTATIONS), **prepared_meta(prepared)}
+    arrays = {"labels": to_input_rows(result.labels, prepared.valid, -1)}
+    if params.logits:  # (N, K) log mean probabilities
+        arrays["logits"] = to_input_rows(result.logits, prepared.valid).astype(params.dtype, copy=False)
+    return Payload(arrays=arrays, meta=meta, extra_arrays={} if rgbd_coord is None else {"coord": rgbd_coord})
 
 
 def segment_payload(done: Processed, params: SegmentParams) -> Payload:
     voxel_logits = done.output.logits  # (M, K)
     assert voxel_logits is not None
-    point_to_voxel = done.voxels.point_to_voxel
-    labels = voxel_logits.argmax(axis=1).astype(np.int32)[point_to_voxel]  # (N,)
-    meta = {"model": done.card.info.name, "condition": done.condition, "num_points": done.num_points,
+    names = done.card.class_names(done.condition, voxel_logits.shape[1])
+    result = segment_from_voxels(voxel_logits, done.voxels.point_to_voxel, names, done.prepared.valid,
+                                 logits=params.logits)
+    meta = {"model": done.card.info.name, "condition": done.condition, "num_points": done.prepared.num_input,
             "num_voxels": done.voxels.num_voxels, "grid_size": done.voxels.grid_size,
-            "class_names": list(done.card.class_names(done.condition, voxel_logits.shape[1])), "mode": "fast"}
-    if done.filled:
-        meta["filled"] = done.filled
-    arrays = {"labels": labels}
-    if params.logits:
-        arrays["logits"] = np.take(voxel_logits, point_to_voxel, axis=0).astype(params.dtype, copy=False)  # (N, K)
-    return Payload(arrays=arrays, meta=meta)
+            "class_names": list(result.class_names), "mode": "fast", **prepared_meta(done.prepared)}
+    arrays = {"labels": result.labels}  # (N,), -1 for dropped points
+    if result.logits is not None:
+        arrays["logits"] = result.logits.astype(params.dtype, copy=False)  # (N, K)
+    extras = {"coord": done.rgbd_coord} if done.rgbd_coord is not None else {}
+    return Payload(arrays=arrays, meta=meta, extra_arrays=extras)
 
 
 @router.post("/segment", response_model=None, openapi_extra=UPLOAD_BODY,
@@ -88,17 +90,19 @@ async def segment(request: Request, params: Annotated[SegmentParams, Query()],
         upload = await read_upload(request, params.format, params.filename)
         admission.watch(request)
         if params.mode == "precise":
-            cloud, filled = await pipeline.decode_cloud(upload, card, params.grid_size)
-            run = partial(precise_segment, cloud=cloud, condition=condition, grid_size=params.grid_size)
+            prepared = await pipeline.decode_prepared(upload, card, params.grid_size, params.input_options())
+            run = partial(precise_segment, cloud=prepared.cloud, condition=condition, grid_size=params.grid_size)
             result, num_voxels = await pipeline.worker.call(ModelJob(card.info.name, run, "segment-precise",
                                                                      cancel=admission.token, ticket=admission.ticket))
         else:
             done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=True,
-                                      admission=admission)
+                                      admission=admission, options=params.input_options())
     if params.mode == "precise":
-        pipeline.metrics.points.labels("/v1/segment").inc(len(cloud))
-        payload = precise_payload(result, num_voxels, cloud, card, condition, params.grid_size or card.info.grid_size,
-                                  filled, params)
+        pipeline.metrics.points.labels("/v1/segment").inc(len(prepared.cloud))
+        rgbd_coord = (prepared.to_input_frame(prepared.cloud.coord).astype(np.float32)
+                      if isinstance(upload, RGBDUpload) else None)
+        payload = precise_payload(result, num_voxels, prepared, card, condition,
+                                  params.grid_size or card.info.grid_size, params, rgbd_coord)
         return await run_in_threadpool(encode, payload, fmt, pipeline.settings.max_json_values)
     pipeline.metrics.points.labels("/v1/segment").inc(done.num_points)
     return await run_in_threadpool(encode, segment_payload(done, params), fmt, pipeline.settings.max_json_values)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from model.cancel import CancelToken
-from model.inference import ModelInfo, Predictor
+from model.conditions import resolve_condition
 from model.pointcloud.voxelize import VoxelizedCloud
+
+if TYPE_CHECKING:  # torch-free at import: a gateway in front of Triton has no torch
+    from model.inference import ModelInfo, Predictor
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelCard":
+        from model.inference import ModelInfo
+
         info = dict(data["info"])
         info["conditions"] = tuple(info["conditions"])
         info["class_names"] = {k: tuple(v) for k, v in info["class_names"].items()}
@@ -63,18 +68,9 @@ class ModelCard:
 
     def resolve_condition(self, condition: str | None) -> str | None:
         """The condition a request runs under (ValueError naming the valid ones), checked in the gateway
-        so a bad one is refused before it takes a queue slot; the same rule as Predictor.resolve_condition."""
-        conditions = self.info.conditions
-        if not conditions:
-            if condition not in (None, "", "default"):
-                raise ValueError(f"model {self.info.name!r} takes no condition (got {condition!r})")
-            return None
-        if condition in (None, ""):
-            return self.default_condition
-        if condition not in conditions:
-            raise ValueError(f"unknown condition {condition!r} for model {self.info.name!r}; "
-                             f"valid: {', '.join(conditions)}")
-        return condition
+        so a bad one is refused before it takes a queue slot; the rule of `model.conditions`."""
+        return resolve_condition(self.info.conditions, condition, default=self.default_condition,
+                                 model=self.info.name)
 
     def class_names(self, condition: str | None, num_classes: int) -> tuple[str, ...]:
         """Label names for a resolved condition; generic names when the model's list does not fit."""

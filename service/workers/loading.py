@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from export.backends import load
-from model.inference import Predictor
+if TYPE_CHECKING:  # loading models needs torch; naming them does not (the slim gateway imports this module)
+    from model.inference import Predictor
 
 LOG = logging.getLogger("service.models")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")
+
+
+def holds_checkpoints(models_dir: Path) -> bool:
+    """Whether ``models_dir`` exists and holds at least one checkpoint file or folder (not hidden)."""
+    if not models_dir.is_dir():
+        return False
+    return any(not entry.name.startswith(".") and (entry.is_dir() or entry.suffix.lower() in CHECKPOINT_SUFFIXES)
+               for entry in models_dir.iterdir())
 
 
 def discover_checkpoints(checkpoint: Path | None, models_dir: Path | None) -> dict[str, Path | None]:
@@ -51,6 +60,8 @@ def discover_checkpoints(checkpoint: Path | None, models_dir: Path | None) -> di
 def load_predictors(checkpoints: dict[str, Path | None], device: str = "cpu", trust_checkpoint: bool = False,
                     backend: str = "auto") -> dict[str, Predictor]:
     """``backend``: "auto" (the fastest exact encoder for the device), spconv, torch, onnxruntime, tensorrt."""
+    from export.backends import load
+
     predictors = {}
     for name, path in checkpoints.items():
         predictors[name] = load(path, device=device, trust_checkpoint=trust_checkpoint, backend=backend)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from model.conditions import condition_index, default_condition
 from model.inference import ModelInfo
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
@@ -60,9 +61,8 @@ def card_from_metadata(name: str, meta: dict) -> ModelCard:
                      feature_dim=int(meta["out_channels"]), grid_size=float(meta["grid_size"]),
                      input_features=tuple(meta.get("input_features") or ("color", "normal")),
                      version=str(meta.get("version", "1")))
-    default = ("ScanNet" if "ScanNet" in conditions else conditions[0]) if conditions else None
     return ModelCard(info=info, has_classifier="seg_logits" in (meta.get("outputs") or ()),
-                     default_condition=default)
+                     default_condition=default_condition(conditions))
 
 
 class CircuitBreaker:
@@ -251,13 +251,12 @@ class TritonWorker(Worker):
                                    f"got {grid.shape} and {feat.shape}")
         tensors = [("grid_coord", grid, "INT32"), ("batch", np.zeros(len(grid), np.int32), "INT32"),
                    ("feat", feat, "FP32")]
-        conditions = card.info.conditions
-        if conditions:
-            try:
-                condition = card.resolve_condition(job.condition)
-            except ValueError as exc:
-                raise WorkerInputError(str(exc)) from exc
-            tensors.append(("condition", np.array([conditions.index(condition)], np.int64), "INT64"))
+        try:
+            index = condition_index(card.info.conditions, card.resolve_condition(job.condition))
+        except ValueError as exc:
+            raise WorkerInputError(str(exc)) from exc
+        if index is not None:
+            tensors.append(("condition", np.array([index], np.int64), "INT64"))
         http = self.settings.triton_protocol == "http"
         inputs = []
         for name, array, dtype in tensors:

@@ -1,21 +1,8 @@
-"""3D object detection: fine-tune an encoder with a voting box head, evaluate it, and run it (``ponder detect``).
+"""3D object detection: fine-tune an encoder with a voting box head and evaluate it (running a trained
+detector, ``ponder detect``, is `ponder.detect_commands`).
 
     ponder train detect --config CFG [--init CKPT] [--out DIR] [--label-fraction F] [--resume] [--device D]
     ponder evaluate detect --data DIR --checkpoint CKPT [--split val] [--json FILE]
-    ponder detect INPUT -o BOXES.json [--checkpoint CKPT] [--score 0.3] [--iou 0.25] [--condition C]
-
-``ponder detect`` writes JSON (``format: ponder-detections/1``)::
-
-    {"format": "ponder-detections/1", "source": "room.ply", "box_convention": "...",
-     "class_names": [...],
-     "detections": [{"label": "chair", "label_id": 2, "score": 0.91,
-                     "center": [cx, cy, cz], "size": [dx, dy, dz], "yaw": 0.12,
-                     "corners": [[x, y, z] x 8]}, ...]}
-
-Box convention (model/detection/boxes.py): ``center`` is the box centre in the input cloud's frame and units
-(metres); ``size`` the full edge lengths along the box's own x, y, z axes; ``yaw`` the rotation of the box's x
-axis about +z in radians, counter-clockwise seen from above (x axis along (cos yaw, sin yaw, 0)); ``corners``
-the bottom face then the top face, each counter-clockwise from above. Detections are sorted by score.
 """
 
 from __future__ import annotations
@@ -26,6 +13,8 @@ import json
 import logging
 import os
 from pathlib import Path
+
+from model.devices import torch_device
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +69,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg.model.init = args.init
     if args.device:
         cfg.train.device = args.device
-    _check_device(cfg.train.device)
+    torch_device(cfg.train.device)
     out = Path(args.out or cfg.out_dir)
     last = out / "model" / "model_last.pth"
     if last.exists() and not args.resume:
@@ -150,7 +139,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for value in (args.score, args.report_score, *args.iou):
         if not 0 <= value <= 1:
             raise ValueError(f"scores and IoU thresholds must lie in [0, 1], got {value}")
-    _check_device(args.device)
+    torch_device(args.device)
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint")
     dirs = find_scene_dirs(args.data, args.split)
@@ -162,67 +151,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(metrics.summary(), indent=2))
     return 0
-
-
-# ------------------------------------------------------------------------------------------ detect
-
-
-def add_run_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("detect", help="3D object boxes of a point cloud (JSON)")
-    p.add_argument("input", type=Path, help="point cloud: .ply .las .laz .npy .npz .pcd .xyz .txt .bin")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output JSON (format ponder-detections/1)")
-    p.add_argument("--checkpoint", "-c", default=None, help="detection checkpoint (default: the bundled model)")
-    p.add_argument("--score", type=float, default=None, help="lowest score kept (default: the model's, 0.3)")
-    p.add_argument("--iou", type=float, default=None, help="per-class NMS IoU threshold (default: the model's, 0.25)")
-    p.add_argument("--condition", default=None, help="dataset condition of PDNorm/PPT encoders")
-    p.add_argument("--format", dest="input_format", default=None, help="input format when the suffix does not tell")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of an official .pth")
-    p.add_argument("--ply", type=Path, default=None,
-                   help="also write the boxes as wireframes (12 PLY edges per box, coloured by class) for "
-                        "MeshLab / CloudCompare")
-    p.set_defaults(handler=run_detect)
-
-
-def run_detect(args: argparse.Namespace) -> int:
-    from model.detection.predict import detect
-    from model.pointcloud.readers import read_point_cloud
-
-    for name, value in (("--score", args.score), ("--iou", args.iou)):
-        if value is not None and not 0 <= value <= 1:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    _check_device(args.device)
-    if args.output.is_dir():
-        raise IsADirectoryError(f"{args.output}: is a folder; -o takes a .json file path")
-    if args.ply is not None and args.ply.is_dir():
-        raise IsADirectoryError(f"{args.ply}: is a folder; --ply takes a .ply file path")
-    cloud = read_point_cloud(args.input, format=args.input_format)     # bad input fails before the model loads
-    from model.inference import default_checkpoint, load_predictor
-
-    checkpoint = args.checkpoint or default_checkpoint("detect")
-    predictor = load_predictor(checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
-    result = detect(predictor, cloud, args.condition, score_threshold=args.score, iou_threshold=args.iou)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(args.output.name + ".partial")
-    tmp.write_text(result.dumps(source=str(args.input)))
-    tmp.replace(args.output)
-    if args.ply is not None:
-        from model.detection import box_corners
-        from model.pointcloud.palette import write_box_wireframes
-
-        write_box_wireframes(args.ply, box_corners(result.boxes) if len(result) else [], result.labels,
-                             result.class_names)
-    counts: dict[str, int] = {}
-    for label in result.labels:
-        counts[result.class_names[int(label)]] = counts.get(result.class_names[int(label)], 0) + 1
-    summary = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    print(f"wrote {args.output}: {len(result)} boxes from {len(cloud):,} points" + (f" ({summary})" if summary else ""))
-    return 0
-
-
-def _check_device(name: str) -> None:
-    if name == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but no CUDA GPU is available")

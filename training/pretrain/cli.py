@@ -1,8 +1,8 @@
-"""Rendering pre-training (PonderIndoor-v2) on RGB-D scenes, and ``ponder render`` for novel views.
+"""Rendering pre-training (PonderIndoor-v2) on RGB-D scenes (novel views of a trained model, ``ponder render``,
+are `ponder.render_commands`).
 
     ponder train pretrain --config CFG [--out DIR] [--resume] [--device cpu|cuda]
     ponder evaluate pretrain --config CFG [--checkpoint CKPT] [--device cpu|cuda]
-    ponder render INPUT --checkpoint CKPT --cameras CAMS.json -o OUT_DIR [--chunk N] [--condition C] [--device D]
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 import logging
 import os
 from pathlib import Path
+
+from model.devices import torch_device
 
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg.train.device = args.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    torch_device(cfg.train.device)
     out = Path(args.out or cfg.out_dir)
     last = out / "model" / "model_last.pth"
     if last.exists() and not args.resume:
@@ -105,72 +106,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     loaded = load_checkpoint(args.checkpoint or Path(cfg.out_dir) / "final")
-    loaded.model.to(_device(args.device))
+    loaded.model.to(torch_device(args.device))
     result = evaluate_views(loaded.model, loaded.config, cfg.data, cfg.eval)
     summary = result.summary()
     print(json.dumps({k: v for k, v in summary.items() if k != "per_view"}))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     return 0
-
-
-# ------------------------------------------------------------------------------------------ render
-
-
-def add_run_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("render", help="render novel views (colour and depth) of a point cloud with a "
-                              "pre-training checkpoint")
-    p.add_argument("input", type=Path, help="point cloud (PLY, LAS/LAZ, PCD, NPY, ...)")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint with a render decoder (folder or official .pth; default: the bundled model)")
-    p.add_argument("--cameras", type=Path, required=True,
-                   help="cameras JSON (see model/render/cameras.py) or a nerfstudio transforms.json")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
-    p.add_argument("--chunk", type=int, default=4096, help="rays rendered at a time; bounds memory (default 4096)")
-    p.add_argument("--condition", default=None, help="dataset condition (default: the model's)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of an official .pth")
-    p.set_defaults(handler=run_render)
-
-
-def read_cameras(path: Path):
-    from model.render.cameras import CameraError, cameras_from_document
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such cameras file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CameraError(f"{path}: not valid JSON ({exc})") from None
-    return cameras_from_document(data)
-
-
-def run_render(args: argparse.Namespace) -> int:
-    from model.checkpoint import load_checkpoint
-    from model.novel_view import render_scene
-    from model.pointcloud.readers import read_point_cloud
-    from model.render.images import ViewImages
-
-    if args.chunk < 1:
-        raise ValueError(f"--chunk must be positive, got {args.chunk}")
-    from model.inference import default_checkpoint
-
-    cameras = read_cameras(args.cameras)
-    loaded = load_checkpoint(args.checkpoint or default_checkpoint("render"), trust=args.trust_checkpoint)
-    cloud = read_point_cloud(args.input)
-    views = render_scene(loaded, cloud, cameras, args.condition, args.chunk, _device(args.device))
-    args.out.mkdir(parents=True, exist_ok=True)
-    for i, view in enumerate(views):
-        images = ViewImages.of(view)
-        images.write(args.out, i)
-        print(f"{i}: {view.rgb.shape[1]}x{view.rgb.shape[0]}, {images.hit_fraction:.0%} of rays hit the scene box")
-    print(f"wrote {len(views)} views to {args.out}")
-    return 0
-
-
-def _device(name: str):
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
-    return torch.device(name)

@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+from model.devices import torch_device
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.trust_checkpoint:
         cfg.init.trust = True
     cfg.validate()
-    _check_device(cfg.train.device)
+    torch_device(cfg.train.device)
     out = Path(args.out or cfg.out_dir)
     last = out / "model" / "model_last.pth"
     if last.exists() and not args.resume:
@@ -96,7 +98,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from training.segment.evaluate import evaluate_checkpoint
 
-    _check_device(args.device)
+    torch_device(args.device)
     if args.max_scenes is not None and args.max_scenes < 1:
         raise ValueError(f"--max-scenes must be at least 1, got {args.max_scenes}")
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.precise, args.condition,
@@ -107,11 +109,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps({"mode": mode, **metrics.as_dict()}, indent=2))
     return 0
-
-
-def _check_device(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but no CUDA GPU is available")

@@ -53,7 +53,10 @@ def read_pcd(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
             bits = _packed_bits(columns.pop(packed))
             columns.update(r=(bits >> 16) & 0xFF, g=(bits >> 8) & 0xFF, b=bits & 0xFF)
             break
-    return cloud_from_columns(columns, source, "PCD")
+    cloud = cloud_from_columns(columns, source, "PCD")
+    if metadata.height > 1 and metadata.width * metadata.height == len(cloud):
+        cloud.grid_shape = (int(metadata.height), int(metadata.width))  # organised: rows of an image
+    return cloud
 
 
 def _parse_header(data: bytes, source: str) -> tuple[MetaData, int]:

@@ -1,0 +1,20 @@
+"""The one check of a requested torch device, shared by the Predictor, novel views and the commands
+(torch is imported on use, so command modules can import this while ``ponder --help`` stays quick)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def torch_device(name: "str | torch.device") -> "torch.device":
+    """``name`` as a torch.device; a clear ValueError for CUDA on a host without a CUDA GPU (rather than a
+    deep torch error after the checkpoint has loaded)."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    return device

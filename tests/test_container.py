@@ -1,0 +1,90 @@
+"""The images, built and run with podman (deploy/check_images.sh): the full gateway image with nothing mounted
+serves the bundled default model and answers /v1/features as the in-process gateway does; a public bind without
+API keys is refused; the slim gateway image holds no torch, spconv or Triton server.
+
+Slow and needs root + podman/runc/mmdebstrap:  .venv/bin/python -m pytest -m container tests/test_container.py
+(first run: ~2 min for the base image, ~6 min for the cold builds on 2 cores)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import REPO
+from conftest_service import free_port, gateway, npz_bytes, require_fixtures, scene
+
+pytestmark = [pytest.mark.container, pytest.mark.slow]
+
+SCRIPT = REPO / "deploy" / "check_images.sh"
+NPY = "application/x-npy"
+
+
+def _check(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def images():
+    missing = [tool for tool in ("podman", "runc", "mmdebstrap") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (apt-get install -y podman buildah runc mmdebstrap)")
+    if os.geteuid() != 0:
+        pytest.skip("the podman recipe here is rootful (runc); run as root")
+    built = _check("build", "gateway", "gateway-full")
+    assert built.returncode == 0, built.stderr[-3000:]
+    yield built.stdout
+    _check("clean", timeout=300)
+
+
+def test_full_image_serves_the_default_model_like_the_in_process_gateway(images):
+    require_fixtures()
+    port = free_port()
+    started = _check("run", "gateway-full", str(port), "-e", "PONDER_API_KEYS=check-key", timeout=600)
+    assert started.returncode == 0, started.stderr[-3000:]
+    url, headers = f"http://127.0.0.1:{port}", {"X-API-Key": "check-key", "Accept": NPY,
+                                                "Content-Type": "application/octet-stream"}
+    assert httpx.get(url + "/readyz", timeout=10).status_code == 200
+    models = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()
+    assert models["default_model"] == "default"  # empty /models: the bundled default, not an exit
+    body = npz_bytes(scene(3000))
+    answer = httpx.post(url + "/v1/features", content=body, headers=headers, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert httpx.post(url + "/v1/features", content=body, timeout=30).status_code == 401
+    with gateway({}) as local:  # the same request to an in-process gateway on this machine
+        expected = httpx.post(local.url + "/v1/features", content=body, headers=headers, timeout=120)
+    features = np.load(io.BytesIO(answer.content), allow_pickle=False)
+    reference = np.load(io.BytesIO(expected.content), allow_pickle=False)
+    assert features.shape == reference.shape == (3000, 32)
+    np.testing.assert_allclose(features, reference, atol=1e-4)
+
+
+def test_public_bind_without_api_keys_is_refused_in_the_image(images):
+    port = free_port()
+    started = _check("run", "gateway-full", str(port), timeout=120)
+    assert started.returncode != 0
+    deadline = time.monotonic() + 60
+    logs = ""
+    while time.monotonic() < deadline and "without API keys" not in logs:
+        shown = _check("logs", "gateway-full", timeout=60)
+        logs = shown.stdout + shown.stderr
+        time.sleep(1)
+    assert "without API keys" in logs
+
+
+def test_slim_gateway_image_has_no_torch_spconv_or_triton_server(images):
+    probe = ("import importlib.util as u; print(' '.join(m for m in ('torch', 'spconv', 'pytriton', 'fastapi', "
+             "'tritonclient') if u.find_spec(m)))")
+    result = subprocess.run(["podman", "--root", "/tmp/ponder-podman/storage", "--runroot", "/tmp/ponder-podman/run",
+                             "--storage-driver", "overlay", "run", "--rm", "--network", "host",
+                             "localhost/ponder-gateway:check", "python", "-c", probe],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CONTAINERS_CONF": "/tmp/ponder-podman/containers.conf"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["fastapi", "tritonclient"]

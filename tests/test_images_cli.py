@@ -1,0 +1,123 @@
+"""``ponder images features|render`` on posed images, and every bad input the issue names: a clear message and
+exit code 2 (views without poses, non-rigid poses, image sizes that disagree with the intrinsics, one view,
+views that see nothing of the volume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.images import ImageModelConfig, ImageRenderModel, save_image_model
+from ponder.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+W, H, F = 40, 30, 30.0
+TINY = {"backbone": {"width": 8}, "lift": {"dim": 4},
+        "render": {"projection": {"out_channels": 8, "f_maps": [8, 16]}, "field": {"hidden_size": 16, "geo_dim": 8},
+                   "sampler": {"num_samples": 8, "num_samples_importance": 4}, "grid_shape": [12, 12, 6]}}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_image_model(ImageRenderModel(ImageModelConfig.from_dict(TINY)), tmp_path_factory.mktemp("img") / "m")
+
+
+def look_at(position, target=(2.0, 2.0, 1.0)) -> np.ndarray:
+    """World-to-camera of a camera at ``position`` looking at ``target`` (OpenCV axes, world z up)."""
+    z = np.asarray(target, float) - np.asarray(position, float)
+    z /= np.linalg.norm(z)
+    x = np.cross(z, [0.0, 0.0, 1.0])
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    c2w = np.eye(4)
+    c2w[:3, :3] = np.stack([x, y, z], 1)
+    c2w[:3, 3] = position
+    return np.linalg.inv(c2w)
+
+
+def write_views(folder: Path, n: int = 3, size=(W, H)) -> list[dict]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    cams = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        angle = 2 * np.pi * i / max(n, 1)
+        pos = [2 + 1.5 * np.cos(angle), 2 + 1.5 * np.sin(angle), 1.4]
+        cams.append({"image": f"{i}.png", "width": W, "height": H, "fx": F, "fy": F, "cx": (W - 1) / 2,
+                     "cy": (H - 1) / 2, "world_to_camera": look_at(pos).tolist()})
+    return cams
+
+
+def run(tmp_path: Path, checkpoint: Path, cams, *extra: str, bounds=((0, 0, 0), (4, 4, 2.5))) -> int:
+    doc = {"cameras": cams, **({"bounds": [list(b) for b in bounds]} if bounds else {})}
+    (tmp_path / "cams.json").write_text(json.dumps(doc))
+    return main(["images", "features", "--images", str(tmp_path / "views"), "--cameras", str(tmp_path / "cams.json"),
+                 "--checkpoint", str(checkpoint), "-o", str(tmp_path / "f.npz"), *extra])
+
+
+def test_features_from_posed_images(tmp_path, checkpoint, capsys):
+    cams = write_views(tmp_path / "views")
+    assert run(tmp_path, checkpoint, cams) == 0
+    with np.load(tmp_path / "f.npz", allow_pickle=False) as z:
+        feats, centres, seen = z["features"], z["centres"], z["views_seeing"]
+        assert feats.shape[1] == 8 and feats.shape[0] == centres.shape[0] == seen.shape[0] > 0
+        assert seen.min() >= 1 and seen.max() <= 3 and np.isfinite(feats).all()
+        assert tuple(z["grid_shape"]) == (12, 12, 6)
+        assert (centres >= np.array([0, 0, 0]) - 0.3).all() and (centres <= np.array([4, 4, 2.5]) + 0.3).all()
+    assert "3 views ->" in capsys.readouterr().out
+
+
+def test_render_novel_views_from_images(tmp_path, checkpoint):
+    cams = write_views(tmp_path / "views")
+    (tmp_path / "cams.json").write_text(json.dumps({"cameras": cams, "bounds": [[0, 0, 0], [4, 4, 2.5]]}))
+    novel = [{"width": 8, "height": 6, "fx": 6.0, "fy": 6.0, "cx": 3.5, "cy": 2.5,
+              "world_to_camera": look_at([3.9, 0.2, 1.2]).tolist()}]
+    (tmp_path / "novel.json").write_text(json.dumps(novel))
+    assert main(["images", "render", "--images", str(tmp_path / "views"), "--cameras", str(tmp_path / "cams.json"),
+                 "--novel", str(tmp_path / "novel.json"), "--checkpoint", str(checkpoint), "-o",
+                 str(tmp_path / "out")]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"0_color.png", "0_depth.png", "0_depth.npy"}
+    assert np.load(tmp_path / "out" / "0_depth.npy").shape == (6, 8)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no pose", "give the pose"),
+    ("non-rigid", "orthonormal"),
+    ("size", "the image is 40x30 but its camera says 50x30"),
+    ("one view", "at least 2 posed views"),
+    ("sees nothing", "see nothing of the scene volume"),
+    ("count", "holds 3 images but"),
+])
+def test_bad_inputs_exit_2_with_a_message(tmp_path, checkpoint, capsys, case, message):
+    cams = write_views(tmp_path / "views", n=1 if case == "one view" else 3)
+    if case == "no pose":
+        del cams[1]["world_to_camera"]
+    elif case == "non-rigid":
+        cams[2]["world_to_camera"] = (np.diag([2.0, 2.0, 2.0, 1.0]) @ np.asarray(cams[2]["world_to_camera"])).tolist()
+    elif case == "size":
+        cams[0]["width"] = 50
+    elif case == "sees nothing":
+        cams[1]["world_to_camera"] = look_at([2.0, -20.0, 1.4], target=(2.0, -40.0, 1.4)).tolist()  # looks away
+    elif case == "count":
+        cams = [{k: v for k, v in c.items() if k != "image"} for c in cams[:2]]  # paired by order: 3 vs 2
+    assert run(tmp_path, checkpoint, cams) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_missing_folder_and_bad_json_exit_2(tmp_path, checkpoint, capsys):
+    (tmp_path / "cams.json").write_text("{not json")
+    (tmp_path / "views").mkdir()
+    assert main(["images", "features", "--images", str(tmp_path / "views"), "--cameras", str(tmp_path / "cams.json"),
+                 "--checkpoint", str(checkpoint), "-o", str(tmp_path / "f.npz")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["images", "features", "--images", str(tmp_path / "nope"), "--cameras", str(tmp_path / "cams.json"),
+                 "--checkpoint", str(checkpoint), "-o", str(tmp_path / "f.npz")]) == 2
+    assert "no such image folder" in capsys.readouterr().err
