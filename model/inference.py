@@ -19,21 +19,10 @@ from model.engine.encoder import Encoder, SpconvEncoder, model_encoder, place
 from model.pointcloud.cloud import PointCloud
 from model.pointcloud.voxelize import VoxelizedCloud
 from model.prepare import InputOptions, PreparedCloud, prepare, prepare_cloud
+from model.results import ModelInfo  # noqa: F401  (re-exported)
 from model.results import SegmentResult, input_point_to_voxel, point_values, segment_from_voxels, segment_from_votes
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    kind: str
-    conditions: tuple[str, ...]
-    class_names: dict[str, tuple[str, ...]]
-    feature_dim: int
-    grid_size: float
-    input_features: tuple[str, ...]
-    version: str
 
 
 @dataclass

@@ -15,6 +15,18 @@ import numpy as np
 IGNORED_LABEL = -1
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str
+    conditions: tuple[str, ...]
+    class_names: dict[str, tuple[str, ...]]
+    feature_dim: int
+    grid_size: float
+    input_features: tuple[str, ...]
+    version: str
+
+
 @dataclass
 class SegmentResult:
     logits: np.ndarray | None    # (N, K) float32 (None when not asked for); NaN rows for dropped points

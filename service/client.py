@@ -241,36 +241,40 @@ class PonderClient:
                              headers={"Accept": accept, "Content-Type": "application/octet-stream"})
 
     def features(self, source: Source, *, model: str | None = None, condition: str | None = None,
-                 grid_size: float | None = None, dtype: str = "float32", format: str | None = None) -> np.ndarray:
+                 grid_size: float | None = None, dtype: str = "float32", format: str | None = None,
+                 up: str | None = None, invalid: str | None = None) -> np.ndarray:
         """(N, C) features of every input point, in input order."""
         response = self._post("/v1/features", source, NPY, format, model=model, condition=condition,
-                              grid_size=grid_size, dtype=dtype, output="per_point")
+                              grid_size=grid_size, dtype=dtype, output="per_point", up=up, invalid=invalid)
         return load_npy(response.content)
 
     def voxel_features(self, source: Source, *, model: str | None = None, condition: str | None = None,
                        grid_size: float | None = None, dtype: str = "float32",
-                       format: str | None = None) -> VoxelFeatures:
+                       format: str | None = None, up: str | None = None,
+                       invalid: str | None = None) -> VoxelFeatures:
         response = self._post("/v1/features", source, NPZ, format, model=model, condition=condition,
-                              grid_size=grid_size, dtype=dtype, output="per_voxel")
+                              grid_size=grid_size, dtype=dtype, output="per_voxel", up=up, invalid=invalid)
         arrays = load_npz(response.content)
         return VoxelFeatures(arrays["features"], arrays["point_to_voxel"], arrays["grid_coord"])
 
     def segment(self, source: Source, *, model: str | None = None, condition: str | None = None,
                 grid_size: float | None = None, logits: bool = False, format: str | None = None,
-                mode: str = "fast") -> Segmentation:
+                mode: str = "fast", up: str | None = None, invalid: str | None = None) -> Segmentation:
         """Per-point labels; ``mode="precise"`` asks for the official test-time-augmentation mode."""
         response = self._post("/v1/segment", source, NPZ, format, model=model, condition=condition,
-                              grid_size=grid_size, logits=logits, mode=mode)
+                              grid_size=grid_size, logits=logits, mode=mode, up=up, invalid=invalid)
         arrays = load_npz(response.content)
         return Segmentation(labels=arrays["labels"], class_names=tuple(str(n) for n in arrays["class_names"]),
                             logits=arrays.get("logits"))
 
     def detect(self, source: Source, *, model: str | None = None, condition: str | None = None,
                grid_size: float | None = None, score_threshold: float | None = None,
-               iou_threshold: float | None = None, format: str | None = None) -> Detections:
+               iou_threshold: float | None = None, format: str | None = None, up: str | None = None,
+               invalid: str | None = None) -> Detections:
         """Oriented 3D boxes (needs a model with a detection head and the in-process worker)."""
         response = self._post("/v1/detect", source, JSON, format, model=model, condition=condition,
-                              grid_size=grid_size, score_threshold=score_threshold, iou_threshold=iou_threshold)
+                              grid_size=grid_size, score_threshold=score_threshold, iou_threshold=iou_threshold,
+                              up=up, invalid=invalid)
         doc = response.json()
         found = doc["detections"]
         boxes = np.array([[*d["center"], *d["size"], d["yaw"]] for d in found], dtype=np.float64).reshape(-1, 7)

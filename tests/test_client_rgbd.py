@@ -132,3 +132,24 @@ def test_no_accept_negotiates_like_a_wildcard() -> None:
     response = encode(big, negotiate(None), 10)
     assert response.media_type == "application/x-npy" and "x-ponder-hint" in response.headers
     assert encode(big, negotiate(""), 100).media_type == "application/json"
+
+
+def test_client_passes_up_axis_and_invalid_policy(server) -> None:
+    """A y-up copy of a room segmented with ``up="y"`` gets the z-up room's labels; a NaN row is dropped
+    (label -1) by default and refused with ``invalid="error"``."""
+    from model.pointcloud.cloud import PointCloud
+
+    room = scene(4000)
+    y_up = room.coord[:, [1, 2, 0]]  # the y-up frame whose named rotation (x<-z, y<-x, z<-y) gives the room back
+    y_normal = room.normal[:, [1, 2, 0]]
+    with PonderClient(server.url, timeout=240) as client:
+        expected = client.segment(room).labels
+        rotated = client.segment(PointCloud(coord=y_up, color=room.color, normal=y_normal, source="y-up"), up="y")
+        np.testing.assert_array_equal(rotated.labels, expected)
+        holed = room.coord.copy()
+        holed[5] = np.nan
+        cloud = PointCloud(coord=holed, color=room.color, normal=room.normal, source="holed")
+        labels = client.segment(cloud).labels
+        assert labels[5] == -1 and len(labels) == len(holed)
+        with pytest.raises(Exception, match="(?i)nan|invalid|finite"):
+            client.segment(cloud, invalid="error")

@@ -1,27 +1,33 @@
 """The neural-rendering part of PonderIndoor-v2 (spec §5): unit cube, dense volume, UNet3D projection,
-SDF field, NeuS sampling and rendering, training rays, losses, and novel-view rendering."""
+SDF field, NeuS sampling and rendering, training rays, losses, and novel-view rendering.
 
-from model.render.cameras import Camera, CameraError, cameras_from_json, cameras_from_transforms
-from model.render.config import (ColliderConfig, DecoderConfig, FieldConfig, LossConfig, ProjectionConfig,
-                                 RenderConfigError, RenderHeadConfig, SamplerConfig, head_field_config,
-                                 infer_head_config, legacy_field_config)
-from model.render.dense import grid_resolution, to_dense
-from model.render.field import SDFField, normalize_3d_coordinate
-from model.render.head import PonderRenderHead, head_state_dict
-from model.render.losses import render_losses, total_loss
-from model.render.rays import TrainingRays, get_rays, sample_training_rays
-from model.render.renderer import NeuSRenderer
-from model.render.trilinear import GridVolume, sample, trilinear_sample
-from model.render.unet3d import UNet3D
-from model.render.unit_cube import UnitCube, UnitCubeScene, to_unit_cube
-from model.render.views import RenderedView, render_views
+Names are resolved lazily (PEP 562) so that importing a torch-free submodule such as
+``model.render.cameras`` does not import torch: the slim gateway parses cameras without it."""
 
-__all__ = [
-    "Camera", "CameraError", "cameras_from_json", "cameras_from_transforms",
-    "ColliderConfig", "DecoderConfig", "FieldConfig", "LossConfig", "ProjectionConfig", "RenderConfigError",
-    "RenderHeadConfig", "SamplerConfig", "head_field_config", "infer_head_config", "legacy_field_config",
-    "grid_resolution", "to_dense", "SDFField", "normalize_3d_coordinate", "PonderRenderHead", "head_state_dict",
-    "render_losses", "total_loss", "TrainingRays", "get_rays", "sample_training_rays", "NeuSRenderer",
-    "GridVolume", "sample", "trilinear_sample", "UNet3D", "UnitCube", "UnitCubeScene", "to_unit_cube",
-    "RenderedView", "render_views",
-]
+from importlib import import_module
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "cameras": ("Camera", "CameraError", "cameras_from_json", "cameras_from_transforms"),
+    "config": ("ColliderConfig", "DecoderConfig", "FieldConfig", "LossConfig", "ProjectionConfig",
+               "RenderConfigError", "RenderHeadConfig", "SamplerConfig", "head_field_config",
+               "infer_head_config", "legacy_field_config"),
+    "dense": ("grid_resolution", "to_dense"),
+    "field": ("SDFField", "normalize_3d_coordinate"),
+    "head": ("PonderRenderHead", "head_state_dict"),
+    "losses": ("render_losses", "total_loss"),
+    "rays": ("TrainingRays", "get_rays", "sample_training_rays"),
+    "renderer": ("NeuSRenderer",),
+    "trilinear": ("GridVolume", "sample", "trilinear_sample"),
+    "unet3d": ("UNet3D",),
+    "unit_cube": ("UnitCube", "UnitCubeScene", "to_unit_cube"),
+    "views": ("RenderedView", "render_views"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(import_module(f"model.render.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'model.render' has no attribute {name!r}")

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model.render.views import RenderedView
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.render.views import RenderedView
 
 DEPTH_UNITS_PER_M = 1000  # 16-bit depth PNGs hold millimetres
 

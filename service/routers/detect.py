@@ -5,6 +5,8 @@ The boxes come from ``model.detection.detect`` run on the model thread (a ModelJ
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 from functools import partial
 from typing import Annotated
@@ -12,8 +14,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import JSONResponse
 
-from model.detection.predict import DetectionResult, detect
-from model.inference import Predictor
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.results import detections_to_input_frame
 from service.dependencies import get_pipeline
@@ -32,6 +32,8 @@ def detect_in_world(predictor: Predictor, cloud: PointCloud, condition: str | No
                     score_threshold: float | None, iou_threshold: float | None) -> DetectionResult:
     """``detect`` at the request's grid size; boxes are in the input's world frame (``cloud.origin`` included)."""
     try:
+        from model.detection.predict import detect
+
         return detect(predictor, cloud, condition, score_threshold, iou_threshold, grid_size)
     except PointCloudError as exc:
         raise WorkerInputError(str(exc)) from exc
@@ -68,3 +70,8 @@ async def detect_boxes(request: Request, params: Annotated[DetectParams, Query()
     if prepared.dropped:
         headers["X-Ponder-Dropped-Points"] = str(prepared.dropped)
     return JSONResponse(body, headers=headers)
+
+
+if TYPE_CHECKING:
+    from model.detection.predict import DetectionResult, detect
+    from model.inference import Predictor

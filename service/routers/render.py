@@ -9,6 +9,8 @@ One camera answers a PNG; several cameras (or ``Accept: application/zip``) answe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import io
 import json
 import zipfile
@@ -20,8 +22,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from model.inference import Predictor
-from model.novel_view import render_views_of, scene_volume
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.render.cameras import Camera, CameraError, cameras_from_document
 from model.render.images import DEPTH_UNITS_PER_M, ViewImages, png_bytes
@@ -61,6 +61,8 @@ def render_job(predictor: Predictor, cloud: PointCloud, cameras: Sequence[Camera
                chunk: int = 4096) -> list[ViewImages]:
     """The scene's render volume, then every camera through it (runs on the model thread)."""
     try:
+        from model.novel_view import render_views_of, scene_volume
+
         volume = scene_volume(predictor.model, predictor.config, cloud, condition)
         views = render_views_of(predictor.model, volume, cameras, chunk)
     except (PointCloudError, CameraError) as exc:
@@ -190,3 +192,8 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
                       for c, v in zip(cameras, images)]}
     headers["Content-Disposition"] = 'attachment; filename="views.zip"'
     return Response(await run_in_threadpool(zip_bytes, images, meta), media_type=ZIP, headers=headers)
+
+
+if TYPE_CHECKING:
+    from model.inference import Predictor
+    from model.novel_view import render_views_of, scene_volume

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from functools import partial
 from typing import Annotated
 
@@ -10,11 +12,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from model.inference import Predictor
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.prepare import PreparedCloud
 from model.results import SegmentResult, segment_from_voxels, to_input_rows
-from model.tta import OFFICIAL_AUGMENTATIONS
 from service.dependencies import get_pipeline
 from service.encoding import Payload, encode, negotiate
 from service.errors import ApiError
@@ -43,7 +43,7 @@ def precise_payload(result: SegmentResult, num_voxels: int, prepared: PreparedCl
                     rgbd_coord: np.ndarray | None = None) -> Payload:
     meta = {"model": card.info.name, "condition": condition, "num_points": prepared.num_input,
             "num_voxels": num_voxels, "grid_size": grid_size, "class_names": list(result.class_names),
-            "mode": "precise", "augmentations": len(OFFICIAL_AUGMENTATIONS), **prepared_meta(prepared)}
+            "mode": "precise", "augmentations": _augmentations(), **prepared_meta(prepared)}
     arrays = {"labels": to_input_rows(result.labels, prepared.valid, -1)}
     if params.logits:  # (N, K) log mean probabilities
         arrays["logits"] = to_input_rows(result.logits, prepared.valid).astype(params.dtype, copy=False)
@@ -106,3 +106,14 @@ async def segment(request: Request, params: Annotated[SegmentParams, Query()],
         return await run_in_threadpool(encode, payload, fmt, pipeline.settings.max_json_values)
     pipeline.metrics.points.labels("/v1/segment").inc(done.num_points)
     return await run_in_threadpool(encode, segment_payload(done, params), fmt, pipeline.settings.max_json_values)
+
+
+if TYPE_CHECKING:
+    from model.inference import Predictor
+    from model.tta import OFFICIAL_AUGMENTATIONS
+
+
+def _augmentations() -> int:
+    from model.tta import OFFICIAL_AUGMENTATIONS
+
+    return len(OFFICIAL_AUGMENTATIONS)

@@ -56,7 +56,7 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelCard":
-        from model.inference import ModelInfo
+        from model.results import ModelInfo
 
         info = dict(data["info"])
         info["conditions"] = tuple(info["conditions"])

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from model.conditions import condition_index, default_condition
-from model.inference import ModelInfo
+from model.results import ModelInfo
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerFailed,
