@@ -20,7 +20,13 @@ It runs a trained model, so it lives in the composition root beside ``segment``,
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
+
+import numpy as np
+
+from model.pointcloud.gravity import UP_AXES
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +40,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", dest="input_format", default=None, help="input format when the suffix does not tell")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of an official .pth")
+    p.add_argument("--up", default="z", choices=UP_AXES,
+                   help="the input's up axis (the model expects z-up metres; auto = estimate gravity). Box centres "
+                        "and corners are written in the input's frame, size and yaw about gravity. Default z")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a cloud with NaN/inf points (exit 2) instead of dropping them with a warning")
     p.add_argument("--ply", type=Path, default=None,
                    help="also write the boxes as wireframes (12 PLY edges per box, coloured by class) for "
                         "MeshLab / CloudCompare")
@@ -45,6 +56,8 @@ def run_detect(args: argparse.Namespace) -> int:
     from model.devices import torch_device
     from model.files import replaced_on_success
     from model.pointcloud.readers import read_point_cloud
+    from model.prepare import InputOptions
+    from model.results import detections_to_input_frame
 
     for name, value in (("--score", args.score), ("--iou", args.iou)):
         if value is not None and not 0 <= value <= 1:
@@ -54,20 +67,29 @@ def run_detect(args: argparse.Namespace) -> int:
         raise IsADirectoryError(f"{args.output}: is a folder; -o takes a .json file path")
     if args.ply is not None and args.ply.is_dir():
         raise IsADirectoryError(f"{args.ply}: is a folder; --ply takes a .ply file path")
-    cloud = read_point_cloud(args.input, format=args.input_format)     # bad input fails before the model loads
+    # bad input fails before the model loads
+    cloud = read_point_cloud(args.input, format=args.input_format, keep_invalid=not args.strict)
     from model.inference import default_checkpoint, load_predictor
 
     checkpoint = args.checkpoint or default_checkpoint("detect")
     predictor = load_predictor(checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
-    result = detect(predictor, cloud, args.condition, score_threshold=args.score, iou_threshold=args.iou)
+    prepared = predictor.prepare_points(cloud, options=InputOptions(up=args.up,
+                                                                    invalid="error" if args.strict else "drop"))
+    if prepared.dropped:
+        print(f"warning: {prepared.dropped:,} of {prepared.num_input:,} points have NaN/inf coordinates and were "
+              "left out", file=sys.stderr)
+    if prepared.rotation is not None:
+        print(f"up={args.up}: rotated into z-up by {np.round(prepared.rotation, 4).tolist()}", file=sys.stderr)
+    result = detect(predictor, prepared.cloud, args.condition, score_threshold=args.score, iou_threshold=args.iou)
+    document = detections_to_input_frame(result.to_json(str(args.input)), prepared.rotation)
     with replaced_on_success(args.output) as tmp:
-        tmp.write_text(result.dumps(source=str(args.input)))
+        tmp.write_text(json.dumps(document, indent=1))
     if args.ply is not None:
         from model.detection import box_corners
         from model.pointcloud.palette import write_box_wireframes
 
-        write_box_wireframes(args.ply, box_corners(result.boxes) if len(result) else [], result.labels,
-                             result.class_names)
+        corners = prepared.to_input_frame(box_corners(result.boxes)) if len(result) else []
+        write_box_wireframes(args.ply, corners, result.labels, result.class_names)
     counts: dict[str, int] = {}
     for label in result.labels:
         counts[result.class_names[int(label)]] = counts.get(result.class_names[int(label)], 0) + 1

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from model.pointcloud.gravity import UP_AXES
+
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("render", help="render novel views (colour and depth) of a point cloud with a "
@@ -24,6 +26,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
     p.add_argument("--chunk", type=int, default=4096, help="rays rendered at a time; bounds memory (default 4096)")
     p.add_argument("--condition", default=None, help="dataset condition (default: the model's)")
+    p.add_argument("--up", default="z", choices=UP_AXES,
+                   help="the input's up axis (the model expects z-up metres; auto = estimate gravity); cameras stay "
+                        "in the input's frame. Default z")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of an official .pth")
     p.set_defaults(handler=run_render)
@@ -47,6 +52,7 @@ def run_render(args: argparse.Namespace) -> int:
     from model.inference import default_checkpoint
     from model.novel_view import render_scene
     from model.pointcloud.readers import read_point_cloud
+    from model.prepare import InputOptions
     from model.render.images import ViewImages
 
     if args.chunk < 1:
@@ -54,7 +60,8 @@ def run_render(args: argparse.Namespace) -> int:
     cameras = read_cameras(args.cameras)
     loaded = load_checkpoint(args.checkpoint or default_checkpoint("render"), trust=args.trust_checkpoint)
     cloud = read_point_cloud(args.input)
-    views = render_scene(loaded, cloud, cameras, args.condition, args.chunk, torch_device(args.device))
+    views = render_scene(loaded, cloud, cameras, args.condition, args.chunk, torch_device(args.device),
+                         options=InputOptions(up=args.up, invalid="error"))
     args.out.mkdir(parents=True, exist_ok=True)
     for i, view in enumerate(views):
         images = ViewImages.of(view)

@@ -108,3 +108,25 @@ def test_evaluate_prints_the_ap_table(tmp_path, scene_dir, capsys):
     summary = json.loads(report.read_text())
     assert summary["scenes"] == 1 and "mAP@0.25" in summary and sum(summary["num_gt"]) > 0
     assert main(["evaluate", "detect", "--data", str(tmp_path / "none"), "--checkpoint", str(ckpt)]) == 2
+
+
+def test_up_axis_boxes_come_back_in_the_input_frame(tmp_path, cloud_file):
+    """A y-up copy of the room with ``--up y`` finds the z-up room's boxes, told in the y-up frame: corners are the
+    z-up corners with the axes permuted back; size, yaw and scores are unchanged."""
+    from model.pointcloud.readers import read_point_cloud
+
+    ckpt = _checkpoint(tmp_path / "ckpt", seed_threshold=0.0, score_threshold=0.0, max_proposals=16)
+    room = read_point_cloud(cloud_file)
+    y_up = PointCloud(room.coord[:, [1, 2, 0]], room.color, room.normal[:, [1, 2, 0]])  # up=y maps it back exactly
+    y_file = write_point_cloud(y_up, tmp_path / "y_up.ply")
+    z_out, y_out = tmp_path / "z.json", tmp_path / "y.json"
+    assert main(["detect", str(cloud_file), "-o", str(z_out), "--checkpoint", str(ckpt), "--score", "0"]) == 0
+    assert main(["detect", str(y_file), "-o", str(y_out), "--checkpoint", str(ckpt), "--score", "0",
+                 "--up", "y"]) == 0
+    z_doc, y_doc = json.loads(z_out.read_text()), json.loads(y_out.read_text())
+    assert len(y_doc["detections"]) == len(z_doc["detections"]) > 0
+    assert "up_rotation" in y_doc and "up_rotation" not in z_doc
+    for z_det, y_det in zip(z_doc["detections"], y_doc["detections"]):
+        assert y_det["score"] == pytest.approx(z_det["score"], abs=1e-5)
+        np.testing.assert_allclose(y_det["size"], z_det["size"], atol=1e-4)
+        np.testing.assert_allclose(np.array(y_det["corners"]), np.array(z_det["corners"])[:, [1, 2, 0]], atol=1e-4)

@@ -134,3 +134,24 @@ def test_render_errors_are_clear(trained, tmp_path, capsys):
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, message
+
+
+def test_render_up_axis_keeps_cameras_in_the_input_frame(trained, tmp_path):
+    """A y-up copy of the cloud, with the same cameras expressed in the y-up frame, renders the same images
+    with ``--up y`` (the cloud is turned into z-up, the cameras with it)."""
+    cloud = trained["cloud"]
+    perm = [1, 2, 0]  # up=y's named rotation maps (y, z, x) rows back onto (x, y, z)
+    y_cloud = PointCloud(cloud.coord[:, perm], cloud.color, cloud.normal[:, perm])
+    to_y = np.eye(4)
+    to_y[:3, :3] = np.eye(3)[perm]  # p_y = to_y @ p_z
+    y_cams = [Camera(K=c.K, w2c=c.w2c @ np.linalg.inv(to_y), width=c.width, height=c.height)
+              for c in trained["cameras"]]
+    runs = {}
+    for name, scene, cams, up in (("z", cloud, trained["cameras"], "z"), ("y", y_cloud, y_cams, "y")):
+        ply = write_point_cloud(scene, tmp_path / f"{name}.ply")
+        cam_file = tmp_path / f"{name}.json"
+        cam_file.write_text(json.dumps({"cameras": [c.to_dict() for c in cams]}))
+        assert main(["render", str(ply), "--checkpoint", str(trained["out"] / "final"), "--cameras", str(cam_file),
+                     "-o", str(tmp_path / name), "--up", up]) == 0
+        runs[name] = np.asarray(Image.open(tmp_path / name / "0_color.png")).astype(int)
+    assert np.abs(runs["z"] - runs["y"]).max() <= 1
