@@ -15,7 +15,7 @@ A model's spconv layers keep per-call state: serialise calls on one model (as ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -67,11 +67,19 @@ def scene_volume(model: nn.Module, config: ModelConfig, cloud: PointCloud, condi
     scenes = model.render_head.fit_scenes(coord, offsets)
     volume = model.volume(features, coord, offsets, scenes)[0]  # (C', Z, Y, X)
     world_to_unit = scenes[0].cube.world_to_unit(vox.shift)  # the model's (z-up) frame -> unit cube
-    if prepared.rotation is not None:  # cameras are in the input's frame
-        to_model = np.eye(4)
-        to_model[:3, :3] = prepared.rotation
-        world_to_unit = world_to_unit @ to_model
-    return SceneVolume(volume=volume, world_to_unit=world_to_unit, num_voxels=vox.num_voxels)
+    return in_input_frame(SceneVolume(volume=volume, world_to_unit=world_to_unit, num_voxels=vox.num_voxels),
+                          prepared.rotation)
+
+
+def in_input_frame(volume: SceneVolume, rotation: np.ndarray | None) -> SceneVolume:
+    """The volume addressed from the input's frame, for a cloud that ``model.prepare`` rotated into z-up with
+    ``rotation`` (``coord_model = R @ coord_input``): cameras given in the input's frame then render the same
+    views whatever its up axis. The service prepares clouds before the model thread and uses this directly."""
+    if rotation is None:
+        return volume
+    to_model = np.eye(4)
+    to_model[:3, :3] = rotation
+    return replace(volume, world_to_unit=volume.world_to_unit @ to_model)
 
 
 def render_views_of(model: nn.Module, volume: SceneVolume, cameras: Sequence[Camera],

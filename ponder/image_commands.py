@@ -13,7 +13,6 @@ volume) raises ``model.images.ImageInputError``, a ValueError: exit code 2 with 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from training.images import cli as images_cli
@@ -99,16 +98,12 @@ def run_features(args: argparse.Namespace) -> int:
 def run_render(args: argparse.Namespace) -> int:
     from model.images import render_from_images
     from model.images.inputs import parse_cameras
+    from model.render.cameras import read_camera_document
     from model.render.images import ViewImages
 
     if args.chunk < 1:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
-    if not args.novel.is_file():
-        raise FileNotFoundError(f"{args.novel}: no such cameras file")
-    try:
-        novel = parse_cameras(json.loads(args.novel.read_text()))[0]
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{args.novel}: not valid JSON ({exc})") from None
+    novel = parse_cameras(read_camera_document(args.novel))[0]
     model, views, bounds = _load(args)
     rendered = render_from_images(model, views, novel, bounds, args.chunk)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ It runs a trained model, so it lives in the composition root, not in training (`
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from model.pointcloud.gravity import UP_AXES
@@ -34,18 +33,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_render)
 
 
-def read_cameras(path: Path):
-    from model.render.cameras import CameraError, cameras_from_document
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such cameras file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CameraError(f"{path}: not valid JSON ({exc})") from None
-    return cameras_from_document(data)
-
-
 def run_render(args: argparse.Namespace) -> int:
     from model.checkpoint import load_checkpoint
     from model.devices import torch_device
@@ -53,6 +40,7 @@ def run_render(args: argparse.Namespace) -> int:
     from model.novel_view import render_scene
     from model.pointcloud.readers import read_point_cloud
     from model.prepare import InputOptions
+    from model.render.cameras import read_cameras
     from model.render.images import ViewImages
 
     if args.chunk < 1:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import tenacity
 
 from model.pointcloud.cloud import PointCloud
 from model.render.cameras import Camera
@@ -189,13 +189,33 @@ def load_npz(content: bytes) -> dict[str, np.ndarray]:
         return {key: archive[key] for key in archive.files}
 
 
-def retry_delay(response: httpx.Response | None, attempt: int, backoff_s: float) -> float:
-    """Server's Retry-After when given, else exponential backoff."""
-    if response is not None:
-        after = response.headers.get("retry-after", "")
-        if after.isdigit():
-            return float(after)
-    return backoff_s * 2 ** attempt
+class wait_retry_after(tenacity.wait.wait_base):
+    """tenacity wait: the server's ``Retry-After`` (whole seconds) when the last answer carried one, else
+    exponential backoff: ``backoff_s``, then doubling."""
+
+    def __init__(self, backoff_s: float) -> None:
+        self.backoff = tenacity.wait_exponential(multiplier=backoff_s)
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        outcome = retry_state.outcome
+        if outcome is not None and not outcome.failed:
+            after = outcome.result().headers.get("retry-after", "")
+            if after.isdigit():
+                return float(after)
+        return self.backoff(retry_state)
+
+
+def retrying_answers(retries: int, backoff_s: float, retry_statuses: Sequence[int] = RETRY_STATUSES,
+                     asynchronous: bool = False, **kwargs: Any) -> tenacity.BaseRetrying:
+    """The tenacity policy of the client and ``ponder extract``: an httpx call retried ``retries`` times on
+    connection errors and on answers with a status in ``retry_statuses``, waiting as :class:`wait_retry_after`.
+    When the retries run out the last answer is returned (or its error raised), unless ``kwargs`` say otherwise."""
+    policy = dict(stop=tenacity.stop_after_attempt(retries + 1), wait=wait_retry_after(backoff_s),
+                  retry=(tenacity.retry_if_exception_type(httpx.TransportError)
+                         | tenacity.retry_if_result(lambda response: response.status_code in retry_statuses)),
+                  retry_error_callback=lambda state: state.outcome.result())
+    policy.update(kwargs)
+    return (tenacity.AsyncRetrying if asynchronous else tenacity.Retrying)(**policy)
 
 
 class PonderClient:
@@ -218,20 +238,9 @@ class PonderClient:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        for attempt in range(self.retries + 1):
-            try:
-                response = self._http.request(method, path, **kwargs)
-            except httpx.TransportError:
-                if attempt == self.retries:
-                    raise
-                time.sleep(retry_delay(None, attempt, self.backoff_s))
-                continue
-            if response.status_code in RETRY_STATUSES and attempt < self.retries:
-                time.sleep(retry_delay(response, attempt, self.backoff_s))
-                continue
-            raise_for_problem(response)
-            return response
-        raise AssertionError("unreachable")
+        response = retrying_answers(self.retries, self.backoff_s)(self._http.request, method, path, **kwargs)
+        raise_for_problem(response)
+        return response
 
     def _post(self, route: str, source: Source, accept: str, format: str | None, **params: Any) -> httpx.Response:
         body, query = encode_source(source, format)
@@ -283,14 +292,15 @@ class PonderClient:
                           class_names=tuple(doc["class_names"]), document=doc)
 
     def render(self, source: Source, cameras: Cameras, *, model: str | None = None, condition: str | None = None,
-               width: int | None = None, height: int | None = None, format: str | None = None
-               ) -> list[RenderedImage]:
+               width: int | None = None, height: int | None = None, format: str | None = None,
+               up: str | None = None) -> list[RenderedImage]:
         """Colour and depth of the scene from each camera (needs a model with a render head and the in-process
-        worker). Cameras are in the scene's frame (metres, OpenCV axes); see ``model.render.cameras``."""
+        worker). Cameras are in the scene's frame (metres, OpenCV axes; see ``model.render.cameras``), also
+        when ``up`` names the scene's up axis (y, -y, x, ..., auto)."""
         body, query = encode_source(source, format)
         name = query.pop("filename", None) or "upload"  # no suffix: ?format= or the magic bytes tell it
         query.update({k: str(v) for k, v in (("model", model), ("condition", condition), ("width", width),
-                                              ("height", height)) if v is not None})
+                                              ("height", height), ("up", up)) if v is not None})
         response = self._request("POST", "/v1/render", params=query, headers={"Accept": ZIP},
                                  files={"file": (name, body, "application/octet-stream")},
                                  data={"cameras": cameras_json(cameras)})

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
+import mimeparse
 import numpy as np
 from starlette.responses import Response, StreamingResponse
 
@@ -55,36 +56,41 @@ def available_formats() -> list[OutputFormat]:
             if f is not OutputFormat.AUTO and (f is not OutputFormat.ARROW or arrow_available())]
 
 
-def negotiate(accept: str | None) -> OutputFormat:
-    """The best format for an ``Accept`` header (q-values honoured; ``*/*``, ``application/*`` or none -> AUTO)."""
+def parse_accept(accept: str | None) -> list[tuple[str, str, dict]]:
+    """The media ranges of an ``Accept`` header parsed by python-mimeparse (``q`` always set); an absent or
+    blank header means ``*/*``. A range that is not ``type/subtype`` is a 406 naming it."""
     if not accept or not accept.strip():
-        return OutputFormat.AUTO
+        accept = "*/*"
+    try:
+        return [mimeparse.parse_media_range(item) for item in accept.split(",") if item.strip()]
+    except mimeparse.MimeTypeParseException as exc:
+        raise ApiError(406, f"cannot parse the Accept header {accept!r}: {exc}") from exc
+
+
+def best_media(accept: str | None, supported: list[str]) -> tuple[str, bool]:
+    """The entry of ``supported`` that ``accept`` ranks highest, by python-mimeparse's ``best_match`` rules
+    (q-value, then the most specific matching range; a tie goes to the later entry of ``supported``), and whether
+    it matched only through a wildcard range (``*/*``, ``application/*``): the client has no preference.
+    ``("", False)`` when nothing in ``supported`` is acceptable."""
+    ranges = parse_accept(accept)
+    best = mimeparse.best_match(supported, accept if accept and accept.strip() else "*/*")
+    if not best:
+        return "", False
+    _, fitness = mimeparse.quality_and_fitness_parsed(best, ranges)
+    return best, fitness < 110  # 100 for the type + 10 for the subtype matched without a wildcard
+
+
+def negotiate(accept: str | None) -> OutputFormat:
+    """The best format for an ``Accept`` header (q-values honoured; a wildcard or no header -> AUTO)."""
     offered = available_formats()
-    ranked: list[tuple[float, int, OutputFormat]] = []
-    for position, item in enumerate(accept.split(",")):
-        parts = [p.strip() for p in item.split(";")]
-        media = parts[0].lower()
-        q = 1.0
-        for param in parts[1:]:
-            if param.startswith("q="):
-                try:
-                    q = float(param[2:])
-                except ValueError:
-                    q = 0.0
-        if q <= 0:
-            continue
-        if media in ("*/*", "application/*"):
-            candidates = [OutputFormat.AUTO]
-        elif media in _ALIASES and _ALIASES[media] in offered:
-            candidates = [_ALIASES[media]]
-        else:
-            continue
-        for candidate in candidates:
-            ranked.append((-q, position, candidate))
-    if not ranked:
+    # In increasing preference for ties: the binary formats, then JSON (a client naming JSON among equals wants it).
+    supported = [media for media, fmt in _ALIASES.items() if fmt in offered and fmt is not OutputFormat.JSON]
+    supported.append(OutputFormat.JSON.value)
+    media, wildcard = best_media(accept, supported)
+    if not media:
         names = ", ".join(f.value for f in offered)
         raise ApiError(406, f"cannot answer in {accept!r}; available formats: {names}")
-    return min(ranked, key=lambda r: (r[0], r[1]))[2]
+    return OutputFormat.AUTO if wildcard else _ALIASES[media]
 
 
 @dataclass

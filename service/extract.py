@@ -6,7 +6,8 @@ one scene, uploaded as one NPZ; a ``.npy`` that is not an (N, >=3) float cloud (
 is left out with the reason, listed in the summary. Each input gets one ``OUT_DIR/<relative path>.npy``
 (or ``.parquet``) of per-point features, written atomically (temporary file + rename), so a killed run loses nothing it finished and
 a rerun skips every input whose output exists. Uploads run ``concurrency`` at a time; 5xx answers,
-429 and connection errors are retried with backoff, other 4xx answers are reported and skipped.
+429 and connection errors are retried with backoff or the server's Retry-After (the client's tenacity policy,
+``service.client.retrying_answers``), other 4xx answers are reported and skipped.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from tenacity import RetryCallState
 
 from model.files import replaced_on_success
 from model.pointcloud.readers import SUPPORTED_FORMATS, format_from_name
-from service.client import NPY, PonderError, load_npy, raise_for_problem, retry_delay
+from service.client import NPY, PonderError, load_npy, raise_for_problem, retrying_answers
 
 TMP_SUFFIX = ".ponder-tmp"
 SCENE_PARTS = ("coord", "color", "normal")  # the Pointcept arrays a scene folder's upload carries
+EXTRACT_RETRY_STATUSES = (429, *range(500, 600))  # retried; other 4xx are the input's fault
 
 
 class InputList(list):
@@ -220,23 +223,25 @@ async def _extract_one(client: httpx.AsyncClient, path: Path, target: Path, opts
     params.update({k: str(v) for k, v in (("model", opts.model), ("condition", opts.condition),
                                           ("grid_size", opts.grid_size)) if v is not None})
     headers = {"Accept": NPY, "Content-Type": "application/octet-stream"}
-    for attempt in range(opts.retries + 1):
-        response = None
-        try:
-            response = await client.post("/v1/features", content=data, params=params, headers=headers)
-            if response.status_code < 500 and response.status_code != 429:
-                raise_for_problem(response)  # other 4xx: the input is at fault, retrying cannot help
-                features = load_npy(response.content)
-                await asyncio.to_thread(write_atomic, features, target, opts.out_format)
-                return len(features)
-            error = f"HTTP {response.status_code}: {response.text[:300]}"
-        except httpx.TransportError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        if attempt == opts.retries:
-            raise PonderError(response.status_code if response is not None else 0,
-                              f"{error} (after {opts.retries + 1} attempts)")
-        await asyncio.sleep(retry_delay(response, attempt, opts.backoff_s))
-    raise AssertionError("unreachable")
+    retrying = retrying_answers(opts.retries, opts.backoff_s, EXTRACT_RETRY_STATUSES, asynchronous=True,
+                                retry_error_callback=_gave_up)
+    response = await retrying(client.post, "/v1/features", content=data, params=params, headers=headers)
+    raise_for_problem(response)  # other 4xx: the input is at fault, retrying cannot help
+    features = load_npy(response.content)
+    await asyncio.to_thread(write_atomic, features, target, opts.out_format)
+    return len(features)
+
+
+def _gave_up(state: RetryCallState) -> httpx.Response:
+    """PonderError naming the last answer or connection error once the retries have run out."""
+    outcome = state.outcome
+    if outcome.failed:
+        exc, status = outcome.exception(), 0
+        error = f"{type(exc).__name__}: {exc}"
+    else:
+        response = outcome.result()
+        status, error = response.status_code, f"HTTP {response.status_code}: {response.text[:300]}"
+    raise PonderError(status, f"{error} (after {state.attempt_number} attempts)")
 
 
 async def extract(inputs: list[Path], opts: ExtractOptions) -> ExtractReport:

@@ -121,7 +121,13 @@ class _Bucket:
 
 class TokenBuckets:
     """One token bucket per key: ``rate`` tokens a second up to ``burst``. Thread-safe. Past ``max_keys``
-    keys (many client addresses), buckets that have refilled completely are forgotten: they hold no state."""
+    keys (many client addresses), buckets that have refilled completely are forgotten: they hold no state.
+
+    Kept by hand rather than taken from ``limits``: that library offers fixed, moving and sliding windows of an
+    integer count per whole-second window on the wall clock, not a token bucket; the settings promise a
+    fractional refill rate (``PONDER_RATE_LIMIT_PER_S`` = 0.5 is valid) with a separate burst, and Retry-After
+    is the exact wait for the next token, which no window strategy reproduces (after a burst a window refuses
+    for the whole window, a bucket for ``1 / rate``). ``take(now=...)`` lets tests drive the clock."""
 
     def __init__(self, rate: float, burst: int, max_keys: int = 10_000) -> None:
         self.rate = rate

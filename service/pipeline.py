@@ -199,12 +199,6 @@ class Pipeline:
         self.metrics.preprocess_latency.observe(time.perf_counter() - start)
         return prepared
 
-    async def decode_cloud(self, upload: CloudUpload | RGBDUpload, card: ModelCard, grid_size: float | None
-                           ) -> tuple[PointCloud, list[str]]:
-        """The decoded, completed cloud (z up, NaN refused) and the names of the fields filled (rendering)."""
-        prepared = await self.decode_prepared(upload, card, grid_size, InputOptions(invalid="error"))
-        return prepared.cloud, list(prepared.filled)
-
     def _decode(self, upload: CloudUpload | RGBDUpload, grid_size: float | None = None,
                 keep_invalid: bool = False) -> PointCloud:
         """Bytes → PointCloud under the size limits; with ``grid_size`` (the model's grid) also the voxel limit,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -212,3 +213,41 @@ def test_serve_refuses_a_file_that_is_no_checkpoint(tmp_path: Path) -> None:
     bad = tmp_path / "notes.pth"
     bad.write_text("not a checkpoint\n")
     assert_one_line_error(ponder("serve", "--checkpoint", bad, "--port", "1"), "notes.pth", "not a PyTorch checkpoint")
+
+
+def test_one_camera_file_reader_for_render_and_images(tmp_path: Path, capsys) -> None:
+    """``model.render.cameras.read_cameras`` reads our camera JSON and transforms.json for ``ponder render`` and
+    the image branch alike; its errors are one line (exit 2) in both commands."""
+    from model.images.errors import ImageInputError
+    from model.images.inputs import read_image_folder
+    from model.render.cameras import CameraError, camera_image_names, read_camera_document, read_cameras
+
+    ours = tmp_path / "cams.json"
+    K = [[20.0, 0, 15.5], [0, 20.0, 11.5], [0, 0, 1]]
+    pose = np.eye(4).tolist()
+    ours.write_text(json.dumps({"cameras": [
+        {"width": 32, "height": 24, "K": K, "world_to_camera": pose, "image": "a.png"},
+        {"width": 32, "height": 24, "fx": 20, "fy": 20, "cx": 15.5, "cy": 11.5, "camera_to_world": pose}]}))
+    cameras = read_cameras(ours)
+    assert len(cameras) == 2 and np.allclose(cameras[0].K, cameras[1].K) and np.allclose(cameras[0].w2c, np.eye(4))
+    assert camera_image_names(read_camera_document(ours)) == ["a.png", None]
+    transforms = tmp_path / "transforms.json"
+    transforms.write_text('{"fl_x": 20, "fl_y": 20, "cx": 16, "cy": 12, "w": 32, "h": 24, "frames": '
+                          '[{"file_path": "images/0.png", "transform_matrix": [[1,0,0,0],[0,1,0,0],[0,0,1,2],[0,0,0,1]]}]}')
+    (camera,) = read_cameras(transforms)
+    assert np.allclose(camera.c2w[:3, 3], [0, 0, 2]) and camera.width == 32
+    assert camera_image_names(read_camera_document(transforms)) == ["images/0.png"]
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(CameraError, match="broken.json: not valid JSON"):
+        read_cameras(broken)
+    with pytest.raises(FileNotFoundError, match="no such cameras file"):
+        read_cameras(tmp_path / "missing.json")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ImageInputError, match="broken.json: not valid JSON"):  # the image branch, same reader
+        read_image_folder(tmp_path / "images", broken)
+    cloud = tmp_path / "cloud.xyz"
+    cloud.write_text("0 0 0\n1 0 0\n0 1 0\n")
+    assert_one_line_error(ponder_inprocess(capsys, "render", cloud, "--cameras", broken, "-o", tmp_path / "out"),
+                          "broken.json", "not valid JSON")

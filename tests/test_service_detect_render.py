@@ -313,6 +313,34 @@ def test_several_cameras_answer_a_zip_of_colour_and_depth(url, stack, scene_and_
     np.testing.assert_allclose(got.depth, small.depth.numpy(), atol=1e-5)
 
 
+def test_render_up_keeps_cameras_in_the_input_frame(url, scene_and_cameras):
+    """A y-up copy of the scene with the same cameras expressed in the y-up frame renders the same views with
+    ?up=y (through the client), as ``ponder render --up y`` does; the answer names the rotation it applied."""
+    from model.pointcloud.cloud import PointCloud
+    from model.render import Camera
+    from service.client import PonderClient
+
+    cloud, cameras = scene_and_cameras
+    perm = [1, 2, 0]  # up=y's named rotation maps (y, z, x) rows back onto (x, y, z)
+    y_cloud = PointCloud(cloud.coord[:, perm], cloud.color, cloud.normal[:, perm], source="y-up.npz")
+    to_y = np.eye(4)
+    to_y[:3, :3] = np.eye(3)[perm]  # p_y = to_y @ p_z
+    y_cams = [Camera(K=c.K, w2c=c.w2c @ np.linalg.inv(to_y), width=c.width, height=c.height) for c in cameras]
+    with PonderClient(url) as client:
+        z_views = client.render(cloud, cameras, model="render")
+        y_views = client.render(y_cloud, y_cams, model="render", up="y")
+        unrotated = client.render(y_cloud, y_cams, model="render")  # the y-up scene taken as z-up: other views
+    for z, y in zip(z_views, y_views):
+        assert np.abs(z.color.astype(int) - y.color.astype(int)).max() <= 1
+        np.testing.assert_allclose(y.depth, z.depth, atol=1e-4)
+    assert max(np.abs(z.depth - u.depth).max() for z, u in zip(z_views, unrotated)) > 0.01
+    one = post_render(url, y_cloud, y_cams[:1], up="y")
+    assert one.status_code == 200, one.text
+    np.testing.assert_allclose(json.loads(one.headers["x-ponder-up-rotation"]), np.eye(3)[perm].T, atol=1e-9)
+    assert "x-ponder-up-rotation" not in post_render(url, cloud, cameras[:1]).headers
+    assert post_render(url, cloud, cameras[:1], up="w").status_code == 422
+
+
 def test_render_refuses_bad_requests_with_reasons(url, scene_and_cameras):
     cloud, cameras = scene_and_cameras
     one = json.dumps(cameras[0].to_dict())

@@ -1,12 +1,16 @@
 """``ponder extract`` against a real gateway: a run killed midway, then resumed, redoes nothing and
-finishes everything; bad files are reported (exit 1) without stopping the run; 503s are retried."""
+finishes everything; bad files are reported (exit 1) without stopping the run; 503s are retried. "Midway" is
+made a fixed point of the run by a relay (:class:`Gate`) that holds the uploads after the first few answers,
+so no test races a sleep against the run."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -56,17 +60,85 @@ def outputs(out: Path) -> dict[Path, tuple[int, int]]:
     return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.npy")}
 
 
+class Gate:
+    """A loopback HTTP relay in front of a gateway that forwards uploads until ``passes`` answers of 200 have
+    gone back, then holds every later request (``held`` is set) until ``release()``; from then on a request
+    the gateway cannot take (it was killed) loses its connection without an answer, as it would at a dead
+    server. It makes "stop the run midway" a point in the run, not a moment on the clock."""
+
+    def __init__(self, target: str, passes: int) -> None:
+        self.target, self.passes, self.passed = target, passes, 0
+        self.held, self.released, self.lock = threading.Event(), threading.Event(), threading.Lock()
+        gate = self
+
+        class Relay(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.relay(b"")
+
+            def do_POST(self) -> None:
+                self.relay(self.rfile.read(int(self.headers.get("content-length", 0))))
+
+            def relay(self, body: bytes) -> None:
+                with gate.lock:
+                    hold = gate.passed >= gate.passes
+                if hold:
+                    gate.held.set()
+                    gate.released.wait()
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "content-type")}
+                try:
+                    answer = httpx.request(self.command, gate.target + self.path, content=body, headers=headers,
+                                           timeout=600)
+                except httpx.TransportError:
+                    self.close_connection = True  # no answer at all: the client sees a dropped connection
+                    return
+                with gate.lock:
+                    gate.passed += answer.status_code == 200
+                self.send_response(answer.status_code)
+                for key in ("content-type", "retry-after"):
+                    if key in answer.headers:
+                        self.send_header(key, answer.headers[key])
+                self.send_header("content-length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __enter__(self) -> "Gate":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wait_for_outputs(out: Path, count: int, timeout: float = 60) -> None:
+    """The outputs of answers the gate has already passed are written right after: wait for them."""
+    deadline = time.monotonic() + timeout
+    while len(outputs(out)) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_killed_run_resumes_without_redoing_anything(server, inputs, tmp_path):
     folder, clouds = inputs
     out = tmp_path / "features"
-    first = extract(str(folder), "--server", server.url, "-o", str(out), "--concurrency", "1")
-    deadline = time.monotonic() + 240
-    while len(outputs(out)) < 3 and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    with Gate(server.url, passes=3) as gate:  # three files go through, the fourth upload is held
+        first = extract(str(folder), "--server", gate.url, "-o", str(out), "--concurrency", "1")
+        assert gate.held.wait(240), first.communicate(timeout=60)[0]
+        wait_for_outputs(out, 3)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     before = outputs(out)
-    assert 3 <= len(before) < len(clouds), "the first run should be killed midway"
+    assert len(before) == 3, "the first run is killed while its fourth file is in flight"
 
     second = extract(str(folder), "--server", server.url, "-o", str(out), "--concurrency", "2")
     log, _ = second.communicate(timeout=600)
@@ -149,17 +221,17 @@ def test_gateway_killed_midway_leaves_no_partial_output_and_rerun_completes(inpu
     folder, clouds = inputs
     out = tmp_path / "features"
     env = {"PONDER_CHECKPOINT": str(SPUNET), "PONDER_MAX_BATCH": "1"}
-    with gateway(env) as first:
-        run = extract(str(folder), "--server", first.url, "-o", str(out), "--concurrency", "2", "--retries", "1")
-        deadline = time.monotonic() + 240
-        while len(outputs(out)) < 2 and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        first.process.send_signal(signal.SIGKILL)
+    with gateway(env) as first, Gate(first.url, passes=2) as gate:
+        run = extract(str(folder), "--server", gate.url, "-o", str(out), "--concurrency", "2", "--retries", "1")
+        assert gate.held.wait(240), run.communicate(timeout=60)[0]
+        wait_for_outputs(out, 2)
+        first.process.send_signal(signal.SIGKILL)  # the gateway dies with uploads held or in flight
         first.process.wait()
+        gate.release()
         log, _ = run.communicate(timeout=600)
     assert run.returncode == 1, log  # the uploads in flight (and after) failed: the server is gone
     done = outputs(out)
-    assert 2 <= len(done) < len(clouds), log
+    assert 2 <= len(done) < len(clouds), log  # two passed the gate; a third may have been answered before the kill
     assert not [p for p in out.rglob("*") if p.name.endswith(".ponder-tmp")]
     for path in done:  # every file there is whole
         assert np.load(path).shape[1] == 24

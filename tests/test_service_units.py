@@ -7,21 +7,24 @@ import asyncio
 import io
 import json
 import logging
-import time
+from datetime import timedelta
 
+import httpx
 import numpy as np
+import pybreaker
 import pytest
 
 from model.inference import ModelInfo
 from service.encoding import OutputFormat, Payload, arrow_available, encode, negotiate
+from service.client import PonderError, retrying_answers
 from service.errors import ApiError
 from service.extract import expand_inputs, output_paths, write_atomic
 from service.logs import JsonFormatter, request_id_var
 from service.middleware import TokenBuckets
 from service.settings import ServiceSettings
-from service.workers.base import ModelCard
+from service.workers.base import ModelCard, WorkerInputError
 from service.workers.loading import discover_checkpoints
-from service.workers.triton_client import CircuitBreaker, _short
+from service.workers.triton_client import EndpointBreaker, _short
 
 
 def body_of(response) -> bytes:
@@ -65,7 +68,9 @@ def test_bad_config_files_are_named(tmp_path, text, message):
     (None, OutputFormat.AUTO), ("*/*", OutputFormat.AUTO), ("application/x-npy", OutputFormat.NPY),
     ("application/octet-stream", OutputFormat.NPY), ("application/zip", OutputFormat.NPZ),
     ("application/json;q=0.2, application/x-npz;q=0.9", OutputFormat.NPZ),
-    ("text/html, application/x-npy;q=0.1", OutputFormat.NPY),
+    ("text/html, application/x-npy;q=0.1", OutputFormat.NPY), ("application/*", OutputFormat.AUTO),
+    ("*/*;q=0.5, application/x-npy", OutputFormat.NPY),  # a named type beats a wildcard of equal or lower q
+    ("application/json;q=0.2, */*;q=0.9", OutputFormat.AUTO),
 ])
 def test_accept_negotiation(accept, expected):
     assert negotiate(accept) is expected
@@ -75,6 +80,26 @@ def test_unservable_accept_is_406_listing_formats():
     with pytest.raises(ApiError) as error:
         negotiate("text/html, application/json;q=0")
     assert error.value.status == 406 and "application/x-npy" in error.value.detail
+    with pytest.raises(ApiError, match="cannot parse the Accept header") as error:
+        negotiate("npy")
+    assert error.value.status == 406
+
+
+def test_render_and_detect_accept_rules():
+    from service.encoding import best_media
+    from service.routers.render import PNG, ZIP, answer_type
+
+    assert [answer_type(accept, 1) for accept in (None, "*/*", "image/*", "application/*", ZIP)] == \
+        [PNG, PNG, PNG, ZIP, ZIP]
+    assert answer_type("*/*", 2) == ZIP and answer_type("image/png;q=0.5, application/zip;q=0.4", 1) == PNG
+    with pytest.raises(ApiError, match="ask for application/zip"):
+        answer_type("image/png", 2)
+    # /v1/detect answers JSON only: acceptable unless the client excludes it
+    json_only = ["application/json"]
+    assert best_media("text/html;q=0.5, application/json, image/png;q=0", json_only) == ("application/json", False)
+    assert best_media(None, json_only) == ("application/json", True)
+    assert best_media("application/*", json_only) == ("application/json", True)
+    assert best_media("image/png", json_only)[0] == "" and best_media("application/json;q=0", json_only)[0] == ""
 
 
 def test_binary_answers_round_trip():
@@ -121,20 +146,84 @@ def test_token_bucket_refills_at_its_rate():
     assert buckets.take("k", now=0.5) > 0
 
 
-def test_circuit_breaker_opens_then_half_opens_for_one_trial():
-    breaker = CircuitBreaker(failures=2, reset_s=0.05)
-    breaker.record(False)
-    assert breaker.allow()
-    breaker.record(False)
-    assert breaker.state == "open" and not breaker.allow()
-    time.sleep(0.06)
-    assert breaker.allow() and not breaker.allow()  # one trial at a time
-    breaker.record(False)
-    assert breaker.state == "open"
-    time.sleep(0.06)
-    assert breaker.allow()
-    breaker.record(True)
-    assert breaker.state == "closed" and breaker.allow()
+def _call(breaker: EndpointBreaker, error: Exception | None = None) -> None:
+    """One guarded call that fails with ``error`` (re-raised to the caller) or succeeds."""
+    with breaker.calling():
+        if error is not None:
+            raise error
+
+
+def _age(breaker: EndpointBreaker, seconds: float) -> None:
+    """Move the breaker's opening time back, as if ``seconds`` had passed (pybreaker's storage API)."""
+    breaker.storage.opened_at = breaker.storage.opened_at - timedelta(seconds=seconds)
+
+
+def test_circuit_breaker_opens_then_admits_one_trial():
+    breaker = EndpointBreaker(failures=2, reset_s=30.0, name="endpoint")
+    with pytest.raises(OSError):
+        _call(breaker, OSError("down"))
+    assert breaker.admits() and breaker.current_state == "closed"
+    with pytest.raises(WorkerInputError):  # the input's fault, not the server's: counts as a success
+        _call(breaker, WorkerInputError("bad input"))
+    for _ in range(2):
+        with pytest.raises(OSError):
+            _call(breaker, OSError("down"))
+    assert breaker.current_state == "open" and breaker.refusing and not breaker.admits()
+    with pytest.raises(pybreaker.CircuitBreakerError):
+        _call(breaker)
+    _age(breaker, 31)
+    assert not breaker.refusing and breaker.admits()
+    with pytest.raises(OSError):  # the trial fails: open again for another reset_s
+        _call(breaker, OSError("still down"))
+    assert breaker.refusing and not breaker.admits()
+    _age(breaker, 31)
+    trial = breaker.calling()
+    trial.__enter__()
+    assert breaker.current_state == "half-open" and not breaker.admits()  # one trial at a time
+    trial.__exit__(None, None, None)
+    assert breaker.current_state == "closed" and breaker.admits()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_retries_honour_retry_after_then_return_the_last_answer(asynchronous):
+    answers = iter([httpx.Response(503, headers={"Retry-After": "7"}), httpx.Response(429),
+                    httpx.Response(503), httpx.Response(200)])
+    waits: list[float] = []
+
+    def call():
+        return next(answers)
+
+    async def call_async():
+        return next(answers)
+
+    async def sleep_async(seconds):
+        waits.append(seconds)
+
+    policy = retrying_answers(retries=2, backoff_s=0.5, asynchronous=asynchronous,
+                              sleep=sleep_async if asynchronous else waits.append)
+    last = asyncio.run(policy(call_async)) if asynchronous else policy(call)
+    assert last.status_code == 503 and waits == [7.0, 1.0]  # Retry-After, then 0.5 * 2 (the second retry)
+    assert next(answers).status_code == 200  # three attempts made, not four
+
+
+def test_extract_gives_up_with_the_last_error():
+    import service.extract as extract
+
+    calls = 0
+
+    async def refused(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        raise httpx.ConnectError("connection refused")
+
+    async def no_sleep(seconds):
+        pass
+
+    policy = retrying_answers(1, 0.01, extract.EXTRACT_RETRY_STATUSES, asynchronous=True, sleep=no_sleep,
+                              retry_error_callback=extract._gave_up)
+    with pytest.raises(PonderError, match="ConnectError: connection refused \\(after 2 attempts\\)"):
+        asyncio.run(policy(refused))
+    assert calls == 2
 
 
 def test_triton_error_text_is_shortened_to_the_exception_line():

@@ -9,7 +9,6 @@ sets the scene box to lift into; without it the box is estimated from the camera
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,7 +18,8 @@ import torch
 
 from model.images.errors import ImageInputError
 from model.images.lifting import project, visible
-from model.render.cameras import Camera, CameraError, cameras_from_document
+from model.render.cameras import (Camera, CameraError, camera_image_names, cameras_from_document,
+                                  read_camera_document)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MIN_VIEWS = 2
@@ -66,13 +66,7 @@ def parse_cameras(doc: Any) -> tuple[list[Camera], list[str | None]]:
         cameras = cameras_from_document(doc)
     except CameraError as exc:
         raise ImageInputError(f"cameras: {exc}") from None
-    if isinstance(doc, Mapping) and "frames" in doc:
-        names = [f.get("file_path") if isinstance(f, Mapping) else None for f in doc["frames"]]
-    else:
-        items = doc.get("cameras", doc) if isinstance(doc, Mapping) else doc
-        items = items if isinstance(items, list) else [items]
-        names = [c.get("image") if isinstance(c, Mapping) else None for c in items]
-    return cameras, [str(n) if n is not None else None for n in names]
+    return cameras, camera_image_names(doc)
 
 
 def parse_bounds(value: Any) -> np.ndarray:
@@ -105,12 +99,10 @@ def read_image_folder(folder: Path, cameras_path: Path) -> tuple[PosedImages, np
 
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such image folder")
-    if not cameras_path.is_file():
-        raise FileNotFoundError(f"{cameras_path}: no such cameras file")
     try:
-        doc = json.loads(cameras_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ImageInputError(f"{cameras_path}: not valid JSON ({exc})") from None
+        doc = read_camera_document(cameras_path)
+    except CameraError as exc:
+        raise ImageInputError(str(exc)) from None
     cameras, names = parse_cameras(doc)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if all(n is not None for n in names):

@@ -12,13 +12,17 @@ JSON camera object (one of each alternative, never both):
      "K": [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]        | "fx": .., "fy": .., "cx": .., "cy": ..,
      "world_to_camera": 4x4 (last row 0 0 0 1)         | "camera_to_world": 4x4}
 
-nerfstudio / instant-ngp ``transforms.json`` is read by ``cameras_from_transforms``.
+nerfstudio / instant-ngp ``transforms.json`` is read by ``cameras_from_transforms``; ``read_cameras`` reads a
+cameras file of either kind.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -122,6 +126,36 @@ def parse_pose(data: Mapping[str, Any], required: bool = True) -> np.ndarray:
     pose = _matrix(data[name], (4, 4), name)
     _check_rigid(pose, name)
     return pose if has_w2c else np.linalg.inv(pose)
+
+
+def read_camera_document(path: str | os.PathLike) -> Any:
+    """The parsed JSON of a cameras file (what ``cameras_from_document`` and ``camera_image_names`` take):
+    the one reader of camera files for ``ponder render`` and the image branch. FileNotFoundError when the file
+    is absent, CameraError naming it when it is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such cameras file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CameraError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_cameras(path: str | os.PathLike) -> list[Camera]:
+    """The cameras of a cameras file (our JSON or a transforms.json)."""
+    return cameras_from_document(read_camera_document(path))
+
+
+def camera_image_names(data: Any) -> list[str | None]:
+    """The image file each camera of a document names (a transforms.json frame's ``file_path``, our camera's
+    optional ``"image"``), None where it names none; in camera order."""
+    if isinstance(data, Mapping) and "frames" in data:
+        names = [f.get("file_path") if isinstance(f, Mapping) else None for f in data["frames"]]
+    else:
+        items = data.get("cameras", data) if isinstance(data, Mapping) else data
+        items = items if isinstance(items, list) else [items]
+        names = [c.get("image") if isinstance(c, Mapping) else None for c in items]
+    return [str(n) if n is not None else None for n in names]
 
 
 def cameras_from_document(data: Any) -> list[Camera]:

@@ -74,26 +74,6 @@ NOT_IMPLEMENTED = {501: {"description": "the route needs the in-process worker (
                                         "features and segmentation)", "model": Problem, **_PROBLEM}}
 
 
-def ranked_media(accept: str | None) -> list[str]:
-    """The media types of an ``Accept`` header, most preferred first (q-values honoured, q=0 dropped);
-    an absent or blank header means ``*/*``."""
-    if not accept or not accept.strip():
-        return ["*/*"]
-    ranked: list[tuple[float, int, str]] = []
-    for position, item in enumerate(accept.split(",")):
-        media, *params = (part.strip() for part in item.split(";"))
-        q = 1.0
-        for param in params:
-            if param.startswith("q="):
-                try:
-                    q = float(param[2:])
-                except ValueError:
-                    q = 0.0
-        if q > 0:
-            ranked.append((-q, position, media.lower()))
-    return [media for _, _, media in sorted(ranked)]
-
-
 def job_card(pipeline: Pipeline, model: str | None, capability: str) -> ModelCard:
     """The model a detect/render request names, after checking that the worker runs model jobs (501) and
     that the model has ``capability`` (422 naming the model and what it can do)."""

@@ -17,15 +17,15 @@ from starlette.responses import JSONResponse
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.results import detections_to_input_frame
 from service.dependencies import get_pipeline
+from service.encoding import best_media
 from service.errors import ApiError
 from service.pipeline import Pipeline, prepared_meta
-from service.routers.common import ERRORS, NOT_IMPLEMENTED, UPLOAD_BODY, job_card, ranked_media
+from service.routers.common import ERRORS, NOT_IMPLEMENTED, UPLOAD_BODY, job_card
 from service.schemas import DetectJSON, DetectParams
 from service.uploads import read_upload
 from service.workers.base import LONG, ModelJob, WorkerInputError
 
 router = APIRouter(prefix="/v1", tags=["inference"])
-JSON_TYPES = ("application/json", "application/*", "*/*")
 
 
 def detect_in_world(predictor: Predictor, cloud: PointCloud, condition: str | None, grid_size: float | None,
@@ -46,7 +46,7 @@ async def detect_boxes(request: Request, params: Annotated[DetectParams, Query()
     """Oriented boxes ``[cx, cy, cz, dx, dy, dz, yaw]`` (centre, full sizes, yaw about +z; metres, in the
     input's world frame) with scores, labels and corners, for models with a detection head. Same inputs as
     /v1/features: a point-cloud body, a multipart 'file' part, or RGB-D views."""
-    if not any(media in JSON_TYPES for media in ranked_media(request.headers.get("accept"))):
+    if not best_media(request.headers.get("accept"), ["application/json"])[0]:
         raise ApiError(406, "/v1/detect answers application/json only")
     card = job_card(pipeline, params.model, "detect")
     condition = pipeline.resolve_condition(card, params.condition)

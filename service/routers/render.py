@@ -23,12 +23,14 @@ from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.prepare import InputOptions
 from model.render.cameras import Camera, CameraError, cameras_from_document
 from model.render.images import DEPTH_UNITS_PER_M, ViewImages, png_bytes
 from service.dependencies import get_pipeline
 from service.errors import ApiError
-from service.pipeline import Pipeline
-from service.routers.common import ERRORS, NOT_IMPLEMENTED, job_card, ranked_media
+from service.encoding import best_media
+from service.pipeline import Pipeline, prepared_meta
+from service.routers.common import ERRORS, NOT_IMPLEMENTED, job_card
 from service.schemas import RenderParams
 from service.uploads import read_upload
 from service.workers.base import LONG, ModelJob, WorkerInputError
@@ -58,12 +60,13 @@ RESPONSES = {200: {"description": "one camera: a PNG (colour, or 16-bit depth in
 
 
 def render_job(predictor: Predictor, cloud: PointCloud, cameras: Sequence[Camera], condition: str | None,
-               chunk: int = 4096) -> list[ViewImages]:
-    """The scene's render volume, then every camera through it (runs on the model thread)."""
+               chunk: int = 4096, rotation: np.ndarray | None = None) -> list[ViewImages]:
+    """The scene's render volume, then every camera through it (runs on the model thread). ``cloud`` is
+    already z-up; ``rotation`` (input -> z-up, from ``?up=``) keeps the cameras in the input's frame."""
     try:
-        from model.novel_view import render_views_of, scene_volume
+        from model.novel_view import in_input_frame, render_views_of, scene_volume
 
-        volume = scene_volume(predictor.model, predictor.config, cloud, condition)
+        volume = in_input_frame(scene_volume(predictor.model, predictor.config, cloud, condition), rotation)
         views = render_views_of(predictor.model, volume, cameras, chunk)
     except (PointCloudError, CameraError) as exc:
         raise WorkerInputError(str(exc)) from exc
@@ -113,14 +116,10 @@ def resize_camera(camera: Camera, width: int | None, height: int | None) -> Came
 
 
 def answer_type(accept: str | None, num_views: int) -> str:
-    """PNG for one camera, zip for several or when asked; 406 when Accept allows neither."""
-    for media in ranked_media(accept):
-        if media in (ZIP, "application/*"):
-            return ZIP
-        if media in (PNG, "image/*") and num_views == 1:
-            return PNG
-        if media == "*/*":
-            return PNG if num_views == 1 else ZIP
+    """PNG for one camera (ties and wildcards), zip for several or when asked; 406 when Accept allows neither."""
+    media, _ = best_media(accept, [ZIP, PNG] if num_views == 1 else [ZIP])
+    if media:
+        return media
     several = " (several cameras give several images: ask for application/zip)" if num_views > 1 else ""
     raise ApiError(406, f"cannot answer in {accept!r}: /v1/render answers {PNG} (one camera) or {ZIP}{several}")
 
@@ -159,8 +158,9 @@ async def read_cameras_part(request: Request) -> bytes:
 async def render(request: Request, params: Annotated[RenderParams, Query()],
                  pipeline: Pipeline = Depends(get_pipeline)) -> Response:
     """Renders the scene from each camera with a model that has a render head (pre-training checkpoints).
-    Cameras live in the scene's frame (metres, OpenCV axes). ``width``/``height`` rescale every camera; the
-    total pixel count is limited by PONDER_MAX_RENDER_PIXELS (413)."""
+    Cameras live in the scene's frame (metres, OpenCV axes), also when ``up`` names another up axis than z (the
+    cloud is rotated into z-up for the model, the cameras follow). ``width``/``height`` rescale every camera;
+    the total pixel count is limited by PONDER_MAX_RENDER_PIXELS (413)."""
     card = job_card(pipeline, params.model, "render")
     condition = pipeline.resolve_condition(card, params.condition)
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), LONG, request) as admission:
@@ -170,9 +170,10 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
         media = answer_type(request.headers.get("accept"), len(cameras))
         upload = await read_upload(request, params.format, None)
         admission.watch(request)
-        cloud, filled = await pipeline.decode_cloud(upload, card, None)
+        prepared = await pipeline.decode_prepared(upload, card, None, InputOptions(up=params.up, invalid="error"))
+        cloud = prepared.cloud
         run = partial(render_job, cloud=cloud, cameras=cameras, condition=condition,
-                      chunk=pipeline.settings.render_chunk)
+                      chunk=pipeline.settings.render_chunk, rotation=prepared.rotation)
         images: list[ViewImages] = await pipeline.worker.call(ModelJob(card.info.name, run, "render",
                                                                        cancel=admission.token,
                                                                        ticket=admission.ticket))
@@ -180,13 +181,17 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
     headers = {"X-Ponder-Model": card.info.name, "X-Ponder-Num-Points": str(len(cloud))}
     if condition:
         headers["X-Ponder-Condition"] = condition
+    up_rotation = prepared_meta(prepared).get("up_rotation")
+    if up_rotation is not None:
+        headers["X-Ponder-Up-Rotation"] = json.dumps(up_rotation)
     if media == PNG:
         (view,) = images
         image = view.depth_units() if params.output == "depth" else view.color
         headers["X-Ponder-Hit-Fraction"] = f"{view.hit_fraction:.6f}"
         headers["Content-Disposition"] = f'inline; filename="0_{params.output}.png"'
         return Response(await run_in_threadpool(png_bytes, image), media_type=PNG, headers=headers)
-    meta = {"model": card.info.name, "condition": condition, "num_points": len(cloud), "filled": filled,
+    meta = {"model": card.info.name, "condition": condition, "num_points": len(cloud),
+            "filled": list(prepared.filled), "up_rotation": up_rotation,
             "depth_png_units_per_metre": DEPTH_UNITS_PER_M,
             "views": [{"width": c.width, "height": c.height, "hit_fraction": v.hit_fraction, "camera": c.to_dict()}
                       for c, v in zip(cameras, images)]}
@@ -195,5 +200,7 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
 
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from model.inference import Predictor
     from model.novel_view import render_views_of, scene_volume

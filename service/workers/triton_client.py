@@ -22,9 +22,12 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
+import pybreaker
+import tenacity
 
 from model.conditions import condition_index, default_condition
 from model.results import ModelInfo
@@ -65,47 +68,39 @@ def card_from_metadata(name: str, meta: dict) -> ModelCard:
                      default_condition=default_condition(conditions))
 
 
-class CircuitBreaker:
-    """closed -> (``failures`` in a row) -> open -> (after ``reset_s``) half-open: one trial call closes
-    it again on success or re-opens it on failure."""
+class EndpointBreaker(pybreaker.CircuitBreaker):
+    """pybreaker's circuit breaker for one endpoint: closed -> (``failures`` in a row) -> open -> (after
+    ``reset_s``) the next call is the trial, whose outcome closes or re-opens it. Input errors are the
+    caller's fault, not the server's, and a cancelled call (the client's deadline) says nothing about it: both
+    count as successes (``exclude``). Calls run inside ``with breaker.calling():`` around the awaited request.
 
-    def __init__(self, failures: int, reset_s: float) -> None:
-        self.failures = failures
-        self.reset_s = reset_s
-        self.count = 0
-        self.opened_at: float | None = None
-        self.trial_in_flight = False
+    What pybreaker leaves to its user is asked here from its own state and storage: whether it is still
+    refusing (pybreaker keeps saying "open" after the timeout until a call arrives) and whether a call would
+    be let through now; a trial in flight (pybreaker's "half-open") admits no second one."""
+
+    def __init__(self, failures: int, reset_s: float, name: str | None = None) -> None:
+        self.storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        super().__init__(fail_max=failures, reset_timeout=reset_s, name=name, state_storage=self.storage,
+                         exclude=[WorkerInputError, asyncio.CancelledError], throw_new_error_on_trip=False)
 
     @property
-    def state(self) -> str:
-        if self.opened_at is None:
-            return "closed"
-        return "half-open" if time.monotonic() >= self.opened_at + self.reset_s else "open"
+    def refusing(self) -> bool:
+        """Open and still within ``reset_s`` of opening."""
+        opened = self.storage.opened_at
+        return (self.current_state == pybreaker.STATE_OPEN and opened is not None
+                and datetime.now(timezone.utc) < opened + timedelta(seconds=self.reset_timeout))
 
-    def allow(self) -> bool:
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half-open" and not self.trial_in_flight:
-            self.trial_in_flight = True
-            return True
-        return False
-
-    def record(self, ok: bool) -> None:
-        self.trial_in_flight = False
-        if ok:
-            self.count, self.opened_at = 0, None
-            return
-        self.count += 1
-        if self.opened_at is not None or self.count >= self.failures:
-            self.opened_at = time.monotonic()
+    def admits(self) -> bool:
+        """Whether a call would be let through now: closed, or open past ``reset_s`` (it becomes the trial)."""
+        state = self.current_state
+        return state == pybreaker.STATE_CLOSED or (state == pybreaker.STATE_OPEN and not self.refusing)
 
 
 @dataclass
 class _Endpoint:
     url: str
     client: Any
-    breaker: CircuitBreaker
+    breaker: EndpointBreaker
     protocol: str = "grpc"
 
 
@@ -149,8 +144,8 @@ class TritonWorker(Worker):
             extra = {"channel_args": _CHANNEL_ARGS} if self.settings.triton_protocol == "grpc" else {}
             self._endpoints.append(_Endpoint(url=url, client=aio.InferenceServerClient(url=url, **extra),
                                              protocol=self.settings.triton_protocol,
-                                             breaker=CircuitBreaker(self.settings.breaker_failures,
-                                                                    self.settings.breaker_reset_s)))
+                                             breaker=EndpointBreaker(self.settings.breaker_failures,
+                                                                     self.settings.breaker_reset_s, url)))
         # The gateway may start before Triton: learn the models in the background until one answers.
         self._discovery = asyncio.create_task(self._discover_models(), name="ponder-triton-discovery")
         wait = self.settings.triton_startup_wait_s
@@ -214,7 +209,7 @@ class TritonWorker(Worker):
         if not self._cards:
             return False, "no Triton endpoint has answered the model list yet"
         for endpoint in self._endpoints:
-            if endpoint.breaker.state == "open":
+            if endpoint.breaker.refusing:
                 continue
             try:
                 if await endpoint.client.is_server_ready():
@@ -232,7 +227,7 @@ class TritonWorker(Worker):
         for _ in range(len(self._endpoints)):
             endpoint = self._endpoints[self._next % len(self._endpoints)]
             self._next += 1
-            if endpoint.breaker.allow():
+            if endpoint.breaker.admits():
                 return endpoint
         return None
 
@@ -308,36 +303,48 @@ class TritonWorker(Worker):
             self.metrics.queue_depth.set(self._in_flight)
 
     async def _call_with_retries(self, job: EncodeJob, inputs: list, outputs: list) -> EncodeOutput:
-        last = "no endpoint configured"
-        for attempt in range(self.settings.triton_retries + 1):
-            if attempt:
-                await asyncio.sleep(self.settings.triton_backoff_s * 2 ** (attempt - 1))
-            endpoint = self._pick()
-            if endpoint is None:
-                last = "every Triton endpoint's circuit breaker is open"
-                continue
-            start = time.perf_counter()
-            try:
-                result = await endpoint.client.infer(job.model, inputs, outputs=outputs)
-            except Exception as exc:  # noqa: BLE001 - sorted into input / transient / unexpected
-                error = self._classify_error(exc)
-                if isinstance(error, WorkerInputError):
-                    endpoint.breaker.record(True)  # the server answered: it is healthy
+        """One call, retried by tenacity on transient errors (the next endpoint each time, waits of
+        ``triton_backoff_s`` doubling per retry); gives up with WorkerUnavailable (503)."""
+        attempts = self.settings.triton_retries + 1
+
+        def gave_up(state: tenacity.RetryCallState) -> EncodeOutput:
+            raise WorkerUnavailable(f"gave up after {attempts} attempts ({state.outcome.exception()})")
+
+        retrying = tenacity.AsyncRetrying(stop=tenacity.stop_after_attempt(attempts),
+                                          wait=tenacity.wait_exponential(multiplier=self.settings.triton_backoff_s),
+                                          retry=tenacity.retry_if_exception_type(_TransientError),
+                                          retry_error_callback=gave_up)
+        return await retrying(self._call_once, job, inputs, outputs)
+
+    async def _call_once(self, job: EncodeJob, inputs: list, outputs: list) -> EncodeOutput:
+        endpoint = self._pick()
+        if endpoint is None:
+            raise _TransientError("every Triton endpoint's circuit breaker is open")
+        start = time.perf_counter()
+        try:
+            with endpoint.breaker.calling():
+                try:
+                    result = await endpoint.client.infer(job.model, inputs, outputs=outputs)
+                except Exception as exc:  # noqa: BLE001 - sorted into input / transient / unexpected
+                    error = self._classify_error(exc)
+                    if error is exc:
+                        raise
                     raise error from exc
-                endpoint.breaker.record(False)
-                self.metrics.triton_errors.labels(endpoint.url).inc()
-                self.metrics.breaker_open.labels(endpoint.url).set(endpoint.breaker.state != "closed")
-                if not isinstance(error, _TransientError):
-                    raise error from exc
-                last = f"{endpoint.url}: {error}"
-                LOG.warning("Triton call failed (attempt %d): %s", attempt + 1, last)
-                continue
-            endpoint.breaker.record(True)
-            self.metrics.breaker_open.labels(endpoint.url).set(0)
-            self.metrics.worker_latency.labels(self.kind).observe(time.perf_counter() - start)
-            self.metrics.batch_size.observe(1)
-            self.metrics.voxels.inc(job.voxels.num_voxels)
-            features = result.as_numpy("backbone_feat")
-            logits = result.as_numpy("seg_logits") if len(outputs) > 1 else None
-            return EncodeOutput(features=features, logits=logits)
-        raise WorkerUnavailable(f"gave up after {self.settings.triton_retries + 1} attempts ({last})")
+        except pybreaker.CircuitBreakerError as exc:  # opened by a concurrent call since _pick
+            raise _TransientError(f"{endpoint.url}: {exc}") from exc
+        except WorkerInputError:
+            raise
+        except Exception as error:
+            self.metrics.triton_errors.labels(endpoint.url).inc()
+            self.metrics.breaker_open.labels(endpoint.url).set(endpoint.breaker.current_state != "closed")
+            if isinstance(error, _TransientError):
+                LOG.warning("Triton call to %s failed: %s", endpoint.url, error)
+                raise _TransientError(f"{endpoint.url}: {error}") from error
+            raise
+        self.metrics.breaker_open.labels(endpoint.url).set(0)
+        self.metrics.worker_latency.labels(self.kind).observe(time.perf_counter() - start)
+        self.metrics.batch_size.observe(1)
+        self.metrics.voxels.inc(job.voxels.num_voxels)
+        features = result.as_numpy("backbone_feat")
+        logits = result.as_numpy("seg_logits") if len(outputs) > 1 else None
+        return EncodeOutput(features=features, logits=logits)
