@@ -44,10 +44,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("features", help="per-point encoder features of a point cloud", description=CONVENTION)
-    p.add_argument("input", help="point cloud: .ply .las .laz .npy .npz .pcd .xyz .txt .bin")
+    p = subparsers.add_parser("features", help="per-point encoder features of a point cloud (or per-voxel "
+                              "features of posed images with --images)", description=CONVENTION)
+    p.add_argument("input", nargs="?", help="point cloud: .ply .las .laz .npy .npz .pcd .xyz .txt .bin")
     p.add_argument("-o", "--output", required=True,
-                   help="output .npy (N x C float32, input order; H x W x C for an organised PCD)")
+                   help="output .npy (N x C float32, input order; H x W x C for an organised PCD); with --images "
+                        "an .npz of per-voxel features and voxel centres (see `ponder images features`)")
+    p.add_argument("--images", type=Path, help="instead of a point cloud: a folder of posed PNG/JPEG views (no depth), "
+                                               "encoded by the image model (default: the bundled one)")
+    p.add_argument("--cameras", type=Path, help="with --images: cameras JSON or a nerfstudio transforms.json")
+    p.add_argument("--bounds", type=float, nargs=6, metavar=("XMIN", "YMIN", "ZMIN", "XMAX", "YMAX", "ZMAX"),
+                   help="with --images: scene box in metres (default: the cameras file's, else from the frusta)")
+    p.add_argument("--far", type=float, default=4.0, help="with --images: metres to reach when estimating the box")
     p.add_argument("--per-voxel", action="store_true",
                    help="write voxel features (M x C) and OUTPUT.point_to_voxel.npy instead of per-point rows")
     add_model_arguments(p)
@@ -126,9 +134,29 @@ def _quiet_invalid_warning() -> None:
     warnings.simplefilter("ignore", InvalidPointsWarning)  # _report prints one line instead
 
 
+def run_image_features(args) -> int:
+    """``ponder features --images DIR --cameras CAMS``: the image branch (same as ``ponder images features``)."""
+    from ponder.image_commands import run_features as run_image_branch
+
+    if args.input is not None:
+        raise ValueError("give either a point cloud INPUT or --images DIR, not both")
+    if args.cameras is None:
+        raise ValueError("--images needs --cameras (a cameras JSON or a nerfstudio transforms.json)")
+    if args.backend not in (None, "torch") or args.precision != "fp32" or args.up != "z" or args.condition:
+        raise ValueError("--backend/--precision/--up/--condition apply to point clouds, not to --images")
+    image_args = argparse.Namespace(images=args.images, cameras=args.cameras, bounds=args.bounds, far=args.far,
+                                    device=args.device, out=Path(args.output),
+                                    checkpoint=Path(args.checkpoint) if args.checkpoint else None)
+    return run_image_branch(image_args)
+
+
 def run_features(args) -> int:
     from model.results import organised
 
+    if args.images is not None:
+        return run_image_features(args)
+    if args.input is None:
+        raise ValueError("give a point cloud INPUT (or --images DIR --cameras CAMS.json for posed images)")
     _quiet_invalid_warning()
     predictor, cloud, progress = _load(args)
     result = predictor.features(cloud, args.condition, args.grid_size, _options(args))

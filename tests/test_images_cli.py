@@ -121,3 +121,54 @@ def test_missing_folder_and_bad_json_exit_2(tmp_path, checkpoint, capsys):
     assert main(["images", "features", "--images", str(tmp_path / "nope"), "--cameras", str(tmp_path / "cams.json"),
                  "--checkpoint", str(checkpoint), "-o", str(tmp_path / "f.npz")]) == 2
     assert "no such image folder" in capsys.readouterr().err
+
+
+def test_ponder_features_takes_images_too(tmp_path, checkpoint):
+    """`ponder features --images DIR --cameras CAMS` is the same branch as `ponder images features`."""
+    cams = write_views(tmp_path / "views")
+    assert run(tmp_path, checkpoint, cams) == 0
+    cams_file = tmp_path / "cams.json"
+    out = tmp_path / "top.npz"
+    assert main(["features", "--images", str(tmp_path / "views"), "--cameras", str(cams_file),
+                 "--checkpoint", str(checkpoint), "-o", str(out)]) == 0
+    with np.load(tmp_path / "f.npz", allow_pickle=False) as a, np.load(out, allow_pickle=False) as b:
+        np.testing.assert_array_equal(a["features"], b["features"])
+        np.testing.assert_array_equal(a["centres"], b["centres"])
+
+
+@pytest.mark.parametrize("extra, needle", [((), "--images needs --cameras"),
+                                           (("--cameras", "c.json", "cloud.ply"), "not both"),
+                                           (("--cameras", "c.json", "--up", "y"), "apply to point clouds")])
+def test_ponder_features_images_argument_errors(tmp_path, capsys, extra, needle):
+    assert main(["features", "--images", str(tmp_path), "-o", str(tmp_path / "o.npz"), *extra]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_ponder_features_needs_an_input(tmp_path, capsys):
+    assert main(["features", "-o", str(tmp_path / "o.npy")]) == 2
+    assert "give a point cloud INPUT" in capsys.readouterr().err
+
+
+def test_bundled_image_model_serves_ponder_features(tmp_path):
+    """Without --checkpoint, `ponder features --images` uses the bundled image model (model/default_model/images)."""
+    from ponder.image_commands import DEFAULT_IMAGE_MODEL
+
+    config = json.loads((DEFAULT_IMAGE_MODEL / "config.json").read_text())
+    cams = write_views(tmp_path / "views")
+    (tmp_path / "cams.json").write_text(json.dumps({"cameras": cams, "bounds": [[0, 0, 0], [4, 4, 2.5]]}))
+    out = tmp_path / "f.npz"
+    assert main(["features", "--images", str(tmp_path / "views"), "--cameras", str(tmp_path / "cams.json"),
+                 "-o", str(out)]) == 0
+    with np.load(out, allow_pickle=False) as z:
+        assert z["features"].shape[1] == config["render"]["projection"]["out_channels"]
+        assert tuple(z["grid_shape"]) == tuple(config["render"]["grid_shape"])
+        assert len(z["features"]) > 0 and np.isfinite(z["features"]).all()
+
+
+def test_default_model_folder_fits_its_size_budget():
+    """The whole bundled default model (segmentation, detection, render, image parts) stays within 25 MB."""
+    from model.inference import DEFAULT_MODEL_DIR
+
+    total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
+    assert total <= 25 * 1024 * 1024, f"{total / 2**20:.1f} MiB"
+    assert (DEFAULT_MODEL_DIR / "images" / "model.safetensors").is_file()
