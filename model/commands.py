@@ -34,7 +34,7 @@ def describe(checkpoint: str | None, trust: bool = False) -> dict:
     return {"source": loaded.source, "name": cfg.name, "kind": cfg.kind, "backbone": vars(cfg.backbone),
             "conditions": list(cfg.conditions), "class_names": {k: list(v) for k, v in cfg.class_names.items()},
             "feature_dim": cfg.feature_dim, "grid_size": cfg.grid_size, "input_features": list(cfg.input_features),
-            "parameters": params, "render": cfg.render or None}
+            "parameters": params, "render": cfg.render.to_dict() if cfg.render else None}
 
 
 def run_inspect(args) -> int:

@@ -1,17 +1,20 @@
 """Configuration of a servable model: what to build, how to feed it, what its outputs mean.
 
 Stored as ``config.json`` beside ``model.safetensors`` in our checkpoint format, and inferred from the
-state_dict for official checkpoints (which carry no config).
+state_dict for official checkpoints (which carry no config). Read with ``ModelConfig.from_dict`` / ``load``
+(``model.config_io``: unknown or mistyped fields are a ``ConfigError`` naming the field).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from model.conditions import default_condition
+from model.config_io import FORBID, ConfigError, SectionMapping, before, dump, load
+from model.render.config import RenderSection
 
 # Names used by the official configs (spec §4.4). The PPT wrapper and the backbone order conditions
 # differently: embedding rows / valid_index follow PPT_CONDITIONS, PDNorm banks BACKBONE_CONDITIONS.
@@ -39,6 +42,7 @@ KINDS = ("encoder", "segmentor", "ppt-segmentor", "ppt-backbone-segmentor", "pre
 
 @dataclass
 class BackboneConfig:
+    __pydantic_config__ = FORBID
     type: str = "SpUNet-v1m1"  # or "SpUNet-v1m3" (PDNorm)
     in_channels: int = 6
     num_classes: int = 0
@@ -58,6 +62,57 @@ class BackboneConfig:
 
 
 @dataclass
+class DetectionDecodeConfig:
+    """How votes become boxes (defaults used by ``detect``; each call may override the thresholds).
+
+    seed_threshold: objectness a voxel needs for its vote to count.
+    vote_radius: grouping radius around a cluster centre (metres).
+    min_votes: clusters with a smaller summed objectness are scaled down in score (support = sum / min_votes).
+    max_votes: foreground votes kept (highest objectness first) to bound the cost on huge scenes.
+    max_proposals: clusters seeded by farthest-point sampling of the votes.
+    score_threshold / iou_threshold: final score cut and per-class 3D NMS IoU.
+    max_detections: boxes returned at most.
+    """
+
+    __pydantic_config__ = FORBID
+    seed_threshold: float = 0.5
+    vote_radius: float = 0.3
+    min_votes: float = 8.0
+    max_votes: int = 50000
+    max_proposals: int = 256
+    mean_shift_steps: int = 2
+    score_threshold: float = 0.3
+    iou_threshold: float = 0.25
+    max_detections: int = 200
+
+
+@dataclass
+class DetectionConfig(SectionMapping):
+    """The ``detection`` section of a ModelConfig: the voting head (``model.detection.DetectionHead``) on the
+    encoder's ``in_channels`` features, its classes and how its votes are decoded. Kept here, free of torch, so
+    that reading a config never imports the detection package."""
+
+    __pydantic_config__ = FORBID
+    in_channels: int
+    class_names: tuple[str, ...]
+    hidden_channels: int = 64
+    num_layers: int = 2
+    decode: DetectionDecodeConfig = field(default_factory=DetectionDecodeConfig)
+
+    def __post_init__(self) -> None:
+        self.class_names = tuple(self.class_names)
+        if isinstance(self.decode, Mapping):
+            self.decode = load(DetectionDecodeConfig, self.decode, "detection.decode")
+        if self.in_channels < 1 or self.hidden_channels < 1 or self.num_layers < 0:
+            raise ConfigError(f"invalid detection head sizes: in {self.in_channels}, hidden {self.hidden_channels}, "
+                              f"layers {self.num_layers}")
+        if not self.class_names:
+            raise ConfigError("the detection head needs at least one class name")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ConfigError(f"duplicate detection class names: {list(self.class_names)}")
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to rebuild and serve a checkpoint.
 
@@ -68,9 +123,12 @@ class ModelConfig:
           models without PDNorm.
     class_names: label names per condition ("default" for unconditioned models), in label order.
     vocabulary: names of the ``class_embedding`` rows (language-guided models).
-    render: the render-decoder configuration of pre-training checkpoints (see model.render).
+    render: the render head and PonderIndoor-v2 options of pre-training checkpoints (``RenderSection``), or of a
+          model that also renders; None for none (``{}`` in config.json).
+    detection: the 3D detection head (``DetectionConfig``); None for none (``{}`` in config.json).
     """
 
+    __pydantic_config__ = FORBID
     kind: str = "segmentor"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     conditions: tuple[str, ...] = ()
@@ -79,17 +137,19 @@ class ModelConfig:
     vocabulary: tuple[str, ...] = ()
     grid_size: float = 0.02
     input_features: tuple[str, ...] = ("color", "normal")
-    render: dict[str, Any] = field(default_factory=dict)
-    detection: dict[str, Any] = field(default_factory=dict)
+    render: RenderSection | None = None
+    detection: DetectionConfig | None = None
     name: str = "ponder"
     version: str = "1"
     description: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown model kind {self.kind!r}; expected one of {KINDS}")
-        if isinstance(self.backbone, dict):
-            self.backbone = BackboneConfig(**_tuples(self.backbone))
+            raise ConfigError(f"unknown model kind {self.kind!r}; expected one of {KINDS}")
+        if isinstance(self.backbone, Mapping):
+            self.backbone = load(BackboneConfig, self.backbone, "backbone")
+        self.render = _section(RenderSection, self.render, "render")
+        self.detection = _section(DetectionConfig, self.detection, "detection")
         self.conditions = tuple(self.conditions)
         self.valid_index = tuple(tuple(v) for v in self.valid_index)
         self.class_names = {k: tuple(v) for k, v in self.class_names.items()}
@@ -108,18 +168,21 @@ class ModelConfig:
         return self.class_names.get(key, ())
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config.json mapping; an absent render/detection section is ``{}`` (as files have always had it)."""
+        out = dump(self)
+        out["render"], out["detection"] = out["render"] or {}, out["detection"] or {}
+        return out
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        return load(cls, data)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        return before(handler, source, _empty_sections)
 
     @classmethod
     def load(cls, path: Path) -> "ModelConfig":
@@ -130,5 +193,18 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
-def _tuples(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+def _empty_sections(data: Any) -> Any:
+    """``"render": {}`` / ``"detection": {}`` (how config.json spells an absent section) mean None."""
+    if isinstance(data, Mapping) and any(k in data and not data[k] for k in ("render", "detection")):
+        return {**data, **{k: None for k in ("render", "detection") if k in data and not data[k]}}
+    return data
+
+
+def _section(cls: type, value: Any, where: str) -> Any:
+    """A section given as a mapping (direct construction, e.g. ``detection=head.to_dict()``) validated into ``cls``;
+    an empty one is None."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping) and not value:
+        return None
+    return load(cls, value, where)

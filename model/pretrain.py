@@ -6,21 +6,22 @@ the render head (``proj_net`` UNet3D and the NeuS ``renderer``), with the offici
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from model.config import ModelConfig
-from model.render import PonderRenderHead, RenderHeadConfig, infer_head_config
+from model.config_io import ConfigError
+from model.render import PonderRenderHead, infer_head_config
+from model.render.config import RenderSection
 
 
-def infer_render_config(sd: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The ``render`` entry of a ModelConfig, read off a (prefix-stripped) pre-training state_dict."""
-    head = infer_head_config(sd)
-    return {"head": head.to_dict(), "proj_head": "proj_head.weight" in sd,
-            "semantic": "class_embedding" in sd,
-            "mask_channels": int(sd["mtoken"].shape[1]) if "mtoken" in sd else 0}
+def infer_render_config(sd: Mapping[str, Tensor]) -> RenderSection:
+    """The ``render`` section of a ModelConfig, read off a (prefix-stripped) pre-training state_dict."""
+    return RenderSection(head=infer_head_config(sd), proj_head="proj_head.weight" in sd,
+                         semantic="class_embedding" in sd,
+                         mask_channels=int(sd["mtoken"].shape[1]) if "mtoken" in sd else 0)
 
 
 class PonderIndoor(nn.Module):
@@ -47,11 +48,12 @@ class PonderIndoor(nn.Module):
     def from_config(cls, cfg: ModelConfig) -> "PonderIndoor":
         from model.build import build_backbone
 
-        render = dict(cfg.render)
-        head = PonderRenderHead(RenderHeadConfig.from_dict(render["head"]))
-        return cls(build_backbone(cfg.backbone), head, cfg.conditions, cfg.valid_index,
-                   cfg.backbone.context_channels, len(cfg.vocabulary), semantic=render.get("semantic", True),
-                   proj_head=render.get("proj_head", True), mask_channels=render.get("mask_channels", 0))
+        render = cfg.render
+        if render is None:
+            raise ConfigError("a pretrain model config needs a render section (the render head)")
+        return cls(build_backbone(cfg.backbone), PonderRenderHead(render.head), cfg.conditions, cfg.valid_index,
+                   cfg.backbone.context_channels, len(cfg.vocabulary), semantic=render.semantic,
+                   proj_head=render.proj_head, mask_channels=render.mask_channels)
 
     has_classifier = False
 

@@ -1,27 +1,168 @@
-"""Every shipped task config (training/configs/<task>-*.yaml) loads and validates with its task's reader, so a
-config named in the README or a docstring cannot rot unnoticed."""
+"""Every config goes through one typed loader (``model.config_io``): shipped task configs, the bundled model's
+config.json files and the configs inferred from the reference checkpoints load into typed sections, and a bad
+key or value is refused with an error that names it (exit 2 on the command line)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
+from model.config import DetectionConfig, ModelConfig
+from model.config_io import ConfigError
+from model.render.config import RenderConfigError, RenderHeadConfig, RenderSection
+from conftest import fixture_dir
+from training.config_io import ConfigError as TrainingConfigError
 from training.detect.config import load_config as load_detect
 from training.images.config import load_config as load_images
 from training.pretrain.config import load_config as load_pretrain
+from training.segment.config import config_from_dict, config_to_dict
 from training.segment.config import load_config as load_segment
 
-CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "training" / "configs"
+
+
+def load_image_segment(path):
+    from training.images.segment import load_segment_config
+
+    return load_segment_config(path)
+
+
 READERS = {"pretrain": load_pretrain, "segment": load_segment, "detect": load_detect,
-           "pretrain-images": load_images}
+           "pretrain-images": load_images, "segment-images": load_image_segment}
+MODEL_CONFIGS = sorted((REPO / "model" / "default_model").rglob("config.json"))
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_config_loads(path):
-    task = "pretrain-images" if path.name.startswith("pretrain-images-") else path.name.split("-", 1)[0]
+    task = "-".join(path.name.split("-", 2)[:2]) if path.name.split("-")[1] == "images" else path.name.split("-")[0]
     assert task in READERS, f"{path.name}: config names must start with one of {sorted(READERS)}"
     cfg = READERS[task](path)
     assert cfg.train.epochs >= 1 and cfg.train.batch_size >= 1
+    assert isinstance(cfg.train.optim.lr, float)
     if path.stem.endswith("-cpu"):
         assert cfg.train.device == "cpu"
+    if task == "pretrain":
+        assert isinstance(cfg.model.render, RenderSection) and isinstance(cfg.head, RenderHeadConfig)
+
+
+def test_one_error_type():
+    assert TrainingConfigError is ConfigError and issubclass(ConfigError, ValueError)
+    assert issubclass(RenderConfigError, ConfigError)
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: str(p.parent.name))
+def test_bundled_model_configs_load_typed_and_write_back_unchanged(path):
+    data = json.loads(path.read_text())
+    if data.get("kind") == "image-render":  # the image model has its own config class (model.images.config)
+        from model.images.config import ImageModelConfig
+
+        image = ImageModelConfig.load(path)
+        assert isinstance(image.render, RenderHeadConfig)
+        assert json.loads(json.dumps(image.to_dict())) == data
+        return
+    cfg = ModelConfig.load(path)
+    assert cfg.render is None or isinstance(cfg.render, RenderSection)
+    assert cfg.detection is None or isinstance(cfg.detection, DetectionConfig)
+    assert isinstance(cfg.backbone.channels, tuple) and all(isinstance(v, tuple) for v in cfg.class_names.values())
+    assert cfg.to_dict() == data  # the file format is unchanged ("render": {} for no render head, lists, ...)
+
+
+def test_bundled_sections_are_typed():
+    assert isinstance(ModelConfig.load(REPO / "model/default_model/render/config.json").render.head, RenderHeadConfig)
+    det = ModelConfig.load(REPO / "model/default_model/detect/config.json").detection
+    assert det.decode.min_votes == 30.0 and det.class_names[0] == "cabinet"
+
+
+@pytest.mark.parametrize("name", ["spunet_v1m1_seg", "ppt_v1m3_seg", "ponder_render"])
+def test_configs_of_the_reference_checkpoints_round_trip(name):
+    from model.checkpoint import read_official
+    from model.infer_config import infer_config
+
+    folder = fixture_dir(name)
+    cfg = infer_config(read_official(folder / "checkpoint.pth"))
+    if name == "ponder_render":
+        official = json.loads((folder / "model_config.json").read_text())
+        cfg.render["head"] = RenderHeadConfig.from_official(official).to_dict()  # the dict-style access still works
+        assert cfg.render.head == RenderHeadConfig.from_official(official)
+        assert cfg.render["head"]["grid_shape"] == list(cfg.render.head.grid_shape)
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def _bad(mutate) -> str:
+    data = json.loads((REPO / "model/default_model/render/config.json").read_text())
+    mutate(data)
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_dict(data)
+    return str(info.value)
+
+
+def test_unknown_and_mistyped_model_fields_are_named():
+    assert "unknown config keys: ['colour']" in _bad(lambda d: d.update(colour=1))
+    assert "unknown backbone keys: ['chanels']" in _bad(lambda d: d["backbone"].update(chanels=[1]))
+    assert "backbone.channels[2]" in _bad(lambda d: d["backbone"]["channels"].__setitem__(2, "wide"))
+    assert "grid_size" in _bad(lambda d: d.update(grid_size="fine"))
+    assert "unknown render.head.sampler keys: ['samples']" in _bad(
+        lambda d: d["render"]["head"]["sampler"].update(samples=3))
+    assert "render.head.grid_shape" in _bad(lambda d: d["render"]["head"].update(grid_shape=[4, 4]))
+    assert "sdf_decoder" in _bad(lambda d: d["render"]["head"]["field"]["sdf_decoder"].update(in_dim=5))
+    assert "detection.class_names" in _bad(lambda d: d.update(detection={"in_channels": 8}))
+    assert "unknown detection.decode keys: ['radius']" in _bad(
+        lambda d: d.update(detection={"in_channels": 8, "class_names": ["chair"], "decode": {"radius": 1}}))
+
+
+def test_direct_construction_validates_dict_sections():
+    head = {"in_channels": 8, "class_names": ["chair", "table"], "decode": {"min_votes": 3}}
+    cfg = ModelConfig(kind="encoder", detection=head)
+    assert isinstance(cfg.detection, DetectionConfig) and cfg.detection.decode.min_votes == 3.0
+    assert cfg.detection["class_names"] == ["chair", "table"] and dict(cfg.detection)["in_channels"] == 8
+    assert ModelConfig(kind="encoder", detection={}).detection is None
+    with pytest.raises(ConfigError, match="duplicate detection class names"):
+        ModelConfig(kind="encoder", detection={"in_channels": 8, "class_names": ["a", "a"]})
+    with pytest.raises(RenderConfigError, match="unknown loss keys"):
+        RenderHeadConfig.from_dict({"loss": {"rgb": 1.0}})
+
+
+def test_training_config_errors_name_the_key(tmp_path):
+    raw = yaml.safe_load((CONFIGS / "segment-small-cpu.yaml").read_text())
+    raw["train"]["optim"]["lr"] = "fast"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"bad.yaml: config.train.optim.lr: Input should be a valid number"):
+        load_segment(path)
+    raw["train"]["optim"] = {"lr": 0.1, "momentun": 0.9}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"unknown config.train.optim keys: \['momentun'\] \(known: .*'momentum'"):
+        load_segment(path)
+    cfg = load_segment(CONFIGS / "segment-small-cpu.yaml")
+    assert config_from_dict(config_to_dict(cfg)) == cfg and yaml.safe_dump(config_to_dict(cfg))
+
+
+def test_detect_head_and_backbone_mappings_are_checked_on_load():
+    from training.detect.config import DetectConfig
+
+    raw = yaml.safe_load((CONFIGS / "detect-small-cpu.yaml").read_text())
+    raw["model"]["head"]["decode"]["min_vote"] = 3
+    with pytest.raises(ConfigError, match=r"unknown model.head.decode keys: \['min_vote'\]"):
+        DetectConfig.from_dict(raw)
+    raw = yaml.safe_load((CONFIGS / "detect-small-cpu.yaml").read_text())
+    raw["model"]["backbone"]["layers"] = "deep"
+    with pytest.raises(ConfigError, match="model.backbone.layers"):
+        DetectConfig.from_dict(raw)
+
+
+def test_cli_reports_a_bad_config_json_with_exit_2(tmp_path, capsys):
+    from ponder.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(REPO / "model" / "default_model" / "detect", folder)
+    data = json.loads((folder / "config.json").read_text())
+    data["detection"]["decode"]["min_votes"] = "many"
+    (folder / "config.json").write_text(json.dumps(data))
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "detection.decode.min_votes" in err and "Traceback" not in err

@@ -13,76 +13,19 @@ works on any encoder's (N, C) features. The head is a small MLP shared by every 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-
-@dataclass
-class DecodeConfig:
-    """How votes become boxes (defaults used by ``detect``; each call may override the thresholds).
-
-    seed_threshold: objectness a voxel needs for its vote to count.
-    vote_radius: grouping radius around a cluster centre (metres).
-    min_votes: clusters with a smaller summed objectness are scaled down in score (support = sum / min_votes).
-    max_votes: foreground votes kept (highest objectness first) to bound the cost on huge scenes.
-    max_proposals: clusters seeded by farthest-point sampling of the votes.
-    score_threshold / iou_threshold: final score cut and per-class 3D NMS IoU.
-    max_detections: boxes returned at most.
-    """
-
-    seed_threshold: float = 0.5
-    vote_radius: float = 0.3
-    min_votes: float = 8.0
-    max_votes: int = 50000
-    max_proposals: int = 256
-    mean_shift_steps: int = 2
-    score_threshold: float = 0.3
-    iou_threshold: float = 0.25
-    max_detections: int = 200
+from model.config import DetectionConfig, DetectionDecodeConfig
+from model.config_io import load
 
 
-@dataclass
-class HeadConfig:
-    in_channels: int
-    class_names: tuple[str, ...]
-    hidden_channels: int = 64
-    num_layers: int = 2
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-
-    def __post_init__(self) -> None:
-        self.class_names = tuple(self.class_names)
-        if isinstance(self.decode, dict):
-            known = {f.name for f in fields(DecodeConfig)}
-            unknown = set(self.decode) - known
-            if unknown:
-                raise ValueError(f"unknown detection decode keys: {sorted(unknown)} (known: {sorted(known)})")
-            self.decode = DecodeConfig(**self.decode)
-        if self.in_channels < 1 or self.hidden_channels < 1 or self.num_layers < 0:
-            raise ValueError(f"invalid detection head sizes: in {self.in_channels}, hidden {self.hidden_channels}, "
-                             f"layers {self.num_layers}")
-        if not self.class_names:
-            raise ValueError("the detection head needs at least one class name")
-        if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"duplicate detection class names: {list(self.class_names)}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HeadConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown detection head config keys: {sorted(unknown)} (known: {sorted(known)})")
-        missing = {"in_channels", "class_names"} - set(data)
-        if missing:
-            raise ValueError(f"the detection head config needs {sorted(missing)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["class_names"] = list(self.class_names)
-        return out
+# The head's settings are the ``detection`` section of a ModelConfig (typed there, free of torch); these names
+# are kept for the detection package's callers.
+HeadConfig = DetectionConfig
+DecodeConfig = DetectionDecodeConfig
 
 
 # Layout of the head's output channels: name -> width (num_classes filled in per head).
@@ -114,8 +57,8 @@ class DetectionHead(nn.Module):
             bias["objectness"].fill_(-1.0)
 
     @classmethod
-    def from_config(cls, data: dict[str, Any]) -> "DetectionHead":
-        return cls(HeadConfig.from_dict(dict(data)))
+    def from_config(cls, data: DetectionConfig | dict[str, Any]) -> "DetectionHead":
+        return cls(load(DetectionConfig, data, "detection"))
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -9,14 +9,17 @@ norm_pts) follows the era that the shapes identify.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from dataclasses import field as dc_field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
+from model.config_io import FORBID, ConfigError, SectionMapping, before, dump, load
+
+if TYPE_CHECKING:
+    import torch
 
 
-class RenderConfigError(ValueError):
+class RenderConfigError(ConfigError):
     """A render-head configuration or state_dict that does not describe a valid model."""
 
 
@@ -24,6 +27,7 @@ class RenderConfigError(ValueError):
 class DecoderConfig:
     """One decoder MLP (`render_utils/decoders.py`): dims = [hidden] + [hidden]*n_blocks + [out]."""
 
+    __pydantic_config__ = FORBID
     in_dim: int
     out_dim: int
     hidden_size: int = 128
@@ -33,6 +37,7 @@ class DecoderConfig:
 
 @dataclass(frozen=True)
 class FieldConfig:
+    __pydantic_config__ = FORBID
     sdf_decoder: DecoderConfig
     rgb_decoder: DecoderConfig | None = None
     semantic_decoder: DecoderConfig | None = None
@@ -47,6 +52,7 @@ class FieldConfig:
 class ProjectionConfig:
     """UNet3D-v1m2 (SingleConv "bcr" blocks, transposed-conv upsampling, sum joining)."""
 
+    __pydantic_config__ = FORBID
     in_channels: int = 96
     out_channels: int = 128
     f_maps: tuple[int, ...] = (32, 64, 128, 256)
@@ -56,6 +62,7 @@ class ProjectionConfig:
 class SamplerConfig:
     """NeuSSampler with a UniformSampler start and one PDF upsampling step."""
 
+    __pydantic_config__ = FORBID
     num_samples: int = 96
     num_samples_importance: int = 36
     num_upsample_steps: int = 1
@@ -66,6 +73,7 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class ColliderConfig:
+    __pydantic_config__ = FORBID
     near_plane: float = 0.01
     bbox: tuple[float, float, float, float, float, float] = (-0.55, -0.55, -0.55, 0.55, 0.55, 0.55)
 
@@ -74,6 +82,7 @@ class ColliderConfig:
 class LossConfig:
     """`SurfaceModel.get_loss` settings; a weight of 0 drops that loss from the dict (as the original)."""
 
+    __pydantic_config__ = FORBID
     sensor_depth_truncation: float = 0.05
     temperature: float = 0.01
     depth_loss: float = 1.0
@@ -88,6 +97,7 @@ class LossConfig:
 class RenderHeadConfig:
     """Everything below the sparse backbone. ``grid_shape`` is (X, Y, Z) as in the original."""
 
+    __pydantic_config__ = FORBID
     projection: ProjectionConfig = dc_field(default_factory=ProjectionConfig)
     field: FieldConfig = dc_field(default_factory=lambda: head_field_config(128))
     sampler: SamplerConfig = dc_field(default_factory=SamplerConfig)
@@ -112,31 +122,17 @@ class RenderHeadConfig:
         return -0.5 - self.padding / 2, 0.5 + self.padding / 2
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dump(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RenderHeadConfig":
-        try:
-            fcfg = dict(data.get("field", {}))
-            dec = {k: (DecoderConfig(**fcfg[k]) if fcfg.get(k) is not None else None)
-                   for k in ("sdf_decoder", "rgb_decoder", "semantic_decoder") if k in fcfg}
-            proj = dict(data.get("projection", {}))
-            if "f_maps" in proj:
-                proj["f_maps"] = tuple(proj["f_maps"])
-            coll = dict(data.get("collider", {}))
-            if "bbox" in coll:
-                coll["bbox"] = tuple(coll["bbox"])
-            top = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}
-                   and k not in ("projection", "field", "sampler", "collider", "loss")}
-            if "grid_shape" in top:
-                top["grid_shape"] = tuple(top["grid_shape"])
-            projection = ProjectionConfig(**proj)
-            field_cfg = FieldConfig(**{**fcfg, **dec}) if fcfg else head_field_config(projection.out_channels)
-            return cls(projection=projection, field=field_cfg,
-                       sampler=SamplerConfig(**data.get("sampler", {})), collider=ColliderConfig(**coll),
-                       loss=LossConfig(**data.get("loss", {})), **top)
-        except (TypeError, KeyError) as exc:
-            raise RenderConfigError(f"invalid render config: {exc}") from exc
+    def from_dict(cls, data: Mapping[str, Any] | RenderHeadConfig) -> RenderHeadConfig:
+        """From ``to_dict`` output (or a YAML/JSON mapping of the same fields); without ``field``, the HEAD layout
+        for the projection's output channels."""
+        return load(cls, data, error=RenderConfigError)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        return before(handler, source, _default_field)
 
     @classmethod
     def from_official(cls, model: Mapping[str, Any]) -> "RenderHeadConfig":
@@ -185,6 +181,32 @@ class RenderHeadConfig:
                 padding=model.get("padding", 0.1))
         except KeyError as exc:
             raise RenderConfigError(f"official model config lacks {exc}") from exc
+
+
+def _default_field(data: Any) -> Any:
+    """A head mapping without ``field`` gets the HEAD layout sized by its projection (not the 128-channel default)."""
+    if not isinstance(data, Mapping) or data.get("field"):
+        return data
+    proj = data.get("projection", {})
+    channels = proj.get("out_channels") if isinstance(proj, Mapping) else getattr(proj, "out_channels", None)
+    channels = channels if isinstance(channels, int) and channels > 0 else ProjectionConfig.out_channels
+    return {**data, "field": head_field_config(channels)}
+
+
+@dataclass
+class RenderSection(SectionMapping):
+    """The ``render`` section of a ModelConfig (pre-training checkpoints, and models that also render): the head
+    and the PonderIndoor-v2 wrapper's options (``model.pretrain``)."""
+
+    __pydantic_config__ = FORBID
+    head: RenderHeadConfig
+    proj_head: bool = True      # the semantic projection ``proj_head`` (a Linear to the text-embedding width)
+    semantic: bool = True       # ``class_embedding`` + ``logit_scale`` present (semantic rendering targets)
+    mask_channels: int = 0      # width of the masking token ``mtoken`` (0: no block masking)
+
+    def __post_init__(self) -> None:
+        if self.mask_channels < 0:
+            raise RenderConfigError(f"render.mask_channels must be >= 0, got {self.mask_channels}")
 
 
 def head_field_config(volume_channels: int = 128, geo_dim: int = 64, hidden: int = 128) -> FieldConfig:

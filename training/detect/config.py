@@ -7,16 +7,15 @@ Sections: ``model`` (where the encoder comes from, the head), ``data`` (scenes w
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-
+from model.config import BackboneConfig, DetectionConfig
+from model.config_io import FORBID
+from training.config_io import ConfigError, load, read_yaml
 from training.data.classes import DETECTION_NAMES, SCANNET20_NAMES
-from training.config_io import ConfigError, read_yaml, dataclass_from, train_config_from
 from training.engine import TrainConfig
-
 
 
 @dataclass
@@ -99,6 +98,7 @@ class EvalConfig:
 
 @dataclass
 class DetectConfig:
+    __pydantic_config__ = FORBID  # also refuses unknown keys in every section nested here
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -109,19 +109,7 @@ class DetectConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DetectConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError("the config must be a mapping with sections model, data, train, ...")
-        sections = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - sections
-        if unknown:
-            raise ConfigError(f"unknown config sections: {sorted(unknown)} (known: {sorted(sections)})")
-        cfg = cls(model=_dataclass(ModelSection, data.get("model", {}), "model"),
-                  data=_dataclass(DataConfig, data.get("data", {}), "data", {"generate": GenerateConfig}),
-                  augment=_dataclass(AugmentConfig, data.get("augment", {}), "augment"),
-                  loss=_dataclass(LossConfig, data.get("loss", {}), "loss"),
-                  eval=_dataclass(EvalConfig, data.get("eval", {}), "eval"),
-                  train=_train_config(data.get("train", {})),
-                  out_dir=str(data.get("out_dir", "runs/detect")))
+        cfg = load(cls, data)
         cfg.validate()
         return cfg
 
@@ -136,6 +124,11 @@ class DetectConfig:
             raise ConfigError(f"model.grid_size must be positive, got {self.model.grid_size}")
         if self.model.init is None and not self.model.backbone:
             raise ConfigError("give model.init (a checkpoint) or model.backbone (an architecture to train from scratch)")
+        # backbone and head stay mappings for the task (which completes them from the init checkpoint and the
+        # data), but their keys and values are checked here, by the types they become
+        if self.model.backbone:
+            load(BackboneConfig, self.model.backbone, "model.backbone")
+        load(DetectionConfig, {"in_channels": 1, "class_names": ("any",), **self.model.head}, "model.head")
         lo, hi = self.augment.scale
         if not 0 < lo <= hi:
             raise ConfigError(f"augment.scale must be (low, high) with 0 < low <= high, got {self.augment.scale}")
@@ -151,13 +144,5 @@ def load_config(path: str | Path) -> DetectConfig:
     data = read_yaml(path)
     try:
         return DetectConfig.from_dict(data or {})
-    except (ConfigError, TypeError) as exc:
+    except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-
-
-def _dataclass(cls, data, where, nested=None):
-    return dataclass_from(cls, data, where, nested, lists_as_tuples=True)
-
-
-def _train_config(data):
-    return train_config_from(data, lists_as_tuples=True)

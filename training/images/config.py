@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from model.config_io import FORBID
 from model.images.config import ImageModelConfig
-from training.config_io import ConfigError, dataclass_from, read_yaml, train_config_from
+from training.config_io import ConfigError, as_mapping, load, read_yaml
 from training.engine import TrainConfig
 from training.pretrain.config import DataConfig, FrameConfig, GenerateConfig
 
@@ -51,6 +52,9 @@ class ImageEvalConfig:
 
 @dataclass
 class ImagePretrainConfig:
+    """``model`` is read by ``ImageModelConfig.from_dict``; every other section by the typed loader."""
+
+    __pydantic_config__ = FORBID  # also refuses unknown keys in every section nested here
     model: ImageModelConfig
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -61,24 +65,14 @@ class ImagePretrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ImagePretrainConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError("the config must be a mapping with sections model, data, train")
-        unknown = set(data) - {"model", "data", "train", "eval", "out_dir", "threads", "image_weights"}
-        if unknown:
-            raise ConfigError(f"unknown config sections: {sorted(unknown)}")
+        data = as_mapping(data, "the config")
         if "model" not in data:
             raise ConfigError("the config has no 'model' section")
         try:
             model = ImageModelConfig.from_dict(data["model"])
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
-        cfg = cls(model=model,
-                  data=dataclass_from(ImageDataConfig, data.get("data", {}), "data",
-                                      {"frames": FrameConfig, "generate": GenerateConfig}),
-                  train=train_config_from(data.get("train", {})),
-                  eval=dataclass_from(ImageEvalConfig, data.get("eval", {}), "eval", {"frames": FrameConfig}),
-                  out_dir=str(data.get("out_dir", "runs/pretrain-images")), threads=data.get("threads"),
-                  image_weights=data.get("image_weights"))
+        cfg = load(cls, {**data, "model": model})
         if cfg.data.input_views < 2 or cfg.data.target_views < 1:
             raise ConfigError(f"data.input_views must be >= 2 and data.target_views >= 1, got "
                               f"{cfg.data.input_views}, {cfg.data.target_views}")

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-
-from model.config import SCANNET20_NAMES, BackboneConfig, ModelConfig
+from model.config import SCANNET20_NAMES, ModelConfig
+from model.config_io import FORBID
 from model.render import RenderHeadConfig, head_field_config
+from model.render.config import RenderSection
+from training.config_io import ConfigError, as_mapping, load, read_yaml
 from training.data.formats import FrameSelection
-from training.config_io import ConfigError, read_yaml, dataclass_from, train_config_from
 from training.engine import TrainConfig
-
 
 
 @dataclass
@@ -96,6 +96,10 @@ class EvalConfig:
 
 @dataclass
 class PretrainConfig:
+    """``model`` is read by ``build_model_config`` (the YAML form of a ``kind: pretrain`` ModelConfig, with the
+    render-head shortcuts); every other section by the typed loader."""
+
+    __pydantic_config__ = FORBID  # also refuses unknown keys in every section nested here
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -106,30 +110,27 @@ class PretrainConfig:
     threads: int | None = None          # torch CPU threads (1 avoids thrashing on a busy, shared CPU)
 
     @property
+    def render(self) -> RenderSection:
+        assert self.model.render is not None  # build_model_config always sets it
+        return self.model.render
+
+    @property
     def head(self) -> RenderHeadConfig:
-        return RenderHeadConfig.from_dict(self.model.render["head"])
+        return self.render.head
 
     @property
     def semantic(self) -> bool:
-        return bool(self.model.render.get("semantic", False))
+        return self.render.semantic
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PretrainConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError("the config must be a mapping with sections model, data, train")
-        unknown = set(data) - {"model", "data", "train", "mask", "eval", "out_dir", "class_embedding", "threads"}
-        if unknown:
-            raise ConfigError(f"unknown config sections: {sorted(unknown)}")
+        data = as_mapping(data, "the config")
         if "model" not in data:
             raise ConfigError("the config has no 'model' section")
-        cfg = cls(model=build_model_config(data["model"]),
-                  data=_dataclass(DataConfig, data.get("data", {}), "data",
-                                  {"frames": FrameConfig, "generate": GenerateConfig}),
-                  train=_train_config(data.get("train", {})),
-                  mask=_dataclass(MaskConfig, data["mask"], "mask") if data.get("mask") else None,
-                  eval=_dataclass(EvalConfig, data.get("eval", {}), "eval", {"frames": FrameConfig}),
-                  out_dir=str(data.get("out_dir", "runs/pretrain")),
-                  class_embedding=data.get("class_embedding"), threads=data.get("threads"))
+        sections = {**data, "model": build_model_config(data["model"])}
+        if not sections.get("mask"):
+            sections["mask"] = None
+        cfg = load(cls, sections)
         cfg.validate()
         return cfg
 
@@ -148,7 +149,7 @@ class PretrainConfig:
             raise ConfigError("loss.semantic_loss > 0 needs model.render.semantic: true and a semantic decoder "
                               "(or set the semantic loss weight to 0)")
         if self.mask is not None:
-            if self.model.render.get("mask_channels", 0) != self.model.backbone.in_channels:
+            if self.render.mask_channels != self.model.backbone.in_channels:
                 raise ConfigError("block masking needs model.render.mask_channels equal to the backbone's "
                                   f"in_channels ({self.model.backbone.in_channels})")
             if not 0 < self.mask.ratio < 1 or self.mask.size < 1:
@@ -165,67 +166,55 @@ def load_config(path: str | Path) -> PretrainConfig:
 
 
 def build_model_config(data: Mapping[str, Any]) -> ModelConfig:
-    """A ``kind: pretrain`` ModelConfig from the YAML ``model`` section."""
-    data = dict(data)
-    render = dict(data.pop("render", {}))
-    head = dict(render.pop("head", {}))
-    semantic = bool(render.pop("semantic", False))
-    proj_head = bool(render.pop("proj_head", semantic))
-    mask_channels = int(render.pop("mask_channels", 0))
+    """A ``kind: pretrain`` ModelConfig from the YAML ``model`` section: a ModelConfig mapping whose ``render``
+    is ``{head, semantic (default false), proj_head (default: semantic), mask_channels}``, with defaults for
+    ``conditions`` ([ScanNet]), ``vocabulary`` (ScanNet-20) and ``valid_index`` (every vocabulary row)."""
+    data = dict(as_mapping(data, "model"))
+    if data.pop("kind", "pretrain") != "pretrain":
+        raise ConfigError("model.kind of a pre-training config can only be 'pretrain'")
+    render = dict(as_mapping(data.pop("render", {}), "model.render"))
+    head = dict(as_mapping(render.pop("head", {}), "model.render.head"))
+    semantic = load(bool, render.pop("semantic", False), "model.render.semantic")
+    flags = {"proj_head": render.pop("proj_head", semantic), "mask_channels": render.pop("mask_channels", 0)}
     if render:
-        raise ConfigError(f"unknown model.render keys: {sorted(render)}")
-    grid_size = float(data.get("grid_size", 0.02))
-    if float(head.setdefault("grid_size", grid_size)) != grid_size:
-        raise ConfigError(f"model.grid_size {grid_size} (voxelisation) and model.render.head.grid_size "
-                          f"{head['grid_size']} (dense volume) must be equal")
-    head_cfg = _head_config(head, semantic)
-    backbone = BackboneConfig(**_tuples(data.pop("backbone", {})))
-    if backbone.out_channels != head_cfg.projection.in_channels:
-        raise ConfigError(f"the backbone gives {backbone.out_channels} channels but the projection takes "
-                          f"{head_cfg.projection.in_channels}")
-    vocabulary = tuple(data.pop("vocabulary", SCANNET20_NAMES))
-    conditions = tuple(data.pop("conditions", ("ScanNet",)))
-    valid_index = tuple(tuple(v) for v in data.pop("valid_index", [range(len(vocabulary))] * len(conditions)))
-    if len(valid_index) != len(conditions):
-        raise ConfigError(f"{len(valid_index)} valid_index lists for {len(conditions)} conditions")
-    try:
-        return ModelConfig(kind="pretrain", backbone=backbone, conditions=conditions, valid_index=valid_index,
-                           vocabulary=vocabulary,
-                           render={"head": head_cfg.to_dict(), "proj_head": proj_head and semantic,
-                                   "semantic": semantic, "mask_channels": mask_channels},
-                           **data)
-    except TypeError as exc:
-        raise ConfigError(f"invalid model section: {exc}") from None
+        raise ConfigError(f"unknown model.render keys: {sorted(render)} "
+                          "(known: ['head', 'mask_channels', 'proj_head', 'semantic'])")
+    head.setdefault("grid_size", data.setdefault("grid_size", 0.02))
+    render_section = load(RenderSection, {"head": _head_config(head, semantic), "semantic": semantic, **flags},
+                          "model.render")
+    render_section.proj_head = render_section.proj_head and semantic  # the projection exists for semantics only
+    vocabulary = data.setdefault("vocabulary", SCANNET20_NAMES)
+    conditions = data.setdefault("conditions", ("ScanNet",))
+    rows = tuple(range(len(vocabulary))) if isinstance(vocabulary, (list, tuple)) else ()
+    data.setdefault("valid_index", [rows] * len(conditions) if isinstance(conditions, (list, tuple)) else ())
+    cfg = load(ModelConfig, {**data, "kind": "pretrain", "render": render_section}, "model")
+    if cfg.grid_size != render_section.head.grid_size:
+        raise ConfigError(f"model.grid_size {cfg.grid_size} (voxelisation) and model.render.head.grid_size "
+                          f"{render_section.head.grid_size} (dense volume) must be equal")
+    if cfg.backbone.out_channels != render_section.head.projection.in_channels:
+        raise ConfigError(f"the backbone gives {cfg.backbone.out_channels} channels but the projection takes "
+                          f"{render_section.head.projection.in_channels}")
+    if len(cfg.valid_index) != len(cfg.conditions):
+        raise ConfigError(f"{len(cfg.valid_index)} valid_index lists for {len(cfg.conditions)} conditions")
+    return cfg
 
 
 def _head_config(head: dict[str, Any], semantic: bool) -> RenderHeadConfig:
-    fcfg = head.pop("field", None)
+    """``model.render.head``; its ``field`` may be the shortcut ``{hidden_size, geo_dim}`` (the HEAD layout,
+    whose semantic decoder is kept only for semantic rendering)."""
+    fcfg = head.get("field")
+    if fcfg is not None and "sdf_decoder" in as_mapping(fcfg, "model.render.head.field"):
+        return load(RenderHeadConfig, head, "model.render.head")
+    short = dict(fcfg or {})
+    unknown = set(short) - {"hidden_size", "geo_dim"}
+    if unknown:
+        raise ConfigError("model.render.head.field shortcut takes hidden_size and geo_dim, "
+                          f"not {sorted(unknown)}")
+    base = load(RenderHeadConfig, {k: v for k, v in head.items() if k != "field"}, "model.render.head")
+    f = head_field_config(base.projection.out_channels, short.get("geo_dim", 64), short.get("hidden_size", 128))
+    if not semantic:
+        f = dataclasses.replace(f, semantic_decoder=None)
     try:
-        base = RenderHeadConfig.from_dict(head)
-        if fcfg is None or "sdf_decoder" not in fcfg:
-            short = dict(fcfg or {})
-            unknown = set(short) - {"hidden_size", "geo_dim"}
-            if unknown:
-                raise ConfigError("model.render.head.field shortcut takes hidden_size and geo_dim, "
-                                  f"not {sorted(unknown)}")
-            f = head_field_config(base.projection.out_channels, short.get("geo_dim", 64), short.get("hidden_size", 128))
-            if not semantic:
-                f = dataclasses.replace(f, semantic_decoder=None)
-            return dataclasses.replace(base, field=f)
-        return RenderHeadConfig.from_dict({**head, "field": fcfg})
+        return dataclasses.replace(base, field=f)
     except ValueError as exc:
         raise ConfigError(f"invalid model.render.head: {exc}") from None
-
-
-
-
-def _tuples(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-
-
-def _dataclass(cls, data, where, nested=None):
-    return dataclass_from(cls, data, where, nested, lists_as_tuples=False)
-
-
-def _train_config(data):
-    return train_config_from(data, lists_as_tuples=False)

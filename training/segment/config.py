@@ -8,22 +8,19 @@ segment-small-cpu.yaml.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-
 from model.config import BackboneConfig
+from model.config_io import FORBID
+from training.config_io import ConfigError, dump, load, read_yaml
 from training.data.classes import SCANNET20_NAMES
-from training.config_io import ConfigError, read_yaml
 from training.engine import TrainConfig
 
 HEADS = ("language", "linear")
 LABEL_MODES = ("points", "scenes")
 EVAL_MODES = ("fast", "precise", "none")
-
 
 
 @dataclass
@@ -89,6 +86,7 @@ class EvalConfig:
 
 @dataclass
 class SegmentConfig:
+    __pydantic_config__ = FORBID  # also refuses unknown keys in every section nested here
     model: SegModelConfig = field(default_factory=SegModelConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -124,49 +122,17 @@ def load_config(path: str | Path) -> SegmentConfig:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> SegmentConfig:
-    cfg = _build(SegmentConfig, data, "config")
+    cfg = load(SegmentConfig, data, "config")  # errors name "config.<section>.<key>", as they always have
     cfg.validate()
     return cfg
 
 
 def config_to_dict(cfg: SegmentConfig) -> dict[str, Any]:
     """Plain YAML-safe dict (tuples as lists), written beside a run for reproducibility."""
-    return _plain(dataclasses.asdict(cfg))
-
-
-def _build(cls, data: Any, where: str):
-    """Dataclass ``cls`` from a mapping, recursing into dataclass-typed fields; unknown keys are errors."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"unknown {where} keys: {sorted(unknown)} (known: {sorted(names)})")
-    values = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value or {}, f"{where}.{key}")
-        elif isinstance(value, list):
-            values[key] = tuple(value)
-        else:
-            values[key] = value
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid {where}: {exc}") from None
+    return dump(cfg)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
