@@ -10,8 +10,13 @@
 #   worker        NVIDIA's Triton image serving a repository written by `ponder export triton-repo`, with this
 #                 package for the repository's kernel-map step (a Python-backend model that imports torch).
 #                   docker build --target worker -t ponder-worker .
+#   worker-cpu    stand-in of `worker` for CPU machines without NVIDIA's image (CI, this project's compose check):
+#                 Debian/python base + the CPU build of torch + nvidia-pytriton, whose tritonserver has only the
+#                 Python backend, so it serves `--kind python-onnxruntime` repositories, mounted at /models.
+#                   docker build --target worker-cpu -t ponder-worker-cpu .
 # Every image runs as uid 10001. Dependencies are installed in a layer before the code, so a code change
-# rebuilds only the last, small layer (`pip install --no-deps .`).
+# rebuilds only the last, small layer (`pip install --no-deps .`). That layer's cache key is the requirement list
+# (stage `requirements`), not pyproject.toml: editing a version, pytest settings or another extra reinstalls nothing.
 #
 # CUDA versions of the worker (all CUDA 12.6): Triton 24.10 = Triton server 2.51 on CUDA 12.6.2 with TensorRT
 # 10.5 (Triton's own TensorRT backend runs the `--kind tensorrt` plans; no pip `tensorrt`); torch from the cu126
@@ -25,7 +30,7 @@ ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
 ARG TORCH_VERSION=2.13.0
 
 # ---------------------------------------------------------------------------------------------------------
-# The Python base of both gateways: a venv (works the same on the official image and on Debian's python3).
+# The Python base of both gateways and the CPU worker: a venv (works the same on the official image and on Debian's python3).
 FROM ${PYTHON_IMAGE} AS python-base
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
@@ -34,14 +39,20 @@ RUN python3 -m venv /opt/venv \
     && useradd --create-home --uid 10001 ponder \
     && mkdir -p /models && chown ponder /models
 WORKDIR /opt/ponder
+
+# The requirements of each image, read from pyproject.toml and copied into the images below by content (so
+# the `worker` build uses PYTHON_IMAGE too, for this small stage only).
+FROM python-base AS requirements
 COPY pyproject.toml ./
 COPY deploy/requirements.py deploy/
+RUN mkdir /requirements \
+    && for extras in gateway model worker; do python deploy/requirements.py "$extras" > "/requirements/$extras.txt"; done
 
 # ---------------------------------------------------------------------------------------------------------
 FROM python-base AS gateway
-RUN python deploy/requirements.py gateway > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
-COPY README.md ./
+COPY --from=requirements /requirements/gateway.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt
+COPY pyproject.toml README.md ./
 COPY model ./model
 COPY training ./training
 COPY export ./export
@@ -61,10 +72,9 @@ FROM python-base AS gateway-full
 ARG TORCH_VERSION
 # The CPU build of torch from its own index first, so the requirements never pull a CUDA build.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && python deploy/requirements.py model > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
-COPY README.md ./
+COPY --from=requirements /requirements/model.txt /tmp/requirements.txt
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" && pip install -r /tmp/requirements.txt
+COPY pyproject.toml README.md ./
 COPY model ./model
 COPY training ./training
 COPY export ./export
@@ -95,12 +105,10 @@ RUN apt-get update \
     && useradd --create-home --uid 10001 ponder \
     && python3.11 -m venv /opt/venv
 WORKDIR /opt/ponder
-COPY pyproject.toml ./
-COPY deploy/requirements.py deploy/
+COPY --from=requirements /requirements/worker.txt /tmp/requirements.txt
 RUN pip install --index-url "${TORCH_WORKER_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && python deploy/requirements.py worker > /tmp/requirements.txt \
-    && pip install "spconv-cu126==2.3.8" -r /tmp/requirements.txt && rm /tmp/requirements.txt
-COPY README.md ./
+    && pip install "spconv-cu126==2.3.8" -r /tmp/requirements.txt
+COPY pyproject.toml README.md ./
 COPY model ./model
 COPY training ./training
 COPY export ./export
@@ -113,6 +121,29 @@ RUN pip install --no-deps . && rm -rf build \
     && ln -sf /opt/venv/lib/python3.11/site-packages/pytriton/tritonserver/python_backend_stubs/3.11/triton_python_backend_stub \
           /opt/tritonserver/backends/python/triton_python_backend_stub \
     && ponder export triton-repo model/default_model --kind onnxruntime --device gpu -o /opt/ponder/default-repo
+USER 10001
+EXPOSE 8000 8001 8002
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
+CMD ["ponder-worker"]
+
+# ---------------------------------------------------------------------------------------------------------
+# The CPU worker: same entrypoint and ports as `worker`, the tritonserver binary of nvidia-pytriton (Python backend
+# only, hence `ponder export triton-repo --kind python-onnxruntime` repositories). No bundled repository: it needs
+# one at /models and says so otherwise (exporting at build time would need spconv in the image).
+FROM python-base AS worker-cpu
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+COPY --from=requirements /requirements/worker.txt /tmp/requirements.txt
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" && pip install -r /tmp/requirements.txt
+COPY pyproject.toml README.md ./
+COPY model ./model
+COPY training ./training
+COPY export ./export
+COPY service ./service
+COPY ponder ./ponder
+COPY deploy/worker-entrypoint.sh /usr/local/bin/ponder-worker
+RUN pip install --no-deps . && rm -rf build
 USER 10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

@@ -2,14 +2,16 @@
 # Build the images with podman from a local Debian base, run them and check them; used by tests/test_container.py.
 #
 #   deploy/check_images.sh base       the base image: Debian bookworm + python3.11 made by mmdebstrap, imported
-#   deploy/check_images.sh build T..  build Dockerfile targets (gateway, gateway-full), timed
+#   deploy/check_images.sh prometheus a Prometheus image from Debian's `prometheus` package (no registry needed)
+#   deploy/check_images.sh build T..  build Dockerfile targets (gateway, gateway-full, worker-cpu), timed
 #   deploy/check_images.sh run T PORT start target T's image on PORT (host network) and wait for /readyz
 #   deploy/check_images.sh sizes      image sizes
 #   deploy/check_images.sh clean      remove the containers, the images and the storage
 #
 # Needs root, podman + runc + mmdebstrap (apt-get install -y podman buildah runc mmdebstrap). No registry is needed: the base image is made from Debian's packages; the mirror is read from this
 # machine's apt sources and the package-index settings from `pip config list`, both at run time (never written
-# into the repository). Storage stays under PONDER_PODMAN_DIR (default /tmp/ponder-podman).
+# into the repository). Storage stays under PONDER_PODMAN_DIR (default /tmp/ponder-podman); CONTAINERS_CONF and
+# CONTAINERS_STORAGE_CONF point there too, so a plain `podman` (as podman-compose runs it) sees the same images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${PONDER_PODMAN_DIR:-/tmp/ponder-podman}
@@ -25,6 +27,13 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 CONF
+export CONTAINERS_STORAGE_CONF="$DIR/storage.conf"
+cat > "$CONTAINERS_STORAGE_CONF" <<CONF
+[storage]
+driver = "overlay"
+graphroot = "$DIR/storage"
+runroot = "$DIR/run"
+CONF
 PODMAN=(podman --root "$DIR/storage" --runroot "$DIR/run" --storage-driver overlay)
 
 log() { echo "check_images: $*" >&2; }
@@ -37,17 +46,24 @@ debian_mirror() {  # the first Debian mirror of this machine's apt sources
   echo "$uri"
 }
 
-debian_image() {  # debian_image NAME PACKAGES: a minimal bookworm with PACKAGES, imported as NAME
+debian_image() {  # debian_image NAME PACKAGES [IMPORT-ARGS]: a minimal bookworm with PACKAGES, imported as NAME
   local name=$1 packages=$2 tar="$DIR/rootfs-${1//[^a-z0-9]/_}.tar"
+  shift 2
   if "${PODMAN[@]}" image exists "$name"; then log "image $name exists"; return; fi
   [ -f "$tar" ] || mmdebstrap --variant=minbase --include="$packages" bookworm "$tar" \
       "deb $(debian_mirror) bookworm main" > "$DIR/mmdebstrap.log" 2>&1 || { tail -n 20 "$DIR/mmdebstrap.log"; exit 1; }
-  "${PODMAN[@]}" import "$tar" "$name" >/dev/null
+  "${PODMAN[@]}" import "$@" "$tar" "$name" >/dev/null
   log "image $name imported"
 }
 
 cmd_base() {  # the stand-in of python:3.11-slim
   debian_image "$BASE" ca-certificates,python3,python3-venv,libpython3.11
+}
+
+cmd_prometheus() {  # the stand-in of prom/prometheus: Debian's build (2.42), same entrypoint and data folder
+  debian_image localhost/ponder-prometheus:bookworm ca-certificates,prometheus \
+    --change 'ENTRYPOINT ["/usr/bin/prometheus"]' --change 'WORKDIR /var/lib/prometheus' \
+    --change 'CMD ["--config.file=/etc/prometheus/prometheus.yml"]'
 }
 
 pip_conf() {  # this machine's pip settings as a pip.conf for the build (mounted, never part of an image)
@@ -107,10 +123,11 @@ cmd_clean() {
 
 case "${1:-}" in
   base) cmd_base ;;
+  prometheus) cmd_prometheus ;;
   build) shift; cmd_build "$@" ;;
   run) shift; cmd_run "$@" ;;
   logs) "${PODMAN[@]}" logs "ponder-check-$2" ;;
   sizes) cmd_sizes ;;
   clean) cmd_clean ;;
-  *) echo "usage: $0 base|build TARGET...|run TARGET PORT [PODMAN-RUN-ARGS]|logs TARGET|sizes|clean" >&2; exit 2 ;;
+  *) echo "usage: $0 base|prometheus|build TARGET...|run TARGET PORT [PODMAN-RUN-ARGS]|logs TARGET|sizes|clean" >&2; exit 2 ;;
 esac

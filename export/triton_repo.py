@@ -31,13 +31,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import onnx
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from export.onnx_export import metadata, read_info
+if TYPE_CHECKING:  # onnx and export.onnx_export (torch) only where a repository is written: the gateway
+    import onnx     # reads configs with this module and has neither
 
-if TYPE_CHECKING:
     from export.graph import GraphInfo
 
 KINDS = ("python-onnxruntime", "onnxruntime", "tensorrt")
@@ -46,8 +45,7 @@ ENCODER_FILES = {"python-onnxruntime": ("python", "ponder_onnx_encoder.py"),
                  "onnxruntime": ("onnxruntime", "model.onnx"), "tensorrt": ("tensorrt", "model.plan")}
 DEVICES = {"gpu": pb.ModelInstanceGroup.KIND_GPU, "cpu": pb.ModelInstanceGroup.KIND_CPU}
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
-ONNX_TO_TRITON = {onnx.TensorProto.INT32: pb.TYPE_INT32, onnx.TensorProto.INT64: pb.TYPE_INT64,
-                  onnx.TensorProto.FLOAT: pb.TYPE_FP32}
+ONNX_TO_TRITON = {6: pb.TYPE_INT32, 7: pb.TYPE_INT64, 1: pb.TYPE_FP32}  # onnx.TensorProto INT32, INT64, FLOAT
 GATEWAY_INPUTS = ("grid_coord", "batch", "feat", "condition")
 KERNEL_MAPS_SUFFIX, ENCODER_SUFFIX = "_kernel_maps", "_encoder"
 
@@ -69,6 +67,8 @@ def graph_specs(onnx_model: onnx.ModelProto, info: GraphInfo) -> tuple[list[Spec
     inputs = []
     for n in info.input_names:
         if types[n] not in ONNX_TO_TRITON:
+            import onnx
+
             raise ValueError(f"ONNX input {n!r} has element type {onnx.TensorProto.DataType.Name(types[n])}; "
                              f"expected one of INT32, INT64, FLOAT")
         width = widths.get(n, 27 if n.startswith("subm") else 8)
@@ -149,6 +149,8 @@ def ensemble_config(info: GraphInfo, name: str, inputs: list[Spec], outputs: lis
             maps.output_map[n] = n
     for n, _, _ in outputs:
         encoder.output_map[n] = n
+    from export.onnx_export import metadata
+
     for key, value in {**(extra or {}), **metadata(info)}.items():  # what a client needs to build a model card
         config.parameters[key].string_value = value
     return config
@@ -174,6 +176,10 @@ def repository_configs(onnx_path: str | Path, name: str, kind: str = "onnxruntim
     onnx_path = Path(onnx_path)
     if not onnx_path.exists():
         raise FileNotFoundError(f"{onnx_path}: no such ONNX model")
+    import onnx
+
+    from export.onnx_export import read_info
+
     model = onnx.load(str(onnx_path), load_external_data=False)
     info = read_info(model)
     inputs, outputs = graph_specs(model, info)

