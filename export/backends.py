@@ -42,12 +42,13 @@ def exported_encoder(loaded: LoadedModel) -> Path:
     from export.onnx_export import export_onnx
 
     digest = hashlib.sha256(repr(loaded.config.to_dict()).encode() + b"tables=int32")  # int32 table inputs
-    for name, tensor in loaded.model.state_dict().items():
+    state = loaded.state_dict()  # no spconv model needed
+    for name, tensor in state.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     path = CACHE / f"{digest.hexdigest()[:20]}.onnx"
     if not path.exists():
-        graph = GatherSpUNet.from_state_dict(loaded.model.state_dict(), loaded.config, heads=False)
+        graph = GatherSpUNet.from_state_dict(state, loaded.config, heads=False)
         with replaced_on_success(path, path.with_suffix(".partial.onnx")) as tmp:
             export_onnx(graph, tmp)
     return path

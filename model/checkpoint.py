@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,70 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model. The message says why."""
 
 
-@dataclass
+class _BuiltOnFirstUse:
+    """A `LoadedModel` module field: the stored module, or (when None) one built from the other field's weights
+    on first access. As a dataclass field default it reads as None, so ``LoadedModel(config, model, source)``
+    and ``dataclasses.replace`` work as for a plain field."""
+
+    def __init__(self, build: str):
+        self.build = build
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return None  # the dataclass default
+        if obj.__dict__.get(self.slot) is None:
+            with obj.__dict__.setdefault("_lock", threading.Lock()):
+                if obj.__dict__.get(self.slot) is None:
+                    obj.__dict__[self.slot] = getattr(obj, self.build)()
+        return obj.__dict__[self.slot]
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = value
+
+
+@dataclass(repr=False, eq=False)  # repr/eq would build both modules
 class LoadedModel:
+    """A checkpoint's config and weights, as two interchangeable modules with the same state_dict layout:
+
+    - ``model``: the spconv nn.Module (training, ``--backend spconv``, anything that runs its layers);
+    - ``inference_model``: the same tree whose backbone runs the spconv-free engine
+      (`model.backbones.engine_backed`): the heads, the condition embeddings and ``features`` for inference.
+
+    `load_checkpoint` builds only ``inference_model`` (spconv costs seconds to import); whichever one is
+    missing is built from the other's weights on first use (loaded strictly, in eval mode).
+    """
+
     config: ModelConfig
-    model: nn.Module
-    source: str
+    model: nn.Module | None = _BuiltOnFirstUse("_build_spconv")  # type: ignore[assignment]
+    source: str = ""
+    inference_model: nn.Module | None = _BuiltOnFirstUse("_build_engine_backed")  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.__dict__.get("_model") is None and self.__dict__.get("_inference_model") is None:
+            raise ValueError("LoadedModel needs a model or an inference_model")
+
+    def __repr__(self) -> str:
+        return f"LoadedModel(kind={self.config.kind!r}, name={self.config.name!r}, source={self.source!r})"
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights, with the official key names (from whichever module is already built)."""
+        built = self.__dict__.get("_model")
+        return (built if built is not None else self.__dict__["_inference_model"]).state_dict()
+
+    def _build_spconv(self) -> nn.Module:
+        return _built(self.config, self.__dict__["_inference_model"].state_dict(), self.source, engine=False)
+
+    def _build_engine_backed(self) -> nn.Module:
+        return _built(self.config, self.__dict__["_model"].state_dict(), self.source, engine=True)
+
+
+def _built(config: ModelConfig, state: dict[str, torch.Tensor], source: str, engine: bool) -> nn.Module:
+    model = build_model(config, engine=engine)
+    load_state_strict(model, {k: v.detach().cpu() for k, v in state.items()}, source)
+    return model.eval()
 
 
 def _numpy_safe_globals() -> list:
@@ -148,12 +208,10 @@ def read_checkpoint(path: str | Path, trust: bool = False,
 
 
 def load_checkpoint(path: str | Path, trust: bool = False, config: ModelConfig | None = None) -> LoadedModel:
-    """Read a checkpoint (see ``read_checkpoint``), build its model and load the weights strictly."""
+    """Read a checkpoint (see ``read_checkpoint``) and load its weights strictly into the model's
+    ``inference_model`` (no spconv); the spconv ``model`` is built when first used."""
     state, config = read_checkpoint(path, trust, config)
-    model = build_model(config)
-    load_state_strict(model, state, str(path))
-    model.eval()
-    return LoadedModel(config=config, model=model, source=str(path))
+    return LoadedModel(config, source=str(path), inference_model=_built(config, state, str(path), engine=True))
 
 
 def save_checkpoint(model: nn.Module, config: ModelConfig, out_dir: str | Path) -> Path:

@@ -30,7 +30,7 @@ def describe(checkpoint: str | None, trust: bool = False) -> dict:
 
     loaded = load_checkpoint(checkpoint or default_checkpoint(), trust=trust)
     cfg = loaded.config
-    params = sum(p.numel() for p in loaded.model.parameters())
+    params = sum(p.numel() for p in loaded.inference_model.parameters())  # same weights as .model, no spconv
     return {"source": loaded.source, "name": cfg.name, "kind": cfg.kind, "backbone": vars(cfg.backbone),
             "conditions": list(cfg.conditions), "class_names": {k: list(v) for k, v in cfg.class_names.items()},
             "feature_dim": cfg.feature_dim, "grid_size": cfg.grid_size, "input_features": list(cfg.input_features),
@@ -65,7 +65,8 @@ def run_convert(args) -> int:
 
     loaded = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     loaded.config.name = args.name or Path(args.checkpoint).stem
-    out = save_checkpoint(loaded.model, loaded.config, args.output)
-    print(f"wrote {out} ({loaded.config.kind}, {sum(p.numel() for p in loaded.model.parameters()):,} parameters)",
+    model = loaded.inference_model  # the same state_dict as the spconv module tree, built without spconv
+    out = save_checkpoint(model, loaded.config, args.output)
+    print(f"wrote {out} ({loaded.config.kind}, {sum(p.numel() for p in model.parameters()):,} parameters)",
           file=sys.stderr)
     return 0

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.backbones.engine_backed import use_engine
 from model.checkpoint import LoadedModel, load_checkpoint
 from model.conditions import resolve_condition
 from model.config import ModelConfig
-from model.engine.encoder import Encoder, SpconvEncoder, model_encoder, place
+from model.devices import torch_device
+from model.engine.encoder import EngineEncoder, Encoder, SpconvEncoder, model_encoder, place
 from model.pointcloud.cloud import PointCloud
 from model.pointcloud.voxelize import VoxelizedCloud
 from model.prepare import InputOptions, PreparedCloud, prepare, prepare_cloud
@@ -52,14 +54,22 @@ class Predictor:
     def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", encoder: Encoder | None = None):
         """``encoder``: any `model.engine.encoder.Encoder` (the torch engine, onnxruntime, TensorRT...);
         None = the model's own spconv modules, which follow the live model (training evaluation).
-        Heads always run here in PyTorch. `load_predictor` picks the fastest encoder by default."""
+        Heads always run here in PyTorch. `load_predictor` picks the fastest encoder by default.
+
+        ``model`` (heads, detector, render head, ``features``) is the spconv module only with the spconv
+        encoder; with any other encoder it is ``loaded.inference_model`` (same weights, no spconv), whose
+        ``features`` share the torch engine's folded weights when that is the encoder."""
         self.config: ModelConfig = loaded.config
         self.source = loaded.source
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but no CUDA GPU is available")
-        self.model = place(loaded.model, self.device).eval()  # spconv algorithm chosen here, once
-        self.encoder: Encoder = encoder if encoder is not None else SpconvEncoder(self.model, self.device)
+        self.device = torch_device(device)
+        if encoder is None:
+            self.model = place(loaded.model, self.device).eval()  # spconv algorithm chosen here, once
+            self.encoder: Encoder = SpconvEncoder(self.model, self.device)
+        else:
+            self.model = loaded.inference_model.to(self.device).eval()
+            self.encoder = encoder
+            if isinstance(encoder, EngineEncoder):
+                use_engine(self.model, encoder.engine, self.device)
         cfg = self.config
         self.info = ModelInfo(name=cfg.name, kind=cfg.kind, conditions=cfg.conditions, class_names=cfg.class_names,
                               feature_dim=cfg.feature_dim, grid_size=cfg.grid_size,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.devices import torch_device
 from model.cancel import CancelToken, active, checkpoint
 from model.checkpoint import LoadedModel
 from model.conditions import resolve_condition
@@ -100,11 +101,8 @@ def render_scene(loaded: LoadedModel, cloud: PointCloud, cameras: Sequence[Camer
                  chunk: int = 4096, device: str | torch.device | None = None,
                  options: InputOptions | None = None) -> list[RenderedView]:
     """Views of ``cloud`` from ``cameras`` with a loaded pre-training checkpoint (moved to ``device`` if given)."""
-    model = loaded.model
+    model = loaded.inference_model  # no spconv: the engine-backed module tree, same weights
     if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but no CUDA GPU is available")
-        model.to(device)
+        model.to(torch_device(device))
     volume = scene_volume(model, loaded.config, cloud, condition, options)
     return render_views_of(model, volume, cameras, chunk)

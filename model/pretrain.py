@@ -6,7 +6,7 @@ the render head (``proj_net`` UNet3D and the NeuS ``renderer``), with the offici
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -45,15 +45,19 @@ class PonderIndoor(nn.Module):
         self.__dict__["render_head"] = head
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "PonderIndoor":
+    def from_config(cls, cfg: ModelConfig, backbone: Callable[[], nn.Module] | None = None) -> "PonderIndoor":
+        """``backbone``: builds the encoder (default: the spconv SpUNet of ``cfg.backbone``; model.build passes the
+        engine-backed one for inference). The head is built first, then the backbone (the random init of a run)."""
         from model.build import build_backbone
 
         render = cfg.render
         if render is None:
             raise ConfigError("a pretrain model config needs a render section (the render head)")
-        return cls(build_backbone(cfg.backbone), PonderRenderHead(render.head), cfg.conditions, cfg.valid_index,
-                   cfg.backbone.context_channels, len(cfg.vocabulary), semantic=render.semantic,
-                   proj_head=render.proj_head, mask_channels=render.mask_channels)
+        head = PonderRenderHead(render.head)
+        encoder = backbone() if backbone is not None else build_backbone(cfg.backbone)
+        return cls(encoder, head, cfg.conditions, cfg.valid_index, cfg.backbone.context_channels,
+                   len(cfg.vocabulary), semantic=render.semantic, proj_head=render.proj_head,
+                   mask_channels=render.mask_channels)
 
     has_classifier = False
 

@@ -60,12 +60,11 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     import numpy as np
-    import torch
 
+    from model.devices import torch_device
     from model.images import estimate_bounds, load_image_model, parse_bounds, read_image_folder
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    torch_device(args.device)  # a clear error for CUDA without a GPU, before anything is read
     if args.far <= 0:
         raise ValueError(f"--far must be positive, got {args.far}")
     checkpoint = args.checkpoint or DEFAULT_IMAGE_MODEL

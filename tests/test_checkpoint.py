@@ -29,12 +29,14 @@ def state_from_listing(rows) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): torch.empty(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in rows}
 
 
+@pytest.mark.parametrize("engine", [False, True], ids=["spconv", "engine-backed"])
 @pytest.mark.parametrize("listing", SEMSEG_LISTINGS + PRETRAIN_LISTINGS)
-def test_full_size_listing_builds_and_loads_strictly(listing):
+def test_full_size_listing_builds_and_loads_strictly(listing, engine):
+    """Both module trees (spconv; engine-backed, what inference loads) have the official layout."""
     rows = read_listing(listing)
     state = state_from_listing(rows)
     config = infer_config(state)
-    model = build_model(config)
+    model = build_model(config, engine=engine)
     own = model.state_dict()
     assert [(k, tuple(v.shape)) for k, v in own.items()] == [(k.removeprefix("module."), s) for k, s, _ in rows]
     load_state_strict(model, state, listing)
@@ -51,10 +53,11 @@ def test_inferred_architecture_of_the_ppt_listing():
     assert len(config.class_names["ScanNet"]) == 20 and len(config.class_names["S3DIS"]) == 13
 
 
-def test_mismatching_state_dict_names_keys_and_shapes():
+@pytest.mark.parametrize("engine", [False, True], ids=["spconv", "engine-backed"])
+def test_mismatching_state_dict_names_keys_and_shapes(engine):
     rows = read_listing(SEMSEG_LISTINGS[0])
     state = state_from_listing(rows)
-    model = build_model(infer_config(state))
+    model = build_model(infer_config(state), engine=engine)
     del state["backbone.enc.0.block0.conv1.weight"]
     state["backbone.extra.weight"] = torch.zeros(1)
     state["backbone.final.bias"] = torch.zeros(7)

@@ -13,7 +13,8 @@ import spconv.pytorch as spconv
 import torch
 from torch import nn
 
-from model.sparse.conv import down_conv, inverse_conv, make_sparse_tensor, pointwise, subm_conv
+from model.sparse.conv import down_conv, inverse_conv, make_sparse_tensor, subm_conv
+from model.sparse.pointwise import pointwise
 
 BatchNorm = partial(nn.BatchNorm1d, eps=1e-3, momentum=0.01)
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from model.backbones.pdnorm import PDBatchNorm
-from model.sparse.conv import down_conv, inverse_conv, make_sparse_tensor, pointwise, subm_conv
+from model.sparse.conv import down_conv, inverse_conv, make_sparse_tensor, subm_conv
+from model.sparse.pointwise import pointwise
 
 
 class _Conditioned(nn.Module):

@@ -11,6 +11,7 @@ exact one for a device.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -21,7 +22,7 @@ from model.engine.pairs import PRECISIONS
 from model.engine.unet import SpUNetEngine
 from model.pointcloud.voxelize import VoxelizedCloud
 
-if TYPE_CHECKING:  # model.checkpoint builds spconv modules; the engine must import on hosts without spconv
+if TYPE_CHECKING:  # only for annotations: the engine stays importable without the checkpoint reader
     from model.checkpoint import LoadedModel
 
 MODEL_BACKENDS = ("spconv", "torch")
@@ -52,12 +53,14 @@ def _split(features: torch.Tensor, batch: list[VoxelizedCloud]) -> list[np.ndarr
 def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """Move a model to a device and pick its spconv algorithm for that device (once, not per forward):
     layers built by `model.sparse.conv` choose it themselves when moved; `use_device_algorithms` covers
-    only spconv layers built elsewhere, so no layer is set twice."""
-    from model.sparse.conv import use_device_algorithms  # imports spconv
-
+    only spconv layers built elsewhere, so no layer is set twice. Without spconv imported there are no
+    spconv layers, and spconv stays unimported."""
     device = torch.device(device)
     model = model.to(device)
-    use_device_algorithms(model, device)
+    if "spconv" in sys.modules:
+        from model.sparse.conv import use_device_algorithms
+
+        use_device_algorithms(model, device)
     return model
 
 
@@ -93,7 +96,8 @@ class EngineEncoder:
         """ValueError when the checkpoint is not a SpUNet the engine can run."""
         device = torch.device(device)
         formulation = "pairs" if device.type == "cpu" or precision != "fp32" else "gather"
-        engine = SpUNetEngine.from_loaded(loaded, heads=False, formulation=formulation, precision=precision)
+        engine = SpUNetEngine.from_state_dict(loaded.state_dict(), loaded.config, heads=False,
+                                              formulation=formulation, precision=precision)
         return cls(engine, device)
 
     @torch.no_grad()

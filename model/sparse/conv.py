@@ -4,6 +4,8 @@ spconv picks its algorithm when a layer is built: the CUDA build defaults to imp
 cannot run on a CPU. The official checkpoints do not depend on the algorithm, so the layers choose it
 when they are placed: built and moved (``.to``/``.cuda``/``.cpu``, i.e. ``nn.Module._apply``), each layer
 takes ``ConvAlgo.Native`` on a CPU and spconv's default fast one on CUDA. Nothing is checked per forward.
+Importing this module imports spconv (seconds): only the spconv backbones and `place` (when spconv is already
+loaded) do; inference with the default backend never does (see model.backbones.engine_backed).
 """
 
 from __future__ import annotations
@@ -76,19 +78,6 @@ def use_device_algorithms(module: nn.Module, device: torch.device | str) -> None
         if isinstance(layer, spconv.conv.SparseConvolution) and not isinstance(layer, _PlacedAlgorithm):
             default = getattr(layer, _DEFAULT_ALGO, layer.algo)
             layer.algo = ConvAlgo.Native if device.type != "cuda" else default
-
-
-def pointwise(features: torch.Tensor, conv: spconv.conv.SparseConvolution) -> torch.Tensor:
-    """A kernel-volume-1 spconv conv applied to plain features, exactly as spconv 2.x computes it.
-
-    spconv reinterprets the stored (C_out, 1, 1, 1, C_in) weight as a row-major (C_in, C_out) matrix
-    (spconv issue #450); the published checkpoints were trained with that, so we must do the same.
-    """
-    weight = conv.weight
-    out = features @ weight.reshape(weight.shape[-1], weight.shape[0])
-    if conv.bias is not None:
-        out = out + conv.bias
-    return out
 
 
 def make_sparse_tensor(feat: torch.Tensor, grid_coord: torch.Tensor, batch: torch.Tensor,

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import io
 import struct
+from typing import TYPE_CHECKING
 
-import laspy
 import numpy as np
 
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.pointcloud.formats import MAX_EXPANSION
 from model.pointcloud.formats.limits import CLOUD_BYTES_PER_POINT, ReadLimits
+
+if TYPE_CHECKING:  # laspy (0.3 s to import) only when a LAS/LAZ file is read
+    import laspy
 
 _EXTRAS = ("intensity", "classification")
 _GEOREFERENCED = 1e4  # metres
@@ -37,6 +40,8 @@ _DECODE_BYTES_PER_POINT = 120
 
 
 def read_las(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
+    import laspy
+
     _check_vlr_count(data, source)
     _check_evlr_count(data, source)
     try:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import io
 import struct
 
-import lzf
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pydantic
-from pypcd4 import Encoding, MetaData
 
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.pointcloud.formats import MAX_EXPANSION
 from model.pointcloud.formats.columns import cloud_from_columns
 from model.pointcloud.formats.limits import ReadLimits, require_bytes
+
+if TYPE_CHECKING:  # pypcd4 (0.2 s to import) only when a PCD file is read
+    from pypcd4 import MetaData
 
 _MAX_HEADER_LINES = 64
 _MAX_HEADER_LINE_BYTES = 1 << 16
@@ -31,6 +33,8 @@ _PACKED = ("rgb", "rgba")
 
 
 def read_pcd(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
+    from pypcd4 import Encoding
+
     metadata, offset = _parse_header(data, source)
     itemsize = metadata.build_dtype().itemsize
     if metadata.data == Encoding.BINARY:
@@ -61,6 +65,9 @@ def read_pcd(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
 
 def _parse_header(data: bytes, source: str) -> tuple[MetaData, int]:
     """Header lines up to DATA → (metadata, byte offset of the point data)."""
+    import pydantic
+    from pypcd4 import MetaData
+
     stream = io.BytesIO(data)
     lines: list[str] = []
     while not (lines and lines[-1].upper().startswith("DATA")):
@@ -129,6 +136,8 @@ def _read_compressed(data: bytes, offset: int, metadata: MetaData, source: str) 
     """Decompressed here rather than by pypcd4, which re-reads the header its own way (10 lines at most)
     and trusts the block's declared size: the sizes are checked first, then each field's column is laid
     out from the buffer (binary_compressed stores the points field by field)."""
+    import lzf
+
     dtype = metadata.build_dtype()
     if metadata.points == 0:
         return np.empty(0, dtype=dtype)
