@@ -4,6 +4,8 @@
     ponder images render --images DIR --cameras CAMS.json --novel NOVEL.json -o OUT_DIR [--checkpoint DIR]
     ponder images train --config CFG [--out DIR] [--resume] [--image-weights FILE]
     ponder images evaluate --config CFG [--checkpoint DIR | --untrained]
+    ponder images train-segment --config CFG [--out DIR] [--init IMAGE_MODEL_DIR] [--resume]
+    ponder images evaluate-segment --config CFG [--checkpoint DIR] [--point-checkpoint CKPT]
 
 Handlers import their dependencies lazily (``ponder --help`` stays quick). Bad input (views without poses,
 non-rigid poses, images whose size disagrees with the intrinsics, one view, views that see nothing of the
@@ -43,6 +45,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="held-out-view PSNR and depth error of an image model")
     images_cli.add_evaluate_arguments(p)
     p.set_defaults(handler=images_cli.run_evaluate)
+    p = sub.add_parser("train-segment", help="fine-tune a segmentation head on the lifted volume (generated rooms)")
+    images_cli.add_segment_train_arguments(p)
+    p.set_defaults(handler=images_cli.run_segment_train)
+    p = sub.add_parser("evaluate-segment", help="per-point mIoU of an image segmentation model on held-out rooms")
+    images_cli.add_segment_evaluate_arguments(p)
+    p.set_defaults(handler=images_cli.run_segment_evaluate)
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:

@@ -77,6 +77,9 @@ class RenderParams(ModelParams):
     height: int | None = Field(None, ge=1, le=16384,
                                description="render every camera at this height (intrinsics scaled; width follows "
                                            "the aspect ratio unless given)")
+    up: Literal["z", "-z", "y", "-y", "x", "-x", "auto"] = Field(
+        "z", description="the scene's up axis (the model expects z-up metres): the cloud is rotated into z-up for the "
+                         "model and the cameras stay in the scene's frame (X-Ponder-Up-Rotation: input -> z-up)")
 
 
 class Problem(BaseModel):

@@ -65,6 +65,13 @@ def test_bundled_model_configs_load_typed_and_write_back_unchanged(path):
         assert isinstance(image.render, RenderHeadConfig)
         assert json.loads(json.dumps(image.to_dict())) == data
         return
+    if data.get("kind") == "image-segment":  # the image segmenter: its trunk is an image model config
+        from model.images.segment import ImageSegmentConfig
+
+        segmenter = ImageSegmentConfig.load(path)
+        assert isinstance(segmenter.trunk.render, RenderHeadConfig) and segmenter.class_names
+        assert json.loads(json.dumps(segmenter.to_dict())) == data
+        return
     cfg = ModelConfig.load(path)
     assert cfg.render is None or isinstance(cfg.render, RenderSection)
     assert cfg.detection is None or isinstance(cfg.detection, DetectionConfig)

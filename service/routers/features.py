@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from service import images
 from service.dependencies import get_pipeline
 from service.encoding import Payload, encode, negotiate
 from model.results import input_point_to_voxel, point_values
@@ -40,11 +41,15 @@ async def features(request: Request, params: Annotated[FeatureParams, Query()],
                    pipeline: Pipeline = Depends(get_pipeline)) -> Response:
     """Features for every input point (``output=per_point``, in input order; NaN rows for dropped NaN/inf
     points) or for every voxel with the point-to-voxel index (``output=per_voxel``; -1 for dropped points).
-    RGB-D uploads also get the fused points as ``coord`` (N, 3) in NPZ and Arrow answers. Answer format from ``Accept``: JSON, NPY, NPZ or Arrow."""
+    RGB-D uploads also get the fused points as ``coord`` (N, 3) in NPZ and Arrow answers. Posed images without
+    depth (multipart ``image_<id>`` parts + ``cameras``) get per-voxel features with voxel centres
+    (``service.images``). Answer format from ``Accept``: JSON, NPY, NPZ or Arrow."""
     fmt = negotiate(request.headers.get("accept"))  # refuse an impossible Accept before reading the upload
-    card = pipeline.card(params.model)
-    condition = pipeline.resolve_condition(card, params.condition)
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), request=request) as admission:
+        if await images.posted_images(request):  # multipart image_<id> + cameras: the image branch
+            return await images.features(request, params, pipeline, admission, fmt)
+        card = pipeline.card(params.model)
+        condition = pipeline.resolve_condition(card, params.condition)
         upload = await read_upload(request, params.format, params.filename)
         admission.watch(request)
         done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=False, admission=admission,

@@ -26,6 +26,7 @@ from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.prepare import InputOptions
 from model.render.cameras import Camera, CameraError, cameras_from_document
 from model.render.images import DEPTH_UNITS_PER_M, ViewImages, png_bytes
+from service import images as images_branch
 from service.dependencies import get_pipeline
 from service.errors import ApiError
 from service.encoding import best_media
@@ -161,9 +162,11 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
     Cameras live in the scene's frame (metres, OpenCV axes), also when ``up`` names another up axis than z (the
     cloud is rotated into z-up for the model, the cameras follow). ``width``/``height`` rescale every camera;
     the total pixel count is limited by PONDER_MAX_RENDER_PIXELS (413)."""
-    card = job_card(pipeline, params.model, "render")
-    condition = pipeline.resolve_condition(card, params.condition)
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), LONG, request) as admission:
+        if await images_branch.posted_images(request):  # image_<id> + cameras + novel: the image model
+            return await images_branch.render(request, params, pipeline, admission)
+        card = job_card(pipeline, params.model, "render")
+        condition = pipeline.resolve_condition(card, params.condition)
         data = await read_cameras_part(request)
         cameras = await pipeline.in_pool(checked_cameras, data, params.width, params.height,
                                          pipeline.settings.max_render_pixels)
@@ -203,4 +206,3 @@ if TYPE_CHECKING:
     import numpy as np
 
     from model.inference import Predictor
-    from model.novel_view import render_views_of, scene_volume

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.prepare import PreparedCloud
 from model.results import SegmentResult, segment_from_voxels, to_input_rows
+from service import images
 from service.dependencies import get_pipeline
 from service.encoding import Payload, encode, negotiate
 from service.errors import ApiError
@@ -80,13 +81,15 @@ async def segment(request: Request, params: Annotated[SegmentParams, Query()],
         raise ApiError(501, f"mode=precise is not available with the {pipeline.worker.kind} worker: the official "
                             "precise mode (test-time augmentation) needs the in-process worker "
                             "(PONDER_WORKER=inprocess); use mode=fast")
-    card = pipeline.card(params.model)
-    if not card.has_classifier:
-        raise ApiError(422, f"model {card.info.name!r} ({card.info.kind}) has no segmentation head; "
-                            "use /v1/features or pick another model")
-    condition = pipeline.resolve_condition(card, params.condition)
     lane = LONG if params.mode == "precise" else FAST
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), lane, request) as admission:
+        if await images.posted_images(request):  # multipart image_<id> + cameras: the image branch
+            return await images.segment(request, params, pipeline, admission, fmt)
+        card = pipeline.card(params.model)
+        if not card.has_classifier:
+            raise ApiError(422, f"model {card.info.name!r} ({card.info.kind}) has no segmentation head; "
+                                "use /v1/features or pick another model")
+        condition = pipeline.resolve_condition(card, params.condition)
         upload = await read_upload(request, params.format, params.filename)
         admission.watch(request)
         if params.mode == "precise":

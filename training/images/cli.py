@@ -2,6 +2,8 @@
 
     ponder images train --config CFG [--out DIR] [--resume] [--device cpu|cuda] [--image-weights FILE]
     ponder images evaluate --config CFG [--checkpoint DIR] [--untrained] [--json OUT]
+    ponder images train-segment --config CFG [--out DIR] [--init IMAGE_MODEL] [--resume]
+    ponder images evaluate-segment --config CFG [--checkpoint DIR] [--point-checkpoint CKPT] [--json OUT]
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from model.devices import torch_device
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +41,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg.image_weights = str(args.image_weights)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    torch_device(cfg.train.device)  # a clear error for CUDA without a GPU
     out = Path(args.out or cfg.out_dir)
     last = out / "model" / "model_last.pth"
     if last.exists() and not args.resume:
@@ -108,3 +111,78 @@ def _point_scores(checkpoint: Path, cfg, device: str) -> dict:
     scores = evaluate_views(loaded.model, loaded.config, cfg.data.scene_data(),
                             EvalConfig(split=e.split, frames=e.frames, scenes=e.scenes, views=e.views, chunk=e.chunk))
     return scores.summary()
+
+
+def add_segment_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="training/configs/segment-images-*.yaml")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: the config's out_dir)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="pre-trained image model folder whose trunk starts the segmenter (default: the "
+                             "config's init, else fresh weights)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the config's train.device")
+
+
+def run_segment_train(args: argparse.Namespace) -> int:
+    """``ponder images train-segment``: fine-tune a per-voxel segmentation head on the lifted volume."""
+    import torch
+    import yaml
+
+    from model.images.checkpoint import save_image_model
+    from training.engine import Trainer
+    from training.images.segment import ImageSegmentTask, build_segmenter, ensure_segment_data, load_segment_config
+
+    cfg = load_segment_config(args.config)
+    if args.device:
+        cfg.train.device = args.device
+    if args.init:
+        cfg.init = str(args.init)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch_device(cfg.train.device)  # a clear error for CUDA without a GPU
+    out = Path(args.out or cfg.out_dir)
+    last = out / "model" / "model_last.pth"
+    if last.exists() and not args.resume:
+        raise ValueError(f"{out} already holds a run ({last}); pass --resume to continue it or choose another --out")
+    ensure_segment_data(cfg)
+    task = ImageSegmentTask(cfg)
+    model = build_segmenter(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(Path(args.config).read_text()), sort_keys=False))
+    trainer = Trainer(model, task, cfg.train, out, save_fn=save_image_model)
+    history = trainer.fit(resume=args.resume)
+    if trainer.rank == 0 and history:
+        first, final = history[0], history[-1]
+        print(f"trained {trainer.step} steps on {task.num_samples()} rooms: loss {first['loss']:.4f} -> "
+              f"{final['loss']:.4f}, voxel accuracy {first.get('voxel_acc', float('nan')):.3f} -> "
+              f"{final.get('voxel_acc', float('nan')):.3f}")
+    print(f"checkpoint: {out / 'final'} (resume container: {last})")
+    return 0
+
+
+def add_segment_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="the image segmentation YAML (data, eval)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: <out_dir>/final of the config")
+    parser.add_argument("--point-checkpoint", type=Path, default=None,
+                        help="also score this point-cloud segmentation model on the same rooms and points")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the scores to this file")
+
+
+def run_segment_evaluate(args: argparse.Namespace) -> int:
+    """``ponder images evaluate-segment``: per-point mIoU on the held-out rooms (all points, seen points)."""
+    import torch
+
+    from model.images.segment import load_image_segment_model
+    from training.images.segment import ensure_segment_data, evaluate_image_segment, load_segment_config
+
+    cfg = load_segment_config(args.config)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ensure_segment_data(cfg)
+    model = load_image_segment_model(args.checkpoint or Path(cfg.out_dir) / "final", args.device)
+    scores = evaluate_image_segment(model, cfg, args.point_checkpoint)
+    print(json.dumps(scores))
+    if args.json:
+        args.json.write_text(json.dumps(scores, indent=2))
+    return 0
