@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _condition_index(conditions: tuple[str, ...], condition: str | None) -> int:
-    if condition not in conditions:
-        raise ValueError(f"unknown condition {condition!r}; this model supports {list(conditions)}")
-    return conditions.index(condition)
+from model.conditions import condition_index
 
 
 class Segmentor(nn.Module):
@@ -60,7 +56,7 @@ class PromptedEncoder(nn.Module):
         return self.backbone.num_classes > 0
 
     def context(self, condition: str | None) -> torch.Tensor:
-        return self.embedding_table.weight[_condition_index(self.conditions, condition)][None]  # (1, ctx)
+        return self.embedding_table.weight[condition_index(self.conditions, condition)][None]  # (1, ctx)
 
     def forward_features(self, feat, grid_coord, batch, condition: str | None = None) -> torch.Tensor:
         return self.backbone.forward_features(feat, grid_coord, batch, condition, self.context(condition))
@@ -95,11 +91,11 @@ class LanguageGuidedSegmentor(nn.Module):
     has_classifier = True
 
     def features(self, feat, grid_coord, batch, condition: str | None = None) -> torch.Tensor:
-        context = self.embedding_table.weight[_condition_index(self.conditions, condition)][None]  # (1, ctx)
+        context = self.embedding_table.weight[condition_index(self.conditions, condition)][None]  # (1, ctx)
         return self.backbone.forward_features(feat, grid_coord, batch, condition, context)
 
     def classify(self, features: torch.Tensor, condition: str | None = None) -> torch.Tensor:
-        index = self.valid_index[_condition_index(self.conditions, condition)]
+        index = self.valid_index[condition_index(self.conditions, condition)]
         projected = self.proj_head(features)                                # (N, 512)
         projected = projected / projected.norm(dim=-1, keepdim=True)        # no epsilon, as the official code
         text = self.class_embedding[list(index)]                            # (K, 512)

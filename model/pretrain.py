@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from model.conditions import condition_index
 from model.config import ModelConfig
 from model.config_io import ConfigError
 from model.render import PonderRenderHead, infer_head_config
@@ -62,9 +63,7 @@ class PonderIndoor(nn.Module):
     has_classifier = False
 
     def context(self, condition: str | None) -> Tensor:
-        if condition not in self.conditions:
-            raise ValueError(f"unknown condition {condition!r}; this model supports {list(self.conditions)}")
-        return self.embedding_table.weight[self.conditions.index(condition)][None]  # (1, ctx)
+        return self.embedding_table.weight[condition_index(self.conditions, condition)][None]  # (1, ctx)
 
     def features(self, feat: Tensor, grid_coord: Tensor, batch: Tensor, condition: str | None = None) -> Tensor:
         """Backbone features (N, C); the v1m1 backbone ignores the condition context."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.conditions import condition_index
+
 
 class PDBatchNorm(nn.Module):
     def __init__(self, num_features: int, context_channels: int = 256,
@@ -23,9 +25,8 @@ class PDBatchNorm(nn.Module):
             self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(context_channels, 2 * num_features, bias=True))
 
     def condition_index(self, condition: str) -> int:
-        if condition not in self.conditions:
-            raise ValueError(f"unknown condition {condition!r}; this backbone has {list(self.conditions)}")
-        return self.conditions.index(condition)
+        """The BN bank of ``condition`` (the backbone's own condition order; model.conditions' one rule)."""
+        return condition_index(self.conditions, condition)
 
     def forward(self, feat: torch.Tensor, condition: str, context: torch.Tensor | None) -> torch.Tensor:
         # feat (N, C); context (1, context_channels)
