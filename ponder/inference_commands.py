@@ -89,7 +89,7 @@ def _load(args):
     cloud = read_point_cloud(Path(args.input), format=args.input_format, keep_invalid=not args.strict)
     progress.update()
     progress.set_postfix_str("loading model")
-    from export.backends import load  # imports spconv (seconds)
+    from export.backends import load  # torch (~1-2 s); spconv only for --backend spconv
 
     predictor = load(args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint,
                      backend=args.backend, precision=args.precision, engine=args.engine)
