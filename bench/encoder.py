@@ -1,5 +1,5 @@
 """Encoder speed on this machine: the published SpUNet-v1m1 size on a generated room (~130k voxels at 0.02 m)
-and on a 1M-point cloud, spconv (native algorithm) vs the torch engine (valid pairs, fp32 and bf16), same
+and on a 1M-point cloud, spconv (native algorithm) vs the torch engine (mask buckets + valid pairs, fp32 and bf16), same
 process, same weights, same input, runs interleaved (best of ``--repeats``) so load changes hit both.
 
 Prints wall and process-CPU seconds, voxels/s, the speed-up over spconv (wall and CPU time) and the largest
@@ -11,6 +11,7 @@ feature difference from spconv (relative to the largest feature), for every thre
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -31,6 +32,10 @@ def room_cloud(points_per_m2: float, seed: int = 7) -> PointCloud:
                                              room_x=(6.0, 6.0), room_y=(5.0, 5.0)))
     p = scene.points
     return PointCloud(p.coord, p.color, p.normal, source=f"room(seed={seed}, {points_per_m2:.0f}/m2)")
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def peak_rss_gib() -> float:
@@ -73,7 +78,7 @@ def main() -> None:
         encoders["torch-bf16"] = EngineEncoder.from_loaded(loaded, "cpu", precision="bf16")
 
     print(f"model=SpUNet-v1m1 {'small' if args.small else 'published size'}  "
-          f"params={sum(p.numel() for p in predictor.model.parameters()):,}")
+          f"params={sum(p.numel() for p in predictor.model.parameters()):,}  load average {load()}")
     print(f"{'input':<18} {'voxels':>9} {'thr':>3} {'encoder':<11} {'wall s':>7} {'cpu s':>7} {'voxels/s':>9} "
           f"{'vs spconv':>9} {'cpu ratio':>9} {'max|d|/max':>10}")
     # the 6 x 5 m room has ~130 m2 of visible surface: 1300 points/m2 fill ~130k voxels, 7700/m2 give ~1M points
@@ -91,7 +96,7 @@ def main() -> None:
                 print(f"{label:<18} {voxels.num_voxels:>9,} {threads:>3} {name:<11} {wall:>7.2f} {cpu:>7.2f} "
                       f"{voxels.num_voxels / wall:>9,.0f} {best['spconv'][0] / wall:>8.2f}x "
                       f"{best['spconv'][1] / cpu:>8.2f}x {diff:>10.1e}", flush=True)
-    print(f"peak RSS {peak_rss_gib():.2f} GiB")
+    print(f"peak RSS {peak_rss_gib():.2f} GiB  load average {load()} (other jobs make every figure noisier)")
 
 
 if __name__ == "__main__":

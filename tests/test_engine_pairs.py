@@ -12,7 +12,10 @@ import torch
 from conftest import PONDER, fixture_dir, random_room
 from model.checkpoint import load_checkpoint, read_official
 from model.engine.encoder import EngineEncoder, SpconvEncoder
+from model.engine import plans
+from model.engine.buckets import MaskBuckets, bucket_conv, mask_groups
 from model.engine.pairs import TapPairs, pairs_conv
+from model.engine.plans import renumber_level
 from model.engine.unet import SpUNetEngine
 from model.inference import load_predictor
 from model.pointcloud.cloud import PointCloud
@@ -78,8 +81,54 @@ def test_pairs_conv_equals_gather_conv_for_every_table_kind():
         w = torch.randn(table.shape[1], 8, 4, generator=g)
         pairs = TapPairs.from_table(table, m_in, submanifold=subm)
         assert (pairs.centre is not None) == subm
+        assert pairs.exclusive == (table is maps.up[0])  # one parent per fine row: copied, not added
         assert torch.allclose(pairs_conv(x, pairs, w), gather_conv(x, table, w), atol=1e-5)
     assert maps.subm[0].dtype == torch.int32
+
+
+def test_bucket_conv_equals_gather_conv_with_buckets_merges_and_pairs():
+    """Mask buckets (exact masks, slabs, the all-taps fallback), the too-sparse rows over valid pairs, rows
+    written back in table order or left in bucket order after renumbering: all the gather conv's result."""
+    rng = np.random.default_rng(1)
+    plane = np.c_[rng.integers(0, 40, (900, 2)), np.zeros((900, 1), dtype=np.int64)]  # a floor: 9-tap masks
+    grid = np.unique(np.concatenate([plane, rng.integers(0, 14, size=(500, 3))]), axis=0)
+    maps = build_kernel_maps(grid, num_levels=2, stem_kernel=5)
+    m0 = maps.num_sites[0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m0, 8, generator=g)
+    for table in (maps.stem, maps.subm[0]):
+        w, bias = torch.randn(table.shape[1], 8, 4, generator=g), torch.randn(4, generator=g)
+        expected = gather_conv(x, table, w) + bias
+        for options in ({}, {"min_rows": 8}, {"min_rows": 8, "max_ratio": 1.5}, {"min_rows": m0 + 1}):
+            plan = MaskBuckets.from_table(table, m0, **options)
+            if "max_ratio" in options:
+                assert plan.rest is not None and plan.buckets
+            assert torch.allclose(bucket_conv(x, plan, w, bias), expected, atol=1e-5)
+        order, groups = mask_groups(table, m0, min_rows=8, max_ratio=1.5)  # the engine's renumbered path
+        renumbered = renumber_level((table, [table], [], []), 0, order)[0]
+        plan = MaskBuckets.from_grouped(renumbered, m0, groups)
+        assert plan.order is None and plan.rest is not None and plan.rest.centre is not None
+        out = bucket_conv(x.index_select(0, order), plan, w, bias)
+        assert torch.allclose(out, expected.index_select(0, order), atol=1e-5)
+
+
+def test_engine_with_every_level_bucketed_equals_gather(monkeypatch):
+    """Renumbering every level into bucket order (tables, level-0 permutation, zero-row buffers) changes
+    nothing: force buckets on the small levels of a batch of generated rooms."""
+    monkeypatch.setattr(plans, "BUCKET_MIN_ROWS", 1)
+    monkeypatch.setattr(plans, "MAX_GATHER_RATIO", 1.5)
+    sd = read_official(fixture_dir("spunet_v1m1_seg") / "checkpoint.pth")
+    gather = SpUNetEngine.from_state_dict(sd, formulation="gather")
+    pairs = SpUNetEngine.from_state_dict(sd, formulation="pairs")
+    scenes = [voxelize(PointCloud(**random_room(8000, seed=s)).validate(), 0.02, ("color", "normal")) for s in (3, 4)]
+    feat = np.concatenate([s.feat for s in scenes])
+    grid = np.concatenate([s.grid_coord for s in scenes])
+    batch = np.repeat([0, 1], [s.num_voxels for s in scenes])
+    a, b = gather.run(feat, grid, batch), pairs.run(feat, grid, batch)
+    for key in ("backbone_feat", "seg_logits"):
+        assert np.abs(a[key] - b[key]).max() <= 1e-5 * max(1.0, float(np.abs(a[key]).max()))
+    again = pairs.run(feat, grid, batch)  # deterministic: no accumulation order depends on threads
+    assert np.array_equal(again["backbone_feat"], b["backbone_feat"])
 
 
 def test_bf16_stays_close_to_fp32():

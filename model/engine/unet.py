@@ -6,8 +6,11 @@ runs over a table of `model.sparse.kernel_maps` in one of two formulations:
 
 - ``"gather"``: dense tables, ``sum_k pad(x)[table[:, k]] @ W[k]`` (`model.sparse.gather_ops`); only
   Gather / MatMul / elementwise ops, so it exports to ONNX and TensorRT (export/graph.py) with no Scatter.
-- ``"pairs"``: valid pairs only (`model.engine.pairs`), derived once per table per forward and shared by
-  every conv of a level; gather → GEMM → ``index_add_``. Not exportable (Scatter), fast on CPU.
+- ``"pairs"``: the CPU formulation (`model.engine.plans`), plans derived once per table per forward and
+  shared by every conv of a level: the stem and the submanifold convs of large levels run mask-bucketed
+  (`model.engine.buckets`: rows with the same neighbour pattern as one gather + one dense GEMM, no
+  scatter), small levels and the k2s2 convs over valid pairs (`model.engine.pairs`: gather → GEMM →
+  ``index_add_``). Not exportable (Scatter), fast on CPU.
 
 Inputs (positional): ``feat (M_0, C_in)`` float32, then the tables in `KernelMaps.tables` order, then
 ``condition (1,)`` int64 (index into `conditions`) for PDNorm models. Outputs: ``backbone_feat
@@ -21,14 +24,21 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.engine.buckets import MaskBuckets, bucket_conv, zero_row_buffer
 from model.engine.folding import FoldedNorm, build_norm
 from model.engine.pairs import PRECISIONS, TapPairs, pairs_conv
+from model.engine.plans import cpu_plans
 from model.infer_config import infer_config
 from model.sparse.gather_ops import conv1x1_from_spconv, gather_conv, inverse_conv, taps_from_spconv
 from model.sparse.kernel_maps import KernelMaps, build_kernel_maps
 
 FORMULATIONS = ("gather", "pairs")
-Plan = torch.Tensor | TapPairs  # a dense table (gather) or its valid pairs (pairs)
+Plan = torch.Tensor | TapPairs | MaskBuckets  # a dense table (gather), or its valid pairs / mask buckets (pairs)
+
+
+def _sparse_conv(x: torch.Tensor, plan: TapPairs | MaskBuckets, w: torch.Tensor,
+                 b: torch.Tensor | None) -> torch.Tensor:
+    return pairs_conv(x, plan, w, b) if isinstance(plan, TapPairs) else bucket_conv(x, plan, w, b)
 
 
 def _conv(x: torch.Tensor, plan: Plan, w: torch.Tensor, group: int | None, inverse: bool = False) -> torch.Tensor:
@@ -66,9 +76,9 @@ class _Block(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: Plan, cond: torch.Tensor | None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if isinstance(plan, TapPairs):  # norms folded into the convs, in-place ReLUs
-            h = pairs_conv(x, plan, *_folded(self.w1, self.n1, cond, dtype)).relu_()
-            h = pairs_conv(h, plan, *_folded(self.w2, self.n2, cond, dtype))
+        if not isinstance(plan, torch.Tensor):  # norms folded into the convs, in-place ReLUs
+            h = _sparse_conv(x, plan, *_folded(self.w1, self.n1, cond, dtype)).relu_()
+            h = _sparse_conv(h, plan, *_folded(self.w2, self.n2, cond, dtype))
             if self.has_proj:
                 wp, bp = _folded(self.wp, self.np, cond, dtype)
                 h += _matmul(x, wp) + bp
@@ -92,8 +102,8 @@ class _ConvNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: Plan, cond: torch.Tensor | None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if isinstance(plan, TapPairs):
-            return pairs_conv(x, plan, *_folded(self.w, self.norm, cond, dtype)).relu_()
+        if not isinstance(plan, torch.Tensor):
+            return _sparse_conv(x, plan, *_folded(self.w, self.norm, cond, dtype)).relu_()
         return torch.relu(self.norm(_conv(x, plan, self.w, self.group, self.inverse), cond))
 
 
@@ -200,7 +210,7 @@ class SpUNetEngine(nn.Module):
     @classmethod
     def from_loaded(cls, loaded, heads: bool = True, **options) -> "SpUNetEngine":
         """From a `model.checkpoint.LoadedModel` (its modules carry the official key names)."""
-        return cls.from_state_dict(loaded.model.state_dict(), loaded.config, heads=heads, **options)
+        return cls.from_state_dict(loaded.state_dict(), loaded.config, heads=heads, **options)
 
     def kernel_maps(self, grid_coord, batch=None) -> KernelMaps:
         """The tables this network needs for a batch of voxelised scenes (on grid_coord's device)."""
@@ -210,52 +220,25 @@ class SpUNetEngine(nn.Module):
         args = (feat, *maps.tables())
         return args + ((torch.tensor([condition], dtype=torch.int64, device=feat.device),) if self.conditions else ())
 
-    def _plans(self, stem, subm, down, up) -> tuple[Plan, list[Plan], list[Plan], list[Plan]]:
-        """The tables themselves (gather), or their valid pairs, derived once per table (pairs)."""
-        if self.formulation == "gather":
-            return stem, list(subm), list(down), list(up)
-        sizes = [t.shape[0] for t in subm]
-        return (TapPairs.from_table(stem, sizes[0], submanifold=True),
-                [TapPairs.from_table(t, sizes[l], submanifold=True) for l, t in enumerate(subm)],
-                [TapPairs.from_table(t, sizes[l]) for l, t in enumerate(down)],
-                [TapPairs.from_table(t, sizes[l + 1]) for l, t in enumerate(up)])
-
-    @staticmethod
-    def _local_order(stem, subm, down, up):
-        """Level-0 rows come in the caller's order (FNV-hash order for voxelised clouds: spatially random),
-        which makes every gather and scatter of the largest level a cache miss. Coarser levels are sorted by
-        position, so ordering level-0 rows by (parent row, tap) is spatially local; the level-0 tables are
-        renumbered to that order. Returns the renumbered tables and ``perm`` (new row i = old row perm[i])."""
-        m0 = subm[0].shape[0]
-        parent, tap = torch.min(up[0], dim=1)  # the parent is the only entry < M_1
-        perm = torch.argsort(parent.long() * 8 + tap)
-        inv = torch.empty(m0 + 1, dtype=subm[0].dtype, device=perm.device)
-        inv[perm] = torch.arange(m0, dtype=inv.dtype, device=perm.device)
-        inv[m0] = m0  # "missing" stays missing
-
-        def rows_and_ids(t):
-            return inv[t.index_select(0, perm).long()]
-
-        stem = rows_and_ids(stem) if stem is not None else None
-        subm = [rows_and_ids(subm[0]), *subm[1:]]
-        down = [inv[down[0].long()], *down[1:]]
-        up = [up[0].index_select(0, perm), *up[1:]]
-        return stem, subm, down, up, perm
-
     def forward(self, feat: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         levels = self.num_levels
         cond = inputs[3 * levels - 1] if self.conditions else None
         tables = (inputs[0], inputs[1 : 1 + levels], inputs[1 + levels : 2 * levels], inputs[2 * levels : 3 * levels - 1])
-        perm = None
-        if self.formulation == "pairs" and levels > 1:
-            *tables, perm = self._local_order(*tables)
-            feat = feat.index_select(0, perm)
-        outputs = self._network(feat, *self._plans(*tables), cond)
+        if self.formulation == "gather":
+            return self._network(feat, tables[0], list(tables[1]), list(tables[2]), list(tables[3]), cond)
+        *plans, perm = cpu_plans(*tables)  # level rows renumbered: see model.engine.plans
+        outputs = self._network(feat if perm is None else feat.index_select(0, perm), *plans, cond)
         if perm is None:
             return outputs
         order = torch.empty_like(perm)
         order[perm] = torch.arange(len(perm), device=perm.device)
         return tuple(o.index_select(0, order) for o in outputs)
+
+    def _concat(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if self.formulation == "gather":  # the exported graph: a plain Concat
+            return torch.cat([x, skip], dim=1)
+        buf = zero_row_buffer(x.shape[0], x.shape[1] + skip.shape[1], x.dtype, x.device)
+        return torch.cat([x, skip], dim=1, out=buf[:-1])  # padded for the next bucketed conv, no extra copy
 
     def _network(self, feat, stem, subm, down, up, cond) -> tuple[torch.Tensor, ...]:
         levels = self.num_levels
@@ -270,7 +253,7 @@ class SpUNetEngine(nn.Module):
         x = skips.pop()
         for s in reversed(range(levels - 1)):
             x = self.up[s](x, up[s], cond, dt)  # level s
-            x = torch.cat([x, skips.pop()], dim=1)  # [upsampled, skip]
+            x = self._concat(x, skips.pop())  # [upsampled, skip]
             for block in self.dec[s]:
                 x = block(x, subm[s], cond, dt)
         if self.head == "final":

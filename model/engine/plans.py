@@ -1,0 +1,91 @@
+"""CPU plans of the engine's "pairs" formulation: row orders per level, then one plan per table.
+
+Rows of a level may be numbered in any order as long as every table agrees, so the tables are renumbered
+(`renumber_level`) before any conv runs:
+
+- level 0 comes in the caller's order (FNV-hash order for voxelised clouds: spatially random), which makes
+  every gather of the largest level a cache miss; coarser levels are sorted by position, so ordering level-0
+  rows by (parent row, tap) makes them spatially local;
+- levels with at least `BUCKET_MIN_ROWS` rows are then put in mask-bucket order (`model.engine.buckets`),
+  so each bucket's GEMM writes a contiguous slice of the output and nothing is scattered or reordered.
+
+Plans: the stem mask-bucketed over the axis slabs of its 5³ kernel (its 6 input channels make per-tap
+GEMMs tiny, so even 2-4x the live taps is faster than valid pairs; it keeps its own row order and writes
+its output back), the submanifold convs of large levels mask-bucketed with their too-sparse rows over
+valid pairs, those of small levels and the k2s2 down / up convs over valid pairs (`model.engine.pairs`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.engine.buckets import Group, MaskBuckets, mask_groups
+from model.engine.pairs import TapPairs
+
+# 1M-point cloud, 1 thread: buckets 2.2x / 1.6x / 1.2x faster than valid pairs at 307k / 76k / 18k rows,
+# but 1.5-2x slower at 4k and 1k rows of 256 channels, where too few rows share a mask.
+BUCKET_MIN_ROWS = 8192
+# A row whose bucket gathers more than this many times its live taps runs over valid pairs instead: a
+# bucket GEMM runs at ~1.9x the per-tap rate and needs no scatter, so a few zero rows pay. On the 130k-voxel
+# room (level 0: ~5 live taps of 27 in scattered patterns) the whole engine took 3.57 / 3.45 / 3.69 s (1
+# thread) and 2.22 / 2.17 / 2.40 s (2 threads) with 1.75 / 2.5 / no limit (load average ~3).
+MAX_GATHER_RATIO = 2.5
+
+Tables = tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+def renumber_level(tables: Tables, level: int, perm: torch.Tensor) -> Tables:
+    """The same tables with the rows of ``level`` renumbered: new row i = old row perm[i] (int64)."""
+    stem, subm, down, up = tables[0], list(tables[1]), list(tables[2]), list(tables[3])
+    m = subm[level].shape[0]
+    inv = torch.empty(m + 1, dtype=subm[level].dtype, device=perm.device)
+    inv[perm] = torch.arange(m, dtype=inv.dtype, device=perm.device)
+    inv[m] = m  # "missing" stays missing
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, perm)
+
+    def ids(t: torch.Tensor) -> torch.Tensor:
+        return inv.index_select(0, t.reshape(-1)).view(t.shape)
+
+    subm[level] = ids(rows(subm[level]))
+    if level == 0 and stem is not None:
+        stem = ids(rows(stem))
+    if level > 0:  # down[l-1]: rows of this level; up[l-1]: ids of this level
+        down[level - 1], up[level - 1] = rows(down[level - 1]), ids(up[level - 1])
+    if level < len(down):  # down[l]: ids of this level; up[l]: rows of this level
+        down[level], up[level] = ids(down[level]), rows(up[level])
+    return stem, subm, down, up
+
+
+def cpu_plans(stem, subm, down, up) -> tuple[MaskBuckets | None, list[TapPairs | MaskBuckets], list[TapPairs],
+                                            list[TapPairs], torch.Tensor | None]:
+    """(stem plan, subm plans, down plans, up plans, perm): ``perm`` (or None: unchanged) is the level-0
+    row order the plans expect, new row i = input row perm[i]."""
+    tables: Tables = (stem, list(subm), list(down), list(up))
+    sizes = [t.shape[0] for t in subm]
+    perm = None
+    if len(subm) > 1:
+        parent, tap = torch.min(up[0], dim=1)  # the parent is the only entry < M_1
+        perm = torch.argsort(parent.long() * 8 + tap)
+    groups: list[list[Group] | None] = []
+    for level, rows in enumerate(sizes):
+        order = g = None
+        if rows >= BUCKET_MIN_ROWS:  # masks need the rows in their final order, not renumbered ids
+            table = tables[1][level]
+            order, g = mask_groups(table if level or perm is None else table.index_select(0, perm), rows,
+                                   max_ratio=MAX_GATHER_RATIO)
+        if level == 0 and order is not None:
+            perm = order if perm is None else perm.index_select(0, order)
+        level_perm = perm if level == 0 else order
+        if level_perm is not None:  # level 0 renumbered once, for both orders
+            tables = renumber_level(tables, level, level_perm)
+        groups.append(g)
+    stem, subm, down, up = tables
+    subm_plans = [TapPairs.from_table(t, sizes[l], submanifold=True) if groups[l] is None
+                  else MaskBuckets.from_grouped(t, sizes[l], groups[l]) for l, t in enumerate(subm)]
+    return (None if stem is None else MaskBuckets.from_table(stem, sizes[0]),
+            subm_plans,
+            [TapPairs.from_table(t, sizes[l]) for l, t in enumerate(down)],
+            [TapPairs.from_table(t, sizes[l + 1]) for l, t in enumerate(up)],
+            perm)
