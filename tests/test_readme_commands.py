@@ -174,8 +174,8 @@ def _fence_cases() -> list:
         marks = []
         if fence.not_run:
             marks.append(pytest.mark.skip(reason=f"README line {fence.line}: not-run: {fence.not_run}"))
-        elif slow_reason(fence):
-            marks.append(pytest.mark.slow)
+        elif slow_reason(fence):  # each command has COMMAND_TIMEOUT_S; the fence as a whole more than the default
+            marks += [pytest.mark.slow, pytest.mark.timeout(len(fence.commands) * COMMAND_TIMEOUT_S)]
         cases.append(pytest.param(fence, id=name, marks=marks))
     return cases
 
