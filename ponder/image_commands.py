@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from training.cli_common import add_command
 from training.images import cli as images_cli
 
 DEFAULT_IMAGE_MODEL = Path(__file__).resolve().parent.parent / "model" / "default_model" / "images"
@@ -39,18 +40,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=int, default=4096, help="rays rendered at a time (default 4096)")
     p.set_defaults(handler=run_render)
 
-    p = sub.add_parser("train", help="pre-train an image model by rendering held-out views")
-    images_cli.add_train_arguments(p)
-    p.set_defaults(handler=images_cli.run_train)
-    p = sub.add_parser("evaluate", help="held-out-view PSNR and depth error of an image model")
-    images_cli.add_evaluate_arguments(p)
-    p.set_defaults(handler=images_cli.run_evaluate)
-    p = sub.add_parser("train-segment", help="fine-tune a segmentation head on the lifted volume (generated rooms)")
-    images_cli.add_segment_train_arguments(p)
-    p.set_defaults(handler=images_cli.run_segment_train)
-    p = sub.add_parser("evaluate-segment", help="per-point mIoU of an image segmentation model on held-out rooms")
-    images_cli.add_segment_evaluate_arguments(p)
-    p.set_defaults(handler=images_cli.run_segment_evaluate)
+    add_command(sub, "train", "pre-train an image model by rendering held-out views",
+                images_cli.add_train_arguments, images_cli.run_train)
+    add_command(sub, "evaluate", "held-out-view PSNR and depth error of an image model",
+                images_cli.add_evaluate_arguments, images_cli.run_evaluate)
+    add_command(sub, "train-segment", "fine-tune a segmentation head on the lifted volume (generated rooms)",
+                images_cli.add_segment_train_arguments, images_cli.run_segment_train)
+    add_command(sub, "evaluate-segment", "per-point mIoU of an image segmentation model on held-out rooms",
+                images_cli.add_segment_evaluate_arguments, images_cli.run_segment_evaluate)
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:

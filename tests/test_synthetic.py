@@ -16,7 +16,10 @@ from training.data.classes import (
     DETECTION_CLASS_IDS,
     IGNORE_INDEX,
     NYU40_CEILING,
+    NYU40_NAMES,
+    NYU40_OTHERPROP,
     SCANNET20_NAMES,
+    VALID_CLASS_IDS_20,
     nyu40_to_scannet20,
     scannet20_to_nyu40,
 )
@@ -32,6 +35,7 @@ from training.data.formats import (
 )
 from training.data.synthetic import SceneConfig, add_generate_arguments, generate_scene, run_generate
 from training.data.synthetic.camera import camera_rays, look_pose, scannet_depth_intrinsic
+from training.data.synthetic.layout import NYU
 from training.data.synthetic.raycast import cast_rays
 from training.data.synthetic.shapes import BoxSet, Material, Part, SceneObject, rotate_z
 from training.data.synthetic.writer import write_point_scene, write_rgbd_scene
@@ -72,19 +76,15 @@ def _backproject(depth_mm: np.ndarray, intrinsic: np.ndarray, c2w: np.ndarray) -
 
 
 def test_class_lists():
-    assert len(SCANNET20_NAMES) == 20 and SCANNET20_NAMES[:10] == (
-        "wall",
-        "floor",
-        "cabinet",
-        "bed",
-        "chair",
-        "sofa",
-        "table",
-        "door",
-        "window",
-        "bookshelf",
-    )
-    assert SCANNET20_NAMES[19] == "otherfurniture"
+    # ScanNet-20 is the NYU40 vocabulary at VALID_CLASS_IDS_20 (the official mapping), so the two tables, kept in
+    # different packages, must name the same class at every index (but for the official configs' "refridgerator"
+    # spelling), and the generator's NYU40 ids must be those of the names it gives its objects.
+    assert len(SCANNET20_NAMES) == len(set(SCANNET20_NAMES)) == len(VALID_CLASS_IDS_20) == 20
+    official = tuple("refridgerator" if name == "refrigerator" else name for name in NYU40_NAMES)
+    assert SCANNET20_NAMES == tuple(official[nyu - 1] for nyu in VALID_CLASS_IDS_20)
+    assert len(NYU40_NAMES) == NYU40_OTHERPROP == 40 and NYU40_NAMES[NYU40_CEILING - 1] == "ceiling"
+    assert all(NYU40_NAMES[nyu - 1] == name for name, nyu in NYU.items())  # the generator labels what it names
+    assert SCANNET20_NAMES.index("wall") == 0 and SCANNET20_NAMES.index("floor") == 1  # not detection classes
     labels = np.arange(-1, 20)
     assert np.array_equal(nyu40_to_scannet20(scannet20_to_nyu40(labels)), labels)
     assert nyu40_to_scannet20(np.array([0, NYU40_CEILING, 40])).tolist() == [IGNORE_INDEX] * 3

@@ -257,49 +257,54 @@ class ElasticDistortion:
 # ------------------------------------------------------------------------------------------ colour
 
 
-class ChromaticAutoContrast:
+class _ColorTransform:
+    """The gate every colour transform shares: nothing happens without colours (no draw either); else one draw
+    decides, with probability ``p``, whether the colours become ``recolor(color, rng)`` (float32)."""
+
+    p: float
+
+    def recolor(self, color: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, data: Data, rng: np.random.Generator) -> Data:
+        color = _float_color(data)
+        if color is not None and rng.random() < self.p:
+            data["color"] = self.recolor(color, rng).astype(np.float32)
+        return data
+
+
+class ChromaticAutoContrast(_ColorTransform):
     """With probability ``p``: stretch each channel to 0..255 and blend with β (U(0,1) when ``blend`` is None)."""
 
     def __init__(self, p: float = 0.2, blend: float | None = None):
         self.p, self.blend = p, blend
 
-    def __call__(self, data: Data, rng: np.random.Generator) -> Data:
-        color = _float_color(data)
-        if color is not None and rng.random() < self.p:
-            lo, hi = color.min(axis=0, keepdims=True), color.max(axis=0, keepdims=True)
-            span = np.where(hi > lo, hi - lo, 1.0)
-            contrast = np.where(hi > lo, (color - lo) * (255.0 / span), color)  # a constant channel stays
-            beta = rng.random() if self.blend is None else self.blend
-            data["color"] = ((1 - beta) * color + beta * contrast).astype(np.float32)
-        return data
+    def recolor(self, color: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        lo, hi = color.min(axis=0, keepdims=True), color.max(axis=0, keepdims=True)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        contrast = np.where(hi > lo, (color - lo) * (255.0 / span), color)  # a constant channel stays
+        beta = rng.random() if self.blend is None else self.blend
+        return (1 - beta) * color + beta * contrast
 
 
-class ChromaticTranslation:
+class ChromaticTranslation(_ColorTransform):
     """With probability ``p``: one offset (U(0,1)³ - 0.5)·255·2·ratio for all points; clipped to 0..255."""
 
     def __init__(self, p: float = 0.95, ratio: float = 0.05):
         self.p, self.ratio = p, ratio
 
-    def __call__(self, data: Data, rng: np.random.Generator) -> Data:
-        color = _float_color(data)
-        if color is not None and rng.random() < self.p:
-            tr = (rng.random((1, 3)) - 0.5) * 255 * 2 * self.ratio
-            data["color"] = np.clip(color + tr, 0, 255).astype(np.float32)
-        return data
+    def recolor(self, color: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return np.clip(color + (rng.random((1, 3)) - 0.5) * 255 * 2 * self.ratio, 0, 255)
 
 
-class ChromaticJitter:
+class ChromaticJitter(_ColorTransform):
     """With probability ``p``: per-point Gaussian noise of std·255; clipped to 0..255."""
 
     def __init__(self, p: float = 0.95, std: float = 0.05):
         self.p, self.std = p, std
 
-    def __call__(self, data: Data, rng: np.random.Generator) -> Data:
-        color = _float_color(data)
-        if color is not None and rng.random() < self.p:
-            noise = rng.standard_normal((len(color), 3)) * self.std * 255
-            data["color"] = np.clip(color + noise, 0, 255).astype(np.float32)
-        return data
+    def recolor(self, color: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return np.clip(color + rng.standard_normal((len(color), 3)) * self.std * 255, 0, 255)
 
 
 # ------------------------------------------------------------------------------------------ sampling

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from model.devices import torch_device
+from training.cli_common import apply_overrides, fit_and_report, open_run
 
 log = logging.getLogger(__name__)
 
@@ -51,44 +52,24 @@ def ensure_data(cfg) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import yaml
-
     from model.checkpoint import save_checkpoint
     from training.detect.config import load_config
     from training.detect.task import DetectorTrainer, DetectTask, build_detector
-    from training.engine import Trainer
 
     cfg = load_config(args.config)
-    if args.label_fraction is not None:
-        if not 0 < args.label_fraction <= 1:
-            raise ValueError(f"--label-fraction must lie in (0, 1], got {args.label_fraction}")
-        cfg.data.label_fraction = args.label_fraction
-    if args.data:
-        cfg.data.root = args.data
-    if args.init:
-        cfg.model.init = args.init
-    if args.device:
-        cfg.train.device = args.device
-    torch_device(cfg.train.device)
-    out = Path(args.out or cfg.out_dir)
-    last = out / "model" / "model_last.pth"
-    if last.exists() and not args.resume:
-        raise ValueError(f"{out} already holds a run ({last}); pass --resume to continue it or choose another --out")
+    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
+        raise ValueError(f"--label-fraction must lie in (0, 1], got {args.label_fraction}")
+    apply_overrides(args, cfg, {"label_fraction": "data.label_fraction", "data": "data.root", "init": "model.init",
+                                "device": "train.device"})
+    run = open_run(args, cfg)
     ensure_data(cfg)
     model, model_cfg = build_detector(cfg)
     task = DetectTask(cfg, model_cfg)
     condition = cfg.model.condition or model_cfg.default_condition()
     trainer_model = DetectorTrainer(model, cfg.loss, condition, cfg.model.freeze_backbone)
-    out.mkdir(parents=True, exist_ok=True)
     effective = json.loads(json.dumps(dataclasses.asdict(cfg)))  # after --init/--data/--label-fraction
-    (out / "config.yaml").write_text(yaml.safe_dump(effective, sort_keys=False))
-    trainer = Trainer(trainer_model, task, cfg.train, out, save_fn=lambda m, d: save_checkpoint(m, model_cfg, d))
-    history = trainer.fit(resume=args.resume)
-    if history:
-        first, final = history[0], history[-1]
-        print(f"trained {trainer.step} steps on {task.num_samples()} scenes: loss {first['loss']:.4f} -> "
-              f"{final['loss']:.4f}")
-    print(f"checkpoint: {out / 'final'} (official container: {last})")
+    fit_and_report(run, trainer_model, task, cfg.train, lambda m, d: save_checkpoint(m, model_cfg, d),
+                   resume=args.resume, document=effective, samples="scenes", metric=None, container="official")
     if cfg.eval.after_train and cfg.data.val_split and int(os.environ.get("RANK", 0)) == 0:
         from training.detect.dataset import find_scene_dirs
 
@@ -97,9 +78,9 @@ def run_train(args: argparse.Namespace) -> int:
         except FileNotFoundError as exc:
             log.warning("no validation scenes (%s); skipping the evaluation", exc)
             return 0
-        metrics = _evaluate(out / "final", val_dirs, condition, cfg.eval, cfg.train.device)
+        metrics = _evaluate(run.out / "final", val_dirs, condition, cfg.eval, cfg.train.device)
         print(f"validation ({cfg.data.val_split}, {len(val_dirs)} scenes):\n{metrics.table()}")
-        (out / "metrics.json").write_text(json.dumps(metrics.summary(), indent=2))
+        (run.out / "metrics.json").write_text(json.dumps(metrics.summary(), indent=2))
     return 0
 
 

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from model.devices import torch_device
+from training.cli_common import PSNR, Metric, run_training, set_threads
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,40 +25,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-    import yaml
-
     from model.images.checkpoint import save_image_model
-    from training.engine import Trainer
     from training.images.config import load_config
     from training.images.task import ImagePretrainTask, build_image_model
     from training.pretrain.cli import ensure_data
 
-    cfg = load_config(args.config)
-    if args.device:
-        cfg.train.device = args.device
-    if args.image_weights:
-        cfg.image_weights = str(args.image_weights)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch_device(cfg.train.device)  # a clear error for CUDA without a GPU
-    out = Path(args.out or cfg.out_dir)
-    last = out / "model" / "model_last.pth"
-    if last.exists() and not args.resume:
-        raise ValueError(f"{out} already holds a run ({last}); pass --resume to continue it or choose another --out")
-    ensure_data(cfg)
-    task = ImagePretrainTask(cfg)
-    model = build_image_model(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(Path(args.config).read_text()), sort_keys=False))
-    trainer = Trainer(model, task, cfg.train, out, save_fn=save_image_model)
-    history = trainer.fit(resume=args.resume)
-    if trainer.rank == 0 and history:
-        first, final = history[0], history[-1]
-        print(f"trained {trainer.step} steps on {task.num_samples()} scenes: loss {first['loss']:.4f} -> "
-              f"{final['loss']:.4f}, psnr {first.get('psnr', float('nan')):.2f} -> "
-              f"{final.get('psnr', float('nan')):.2f} dB")
-    print(f"checkpoint: {out / 'final'} (resume container: {last})")
+    run_training(args, load_config(args.config), overrides={"device": "train.device", "image_weights": "image_weights"},
+                 ensure_data=ensure_data, make_task=ImagePretrainTask, build_model=build_image_model,
+                 save_fn=save_image_model, samples="scenes", metric=PSNR, container="resume")
     return 0
 
 
@@ -75,16 +49,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from model.images.checkpoint import load_image_model
     from training.images.config import load_config
     from training.images.evaluate import evaluate_image_views
     from training.images.task import build_image_model
 
     cfg = load_config(args.config)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg)
     if args.untrained:
         model = build_image_model(cfg).to(args.device).eval()
     else:
@@ -125,38 +96,13 @@ def add_segment_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_segment_train(args: argparse.Namespace) -> int:
     """``ponder images train-segment``: fine-tune a per-voxel segmentation head on the lifted volume."""
-    import torch
-    import yaml
-
     from model.images.checkpoint import save_image_model
-    from training.engine import Trainer
     from training.images.segment import ImageSegmentTask, build_segmenter, ensure_segment_data, load_segment_config
 
-    cfg = load_segment_config(args.config)
-    if args.device:
-        cfg.train.device = args.device
-    if args.init:
-        cfg.init = str(args.init)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch_device(cfg.train.device)  # a clear error for CUDA without a GPU
-    out = Path(args.out or cfg.out_dir)
-    last = out / "model" / "model_last.pth"
-    if last.exists() and not args.resume:
-        raise ValueError(f"{out} already holds a run ({last}); pass --resume to continue it or choose another --out")
-    ensure_segment_data(cfg)
-    task = ImageSegmentTask(cfg)
-    model = build_segmenter(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(Path(args.config).read_text()), sort_keys=False))
-    trainer = Trainer(model, task, cfg.train, out, save_fn=save_image_model)
-    history = trainer.fit(resume=args.resume)
-    if trainer.rank == 0 and history:
-        first, final = history[0], history[-1]
-        print(f"trained {trainer.step} steps on {task.num_samples()} rooms: loss {first['loss']:.4f} -> "
-              f"{final['loss']:.4f}, voxel accuracy {first.get('voxel_acc', float('nan')):.3f} -> "
-              f"{final.get('voxel_acc', float('nan')):.3f}")
-    print(f"checkpoint: {out / 'final'} (resume container: {last})")
+    run_training(args, load_segment_config(args.config), overrides={"device": "train.device", "init": "init"},
+                 ensure_data=ensure_segment_data, make_task=ImageSegmentTask, build_model=build_segmenter,
+                 save_fn=save_image_model, samples="rooms", metric=Metric("voxel accuracy", "voxel_acc", 3),
+                 container="resume")
     return 0
 
 
@@ -171,14 +117,11 @@ def add_segment_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_segment_evaluate(args: argparse.Namespace) -> int:
     """``ponder images evaluate-segment``: per-point mIoU on the held-out rooms (all points, seen points)."""
-    import torch
-
     from model.images.segment import load_image_segment_model
     from training.images.segment import ensure_segment_data, evaluate_image_segment, load_segment_config
 
     cfg = load_segment_config(args.config)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg)
     ensure_segment_data(cfg)
     model = load_image_segment_model(args.checkpoint or Path(cfg.out_dir) / "final", args.device)
     scores = evaluate_image_segment(model, cfg, args.point_checkpoint)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from model.devices import torch_device
+from training.cli_common import PSNR, run_training
 
 
 log = logging.getLogger(__name__)
@@ -53,39 +54,14 @@ def ensure_data(cfg) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-    import yaml
-
     from model.checkpoint import save_checkpoint
-    from training.engine import Trainer
     from training.pretrain.config import load_config
     from training.pretrain.task import PretrainTask, build_pretrain_model
 
     cfg = load_config(args.config)
-    if args.device:
-        cfg.train.device = args.device
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch_device(cfg.train.device)
-    out = Path(args.out or cfg.out_dir)
-    last = out / "model" / "model_last.pth"
-    if last.exists() and not args.resume:
-        raise ValueError(f"{out} already holds a run ({last}); pass --resume to continue it or choose another --out")
-    ensure_data(cfg)
-    task = PretrainTask(cfg)
-    model = build_pretrain_model(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(Path(args.config).read_text()), sort_keys=False))
-    trainer = Trainer(model, task, cfg.train, out, save_fn=lambda m, d: save_checkpoint(m, cfg.model, d))
-    history = trainer.fit(resume=args.resume)
-    if trainer.rank != 0:
-        return 0
-    if history:
-        first, final = history[0], history[-1]
-        nan = float("nan")
-        print(f"trained {trainer.step} steps on {task.num_samples()} scenes: loss {first['loss']:.4f} -> "
-              f"{final['loss']:.4f}, psnr {first.get('psnr', nan):.2f} -> {final.get('psnr', nan):.2f} dB")
-    print(f"checkpoint: {out / 'final'} (official container: {last})")
+    run_training(args, cfg, overrides={"device": "train.device"}, ensure_data=ensure_data, make_task=PretrainTask,
+                 build_model=build_pretrain_model, save_fn=lambda m, d: save_checkpoint(m, cfg.model, d),
+                 samples="scenes", metric=PSNR, container="official")
     return 0
 
 

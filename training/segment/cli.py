@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from model.devices import torch_device
+from training.cli_common import apply_overrides, checkpoint_line, open_run
 
 log = logging.getLogger(__name__)
 
@@ -36,37 +37,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import yaml
-
     from training.segment.config import config_to_dict, load_config
     from training.segment.task import fine_tune
 
     cfg = load_config(args.config)
     if args.init is not None:
         cfg.init.checkpoint = None if args.init.lower() == "none" else args.init
-    if args.data is not None:
-        cfg.data.root = args.data
-    if args.label_fraction is not None:
-        cfg.data.label_fraction = args.label_fraction
-    if args.label_mode is not None:
-        cfg.data.label_mode = args.label_mode
-    if args.epochs is not None:
-        cfg.train.epochs = args.epochs
-    if args.evaluate is not None:
-        cfg.evaluate.mode = args.evaluate
-    if args.device is not None:
-        cfg.train.device = args.device
+    apply_overrides(args, cfg, {"data": "data.root", "label_fraction": "data.label_fraction",
+                                "label_mode": "data.label_mode", "epochs": "train.epochs",
+                                "evaluate": "evaluate.mode", "device": "train.device"})
     if args.trust_checkpoint:
         cfg.init.trust = True
     cfg.validate()
-    torch_device(cfg.train.device)
-    out = Path(args.out or cfg.out_dir)
-    last = out / "model" / "model_last.pth"
-    if last.exists() and not args.resume:
-        raise ValueError(f"{out} already holds a run ({last}); pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    result = fine_tune(cfg, out, resume=args.resume)
+    run = open_run(args, cfg)
+    run.write_config(config_to_dict(cfg))
+    result = fine_tune(cfg, run.out, resume=args.resume)
     if result.init is not None:
         print(result.init.summary())
     if result.history:
@@ -76,9 +61,9 @@ def run_train(args: argparse.Namespace) -> int:
     if result.metrics is not None:
         print(f"{cfg.evaluate.mode} evaluation on {cfg.evaluate.split or cfg.data.val_split}:")
         print(result.metrics.table())
-        (out / "metrics.json").write_text(json.dumps({"mode": cfg.evaluate.mode, **result.metrics.as_dict()},
-                                                     indent=2))
-    print(f"checkpoint: {result.checkpoint} (official container: {last})")
+        scores = {"mode": cfg.evaluate.mode, **result.metrics.as_dict()}
+        (run.out / "metrics.json").write_text(json.dumps(scores, indent=2))
+    print(checkpoint_line(result.checkpoint, run.last, "official"))
     return 0
 
 

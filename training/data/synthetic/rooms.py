@@ -140,16 +140,30 @@ def _sofa_corner(p: Placer) -> None:
         p.props_on(table, _n(p.rng, 0, 2))
 
 
+def _low_cabinet(rng: np.random.Generator) -> list:
+    """A waist-high cabinet (props fit on top), for the small rooms."""
+    return fur.cabinet(rng, tall=False)
+
+
+def _storage_and_decor(p: Placer, shelves: tuple[int, int] | None, cabinets: tuple[int, int], bins: tuple[int, int],
+                       pictures: tuple[int, int], cabinet: Callable[[np.random.Generator], list] = fur.cabinet) -> None:
+    """The wall pieces every room but the kitchen ends with: bookshelves (None: none, and no draw), cabinets with
+    up to two props on top, trash bins, pictures; counts are inclusive (lo, hi) ranges. One fixed order of draws,
+    so each room's random stream, and so every generated dataset, stays what it was."""
+    if shelves is not None:
+        _wall_items(p, "bookshelf", fur.bookshelf, _n(p.rng, *shelves))
+    _wall_items(p, "cabinet", cabinet, _n(p.rng, *cabinets), props=2)
+    _wall_items(p, "otherfurniture", fur.trash_bin, _n(p.rng, *bins))
+    _pictures(p, _n(p.rng, *pictures))
+
+
 def _bedroom(p: Placer) -> None:
     r = p.rng
     _bed_group(p)
     _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=True), _n(r, 0, 1))
     if r.random() < 0.6:
         _desk_with_chair(p)
-    _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 1))
-    _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=False), _n(r, 0, 1), props=2)
-    _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
-    _pictures(p, _n(r, 0, 2))
+    _storage_and_decor(p, shelves=(0, 1), cabinets=(0, 1), bins=(0, 1), pictures=(0, 2), cabinet=_low_cabinet)
 
 
 def _living_room(p: Placer) -> None:
@@ -159,10 +173,7 @@ def _living_room(p: Placer) -> None:
         p.try_free("chair", fur.chair(r))
     if r.random() < 0.4:
         _table_with_chairs(p, _n(r, 2, 4))
-    _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 2))
-    _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
-    _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
-    _pictures(p, _n(r, 1, 3))
+    _storage_and_decor(p, shelves=(0, 2), cabinets=(0, 2), bins=(0, 1), pictures=(1, 3))
 
 
 def _office(p: Placer) -> None:
@@ -171,10 +182,7 @@ def _office(p: Placer) -> None:
         _desk_with_chair(p)
     if r.random() < 0.5:
         _table_with_chairs(p, _n(r, 2, 6))
-    _wall_items(p, "bookshelf", fur.bookshelf, _n(r, 0, 2))
-    _wall_items(p, "cabinet", fur.cabinet, _n(r, 0, 2), props=2)
-    _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 2))
-    _pictures(p, _n(r, 0, 2))
+    _storage_and_decor(p, shelves=(0, 2), cabinets=(0, 2), bins=(0, 2), pictures=(0, 2))
 
 
 def _kitchen(p: Placer) -> None:
@@ -197,9 +205,7 @@ def _bathroom(p: Placer) -> None:
         _wall_items(p, "sink", fur.pedestal_sink, 1)
     else:
         _counter(p, with_sink=True)
-    _wall_items(p, "cabinet", lambda g: fur.cabinet(g, tall=False), _n(r, 0, 1), props=2)
-    _wall_items(p, "otherfurniture", fur.trash_bin, _n(r, 0, 1))
-    _pictures(p, _n(r, 0, 1))
+    _storage_and_decor(p, shelves=None, cabinets=(0, 1), bins=(0, 1), pictures=(0, 1), cabinet=_low_cabinet)
 
 
 FURNISH: dict[RoomType, Callable[[Placer], None]] = {
