@@ -77,9 +77,9 @@ def build_model(cfg: ModelConfig, engine: bool = False) -> nn.Module:
         raise ValueError(f"unknown model kind {cfg.kind!r}; expected one of {list(BUILDERS)}")
     model = BUILDERS[cfg.kind](cfg, lambda: build_backbone(cfg.backbone, engine=engine))
     if cfg.render and cfg.kind != "pretrain":
-        from model.render import PonderRenderHead, RenderHeadConfig
+        from model.render import PonderRenderHead
 
-        head = PonderRenderHead(RenderHeadConfig.from_dict(cfg.render["head"]))
+        head = PonderRenderHead(cfg.render.head)
         model.proj_net, model.renderer = head.proj_net, head.renderer
         model.__dict__["render_head"] = head  # shares proj_net/renderer; not registered twice
     if cfg.detection:

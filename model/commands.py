@@ -26,6 +26,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def describe(checkpoint: str | None, trust: bool = False) -> dict:
     from model.checkpoint import load_checkpoint
+    from model.config_io import dump
     from model.inference import default_checkpoint
 
     loaded = load_checkpoint(checkpoint or default_checkpoint(), trust=trust)
@@ -34,7 +35,7 @@ def describe(checkpoint: str | None, trust: bool = False) -> dict:
     return {"source": loaded.source, "name": cfg.name, "kind": cfg.kind, "backbone": vars(cfg.backbone),
             "conditions": list(cfg.conditions), "class_names": {k: list(v) for k, v in cfg.class_names.items()},
             "feature_dim": cfg.feature_dim, "grid_size": cfg.grid_size, "input_features": list(cfg.input_features),
-            "parameters": params, "render": cfg.render.to_dict() if cfg.render else None}
+            "parameters": params, "render": dump(cfg.render) if cfg.render else None}
 
 
 def run_inspect(args) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from model.conditions import default_condition
-from model.config_io import FORBID, ConfigError, SectionMapping, before, dump, load
+from model.config_io import FORBID, ConfigError, before, dump, load
 from model.render.config import RenderSection
 
 # Names used by the official configs (spec §4.4). The PPT wrapper and the backbone order conditions
@@ -87,7 +87,7 @@ class DetectionDecodeConfig:
 
 
 @dataclass
-class DetectionConfig(SectionMapping):
+class DetectionConfig:
     """The ``detection`` section of a ModelConfig: the voting head (``model.detection.DetectionHead``) on the
     encoder's ``in_channels`` features, its classes and how its votes are decoded. Kept here, free of torch, so
     that reading a config never imports the detection package."""
@@ -201,8 +201,8 @@ def _empty_sections(data: Any) -> Any:
 
 
 def _section(cls: type, value: Any, where: str) -> Any:
-    """A section given as a mapping (direct construction, e.g. ``detection=head.to_dict()``) validated into ``cls``;
-    an empty one is None."""
+    """A section given as a mapping (direct construction, e.g. ``detection={"in_channels": 8, ...}``) validated into
+    ``cls``; an empty one is None."""
     if value is None or isinstance(value, cls):
         return value
     if isinstance(value, Mapping) and not value:

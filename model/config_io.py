@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
+from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 T = TypeVar("T")
@@ -55,34 +56,14 @@ def before(handler: Any, source: Any, fn: Callable[[Any], Any]) -> Any:
     return core_schema.no_info_before_validator_function(fn, handler(source))
 
 
-class SectionMapping:
-    """Read/write access by key to a typed section, for callers written when the section was a plain dict:
-    ``section[key]`` is ``dump(section)[key]``, and ``section[key] = value`` re-validates the section."""
-
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.keys():
-            raise KeyError(key)
-        return dump(self)[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self.keys() else default
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.keys()
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def to_dict(self) -> dict[str, Any]:
-        return dump(self)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        new = load(type(self), {**dump(self), key: value}, type(self).__name__)
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            object.__setattr__(self, f.name, getattr(new, f.name))
+def from_file(path: str | Path, read: Callable[[Path], Any], build: Callable[[Any], T]) -> T:
+    """``build(read(path))``, a ``ConfigError`` of ``build`` prefixed with the file it came from (``read`` names the
+    file in its own errors: missing, not YAML/JSON)."""
+    data = read(Path(path))
+    try:
+        return build(data)
+    except ConfigError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
 
 
 def _describe(tp: Any, exc: Any, where: str) -> str:

@@ -117,5 +117,5 @@ def test_our_format_round_trip(tmp_path):
 def test_pretrain_listings_keep_every_weight_and_know_their_era():
     head = infer_config(state_from_listing(read_listing(PRETRAIN_LISTINGS[1]))).render
     old = infer_config(state_from_listing(read_listing(PRETRAIN_LISTINGS[2]))).render
-    assert head["proj_head"] and not old["proj_head"]
-    assert head["head"]["field"]["share_volume"] is False and old["head"]["field"]["share_volume"] is True
+    assert head.proj_head and not old.proj_head
+    assert head.head.field.share_volume is False and old.head.field.share_volume is True

@@ -4,16 +4,20 @@ key or value is refused with an error that names it (exit 2 on the command line)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
 from model.config import DetectionConfig, ModelConfig
-from model.config_io import ConfigError
-from model.render.config import RenderConfigError, RenderHeadConfig, RenderSection
+from model.config_io import ConfigError, dump
+from model.images.config import ImageModelConfig, LiftConfig
+from model.images.segment import ImageSegmentConfig
+from model.render.config import RenderConfigError, RenderHeadConfig, RenderSection, head_field_config
 from conftest import fixture_dir
 from training.config_io import ConfigError as TrainingConfigError
 from training.detect.config import load_config as load_detect
@@ -56,27 +60,77 @@ def test_one_error_type():
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: str(p.parent.name))
-def test_bundled_model_configs_load_typed_and_write_back_unchanged(path):
+def test_bundled_model_configs_load_typed_and_write_back_unchanged(path, tmp_path):
     data = json.loads(path.read_text())
     if data.get("kind") == "image-render":  # the image model has its own config class (model.images.config)
-        from model.images.config import ImageModelConfig
-
-        image = ImageModelConfig.load(path)
-        assert isinstance(image.render, RenderHeadConfig)
-        assert json.loads(json.dumps(image.to_dict())) == data
-        return
-    if data.get("kind") == "image-segment":  # the image segmenter: its trunk is an image model config
-        from model.images.segment import ImageSegmentConfig
-
-        segmenter = ImageSegmentConfig.load(path)
-        assert isinstance(segmenter.trunk.render, RenderHeadConfig) and segmenter.class_names
-        assert json.loads(json.dumps(segmenter.to_dict())) == data
-        return
-    cfg = ModelConfig.load(path)
-    assert cfg.render is None or isinstance(cfg.render, RenderSection)
-    assert cfg.detection is None or isinstance(cfg.detection, DetectionConfig)
-    assert isinstance(cfg.backbone.channels, tuple) and all(isinstance(v, tuple) for v in cfg.class_names.values())
+        cfg = ImageModelConfig.load(path)
+        assert isinstance(cfg.render, RenderHeadConfig) and isinstance(cfg.lift, LiftConfig)
+        assert isinstance(cfg.render.projection.f_maps, tuple)
+    elif data.get("kind") == "image-segment":  # the image segmenter: its trunk is an image model config
+        cfg = ImageSegmentConfig.load(path)
+        assert isinstance(cfg.trunk, ImageModelConfig) and isinstance(cfg.trunk.render, RenderHeadConfig)
+        assert isinstance(cfg.class_names, tuple) and cfg.class_names
+    else:
+        cfg = ModelConfig.load(path)
+        assert cfg.render is None or isinstance(cfg.render, RenderSection)
+        assert cfg.detection is None or isinstance(cfg.detection, DetectionConfig)
+        assert isinstance(cfg.backbone.channels, tuple) and all(isinstance(v, tuple) for v in cfg.class_names.values())
     assert cfg.to_dict() == data  # the file format is unchanged ("render": {} for no render head, lists, ...)
+    cfg.save(tmp_path / "config.json")
+    assert (tmp_path / "config.json").read_text() == path.read_text()  # to the byte, key order included
+    assert type(cfg).load(tmp_path / "config.json") == cfg
+
+
+def _image(mutate=lambda d: None, segment: bool = False) -> str:
+    """The error of the bundled image (or image segmentation) config.json after ``mutate``."""
+    folder = "images-segment" if segment else "images"
+    data = json.loads((REPO / "model/default_model" / folder / "config.json").read_text())
+    mutate(data)
+    with pytest.raises(ConfigError) as info:
+        (ImageSegmentConfig if segment else ImageModelConfig).from_dict(data)
+    return str(info.value)
+
+
+def test_image_config_errors_name_the_field():
+    assert "unknown config keys: ['colour']" in _image(lambda d: d.update(colour=1))
+    assert "unknown lift keys: ['width']" in _image(lambda d: d["lift"].update(width=3))
+    assert "backbone.depth: Input should be a valid integer" in _image(lambda d: d["backbone"].update(depth="deep"))
+    assert "render.grid_shape" in _image(lambda d: d["render"].update(grid_shape=[4, 4]))
+    assert "unknown render.sampler keys: ['samples']" in _image(lambda d: d["render"]["sampler"].update(samples=3))
+    assert "lift.fusion must be one of" in _image(lambda d: d["lift"].update(fusion="max"))
+    assert "render.projection.in_channels must be 17 (lifted channels: lift.dim x 2 + 1), got 33" in _image(
+        lambda d: d["lift"].update(dim=8))
+    assert "not an image model config (kind 'encoder'" in _image(lambda d: d.update(kind="encoder"))
+    assert "unknown render.field keys: ['width'] (known: ['geo_dim', 'hidden_size'])" in _image(
+        lambda d: d["render"].update(field={"width": 3}))
+    assert "needs an rgb_decoder" in _image(lambda d: d["render"]["field"].update(rgb_decoder=None))
+    # the image segmenter: its own rules, and the trunk's errors under "trunk"
+    assert "class_names must be a non-empty list" in _image(lambda d: d.update(class_names=[]), segment=True)
+    assert "class_names[1]: Input should be a valid string" in _image(
+        lambda d: d.update(class_names=["a", 2]), segment=True)
+    assert "not an image segmentation config (kind 'image-render'" in _image(
+        lambda d: d.update(kind="image-render"), segment=True)
+    assert "unknown trunk.lift keys: ['width']" in _image(lambda d: d["trunk"]["lift"].update(width=3), segment=True)
+    assert "trunk: lift.fusion must be one of" in _image(lambda d: d["trunk"]["lift"].update(fusion="max"),
+                                                          segment=True)
+
+
+def test_image_config_shortcuts():
+    """``render.field`` as ``{hidden_size, geo_dim}`` (or absent): the HEAD layout without a semantic decoder;
+    ``render.projection.in_channels`` defaults to the lifted channels."""
+    cfg = ImageModelConfig.from_dict({"lift": {"dim": 8, "variance": False},
+                                      "render": {"projection": {"out_channels": 16, "f_maps": [8, 16]},
+                                                 "field": {"hidden_size": 32, "geo_dim": 8}}})
+    assert cfg.render.projection.in_channels == cfg.lifted_channels == 9
+    assert cfg.render.field == replace(head_field_config(16, 8, 32), semantic_decoder=None)
+    default = ImageModelConfig.from_dict({})
+    assert default == ImageModelConfig() and default.render.field.semantic_decoder is None
+    assert default.render.projection.in_channels == LiftConfig().channels
+    assert ImageModelConfig.from_dict(default.to_dict()) == default  # the written-out form reads back the same
+    seg = ImageSegmentConfig.from_dict({"class_names": ["a", "b"]})
+    assert seg.trunk == default and seg.num_classes == 2 and seg.name == "ponder-images-segment"
+    with pytest.raises(ConfigError, match="lift.fusion"):
+        ImageModelConfig(lift=LiftConfig(fusion="max"))  # direct construction is checked too
 
 
 def test_bundled_sections_are_typed():
@@ -94,9 +148,10 @@ def test_configs_of_the_reference_checkpoints_round_trip(name):
     cfg = infer_config(read_official(folder / "checkpoint.pth"))
     if name == "ponder_render":
         official = json.loads((folder / "model_config.json").read_text())
-        cfg.render["head"] = RenderHeadConfig.from_official(official).to_dict()  # the dict-style access still works
-        assert cfg.render.head == RenderHeadConfig.from_official(official)
-        assert cfg.render["head"]["grid_shape"] == list(cfg.render.head.grid_shape)
+        cfg = dataclasses.replace(cfg, render=dataclasses.replace(cfg.render,
+                                                                  head=RenderHeadConfig.from_official(official)))
+        assert cfg.render.head.grid_shape == tuple(official["grid_shape"]) and cfg.render.head.grid_size == 0.02
+        assert dump(cfg.render)["head"]["grid_shape"] == list(cfg.render.head.grid_shape)
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
@@ -126,7 +181,8 @@ def test_direct_construction_validates_dict_sections():
     head = {"in_channels": 8, "class_names": ["chair", "table"], "decode": {"min_votes": 3}}
     cfg = ModelConfig(kind="encoder", detection=head)
     assert isinstance(cfg.detection, DetectionConfig) and cfg.detection.decode.min_votes == 3.0
-    assert cfg.detection["class_names"] == ["chair", "table"] and dict(cfg.detection)["in_channels"] == 8
+    assert cfg.detection.class_names == ("chair", "table") and dump(cfg.detection)["class_names"] == ["chair", "table"]
+    assert not hasattr(cfg.detection, "__getitem__") and not hasattr(cfg.render or cfg.detection, "get")
     assert ModelConfig(kind="encoder", detection={}).detection is None
     with pytest.raises(ConfigError, match="duplicate detection class names"):
         ModelConfig(kind="encoder", detection={"in_channels": 8, "class_names": ["a", "a"]})

@@ -103,7 +103,7 @@ def test_tiny_run_lowers_the_loss_and_saves_a_working_detector(tmp_path, data_ro
     loaded = load_checkpoint(out / "final")
     keys = loaded.model.state_dict().keys()
     assert any(k.startswith("detector.") for k in keys) and any(k.startswith("backbone.") for k in keys)
-    assert loaded.config.grid_size == 0.1 and loaded.config.detection["class_names"] == list(DETECTION_NAMES)
+    assert loaded.config.grid_size == 0.1 and loaded.config.detection.class_names == tuple(DETECTION_NAMES)
     scene = DetectionScenes(find_scene_dirs(data_root, "train"), DETECTION_NAMES)
     result = detect(Predictor(loaded), scene.cloud(0), score_threshold=0.0)
     assert result.boxes.shape[1] == 7 and len(result.scores) == len(result.labels) == len(result.boxes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 
 import numpy as np
@@ -83,7 +84,8 @@ def test_pretraining_checkpoint_features_and_render_volume(tmp_path):
     # grid_shape and the other non-weight settings come from the official model config, not the weights
     official = json.loads((folder / "model_config.json").read_text())
     config = infer_config(read_official(folder / "checkpoint.pth"))
-    config.render["head"] = RenderHeadConfig.from_official(official).to_dict()
+    config = dataclasses.replace(config, render=dataclasses.replace(config.render,
+                                                                    head=RenderHeadConfig.from_official(official)))
     model = load_checkpoint(folder / "checkpoint.pth", config=config).model
     order = expected["fnv_order"]  # network row i = input point order[i]
     coord, _ = center_shift(np.load(folder / "input.npz")["coord"], apply_z=True)

@@ -63,8 +63,8 @@ def convert_render_fixture(out: Path) -> Path:
     from model.render import RenderHeadConfig
 
     config = infer_config(read_official(RENDER / "checkpoint.pth"))
-    config.render["head"] = RenderHeadConfig.from_official(json.loads((RENDER / "model_config.json").read_text())
-                                                           ).to_dict()
+    official = RenderHeadConfig.from_official(json.loads((RENDER / "model_config.json").read_text()))
+    config = dataclasses.replace(config, render=dataclasses.replace(config.render, head=official))
     loaded = load_checkpoint(RENDER / "checkpoint.pth", config=config)
     return save_checkpoint(loaded.model, loaded.config, out)
 

@@ -3,10 +3,13 @@ the layout of the point-cloud checkpoints."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from model.images.config import KIND, ImageModelConfig
 from model.images.model import ImageRenderModel
@@ -24,24 +27,29 @@ def save_image_model(model: ImageRenderModel, out_dir: str | Path) -> Path:
     return out
 
 
-def is_image_model(path: str | Path) -> bool:
-    import json
-
+def config_kind(path: str | Path) -> str | None:
+    """The ``kind`` in a model folder's config.json; None without a readable one."""
     cfg = Path(path) / CONFIG_FILE
     try:
-        return cfg.is_file() and json.loads(cfg.read_text()).get("kind") == KIND
+        doc = json.loads(cfg.read_text()) if cfg.is_file() else None
     except (ValueError, OSError):
-        return False
+        return None
+    return doc.get("kind") if isinstance(doc, dict) else None
 
 
-def load_image_model(path: str | Path, device: str | torch.device = "cpu") -> ImageRenderModel:
-    """Strict load of an image model folder (or of its ``model.safetensors``), in eval mode."""
+def is_image_model(path: str | Path) -> bool:
+    return config_kind(path) == KIND
+
+
+def load_model_folder(path: str | Path, kind: str, what: str, build: Callable[[Path], nn.Module],
+                      device: str | torch.device = "cpu") -> nn.Module:
+    """Strict load of a model folder (or of its ``model.safetensors``) whose config.json has ``kind``, in eval
+    mode: ``build(config.json path)`` makes the model, whose state_dict the weights must match exactly."""
     path = Path(path)
     folder = path.parent if path.is_file() else path
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not an image model folder (needs {WEIGHTS_FILE} and {CONFIG_FILE})")
-    cfg = ImageModelConfig.load(folder / CONFIG_FILE)
-    model = ImageRenderModel(cfg)
+    if config_kind(folder) != kind or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not an {what} folder ({WEIGHTS_FILE} + {CONFIG_FILE} with kind {kind!r})")
+    model = build(folder / CONFIG_FILE)
     state = load_file(str(folder / WEIGHTS_FILE))
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -50,3 +58,9 @@ def load_image_model(path: str | Path, device: str | torch.device = "cpu") -> Im
                          f"{unexpected[:3]})")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def load_image_model(path: str | Path, device: str | torch.device = "cpu") -> ImageRenderModel:
+    """Strict load of an image model folder (or of its ``model.safetensors``), in eval mode."""
+    return load_model_folder(path, KIND, "image model", lambda cfg: ImageRenderModel(ImageModelConfig.load(cfg)),
+                             device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.config_io import FORBID, ConfigError, dump, load
+from model.images.checkpoint import config_kind, load_model_folder
 from model.images.config import ImageModelConfig
 from model.images.inputs import PosedImages, check_coverage, estimate_bounds
 from model.images.model import ImageRenderModel, LiftedScenes
@@ -41,29 +43,32 @@ OCCUPIED = 0.5
 
 @dataclass
 class ImageSegmentConfig:
-    trunk: ImageModelConfig
-    class_names: tuple[str, ...]
-    name: str = "ponder-images-segment"
+    """Read with ``from_dict`` / ``load`` (the typed loader, ``model.config_io``); ``trunk`` is an
+    ``ImageModelConfig`` mapping (its defaults when absent)."""
+
+    __pydantic_config__ = FORBID
     kind: str = KIND_SEGMENT
+    name: str = "ponder-images-segment"
+    class_names: tuple[str, ...] = ()
+    trunk: ImageModelConfig = field(default_factory=ImageModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind != KIND_SEGMENT:
+            raise ConfigError(f"not an image segmentation config (kind {self.kind!r}, expected {KIND_SEGMENT!r})")
+        if not self.class_names:
+            raise ConfigError("class_names must be a non-empty list of strings")
+        self.class_names = tuple(self.class_names)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "class_names": list(self.class_names),
-                "trunk": self.trunk.to_dict()}
+        return dump(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ImageSegmentConfig":
-        if not isinstance(data, Mapping) or data.get("kind", KIND_SEGMENT) != KIND_SEGMENT:
-            raise ValueError(f"not an image segmentation config (kind {data.get('kind')!r}, expected "
-                             f"{KIND_SEGMENT!r})" if isinstance(data, Mapping) else "the config must be a mapping")
-        names = data.get("class_names")
-        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
-            raise ValueError("class_names must be a non-empty list of strings")
-        return cls(trunk=ImageModelConfig.from_dict(data.get("trunk", {})), class_names=tuple(names),
-                   name=str(data.get("name", "ponder-images-segment")))
+        return load(cls, data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -256,31 +261,13 @@ def point_labels(model: ImageSegmentModel, views: PosedImages, points: np.ndarra
 
 
 def is_image_segment_model(path: str | Path) -> bool:
-    cfg = Path(path) / "config.json"
-    try:
-        return cfg.is_file() and json.loads(cfg.read_text()).get("kind") == KIND_SEGMENT
-    except (ValueError, OSError):
-        return False
+    return config_kind(path) == KIND_SEGMENT
 
 
 def load_image_segment_model(path: str | Path, device: str | torch.device = "cpu") -> ImageSegmentModel:
     """Strict load of an image segmentation folder (``model.safetensors`` + ``config.json``), in eval mode."""
-    from safetensors.torch import load_file
-
-    folder = Path(path)
-    folder = folder.parent if folder.is_file() else folder
-    if not is_image_segment_model(folder) or not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path}: not an image segmentation model folder (model.safetensors + config.json "
-                                f"with kind {KIND_SEGMENT!r})")
-    model = ImageSegmentModel(ImageSegmentConfig.load(folder / "config.json"))
-    state = load_file(str(folder / "model.safetensors"))
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not fit its config (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    return load_model_folder(path, KIND_SEGMENT, "image segmentation model",
+                             lambda cfg: ImageSegmentModel(ImageSegmentConfig.load(cfg)), device)
 
 
 def segment_config_from(trunk: ImageModelConfig, class_names: Sequence[str], name: str | None = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from dataclasses import field as dc_field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from model.config_io import FORBID, ConfigError, SectionMapping, before, dump, load
+from model.config_io import FORBID, ConfigError, before, dump, load
 
 if TYPE_CHECKING:
     import torch
@@ -136,65 +136,97 @@ class RenderHeadConfig:
 
     @classmethod
     def from_official(cls, model: Mapping[str, Any]) -> "RenderHeadConfig":
-        """From the official ``PonderIndoor-v2`` model dict (e.g. a fixture's model_config.json)."""
+        """From the official ``PonderIndoor-v2`` model dict (e.g. a fixture's model_config.json): its spelling
+        (``f_maps`` + ``num_levels``, ``renderer.*``, ``loss.weights``, a scalar ``grid_shape``) and defaults
+        translated into our fields, then the typed loader."""
         try:
             proj = model["projection"]
             f_maps = proj.get("f_maps", 32)
-            levels = proj.get("num_levels", 4)
-            f_maps = tuple(f_maps * 2**k for k in range(levels)) if isinstance(f_maps, int) else tuple(f_maps)
+            f_maps = [f_maps * 2**k for k in range(proj.get("num_levels", 4))] if isinstance(f_maps, int) else f_maps
             rcfg = model["renderer"]
-            fcfg = rcfg["field"]
-
-            def dec(key: str, points_factor: float) -> DecoderConfig | None:
-                d = fcfg.get(key)
-                if d is None:
-                    return None
-                return DecoderConfig(in_dim=d["in_dim"], out_dim=d["out_dim"], hidden_size=d.get("hidden_size", 256),
-                                     n_blocks=d.get("n_blocks", 5), points_factor=d.get("points_factor", points_factor))
-
-            field_cfg = FieldConfig(
-                sdf_decoder=dec("sdf_decoder", 1.0), rgb_decoder=dec("rgb_decoder", 1.0),
-                semantic_decoder=dec("semantic_decoder", 1.0),
-                beta_init=fcfg.get("beta_init", 0.3), use_gradient=fcfg.get("use_gradient", True),
-                share_volume=fcfg.get("share_volume", True), norm_pts=fcfg.get("norm_pts", False),
-                norm_padding=fcfg.get("norm_padding", 0.1))
-            s = rcfg["sampler"]
-            sampler = SamplerConfig(num_samples=s["num_samples"], num_samples_importance=s["num_samples_importance"],
-                                    num_upsample_steps=s["num_upsample_steps"],
-                                    base_variance=s.get("base_variance", 64.0),
-                                    train_stratified=s.get("train_stratified", True),
-                                    single_jitter=s.get("single_jitter", True))
-            c = rcfg["collider"]
+            fcfg, s, c = rcfg["field"], rcfg["sampler"], rcfg["collider"]
             loss = rcfg.get("loss", {})
             grid_shape = model.get("grid_shape", 64)
-            grid_shape = tuple(grid_shape) if isinstance(grid_shape, (list, tuple)) else (grid_shape,) * 3
-            return cls(
-                projection=ProjectionConfig(proj["in_channels"], proj["out_channels"], f_maps),
-                field=field_cfg, sampler=sampler,
-                collider=ColliderConfig(near_plane=c["near_plane"], bbox=tuple(c["bbox"])),
-                loss=LossConfig(sensor_depth_truncation=loss.get("sensor_depth_truncation", 0.05),
-                                temperature=loss.get("temperature", 0.01),
-                                **{k: float(v) for k, v in loss.get("weights", {}).items()
-                                   if k in {f.name for f in fields(LossConfig)}}),
-                grid_shape=grid_shape, grid_size=model.get("grid_size", 0.02),
-                val_ray_split=model.get("val_ray_split", 10240), ray_nsample=model.get("ray_nsample", 128),
-                padding=model.get("padding", 0.1))
+            losses = {f.name for f in fields(LossConfig)}
+            data = {
+                "projection": {"in_channels": proj["in_channels"], "out_channels": proj["out_channels"],
+                               "f_maps": f_maps},
+                "field": {"sdf_decoder": _official_decoder(fcfg.get("sdf_decoder")),
+                          "rgb_decoder": _official_decoder(fcfg.get("rgb_decoder")),
+                          "semantic_decoder": _official_decoder(fcfg.get("semantic_decoder")),
+                          "beta_init": fcfg.get("beta_init", 0.3), "use_gradient": fcfg.get("use_gradient", True),
+                          "share_volume": fcfg.get("share_volume", True), "norm_pts": fcfg.get("norm_pts", False),
+                          "norm_padding": fcfg.get("norm_padding", 0.1)},
+                "sampler": {"num_samples": s["num_samples"], "num_samples_importance": s["num_samples_importance"],
+                            "num_upsample_steps": s["num_upsample_steps"],
+                            "base_variance": s.get("base_variance", 64.0),
+                            "train_stratified": s.get("train_stratified", True),
+                            "single_jitter": s.get("single_jitter", True)},
+                "collider": {"near_plane": c["near_plane"], "bbox": c["bbox"]},
+                "loss": {"sensor_depth_truncation": loss.get("sensor_depth_truncation", 0.05),
+                         "temperature": loss.get("temperature", 0.01),
+                         **{k: v for k, v in loss.get("weights", {}).items() if k in losses}},
+                "grid_shape": grid_shape if isinstance(grid_shape, (list, tuple)) else [grid_shape] * 3,
+                "grid_size": model.get("grid_size", 0.02), "val_ray_split": model.get("val_ray_split", 10240),
+                "ray_nsample": model.get("ray_nsample", 128), "padding": model.get("padding", 0.1)}
         except KeyError as exc:
             raise RenderConfigError(f"official model config lacks {exc}") from exc
+        return load(cls, data, "official", error=RenderConfigError)
+
+
+def _official_decoder(d: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """An official decoder dict with the official defaults (hidden 256, 5 blocks, fc_p active)."""
+    if d is None:
+        return None
+    return {"in_dim": d["in_dim"], "out_dim": d["out_dim"], "hidden_size": d.get("hidden_size", 256),
+            "n_blocks": d.get("n_blocks", 5), "points_factor": d.get("points_factor", 1.0)}
 
 
 def _default_field(data: Any) -> Any:
     """A head mapping without ``field`` gets the HEAD layout sized by its projection (not the 128-channel default)."""
     if not isinstance(data, Mapping) or data.get("field"):
         return data
-    proj = data.get("projection", {})
-    channels = proj.get("out_channels") if isinstance(proj, Mapping) else getattr(proj, "out_channels", None)
-    channels = channels if isinstance(channels, int) and channels > 0 else ProjectionConfig.out_channels
-    return {**data, "field": head_field_config(channels)}
+    return {**data, "field": head_field_config(_projection_channels(data))}
+
+
+def _projection_channels(head: Mapping[str, Any]) -> int:
+    """The volume channels of a head mapping's ``projection`` (the default when it is not valid: the head's own
+    validation then names the bad field)."""
+    proj = head.get("projection", {})
+    if isinstance(proj, ProjectionConfig):
+        return proj.out_channels
+    try:
+        return load(ProjectionConfig, proj).out_channels
+    except ConfigError:
+        return ProjectionConfig.out_channels
+
+
+@dataclass(frozen=True)
+class FieldShortcut:
+    """``field: {hidden_size, geo_dim}`` of a YAML render head: the HEAD decoder layout (``head_field_config``)."""
+
+    __pydantic_config__ = FORBID
+    hidden_size: int = 128
+    geo_dim: int = 64
+
+
+def expand_field(head: Any, semantic: bool, where: str) -> Any:
+    """A render-head mapping whose ``field`` is absent or the shortcut ``{hidden_size, geo_dim}``, with that field
+    written out: the HEAD layout for the projection's channels, with a semantic decoder only when ``semantic``.
+    A full ``field`` (with ``sdf_decoder``) and anything not a mapping are returned as they are; a bad shortcut
+    is a ConfigError naming ``<where>.field``."""
+    if not isinstance(head, Mapping):
+        return head
+    short = head.get("field")
+    if isinstance(short, FieldConfig) or (isinstance(short, Mapping) and "sdf_decoder" in short):
+        return head
+    short = load(FieldShortcut, short or {}, f"{where}.field" if where else "field")
+    f = head_field_config(_projection_channels(head), short.geo_dim, short.hidden_size)
+    return {**head, "field": f if semantic else replace(f, semantic_decoder=None)}
 
 
 @dataclass
-class RenderSection(SectionMapping):
+class RenderSection:
     """The ``render`` section of a ModelConfig (pre-training checkpoints, and models that also render): the head
     and the PonderIndoor-v2 wrapper's options (``model.pretrain``)."""
 

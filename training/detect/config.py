@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from model.config import BackboneConfig, DetectionConfig
-from model.config_io import FORBID
+from model.config_io import FORBID, from_file
 from training.config_io import ConfigError, load, read_yaml
 from training.data.classes import DETECTION_NAMES, SCANNET20_NAMES
 from training.engine import TrainConfig
@@ -35,6 +35,20 @@ class ModelSection:
     grid_size: float | None = None
     freeze_backbone: bool = False
     head: dict[str, Any] = field(default_factory=dict)  # HeadConfig fields except in_channels/class_names
+
+    # backbone and head stay mappings (the task completes them from the init checkpoint and the data); these
+    # make them the typed sections of the detector's ModelConfig, and check them on load
+    def backbone_config(self) -> BackboneConfig:
+        """``backbone``, the encoder trained from scratch (no classifier: ``num_classes`` 0)."""
+        return load(BackboneConfig, {**self.backbone, "num_classes": 0}, "model.backbone")
+
+    def head_config(self, in_channels: int, class_names: Sequence[str]) -> DetectionConfig:
+        """``head`` on an encoder of ``in_channels`` features, for ``class_names``."""
+        for reserved in ("in_channels", "class_names"):
+            if reserved in self.head:
+                raise ConfigError(f"model.head.{reserved} is set from the encoder / data.class_names; remove it")
+        return load(DetectionConfig, {**self.head, "in_channels": in_channels, "class_names": tuple(class_names)},
+                    "model.head")
 
 
 @dataclass
@@ -124,11 +138,9 @@ class DetectConfig:
             raise ConfigError(f"model.grid_size must be positive, got {self.model.grid_size}")
         if self.model.init is None and not self.model.backbone:
             raise ConfigError("give model.init (a checkpoint) or model.backbone (an architecture to train from scratch)")
-        # backbone and head stay mappings for the task (which completes them from the init checkpoint and the
-        # data), but their keys and values are checked here, by the types they become
         if self.model.backbone:
-            load(BackboneConfig, self.model.backbone, "model.backbone")
-        load(DetectionConfig, {"in_channels": 1, "class_names": ("any",), **self.model.head}, "model.head")
+            self.model.backbone_config()
+        self.model.head_config(1, self.data.class_names)
         lo, hi = self.augment.scale
         if not 0 < lo <= hi:
             raise ConfigError(f"augment.scale must be (low, high) with 0 < low <= high, got {self.augment.scale}")
@@ -140,9 +152,4 @@ class DetectConfig:
 
 
 def load_config(path: str | Path) -> DetectConfig:
-    path = Path(path)
-    data = read_yaml(path)
-    try:
-        return DetectConfig.from_dict(data or {})
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return from_file(path, read_yaml, DetectConfig.from_dict)

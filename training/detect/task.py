@@ -19,10 +19,9 @@ from torch import Tensor, nn
 
 from model.build import build_model
 from model.checkpoint import load_checkpoint
-from model.config import BackboneConfig, ModelConfig
-from model.detection.head import HeadConfig
+from model.config import ModelConfig
 
-from .config import ConfigError, DetectConfig, LossConfig
+from .config import DetectConfig, LossConfig
 from .dataset import DetectionSamples, DetectionScenes, collate, find_scene_dirs
 from .losses import detection_losses
 
@@ -37,22 +36,11 @@ def detection_model_config(cfg: DetectConfig, base: ModelConfig | None = None) -
         backbone = dataclasses.replace(base.backbone, num_classes=0)
         conditions, features, grid = base.conditions, base.input_features, m.grid_size or base.grid_size
     else:
-        try:
-            backbone = BackboneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.backbone.items()})
-        except TypeError as exc:
-            raise ConfigError(f"invalid model.backbone: {exc}") from None
-        backbone.num_classes = 0
+        backbone = m.backbone_config()
         conditions, features, grid = tuple(m.conditions), tuple(m.input_features), m.grid_size or 0.02
-    head_fields = dict(m.head)
-    for reserved in ("in_channels", "class_names"):
-        if reserved in head_fields:
-            raise ConfigError(f"model.head.{reserved} is set from the encoder / data.class_names; remove it")
-    try:
-        head = HeadConfig(in_channels=backbone.out_channels, class_names=tuple(cfg.data.class_names), **head_fields)
-    except TypeError as exc:
-        raise ConfigError(f"invalid model.head: {exc}") from None
+    head = m.head_config(backbone.out_channels, cfg.data.class_names)
     return ModelConfig(kind="encoder", backbone=backbone, conditions=conditions, grid_size=grid,
-                       input_features=features, detection=head.to_dict(), name=m.name,
+                       input_features=features, detection=head, name=m.name,
                        description="3D object detection: encoder + voting DetectionHead (ponder train detect)")
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from model.config_io import FORBID
+from model.config_io import FORBID, from_file
 from model.images.config import ImageModelConfig
-from training.config_io import ConfigError, as_mapping, load, read_yaml
+from training.config_io import ConfigError, load, read_yaml
 from training.engine import TrainConfig
 from training.pretrain.config import DataConfig, FrameConfig, GenerateConfig
 
@@ -52,7 +52,7 @@ class ImageEvalConfig:
 
 @dataclass
 class ImagePretrainConfig:
-    """``model`` is read by ``ImageModelConfig.from_dict``; every other section by the typed loader."""
+    """Every section by the typed loader; ``model`` is an ``ImageModelConfig`` mapping."""
 
     __pydantic_config__ = FORBID  # also refuses unknown keys in every section nested here
     model: ImageModelConfig
@@ -65,14 +65,7 @@ class ImagePretrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ImagePretrainConfig":
-        data = as_mapping(data, "the config")
-        if "model" not in data:
-            raise ConfigError("the config has no 'model' section")
-        try:
-            model = ImageModelConfig.from_dict(data["model"])
-        except ValueError as exc:
-            raise ConfigError(f"model: {exc}") from None
-        cfg = load(cls, {**data, "model": model})
+        cfg = load(cls, data)
         if cfg.data.input_views < 2 or cfg.data.target_views < 1:
             raise ConfigError(f"data.input_views must be >= 2 and data.target_views >= 1, got "
                               f"{cfg.data.input_views}, {cfg.data.target_views}")
@@ -80,7 +73,4 @@ class ImagePretrainConfig:
 
 
 def load_config(path: str | Path) -> ImagePretrainConfig:
-    try:
-        return ImagePretrainConfig.from_dict(read_yaml(path))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return from_file(path, read_yaml, ImagePretrainConfig.from_dict)

@@ -35,8 +35,8 @@ from model.images.inputs import check_views
 from model.images.lifting import project, visible
 from model.images.segment import IGNORE, ImageSegmentModel, point_labels, segment_config_from, voxel_targets
 from model.render.cameras import Camera
-from model.config_io import FORBID
-from training.config_io import ConfigError, as_mapping, load, read_yaml
+from model.config_io import FORBID, from_file
+from training.config_io import ConfigError, load, read_yaml
 from training.data.formats import load_rgbd_frames, load_scene
 from training.engine import TrainConfig
 from training.images.config import ImageDataConfig
@@ -55,10 +55,10 @@ class SegmentEvalConfig:
 
 @dataclass
 class ImageSegmentTrainConfig:
-    """``model`` is read by ``ImageModelConfig.from_dict``; every other section by the typed loader."""
+    """Every section by the typed loader; ``model`` is an ``ImageModelConfig`` mapping (its defaults when absent)."""
 
     __pydantic_config__ = FORBID
-    model: ImageModelConfig
+    model: ImageModelConfig = field(default_factory=ImageModelConfig)
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: SegmentEvalConfig = field(default_factory=SegmentEvalConfig)
@@ -71,12 +71,7 @@ class ImageSegmentTrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ImageSegmentTrainConfig":
-        data = as_mapping(data, "the config")
-        try:
-            model = ImageModelConfig.from_dict(data.get("model", {}))
-        except ValueError as exc:
-            raise ConfigError(f"model: {exc}") from None
-        cfg = load(cls, {**data, "model": model})
+        cfg = load(cls, data)
         if not cfg.class_names:
             from training.data.classes import SCANNET20_NAMES
 
@@ -90,10 +85,7 @@ class ImageSegmentTrainConfig:
 
 
 def load_segment_config(path: str | Path) -> ImageSegmentTrainConfig:
-    try:
-        return ImageSegmentTrainConfig.from_dict(read_yaml(path))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return from_file(path, read_yaml, ImageSegmentTrainConfig.from_dict)
 
 
 def ensure_segment_data(cfg: ImageSegmentTrainConfig) -> None:

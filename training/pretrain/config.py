@@ -9,15 +9,13 @@ pretrain-small-cpu.yaml. ``model.render.head`` takes the fields of ``model.rende
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from model.config import SCANNET20_NAMES, ModelConfig
-from model.config_io import FORBID
-from model.render import RenderHeadConfig, head_field_config
-from model.render.config import RenderSection
+from model.config_io import FORBID, from_file
+from model.render.config import RenderHeadConfig, RenderSection, expand_field
 from training.config_io import ConfigError, as_mapping, load, read_yaml
 from training.data.formats import FrameSelection
 from training.engine import TrainConfig
@@ -157,12 +155,7 @@ class PretrainConfig:
 
 
 def load_config(path: str | Path) -> PretrainConfig:
-    path = Path(path)
-    data = read_yaml(path)
-    try:
-        return PretrainConfig.from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return from_file(path, read_yaml, PretrainConfig.from_dict)
 
 
 def build_model_config(data: Mapping[str, Any]) -> ModelConfig:
@@ -201,20 +194,6 @@ def build_model_config(data: Mapping[str, Any]) -> ModelConfig:
 
 def _head_config(head: dict[str, Any], semantic: bool) -> RenderHeadConfig:
     """``model.render.head``; its ``field`` may be the shortcut ``{hidden_size, geo_dim}`` (the HEAD layout,
-    whose semantic decoder is kept only for semantic rendering)."""
-    fcfg = head.get("field")
-    if fcfg is not None and "sdf_decoder" in as_mapping(fcfg, "model.render.head.field"):
-        return load(RenderHeadConfig, head, "model.render.head")
-    short = dict(fcfg or {})
-    unknown = set(short) - {"hidden_size", "geo_dim"}
-    if unknown:
-        raise ConfigError("model.render.head.field shortcut takes hidden_size and geo_dim, "
-                          f"not {sorted(unknown)}")
-    base = load(RenderHeadConfig, {k: v for k, v in head.items() if k != "field"}, "model.render.head")
-    f = head_field_config(base.projection.out_channels, short.get("geo_dim", 64), short.get("hidden_size", 128))
-    if not semantic:
-        f = dataclasses.replace(f, semantic_decoder=None)
-    try:
-        return dataclasses.replace(base, field=f)
-    except ValueError as exc:
-        raise ConfigError(f"invalid model.render.head: {exc}") from None
+    whose semantic decoder is kept only for semantic rendering; ``model.render.config.expand_field``)."""
+    where = "model.render.head"
+    return load(RenderHeadConfig, expand_field(head, semantic, where), where)

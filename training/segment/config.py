@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from model.config import BackboneConfig
-from model.config_io import FORBID
+from model.config_io import FORBID, from_file
 from training.config_io import ConfigError, dump, load, read_yaml
 from training.data.classes import SCANNET20_NAMES
 from training.engine import TrainConfig
@@ -113,12 +113,7 @@ class SegmentConfig:
 
 
 def load_config(path: str | Path) -> SegmentConfig:
-    path = Path(path)
-    data = read_yaml(path)
-    try:
-        return config_from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return from_file(path, read_yaml, config_from_dict)
 
 
 def config_from_dict(data: Mapping[str, Any]) -> SegmentConfig:
