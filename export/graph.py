@@ -52,7 +52,7 @@ class GatherSpUNet(SpUNetEngine):
         config = self.config
         self.info = GraphInfo(
             kind=config.kind, backbone=config.backbone.type, in_channels=self.in_channels,
-            out_channels=config.backbone.out_channels, num_levels=self.num_levels, stem_kernel=self.stem_kernel,
+            out_channels=self.layout.out_channels, num_levels=self.num_levels, stem_kernel=self.stem_kernel,
             conditions=self.conditions, outputs=self.outputs, num_classes=dict(self.num_classes),
             class_names={k: v for k, v in config.class_names.items() if k in self.num_classes},
             grid_size=config.grid_size, input_features=tuple(config.input_features))

@@ -4,7 +4,8 @@ The same module names, registration order and parameter shapes as `spunet_v1m1` 
 checkpoint loads with the same strict key and shape checks and the heads (``final``, the wrappers' embedding
 and projection) compute exactly what the spconv modules compute; but each sparse conv is only its weights
 (`ConvWeights`) and ``forward_features`` runs `model.engine.SpUNetEngine`, built from the owning model's
-weights at the first forward on a device. Nothing here imports spconv, which costs seconds at start-up.
+weights at the first forward on a device. The module trees and the engine are both built from
+`model.backbones.layout.SpUNetLayout`. Nothing here imports spconv, which costs seconds at start-up.
 Inference only: the engine folds the weights once, so training uses the spconv modules.
 """
 
@@ -12,14 +13,16 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from model.backbones.layout import DEFAULT_CHANNELS, DEFAULT_LAYERS, BlockSpec, ConvNormSpec, ConvSpec, \
+    SpUNetLayout, SpUNetModule, register_block
 from model.backbones.pdnorm import PDBatchNorm
 from model.config import BackboneConfig, ModelConfig
-from model.sparse.pointwise import pointwise
 
 if TYPE_CHECKING:
     from model.engine.unet import SpUNetEngine
@@ -28,11 +31,10 @@ if TYPE_CHECKING:
 class ConvWeights(nn.Module):
     """A sparse conv's parameters in spconv's layout: weight (C_out, k, k, k, C_in), optional bias (C_out)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = False):
+    def __init__(self, spec: ConvSpec):
         super().__init__()
-        k = kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, k, k, k, in_channels))
-        self.register_parameter("bias", nn.Parameter(torch.empty(out_channels)) if bias else None)
+        self.weight = nn.Parameter(torch.empty(spec.shape))
+        self.register_parameter("bias", nn.Parameter(torch.empty(spec.out_channels)) if spec.bias else None)
 
 
 def _device_key(device: torch.device | str) -> torch.device:
@@ -46,15 +48,10 @@ def _bn(channels: int) -> nn.BatchNorm1d:
     return nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01)
 
 
-class _EngineBacked(nn.Module):
-    """Shared by both layouts: attributes the wrappers read, ``classify`` and the engine-run forward."""
+class _EngineBacked(SpUNetModule):
+    """Shared by both layouts: the module tree and heads (`SpUNetModule`) and the engine-run forward."""
 
-    def _common(self, in_channels: int, num_classes: int, channels, layers) -> None:
-        assert len(layers) % 2 == 0 and len(layers) == len(channels)
-        self.in_channels, self.num_classes = in_channels, num_classes
-        self.channels, self.layers = tuple(channels), tuple(layers)
-        self.num_stages = len(layers) // 2
-        self.out_channels = channels[-1]
+    def _init_engines(self) -> None:
         self.__dict__["_owner"] = None                                  # (model, config); not a submodule
         self.__dict__["_engines"] = {}                                  # device -> SpUNetEngine
         self.__dict__["_lock"] = threading.Lock()
@@ -93,50 +90,33 @@ class _EngineBacked(nn.Module):
         (features,) = engine(*engine.example_inputs(maps, feat, index))
         return features
 
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        if self.num_classes == 0:
-            raise ValueError("this backbone has no classifier (num_classes=0)")
-        return pointwise(features, self.final)
 
-    def forward(self, feat, grid_coord, batch, condition=None, context=None) -> torch.Tensor:
-        features = self.forward_features(feat, grid_coord, batch, condition, context)
-        return self.classify(features) if self.num_classes > 0 else features
+def _stage(blocks: list[nn.Module]) -> nn.Sequential:
+    """Blocks named ``block0``, ``block1``… (the official names; the same keys for both variants)."""
+    return nn.Sequential(OrderedDict((f"block{i}", b) for i, b in enumerate(blocks)))
 
 
-class _BlockV1m1(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+class _Block(nn.Module):
+    """A BasicBlock's weights (either variant: the spec names the projection's spelling)."""
+
+    def __init__(self, spec: BlockSpec, norm: Callable[[int], nn.Module]):
         super().__init__()
-        if in_channels == out_channels:
-            self.proj = nn.Sequential(nn.Identity())
-        else:
-            self.proj = nn.Sequential(ConvWeights(in_channels, out_channels, 1), _bn(out_channels))
-        self.conv1, self.bn1 = ConvWeights(in_channels, out_channels, 3), _bn(out_channels)
-        self.relu = nn.ReLU()
-        self.conv2, self.bn2 = ConvWeights(out_channels, out_channels, 3), _bn(out_channels)
+        register_block(self, spec, ConvWeights, norm)
+
+
+def _conv_norm_v1m1(spec: ConvNormSpec) -> nn.Sequential:
+    return nn.Sequential(ConvWeights(spec.conv), _bn(spec.norm.channels), nn.ReLU())
 
 
 class EngineBackedV1m1(_EngineBacked):
     """`SpUNetV1m1`'s layout (keys ``conv_input.0.weight``, ``enc.0.block0.conv1.weight``, ``final.*``...)."""
 
     def __init__(self, in_channels: int, num_classes: int = 0, base_channels: int = 32,
-                 channels: tuple[int, ...] = (32, 64, 128, 256, 256, 128, 96, 96),
-                 layers: tuple[int, ...] = (2, 3, 4, 6, 2, 2, 2, 2)):
+                 channels: tuple[int, ...] = DEFAULT_CHANNELS, layers: tuple[int, ...] = DEFAULT_LAYERS):
         super().__init__()
-        self._common(in_channels, num_classes, channels, layers)
-        self.conv_input = nn.Sequential(ConvWeights(in_channels, base_channels, 5), _bn(base_channels), nn.ReLU())
-        enc_in, dec_ch = base_channels, channels[-1]
-        self.down, self.up, self.enc, self.dec = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for s in range(self.num_stages):
-            self.down.append(nn.Sequential(ConvWeights(enc_in, channels[s], 2), _bn(channels[s]), nn.ReLU()))
-            self.enc.append(nn.Sequential(OrderedDict((f"block{i}", _BlockV1m1(channels[s], channels[s]))
-                                                      for i in range(layers[s]))))
-            up_in = channels[len(channels) - s - 2]
-            self.up.append(nn.Sequential(ConvWeights(up_in, dec_ch, 2), _bn(dec_ch), nn.ReLU()))
-            n_dec = layers[len(channels) - s - 1]
-            self.dec.append(nn.Sequential(OrderedDict(
-                (f"block{i}", _BlockV1m1(dec_ch + enc_in if i == 0 else dec_ch, dec_ch)) for i in range(n_dec))))
-            enc_in, dec_ch = channels[s], up_in
-        self.final = ConvWeights(channels[-1], num_classes, 1, bias=True) if num_classes > 0 else nn.Identity()
+        self._init_engines()
+        layout = SpUNetLayout.build("v1m1", in_channels, num_classes, base_channels, channels, layers)
+        self._assemble(layout, _conv_norm_v1m1, lambda spec: _Block(spec, _bn), _stage, ConvWeights, nn.Identity)
 
 
 class _ConvNorm(nn.Module):
@@ -145,51 +125,25 @@ class _ConvNorm(nn.Module):
         self.conv, self.bn, self.act = conv, norm, nn.ReLU()
 
 
-class _BlockV1m3(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, norm_fn):
-        super().__init__()
-        if in_channels == out_channels:
-            self.proj = nn.Sequential(nn.Identity())
-            self.proj_conv = self.proj_norm = None
-        else:
-            self.proj_conv, self.proj_norm = ConvWeights(in_channels, out_channels, 1), norm_fn(out_channels)
-        self.conv1, self.bn1 = ConvWeights(in_channels, out_channels, 3), norm_fn(out_channels)
-        self.relu = nn.ReLU()
-        self.conv2, self.bn2 = ConvWeights(out_channels, out_channels, 3), norm_fn(out_channels)
-
-
 class EngineBackedV1m3(_EngineBacked):
     """`SpUNetV1m3`'s layout (PDNorm: ``conv_input.conv.weight``, ``…bn1.bns.0.weight``, ``…modulation.1.*``)."""
 
     def __init__(self, in_channels: int, num_classes: int = 0, base_channels: int = 32, context_channels: int = 256,
-                 channels: tuple[int, ...] = (32, 64, 128, 256, 256, 128, 96, 96),
-                 layers: tuple[int, ...] = (2, 3, 4, 6, 2, 2, 2, 2),
+                 channels: tuple[int, ...] = DEFAULT_CHANNELS, layers: tuple[int, ...] = DEFAULT_LAYERS,
                  conditions: tuple[str, ...] = ("ScanNet", "S3DIS", "Structured3D"),
                  norm_decouple: bool = True, norm_adaptive: bool = True, norm_affine: bool = True):
         super().__init__()
-        self._common(in_channels, num_classes, channels, layers)
+        self._init_engines()
         self.conditions = tuple(conditions)
 
         def norm_fn(c: int) -> PDBatchNorm:
             return PDBatchNorm(c, context_channels, self.conditions, norm_decouple, norm_adaptive, norm_affine)
 
-        def stage(c_in: int, c_out: int, n: int) -> nn.Module:
-            stage = nn.Module()
-            for i in range(n):
-                stage.add_module(f"block{i}", _BlockV1m3(c_in if i == 0 else c_out, c_out, norm_fn))
-            return stage
+        def conv_norm(spec: ConvNormSpec) -> _ConvNorm:
+            return _ConvNorm(ConvWeights(spec.conv), norm_fn(spec.norm.channels))
 
-        self.conv_input = _ConvNorm(ConvWeights(in_channels, base_channels, 5), norm_fn(base_channels))
-        enc_in, dec_ch = base_channels, channels[-1]
-        self.down, self.up, self.enc, self.dec = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for s in range(self.num_stages):
-            self.down.append(_ConvNorm(ConvWeights(enc_in, channels[s], 2), norm_fn(channels[s])))
-            self.enc.append(stage(channels[s], channels[s], layers[s]))
-            up_in = channels[len(channels) - s - 2]
-            self.up.append(_ConvNorm(ConvWeights(up_in, dec_ch, 2), norm_fn(dec_ch)))
-            self.dec.append(stage(dec_ch + enc_in, dec_ch, layers[len(channels) - s - 1]))
-            enc_in, dec_ch = channels[s], up_in
-        self.final = ConvWeights(channels[-1], num_classes, 1, bias=True) if num_classes > 0 else nn.Identity()
+        layout = SpUNetLayout.build("v1m3", in_channels, num_classes, base_channels, channels, layers)
+        self._assemble(layout, conv_norm, lambda spec: _Block(spec, norm_fn), _stage, ConvWeights, nn.Identity)
 
 
 def build_engine_backed(cfg: BackboneConfig) -> _EngineBacked:

@@ -1,14 +1,20 @@
 """SpUNet-v1m3: SpUNet with PDNorm (``spconv_unet_v1m3_pdnorm.py``), the backbone of PPT and of the
-published PonderV2 checkpoints. Every norm receives the same (condition, context) pair."""
+published PonderV2 checkpoints. Every norm receives the same (condition, context) pair. The structure and
+key names come from `model.backbones.layout` (the v1m3 spelling: ``conv``/``bn``, ``proj_conv``/``proj_norm``)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import spconv.pytorch as spconv
 import torch
 from torch import nn
 
+from model.backbones.layout import DEFAULT_CHANNELS, DEFAULT_LAYERS, BlockSpec, ConvNormSpec, SpUNetLayout, \
+    SpUNetModule, register_block
 from model.backbones.pdnorm import PDBatchNorm
-from model.sparse.conv import down_conv, inverse_conv, make_sparse_tensor, subm_conv
+from model.backbones.spunet_v1m1 import sparse_conv
+from model.sparse.conv import make_sparse_tensor
 from model.sparse.pointwise import pointwise
 
 
@@ -32,19 +38,9 @@ class ConvNormReLU(_Conditioned):
 
 
 class BasicBlock(_Conditioned):
-    def __init__(self, in_channels: int, out_channels: int, indice_key: str, norm_fn):
+    def __init__(self, spec: BlockSpec, norm_fn: Callable[[int], PDBatchNorm]):
         super().__init__()
-        if in_channels == out_channels:
-            self.proj = spconv.SparseSequential(nn.Identity())  # no keys, kept for the official layout
-            self.proj_conv = self.proj_norm = None
-        else:
-            self.proj_conv = subm_conv(in_channels, out_channels, 1)
-            self.proj_norm = norm_fn(out_channels)
-        self.conv1 = subm_conv(in_channels, out_channels, 3, indice_key=indice_key)
-        self.bn1 = norm_fn(out_channels)
-        self.relu = nn.ReLU()
-        self.conv2 = subm_conv(out_channels, out_channels, 3, indice_key=indice_key)
-        self.bn2 = norm_fn(out_channels)
+        register_block(self, spec, sparse_conv, norm_fn, spconv.SparseSequential)
 
     def forward(self, x, condition, context):
         out = self._norm(self.bn1, self.conv1(x), condition, context)
@@ -60,7 +56,7 @@ class BasicBlock(_Conditioned):
 class Stage(nn.Module):
     """Blocks registered as ``block0``, ``block1``… (the official SparseSequential names)."""
 
-    def __init__(self, blocks: list[BasicBlock]):
+    def __init__(self, blocks: list[nn.Module]):
         super().__init__()
         for i, block in enumerate(blocks):
             self.add_module(f"block{i}", block)
@@ -71,40 +67,25 @@ class Stage(nn.Module):
         return x
 
 
-class SpUNetV1m3(nn.Module):
+class SpUNetV1m3(SpUNetModule):
     """Input (N, in_channels) voxel features + a condition name + a (1, context_channels) context;
     output (N, channels[-1]) decoder features, rows in input order."""
 
     def __init__(self, in_channels: int, num_classes: int = 0, base_channels: int = 32, context_channels: int = 256,
-                 channels: tuple[int, ...] = (32, 64, 128, 256, 256, 128, 96, 96),
-                 layers: tuple[int, ...] = (2, 3, 4, 6, 2, 2, 2, 2),
+                 channels: tuple[int, ...] = DEFAULT_CHANNELS, layers: tuple[int, ...] = DEFAULT_LAYERS,
                  conditions: tuple[str, ...] = ("ScanNet", "S3DIS", "Structured3D"),
                  norm_decouple: bool = True, norm_adaptive: bool = True, norm_affine: bool = True):
         super().__init__()
-        assert len(layers) % 2 == 0 and len(layers) == len(channels)
-        self.in_channels, self.num_classes = in_channels, num_classes
-        self.channels, self.layers, self.conditions = tuple(channels), tuple(layers), tuple(conditions)
-        self.num_stages = len(layers) // 2
-        self.out_channels = channels[-1]
+        self.conditions = tuple(conditions)
 
         def norm_fn(c: int) -> PDBatchNorm:
             return PDBatchNorm(c, context_channels, self.conditions, norm_decouple, norm_adaptive, norm_affine)
 
-        self.conv_input = ConvNormReLU(subm_conv(in_channels, base_channels, 5, indice_key="stem"),
-                                       norm_fn(base_channels))
-        enc_in, dec_ch = base_channels, channels[-1]
-        self.down, self.up, self.enc, self.dec = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for s in range(self.num_stages):
-            self.down.append(ConvNormReLU(down_conv(enc_in, channels[s], f"spconv{s + 1}"), norm_fn(channels[s])))
-            self.enc.append(Stage([BasicBlock(channels[s], channels[s], f"subm{s + 1}", norm_fn)
-                                   for _ in range(layers[s])]))
-            up_in = channels[len(channels) - s - 2]
-            self.up.append(ConvNormReLU(inverse_conv(up_in, dec_ch, f"spconv{s + 1}"), norm_fn(dec_ch)))
-            n_dec = layers[len(channels) - s - 1]
-            self.dec.append(Stage([BasicBlock(dec_ch + enc_in if i == 0 else dec_ch, dec_ch, f"subm{s}", norm_fn)
-                                   for i in range(n_dec)]))
-            enc_in, dec_ch = channels[s], up_in
-        self.final = subm_conv(channels[-1], num_classes, 1, bias=True) if num_classes > 0 else spconv.Identity()
+        def conv_norm(spec: ConvNormSpec) -> ConvNormReLU:
+            return ConvNormReLU(sparse_conv(spec.conv), norm_fn(spec.norm.channels))
+
+        layout = SpUNetLayout.build("v1m3", in_channels, num_classes, base_channels, channels, layers)
+        self._assemble(layout, conv_norm, lambda spec: BasicBlock(spec, norm_fn), Stage, sparse_conv, spconv.Identity)
 
     def forward_features(self, feat: torch.Tensor, grid_coord: torch.Tensor, batch: torch.Tensor,
                          condition: str | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,12 +105,3 @@ class SpUNetV1m3(nn.Module):
             x = x.replace_feature(torch.cat([x.features, skip.features], dim=1))  # [upsampled, skip]
             x = self.dec[s](x, condition, context)
         return x.features
-
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        if self.num_classes == 0:
-            raise ValueError("this backbone has no classifier (num_classes=0)")
-        return pointwise(features, self.final)
-
-    def forward(self, feat, grid_coord, batch, condition=None, context=None) -> torch.Tensor:
-        features = self.forward_features(feat, grid_coord, batch, condition, context)
-        return self.classify(features) if self.num_classes > 0 else features

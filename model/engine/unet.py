@@ -1,6 +1,7 @@
 """SpUNetEngine: the SpUNet (v1m1 and v1m3/PDNorm) as convolutions over precomputed kernel maps.
 
-Built from a state_dict with the official key names, it computes the same function as the spconv model
+Built from a state_dict with the official key names (read off `model.backbones.layout.SpUNetLayout`, the
+one description the modules are built from too), it computes the same function as the spconv model
 without spconv: every norm is folded into ``x * a[cond] + b[cond]`` (`model.engine.folding`), every conv
 runs over a table of `model.sparse.kernel_maps` in one of two formulations:
 
@@ -19,10 +20,14 @@ Inputs (positional): ``feat (M_0, C_in)`` float32, then the tables in `KernelMap
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
 
+from model.backbones.layout import FINAL, BlockSpec, ConvNormSpec, ConvSpec, NormSpec, SpUNetLayout
+from model.conditions import condition_index
 from model.config import ModelConfig
 from model.engine.buckets import MaskBuckets, bucket_conv, zero_row_buffer
 from model.engine.folding import FoldedNorm, build_norm
@@ -62,17 +67,17 @@ def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class _Block(nn.Module):
     """BasicBlock: ``relu(n2(conv2(relu(n1(conv1(x))))) + proj(x))``, proj = 1x1 conv + norm or identity."""
 
-    def __init__(self, sd: dict, prefix: str, norm, taps_per_matmul: int | None):
+    def __init__(self, weight: Callable[[ConvSpec], torch.Tensor], norm: Callable[[NormSpec], FoldedNorm],
+                 spec: BlockSpec, taps_per_matmul: int | None):
         super().__init__()
         self.group = taps_per_matmul
-        self.register_buffer("w1", taps_from_spconv(sd[prefix + "conv1.weight"]))
-        self.register_buffer("w2", taps_from_spconv(sd[prefix + "conv2.weight"]))
-        self.n1, self.n2 = norm(prefix + "bn1."), norm(prefix + "bn2.")
-        proj = next((k for k in (prefix + "proj.0.weight", prefix + "proj_conv.weight") if k in sd), None)
-        self.has_proj = proj is not None
-        if self.has_proj:
-            self.register_buffer("wp", conv1x1_from_spconv(sd[proj]))
-            self.np = norm(prefix + ("proj.1." if proj.endswith("proj.0.weight") else "proj_norm."))
+        self.register_buffer("w1", taps_from_spconv(weight(spec.conv1)))
+        self.register_buffer("w2", taps_from_spconv(weight(spec.conv2)))
+        self.n1, self.n2 = norm(spec.norm1), norm(spec.norm2)
+        self.has_proj = spec.proj is not None
+        if spec.proj is not None:
+            self.register_buffer("wp", conv1x1_from_spconv(weight(spec.proj.conv)))
+            self.np = norm(spec.proj.norm)
 
     def forward(self, x: torch.Tensor, plan: Plan, cond: torch.Tensor | None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -130,10 +135,10 @@ class SpUNetEngine(nn.Module):
         nested = config.kind == "ppt-backbone-segmentor"
         bb = "backbone.backbone." if nested else "backbone."
         wrapper = "backbone." if nested else ""
-        if bb + "conv_input.0.weight" not in sd and bb + "conv_input.conv.weight" not in sd:
+        layout = self.layout = SpUNetLayout.from_config(bb_cfg)  # what to read, and the shapes to expect
+        if bb + layout.stem.conv.key + ".weight" not in sd:
             raise ValueError(f"state_dict has no SpUNet stem under {bb!r} (kind {config.kind!r})")
-        v1m1 = bb_cfg.type == "SpUNet-v1m1"
-        conv, norm_key = ("0", "1") if v1m1 else ("conv", "bn")
+        v1m1 = layout.variant == "v1m1"
 
         # conditions: the wrapper's order (embedding rows); each selects a BN bank + context row
         self.conditions: tuple[str, ...] = ()
@@ -147,33 +152,36 @@ class SpUNetEngine(nn.Module):
             banks = [bb_cfg.conditions.index(c) if bb_cfg.norm_decouple else 0 for c in self.conditions]
             contexts = [None if table is None else table[i] for i in range(len(self.conditions))]
 
-        def norm(prefix: str) -> FoldedNorm:
-            return build_norm(sd, prefix, banks, contexts)  # prefix: absolute key prefix
+        def norm(spec: NormSpec) -> FoldedNorm:
+            return build_norm(sd, f"{bb}{spec.key}.", banks, contexts)
 
-        stages = len(bb_cfg.layers) // 2
-        self.num_levels = stages + 1
-        stem = sd[f"{bb}conv_input.{conv}.weight"]
-        self.stem_kernel = int(stem.shape[1])
-        self.in_channels = int(stem.shape[-1])
+        def weight(spec: ConvSpec) -> torch.Tensor:
+            w = sd[f"{bb}{spec.key}.weight"]
+            if tuple(w.shape) != spec.shape:
+                raise ValueError(f"{bb}{spec.key}.weight has shape {tuple(w.shape)}, the config's SpUNet needs "
+                                 f"{spec.shape}")
+            return w
+
+        def conv_norm(spec: ConvNormSpec, **options) -> _ConvNorm:
+            return _ConvNorm(weight(spec.conv), norm(spec.norm), **options)
+
+        self.num_levels = layout.num_stages + 1
+        self.stem_kernel, self.in_channels = layout.stem.conv.kernel_size, layout.in_channels
         group = self.taps_per_matmul = taps_per_matmul
-        self.stem = _ConvNorm(stem, norm(f"{bb}conv_input.{norm_key}."), taps_per_matmul=group)
-        self.down = nn.ModuleList(_ConvNorm(sd[f"{bb}down.{s}.{conv}.weight"], norm(f"{bb}down.{s}.{norm_key}."),
-                                            taps_per_matmul=group) for s in range(stages))
-        self.up = nn.ModuleList(_ConvNorm(sd[f"{bb}up.{s}.{conv}.weight"], norm(f"{bb}up.{s}.{norm_key}."), inverse=True)
-                                for s in range(stages))
-        self.enc = nn.ModuleList(nn.ModuleList(_Block(sd, f"{bb}enc.{s}.block{i}.", norm, group)
-                                               for i in range(bb_cfg.layers[s])) for s in range(stages))
-        self.dec = nn.ModuleList(nn.ModuleList(_Block(sd, f"{bb}dec.{s}.block{i}.", norm, group)
-                                               for i in range(bb_cfg.layers[len(bb_cfg.layers) - 1 - s]))
-                                 for s in range(stages))
+        self.stem = conv_norm(layout.stem, taps_per_matmul=group)
+        self.down = nn.ModuleList(conv_norm(spec, taps_per_matmul=group) for spec in layout.down)
+        self.up = nn.ModuleList(conv_norm(spec, inverse=True) for spec in layout.up)
+        self.enc = nn.ModuleList(nn.ModuleList(_Block(weight, norm, b, group) for b in stage) for stage in layout.enc)
+        self.dec = nn.ModuleList(nn.ModuleList(_Block(weight, norm, b, group) for b in stage) for stage in layout.dec)
 
         self.head = "none"
         self.num_classes: dict[str, int] = {}
-        if heads and bb + "final.weight" in sd:
+        final = bb + FINAL  # the head when the checkpoint has one, whatever the config's num_classes
+        if heads and final + ".weight" in sd:
             self.head = "final"
-            self.register_buffer("final_w", conv1x1_from_spconv(sd[bb + "final.weight"]))
-            self.register_buffer("final_b", sd[bb + "final.bias"].float().clone())
-            k = int(sd[bb + "final.bias"].shape[0])
+            self.register_buffer("final_w", conv1x1_from_spconv(sd[final + ".weight"]))
+            self.register_buffer("final_b", sd[final + ".bias"].float().clone())
+            k = int(sd[final + ".bias"].shape[0])
             self.num_classes = {c: k for c in self.conditions} if self.conditions else {"default": k}
         elif heads and config.kind == "ppt-segmentor":
             self.head = "language"
@@ -276,14 +284,8 @@ class SpUNetEngine(nn.Module):
         return {n: o.cpu().numpy() for n, o in zip(self.outputs, self(*args))}
 
     def condition_index(self, condition: int | str | None) -> int:
-        if not self.conditions:
-            if condition not in (None, 0, "", "default"):
-                raise ValueError(f"this model takes no condition (got {condition!r})")
-            return 0
-        if isinstance(condition, str):
-            if condition not in self.conditions:
-                raise ValueError(f"unknown condition {condition!r}; this model supports {list(self.conditions)}")
-            return self.conditions.index(condition)
-        if condition is None or not 0 <= int(condition) < len(self.conditions):
-            raise ValueError(f"condition must be one of {list(self.conditions)} (or its index), got {condition!r}")
-        return int(condition)
+        """The ``condition`` input for a condition name or index, by `model.conditions.condition_index` (a
+        conditioned model runs under its default when none is named); 0 for a model without conditions,
+        the placeholder its exported graph takes. ConditionError (a ValueError) for one it does not take."""
+        index = condition_index(self.conditions, condition)
+        return 0 if index is None else index
