@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.errors import install_error_handlers
+from service.image_jobs import ImageModels
 from service.logs import configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -81,6 +82,7 @@ def create_app(settings: ServiceSettings | None = None, worker: Worker | None = 
     app.state.metrics = registry
     app.state.worker = worker
     app.state.pipeline = pipeline
+    app.state.image_models = ImageModels(settings)  # loaded on first use, on the model thread
     app.state.draining = False
     install_error_handlers(app)
     for router in (features.router, segment.router, detect.router, render.router, models.router, health.router,

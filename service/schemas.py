@@ -109,10 +109,31 @@ class ModelEntry(BaseModel):
     default: bool
 
 
+class ImageModelEntry(BaseModel):
+    """A model that answers posted images (multipart ``image_<id>`` parts + ``cameras``), not point clouds."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str = Field(description="the ?model= value that names it on its routes (optional there: each route has "
+                                  "one image model)")
+    kind: Literal["images", "images-segment"] = Field(
+        description="images: features and novel views of the lifted scene; images-segment: labels per voxel and "
+                    "per input pixel")
+    class_names: list[str] = Field(description="segmentation classes (images-segment; label i is class_names[i], "
+                                               "-1 empty space); empty for images")
+    feature_dim: int | None = Field(description="channels of the per-voxel features")
+    grid_shape: list[int] = Field(description="the lifted grid X, Y, Z (its voxels are limited by "
+                                              "PONDER_IMAGES_MAX_VOLUME_VOXELS)")
+    capabilities: list[str] = Field(description="routes that run it on posted images: features, render (images); "
+                                                "segment (images-segment)")
+
+
 class ModelList(BaseModel):
     models: list[ModelEntry]
     default_model: str | None
     worker: str
+    image_models: list[ImageModelEntry] = Field(
+        default_factory=list, description="models for posted images (in-process worker only; empty with Triton)")
 
 
 class Health(BaseModel):
@@ -127,30 +148,31 @@ class Readiness(BaseModel):
     queue_depth: int
 
 
-class FeaturesJSON(BaseModel):
-    """JSON answer of /v1/features (arrays as nested lists; ``*_shape``/``*_dtype`` describe each)."""
+class _SceneAnswer(BaseModel):
+    """The request facts every JSON answer about an uploaded scene starts with (more keys are allowed)."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     model: str
     condition: str | None
     num_points: int
+
+
+class _VoxelAnswer(_SceneAnswer):
     num_voxels: int
     grid_size: float
+
+
+class FeaturesJSON(_VoxelAnswer):
+    """JSON answer of /v1/features (arrays as nested lists; ``*_shape``/``*_dtype`` describe each)."""
+
     output: str
     features: list
 
 
-class SegmentJSON(BaseModel):
+class SegmentJSON(_VoxelAnswer):
     """JSON answer of /v1/segment."""
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-    model: str
-    condition: str | None
-    num_points: int
-    num_voxels: int
-    grid_size: float
     class_names: list[str]
     labels: list[int]
 
@@ -165,14 +187,9 @@ class Detection(BaseModel):
     corners: list[list[float]] = Field(description="(8, 3): bottom face then top face, counter-clockwise")
 
 
-class DetectJSON(BaseModel):
+class DetectJSON(_SceneAnswer):
     """JSON answer of /v1/detect: the ``ponder detect`` document (format ponder-detections/1) and request facts."""
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-    model: str
-    condition: str | None
-    num_points: int
     grid_size: float
     format: str
     source: str | None

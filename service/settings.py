@@ -47,6 +47,13 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | rgbd_max_depth_m | 10.0 | RGB-D: depths beyond this are dropped |
 | rgbd_voxel_m | 0.01 | RGB-D: voxel size of the fused cloud's downsampling |
 | rgbd_max_pixels | 3_145_728 | RGB-D: most depth pixels of one upload (ten 640x480 views), read from the PNG headers; more get 413 before decoding |
+| images_checkpoint | None | image model folder (posted images on /v1/features and /v1/render); None = the bundled model/default_model/images |
+| images_segment_checkpoint | None | image segmentation model folder (posted images on /v1/segment); None = the bundled model/default_model/images-segment |
+| images_max_views | 32 | images: most views (image parts, or cameras listed) of one request; more get 413 |
+| images_max_view_pixels | 1_048_576 | images: most pixels of one view (1024 x 1024), read from its header; more get 413 before decoding |
+| images_max_total_pixels | 8_388_608 | images: most pixels of all views of one request; more get 413 before decoding |
+| images_max_volume_voxels | 2_097_152 | images: most voxels (X·Y·Z) of the image model's lifted grid; more get 413 |
+| images_max_cameras_bytes | 4 MiB | images: largest 'cameras' / 'novel' part; larger gets 413 |
 | log_level | "INFO" | level of the structured JSON logs |
 """
 
@@ -115,6 +122,14 @@ class ServiceSettings(BaseSettings):
     rgbd_max_depth_m: float = Field(default=10.0, gt=0)
     rgbd_voxel_m: float = Field(default=0.01, gt=0)
     rgbd_max_pixels: int = Field(default=3 << 20, ge=1)
+
+    images_checkpoint: Path | None = None
+    images_segment_checkpoint: Path | None = None
+    images_max_views: int = Field(default=32, ge=2)
+    images_max_view_pixels: int = Field(default=1 << 20, ge=1)
+    images_max_total_pixels: int = Field(default=8 << 20, ge=1)
+    images_max_volume_voxels: int = Field(default=1 << 21, ge=1)
+    images_max_cameras_bytes: int = Field(default=4 << 20, ge=1)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

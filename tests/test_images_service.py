@@ -228,14 +228,42 @@ def test_render_from_images(server):
 
 def test_default_image_models_and_a_missing_one(tmp_path, monkeypatch):
     from service.errors import ApiError
-    from service.images import BUNDLED, ImageLimits, ImageModels
+    from service.image_jobs import BUNDLED, ImageModels
+    from service.settings import ServiceSettings
 
     for key in ("PONDER_IMAGES_CHECKPOINT", "PONDER_IMAGES_SEGMENT_CHECKPOINT"):
         monkeypatch.delenv(key, raising=False)
-    models = ImageModels(ImageLimits())
+    models = ImageModels(ServiceSettings())
     if (BUNDLED / "images" / "config.json").is_file():
         assert models.path("render") == BUNDLED / "images" and models.name(models.path("render")) == "default-images"
-    missing = ImageModels(ImageLimits(segment_checkpoint=tmp_path / "nothing"))
+    missing = ImageModels(ServiceSettings(images_segment_checkpoint=tmp_path / "nothing"))
     with pytest.raises(ApiError, match="no image segmentation model is served") as info:
         missing.path("segment")
     assert info.value.status == 422 and "PONDER_IMAGES_SEGMENT_CHECKPOINT" in info.value.detail
+    assert [m.name for m in missing.served()] == (["default-images"] if (BUNDLED / "images").is_dir() else [])
+
+
+def test_image_limits_are_service_settings_with_the_same_variables(monkeypatch):
+    from service.settings import ServiceSettings
+
+    defaults = ServiceSettings()
+    assert (defaults.images_max_views, defaults.images_max_view_pixels, defaults.images_max_total_pixels,
+            defaults.images_max_volume_voxels, defaults.images_max_cameras_bytes) == (32, 1 << 20, 8 << 20, 1 << 21,
+                                                                                      4 << 20)
+    monkeypatch.setenv("PONDER_IMAGES_MAX_VIEWS", "7")
+    monkeypatch.setenv("PONDER_IMAGES_MAX_TOTAL_PIXELS", "1234")
+    monkeypatch.setenv("PONDER_IMAGES_CHECKPOINT", "/some/folder")
+    env = ServiceSettings()
+    assert env.images_max_views == 7 and env.images_max_total_pixels == 1234
+    assert str(env.images_checkpoint) == "/some/folder"
+
+
+def test_models_lists_the_image_models(server, models):
+    listing = httpx.get(server.url + "/v1/models", timeout=30).json()
+    assert all(m["name"] not in ("tiny-images", "tiny-segment") for m in listing["models"])  # point models only
+    images = {m["name"]: m for m in listing["image_models"]}
+    assert images["tiny-images"] == {"name": "tiny-images", "kind": "images", "class_names": [], "feature_dim": 8,
+                                     "grid_shape": [12, 12, 6], "capabilities": ["features", "render"]}
+    assert images["tiny-segment"] == {"name": "tiny-segment", "kind": "images-segment", "class_names": CLASSES,
+                                      "feature_dim": 8, "grid_shape": [12, 12, 6], "capabilities": ["segment"]}
+    assert set(images) == {"tiny-images", "tiny-segment"}

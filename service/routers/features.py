@@ -9,8 +9,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service import images
-from service.dependencies import get_pipeline
+from service.dependencies import get_image_models, get_pipeline
 from service.encoding import Payload, encode, negotiate
+from service.image_jobs import ImageModels
 from model.results import input_point_to_voxel, point_values
 from service.pipeline import Pipeline, Processed, prepared_meta
 from service.routers.common import UPLOAD_BODY, answers
@@ -38,7 +39,8 @@ def features_payload(done: Processed, params: FeatureParams) -> Payload:
 @router.post("/features", response_model=None, responses=answers(FeaturesJSON), openapi_extra=UPLOAD_BODY,
              summary="Backbone features of a point cloud")
 async def features(request: Request, params: Annotated[FeatureParams, Query()],
-                   pipeline: Pipeline = Depends(get_pipeline)) -> Response:
+                   pipeline: Pipeline = Depends(get_pipeline),
+                   image_models: ImageModels = Depends(get_image_models)) -> Response:
     """Features for every input point (``output=per_point``, in input order; NaN rows for dropped NaN/inf
     points) or for every voxel with the point-to-voxel index (``output=per_voxel``; -1 for dropped points).
     RGB-D uploads also get the fused points as ``coord`` (N, 3) in NPZ and Arrow answers. Posed images without
@@ -47,7 +49,7 @@ async def features(request: Request, params: Annotated[FeatureParams, Query()],
     fmt = negotiate(request.headers.get("accept"))  # refuse an impossible Accept before reading the upload
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), request=request) as admission:
         if await images.posted_images(request):  # multipart image_<id> + cameras: the image branch
-            return await images.features(request, params, pipeline, admission, fmt)
+            return await images.features(request, params, pipeline, admission, image_models, fmt)
         card = pipeline.card(params.model)
         condition = pipeline.resolve_condition(card, params.condition)
         upload = await read_upload(request, params.format, params.filename)

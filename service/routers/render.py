@@ -27,8 +27,9 @@ from model.prepare import InputOptions
 from model.render.cameras import Camera, CameraError, cameras_from_document
 from model.render.images import DEPTH_UNITS_PER_M, ViewImages, png_bytes
 from service import images as images_branch
-from service.dependencies import get_pipeline
+from service.dependencies import get_image_models, get_pipeline
 from service.errors import ApiError
+from service.image_jobs import ImageModels
 from service.encoding import best_media
 from service.pipeline import Pipeline, prepared_meta
 from service.routers.common import ERRORS, NOT_IMPLEMENTED, job_card
@@ -135,6 +136,20 @@ def zip_bytes(images: list[ViewImages], meta: dict) -> bytes:
     return buffer.getvalue()
 
 
+async def render_answer(media: str, images: list[ViewImages], output: str, headers: dict[str, str],
+                        meta: dict) -> Response:
+    """The answer of a render: for ``media`` PNG the one view's colour (or ``output="depth"``: 16-bit depth) as a
+    PNG, else the zip of every view with ``meta`` as meta.json; ``headers`` (the route's) are extended."""
+    if media == PNG:
+        (view,) = images
+        image = view.depth_units() if output == "depth" else view.color
+        headers["X-Ponder-Hit-Fraction"] = f"{view.hit_fraction:.6f}"
+        headers["Content-Disposition"] = f'inline; filename="0_{output}.png"'
+        return Response(await run_in_threadpool(png_bytes, image), media_type=PNG, headers=headers)
+    headers["Content-Disposition"] = 'attachment; filename="views.zip"'
+    return Response(await run_in_threadpool(zip_bytes, images, meta), media_type=ZIP, headers=headers)
+
+
 async def read_cameras_part(request: Request) -> bytes:
     """The 'cameras' part's bytes. The form is parsed here once; ``read_upload`` then reads the 'file' part
     from the same parsed form (Starlette keeps it on the request) and closes it."""
@@ -157,14 +172,15 @@ async def read_cameras_part(request: Request) -> bytes:
 @router.post("/render", response_model=None, responses=RESPONSES, openapi_extra=RENDER_BODY,
              summary="Novel views (colour and depth) of a point cloud")
 async def render(request: Request, params: Annotated[RenderParams, Query()],
-                 pipeline: Pipeline = Depends(get_pipeline)) -> Response:
+                 pipeline: Pipeline = Depends(get_pipeline),
+                 image_models: ImageModels = Depends(get_image_models)) -> Response:
     """Renders the scene from each camera with a model that has a render head (pre-training checkpoints).
     Cameras live in the scene's frame (metres, OpenCV axes), also when ``up`` names another up axis than z (the
     cloud is rotated into z-up for the model, the cameras follow). ``width``/``height`` rescale every camera;
     the total pixel count is limited by PONDER_MAX_RENDER_PIXELS (413)."""
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), LONG, request) as admission:
         if await images_branch.posted_images(request):  # image_<id> + cameras + novel: the image model
-            return await images_branch.render(request, params, pipeline, admission)
+            return await images_branch.render(request, params, pipeline, admission, image_models)
         card = job_card(pipeline, params.model, "render")
         condition = pipeline.resolve_condition(card, params.condition)
         data = await read_cameras_part(request)
@@ -187,19 +203,12 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
     up_rotation = prepared_meta(prepared).get("up_rotation")
     if up_rotation is not None:
         headers["X-Ponder-Up-Rotation"] = json.dumps(up_rotation)
-    if media == PNG:
-        (view,) = images
-        image = view.depth_units() if params.output == "depth" else view.color
-        headers["X-Ponder-Hit-Fraction"] = f"{view.hit_fraction:.6f}"
-        headers["Content-Disposition"] = f'inline; filename="0_{params.output}.png"'
-        return Response(await run_in_threadpool(png_bytes, image), media_type=PNG, headers=headers)
     meta = {"model": card.info.name, "condition": condition, "num_points": len(cloud),
             "filled": list(prepared.filled), "up_rotation": up_rotation,
             "depth_png_units_per_metre": DEPTH_UNITS_PER_M,
             "views": [{"width": c.width, "height": c.height, "hit_fraction": v.hit_fraction, "camera": c.to_dict()}
                       for c, v in zip(cameras, images)]}
-    headers["Content-Disposition"] = 'attachment; filename="views.zip"'
-    return Response(await run_in_threadpool(zip_bytes, images, meta), media_type=ZIP, headers=headers)
+    return await render_answer(media, images, params.output, headers, meta)
 
 
 if TYPE_CHECKING:

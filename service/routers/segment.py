@@ -16,9 +16,10 @@ from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.prepare import PreparedCloud
 from model.results import SegmentResult, segment_from_voxels, to_input_rows
 from service import images
-from service.dependencies import get_pipeline
+from service.dependencies import get_image_models, get_pipeline
 from service.encoding import Payload, encode, negotiate
 from service.errors import ApiError
+from service.image_jobs import ImageModels
 from service.pipeline import Pipeline, Processed, prepared_meta
 from service.routers.common import NOT_IMPLEMENTED, UPLOAD_BODY, answers
 from service.schemas import SegmentJSON, SegmentParams
@@ -72,7 +73,8 @@ def segment_payload(done: Processed, params: SegmentParams) -> Payload:
                                                      "description": "mode=precise with the Triton worker"}},
              summary="Semantic segmentation of a point cloud")
 async def segment(request: Request, params: Annotated[SegmentParams, Query()],
-                  pipeline: Pipeline = Depends(get_pipeline)) -> Response:
+                  pipeline: Pipeline = Depends(get_pipeline),
+                  image_models: ImageModels = Depends(get_image_models)) -> Response:
     """A label index for every input point (input order) with the class names; ``logits=true`` adds the
     (N, K) logits. ``mode=precise`` runs the official tester (13 augmentations x fragments, voted) instead of
     one pass. Answer format from ``Accept``: JSON, NPY (labels only), NPZ or Arrow."""
@@ -84,7 +86,7 @@ async def segment(request: Request, params: Annotated[SegmentParams, Query()],
     lane = LONG if params.mode == "precise" else FAST
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), lane, request) as admission:
         if await images.posted_images(request):  # multipart image_<id> + cameras: the image branch
-            return await images.segment(request, params, pipeline, admission, fmt)
+            return await images.segment(request, params, pipeline, admission, image_models, fmt)
         card = pipeline.card(params.model)
         if not card.has_classifier:
             raise ApiError(422, f"model {card.info.name!r} ({card.info.kind}) has no segmentation head; "

@@ -50,6 +50,13 @@ class _Pending:
         return self.future.done() or self.token.cancelled
 
 
+@dataclass
+class StandaloneJob(ModelJob):
+    """A long-lane job for a model the gateway loads itself rather than a served point-cloud model (the image
+    models of ``service.image_jobs``): ``model`` is that model's own name, in logs and for its own
+    one-job-at-a-time lock, and ``fn`` receives None (it brings its model)."""
+
+
 class _ModelThread:
     """One daemon thread running submitted calls in order, recording the deadline of the running one."""
 
@@ -134,7 +141,7 @@ class InProcessWorker(Worker):
         self._cards: dict[str, ModelCard] = {}
         self._lanes: dict[str, _Lane] = {}
         self._tasks: list[asyncio.Task] = []
-        self._model_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._model_locks: dict[tuple[bool, str], threading.Lock] = defaultdict(threading.Lock)
         self._closing: str | None = None  # set by cancel_all: later requests are refused with this reason
 
     async def start(self) -> None:
@@ -211,7 +218,7 @@ class InProcessWorker(Worker):
         return await self._submit(self._lanes[FAST], job)
 
     async def call(self, job: ModelJob) -> Any:
-        if job.model not in self._predictors:
+        if not isinstance(job, StandaloneJob) and job.model not in self._predictors:
             raise WorkerInputError(f"unknown model {job.model!r}")
         return await self._submit(self._lanes[LONG], job)
 
@@ -321,14 +328,16 @@ class InProcessWorker(Worker):
         job = pending.job
         assert isinstance(job, ModelJob)
 
+        standalone = isinstance(job, StandaloneJob)  # not a served predictor: fn gets None, and its own lock
+        lock = self._model_locks[standalone, job.model]  # a model's spconv layers keep per-call state: one job at once
+
         def work() -> list[Any]:
-            lock = self._model_locks[job.model]  # a model's spconv layers keep per-call state: one job at a time
             while not lock.acquire(timeout=0.1):
                 pending.token.check()
             try:
                 with active(pending.token):
                     pending.token.check()
-                    return [job.fn(self._predictors[job.model])]
+                    return [job.fn(None if standalone else self._predictors[job.model])]
             finally:
                 lock.release()
 
