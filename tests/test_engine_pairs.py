@@ -105,7 +105,7 @@ def test_bucket_conv_equals_gather_conv_with_buckets_merges_and_pairs():
                 assert plan.rest is not None and plan.buckets
             assert torch.allclose(bucket_conv(x, plan, w, bias), expected, atol=1e-5)
         order, groups = mask_groups(table, m0, min_rows=8, max_ratio=1.5)  # the engine's renumbered path
-        renumbered = renumber_level((table, [table], [], []), 0, order)[0]
+        renumbered = renumber_level((None, [table], [], []), 0, order)[1][0]
         plan = MaskBuckets.from_grouped(renumbered, m0, groups)
         assert plan.order is None and plan.rest is not None and plan.rest.centre is not None
         out = bucket_conv(x.index_select(0, order), plan, w, bias)

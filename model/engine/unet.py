@@ -235,7 +235,7 @@ class SpUNetEngine(nn.Module):
         if self.formulation == "gather":
             return self._network(feat, tables[0], list(tables[1]), list(tables[2]), list(tables[3]), cond)
         *plans, perm = cpu_plans(*tables)  # level rows renumbered: see model.engine.plans
-        outputs = self._network(feat if perm is None else feat.index_select(0, perm), *plans, cond)
+        outputs = self._network(feat, *plans, cond)  # the stem plan reads the caller's rows
         if perm is None:
             return outputs
         order = torch.empty_like(perm)
