@@ -28,7 +28,7 @@ BUNDLED = Path(__file__).resolve().parent.parent / "model" / "default_model"
 # slot -> (bundled folder, setting, what it is, the routes that run it on posted images)
 SLOTS = {"render": ("images", "PONDER_IMAGES_CHECKPOINT", "image model", ("features", "render")),
          "segment": ("images-segment", "PONDER_IMAGES_SEGMENT_CHECKPOINT", "image segmentation model", ("segment",))}
-KIND_SEGMENT = "image-segment"  # config.json "kind" of an image segmentation folder (model.images.segment)
+KIND_SEGMENT = "image-segment"  # model.images.segment.KIND_SEGMENT, restated: that module imports torch (a test compares)
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,6 @@ def read_config(path: Path) -> dict:
 def config_grid(doc: dict) -> tuple[int, int, int]:
     render = doc.get("trunk", doc).get("render", {})
     return tuple(int(g) for g in render.get("grid_shape", (0, 0, 0)))  # type: ignore[return-value]
-
-
-def model_grid(path: Path) -> tuple[int, int, int]:
-    """The lifted grid of a model folder, read from its config.json (no weights loaded)."""
-    return config_grid(read_config(path))
 
 
 class ImageModels:
@@ -116,6 +111,15 @@ class ImageModels:
                 infos.append(ImageModelInfo(self.name(path), *described, capabilities=capabilities))
         return infos
 
+    def grid(self, path: Path) -> tuple[int, int, int]:
+        """The lifted grid of a served model folder (from its config.json, read once with ``_describe``);
+        503 when that file is unreadable, as for a folder whose weights do not load."""
+        described = self._describe(path)
+        if described is None:
+            raise ApiError(503, f"the image model {path} could not be loaded: its config.json is unreadable",
+                           headers={"Retry-After": "30"})
+        return described[3]
+
     def _describe(self, path: Path) -> tuple | None:
         """(kind, class names, feature dim, grid) from the folder's config.json, read once."""
         with self._describe_lock:
@@ -156,7 +160,7 @@ async def prepare(request: Request, pipeline, admission, models: ImageModels, ki
         raise ApiError(404, f"unknown image model {model_param!r}; images are served by {name!r}")
     upload = await read_image_upload(request, models.settings, novel_size is not None)
     admission.watch(request)
-    grid = await pipeline.in_pool(model_grid, path)
+    grid = await pipeline.in_pool(models.grid, path)  # config.json read once per folder
     posed, bounds, novel = await pipeline.in_pool(prepare_views, upload, models.settings, grid)
     if novel_size is not None:
         from service.routers.render import resize_camera

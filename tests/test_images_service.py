@@ -267,3 +267,26 @@ def test_models_lists_the_image_models(server, models):
     assert images["tiny-segment"] == {"name": "tiny-segment", "kind": "images-segment", "class_names": CLASSES,
                                       "feature_dim": 8, "grid_shape": [12, 12, 6], "capabilities": ["segment"]}
     assert set(images) == {"tiny-images", "tiny-segment"}
+
+
+def test_image_model_folders_are_read_once_and_an_unreadable_one_is_a_503(tmp_path):
+    from model.images.segment import KIND_SEGMENT
+    from service import image_jobs
+    from service.errors import ApiError
+    from service.image_jobs import ImageModels
+    from service.settings import ServiceSettings
+
+    assert image_jobs.KIND_SEGMENT == KIND_SEGMENT  # restated in the torch-free gateway module
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"kind": "images", "render": {"grid_shape": [4, 5, 6]}}))
+    models = ImageModels(ServiceSettings(images_checkpoint=folder))
+    assert models.grid(folder) == (4, 5, 6)
+    (folder / "config.json").write_text("{ not json")  # read once: the served description does not change
+    assert models.grid(folder) == (4, 5, 6)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    with pytest.raises(ApiError, match="config.json is unreadable") as info:
+        ImageModels(ServiceSettings(images_checkpoint=broken)).grid(broken)
+    assert info.value.status == 503

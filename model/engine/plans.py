@@ -57,13 +57,16 @@ def renumber_level(tables: Tables, level: int, perm: torch.Tensor) -> Tables:
     return stem, subm, down, up
 
 
-def cpu_plans(stem, subm, down, up) -> tuple[MaskBuckets | None, list[TapPairs | MaskBuckets], list[TapPairs],
+def cpu_plans(stem, subm, down, up) -> tuple[MaskBuckets, list[TapPairs | MaskBuckets], list[TapPairs],
                                             list[TapPairs], torch.Tensor | None]:
-    """(stem plan, subm plans, down plans, up plans, perm): ``perm`` (or None: unchanged) is the level-0
-    row order of every plan's rows, new row i = input row perm[i]. The stem plan alone reads the caller's
-    rows (the input features need no reordering) and writes its output in the new order: its own bucket
-    order is composed with ``perm``, which spares renumbering its 125-column table (~75 ms of ~3 s on the
-    130k-voxel room, 1 thread)."""
+    """(stem plan, subm plans, down plans, up plans, new_id): level-0 rows are renumbered (input row r is
+    new row ``new_id[r]``; None: unchanged), so ``out.index_select(0, new_id)`` gives a level-0 output in
+    the caller's order. The stem plan alone reads the caller's rows (the input features need no
+    reordering) and writes its output in the new order: its own bucket order is composed with the
+    renumbering, which spares renumbering its 125-column table (~75 ms of ~3 s on the 130k-voxel room,
+    1 thread)."""
+    if stem is None:
+        raise ValueError("the CPU plans need the stem table (it maps the caller's rows to the renumbered ones)")
     tables: Tables = (stem, list(subm), list(down), list(up))
     sizes = [t.shape[0] for t in subm]
     perm = None
@@ -84,8 +87,9 @@ def cpu_plans(stem, subm, down, up) -> tuple[MaskBuckets | None, list[TapPairs |
             tables = renumber_level(tables, level, level_perm)
         groups.append(g)
     _, subm, down, up = tables
-    stem_plan = None if stem is None else MaskBuckets.from_table(stem, sizes[0])
-    if stem_plan is not None and perm is not None:  # write the stem's rows straight into the new order
+    stem_plan = MaskBuckets.from_table(stem, sizes[0])
+    new_id = None
+    if perm is not None:  # write the stem's rows straight into the new order
         new_id = torch.empty_like(perm)
         new_id[perm] = torch.arange(len(perm), device=perm.device)
         stem_plan.order = new_id if stem_plan.order is None else new_id.index_select(0, stem_plan.order)
@@ -95,4 +99,4 @@ def cpu_plans(stem, subm, down, up) -> tuple[MaskBuckets | None, list[TapPairs |
             subm_plans,
             [TapPairs.from_table(t, sizes[l]) for l, t in enumerate(down)],
             [TapPairs.from_table(t, sizes[l + 1]) for l, t in enumerate(up)],
-            perm)
+            new_id)

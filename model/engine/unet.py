@@ -234,13 +234,9 @@ class SpUNetEngine(nn.Module):
         tables = (inputs[0], inputs[1 : 1 + levels], inputs[1 + levels : 2 * levels], inputs[2 * levels : 3 * levels - 1])
         if self.formulation == "gather":
             return self._network(feat, tables[0], list(tables[1]), list(tables[2]), list(tables[3]), cond)
-        *plans, perm = cpu_plans(*tables)  # level rows renumbered: see model.engine.plans
+        *plans, new_id = cpu_plans(*tables)  # level rows renumbered: see model.engine.plans
         outputs = self._network(feat, *plans, cond)  # the stem plan reads the caller's rows
-        if perm is None:
-            return outputs
-        order = torch.empty_like(perm)
-        order[perm] = torch.arange(len(perm), device=perm.device)
-        return tuple(o.index_select(0, order) for o in outputs)
+        return outputs if new_id is None else tuple(o.index_select(0, new_id) for o in outputs)
 
     def _concat(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         if self.formulation == "gather":  # the exported graph: a plain Concat
