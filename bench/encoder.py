@@ -3,9 +3,11 @@ and on a 1M-point cloud, spconv (native algorithm) vs the torch engine (mask buc
 process, same weights, same input, runs interleaved (best of ``--repeats``) so load changes hit both.
 
 Prints wall and process-CPU seconds, voxels/s, the speed-up over spconv (wall and CPU time) and the largest
-feature difference from spconv (relative to the largest feature), for every thread count asked.
+feature difference from spconv (relative to the largest feature), for every thread count asked. Freed memory is
+kept for reuse as every ``ponder`` command does (model/engine/memory.py; it speeds up both encoders, spconv more);
+``--glibc-default`` measures without it.
 
-    .venv/bin/python bench/encoder.py [--threads 2 1] [--repeats 2] [--small] [--no-bf16] [--room-only]
+    .venv/bin/python bench/encoder.py [--threads 2 1] [--repeats 2] [--small] [--no-bf16] [--room-only] [--glibc-default]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from model.checkpoint import LoadedModel
 from model.config import BackboneConfig, ModelConfig
+from model.engine.memory import reuse_freed_memory
 from model.engine.encoder import EngineEncoder, SpconvEncoder
 from model.inference import Predictor
 from model.pointcloud.cloud import PointCloud
@@ -63,7 +66,10 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="fixture-sized channels instead of the published size")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 engine")
     parser.add_argument("--room-only", action="store_true", help="skip the 1M-point cloud")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc's allocator settings (big buffers unmapped on free) instead of what ponder uses")
     args = parser.parse_args()
+    reused = False if args.glibc_default else reuse_freed_memory()
 
     backbone = BackboneConfig(type="SpUNet-v1m1", num_classes=20)  # published SpUNet-v1m1 size (39M parameters)
     if args.small:
@@ -78,7 +84,8 @@ def main() -> None:
         encoders["torch-bf16"] = EngineEncoder.from_loaded(loaded, "cpu", precision="bf16")
 
     print(f"model=SpUNet-v1m1 {'small' if args.small else 'published size'}  "
-          f"params={sum(p.numel() for p in predictor.model.parameters()):,}  load average {load()}")
+          f"params={sum(p.numel() for p in predictor.model.parameters()):,}  freed memory reused: {reused}  "
+          f"load average {load()}")
     print(f"{'input':<18} {'voxels':>9} {'thr':>3} {'encoder':<11} {'wall s':>7} {'cpu s':>7} {'voxels/s':>9} "
           f"{'vs spconv':>9} {'cpu ratio':>9} {'max|d|/max':>10}")
     # the 6 x 5 m room has ~130 m2 of visible surface: 1300 points/m2 fill ~130k voxels, 7700/m2 give ~1M points

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from export import commands as export_commands
 from model import commands as model_commands
+from model.engine.memory import reuse_freed_memory
 from model.errors import CommandError
 from ponder import detect_commands, image_commands, inference_commands, render_commands
 from service import commands as service_commands
@@ -45,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    reuse_freed_memory()  # before any heavy work: see model/engine/memory.py
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

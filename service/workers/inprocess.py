@@ -5,6 +5,12 @@ admission, asyncio queue and model thread(s), so one kind of work never waits be
   requests (or what arrived within ``max_wait_ms``) into one ``Predictor.encode`` call;
 * the long lane runs model jobs (render, precise segmentation, detection), ``long_concurrency`` at a time.
 
+Torch work runs on these threads only, and only the fast lane's is multi-threaded (``torch_threads``; it also
+loads the models): long-lane threads use ``long_torch_threads`` (default 1). Each thread that runs torch ops
+with more than one thread owns an OpenMP team; with more team threads than cores libgomp stops spinning and
+sleeps between parallel regions, and the room's published-size forward on 2 cores went 1.6 s → 2.6 s for every
+fast-lane request after one long job (bench/service_lanes.py).
+
 Every job carries its request's ``model.cancel.CancelToken``: a job whose request timed out, disconnected or
 was refused at shutdown is skipped in the queue, and a running long job stops at its next chunk (the token is
 made active while it runs; rendering and precise segmentation check it per chunk). A thread still running
@@ -58,10 +64,15 @@ class StandaloneJob(ModelJob):
 
 
 class _ModelThread:
-    """One daemon thread running submitted calls in order, recording the deadline of the running one."""
+    """One daemon thread running submitted calls in order, recording the deadline of the running one.
 
-    def __init__(self, name: str) -> None:
+    ``torch_threads`` (None: leave torch alone) is set in the thread itself: torch's OpenMP and MKL thread
+    counts are per calling thread, and torch gives a thread on its first use whatever count any thread set
+    last, so each model thread lets that happen first and then sets its own."""
+
+    def __init__(self, name: str, torch_threads: int | None = None) -> None:
         self.name = name
+        self.torch_threads = torch_threads
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self.deadline: float | None = None  # of the running call (time.monotonic), None when idle
         self.busy = False
@@ -74,6 +85,11 @@ class _ModelThread:
         return future
 
     def _serve(self) -> None:
+        if self.torch_threads is not None:
+            import torch
+
+            torch.get_num_threads()  # torch's first-use initialisation of this thread, before our count
+            torch.set_num_threads(self.torch_threads)
         while (item := self._calls.get()) is not None:
             future, fn, deadline = item
             if not future.set_running_or_notify_cancel():
@@ -101,14 +117,15 @@ class _ModelThread:
 class _Lane:
     """Admission (at most ``waiting + concurrency`` requests from admission to answer), a queue and threads."""
 
-    def __init__(self, name: str, waiting: int, concurrency: int, metrics: ServiceMetrics) -> None:
+    def __init__(self, name: str, waiting: int, concurrency: int, metrics: ServiceMetrics,
+                 torch_threads: int | None = None) -> None:
         self.name = name
         self.capacity = waiting + concurrency
         self.metrics = metrics
         self.reserved = 0
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.live: set[_Pending] = set()
-        self.threads = [_ModelThread(f"ponder-{name}-{i}") for i in range(concurrency)]
+        self.threads = [_ModelThread(f"ponder-{name}-{i}", torch_threads) for i in range(concurrency)]
 
     def admit(self) -> Ticket:
         if self.saturated:
@@ -145,18 +162,17 @@ class InProcessWorker(Worker):
         self._closing: str | None = None  # set by cancel_all: later requests are refused with this reason
 
     async def start(self) -> None:
-        if not self._predictors:
-            if self.settings.torch_threads:
-                import torch
+        import torch
 
-                torch.set_num_threads(self.settings.torch_threads)
-            checkpoints = discover_checkpoints(self.settings.checkpoint, self.settings.models_dir)
-            self._predictors = await asyncio.to_thread(
-                load_predictors, checkpoints, self.settings.device, self.settings.trust_checkpoint,
-                self.settings.backend)
+        settings = self.settings
+        fast = _Lane(FAST, settings.queue_size + settings.max_batch - 1, 1, self.metrics,  # a batch runs
+                     settings.torch_threads or torch.get_num_threads())
+        long = _Lane(LONG, settings.long_queue_size, settings.long_concurrency, self.metrics, settings.long_torch_threads)
+        if not self._predictors:  # loaded on the fast lane's thread: its OpenMP team is the only multi-threaded one
+            checkpoints = discover_checkpoints(settings.checkpoint, settings.models_dir)
+            self._predictors = await asyncio.wrap_future(fast.threads[0].submit(
+                lambda: load_predictors(checkpoints, settings.device, settings.trust_checkpoint, settings.backend), None))
         self._cards = {name: ModelCard.of(name, p) for name, p in self._predictors.items()}
-        fast = _Lane(FAST, self.settings.queue_size + self.settings.max_batch - 1, 1, self.metrics)  # a batch runs
-        long = _Lane(LONG, self.settings.long_queue_size, self.settings.long_concurrency, self.metrics)
         self._lanes = {FAST: fast, LONG: long}
         self._tasks = [asyncio.create_task(self._batch_loop(fast, fast.threads[0]), name="ponder-fast")]
         self._tasks += [asyncio.create_task(self._job_loop(long, thread), name=f"ponder-long-{i}")

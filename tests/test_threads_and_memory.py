@@ -1,0 +1,88 @@
+"""Process-level settings the serving speed depends on: freed memory kept for reuse (model/engine/memory.py)
+and the in-process worker's per-thread torch thread counts (service/workers/inprocess.py). The speed itself
+is measured by bench/encoder.py and bench/service_lanes.py; these tests check the mechanisms."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Page faults of allocating and touching 48 MiB after a 64 MiB buffer was freed (12,288 pages of 4 KiB when it is
+# fresh memory). Smaller than the freed one: an aligned allocation of the very same size may not fit its hole.
+FAULTS_PROBE = """
+import resource, torch
+from model.engine.memory import reuse_freed_memory
+print(reuse_freed_memory())
+a = torch.ones(16 << 20); del a
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+b = torch.ones(12 << 20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def probe(env_value: str | None) -> tuple[bool, int]:
+    env = {k: v for k, v in os.environ.items() if k != "PONDER_REUSE_FREED_MEMORY"}
+    if env_value is not None:
+        env["PONDER_REUSE_FREED_MEMORY"] = env_value
+    out = subprocess.run([sys.executable, "-c", FAULTS_PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's (mallopt)")
+def test_freed_buffers_are_reused_without_page_faults():
+    applied, faults = probe(None)
+    assert applied
+    assert faults < 1000  # the freed buffer came back from the heap: already mapped
+    applied, faults = probe("0")  # opted out: glibc's defaults, a fresh mapping faulted in page by page
+    assert not applied
+    assert faults > 6000
+
+
+def test_the_ponder_command_applies_it():
+    """Every ``ponder`` command runs with it (the CLI's main applies it before the handler)."""
+    code = ("import contextlib, io\nfrom ponder.cli import main\nfrom model.engine import memory\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    main(['inspect'])\nprint(memory._applied)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == str(platform.libc_ver()[0] == "glibc"), out.stderr[-2000:]
+
+
+def test_each_model_thread_runs_with_its_own_torch_thread_count():
+    """The fast lane's thread uses ``torch_threads``, long-lane threads ``long_torch_threads``, whatever order
+    they start in and whatever the event loop's thread has: torch's counts are per thread."""
+    import torch
+
+    from model.inference import load_predictor
+    from service.metrics import ServiceMetrics
+    from service.settings import ServiceSettings
+    from service.workers.base import FAST, LONG
+    from service.workers.inprocess import InProcessWorker
+
+    predictor = load_predictor()  # the bundled default model
+    main_threads = torch.get_num_threads()
+
+    async def counts(settings: ServiceSettings) -> tuple[int, int, int]:
+        worker = InProcessWorker(settings, ServiceMetrics(), predictors={"default": predictor})
+        await worker.start()
+        try:
+            lanes = worker._lanes
+            long_count = await asyncio.wrap_future(lanes[LONG].threads[0].submit(torch.get_num_threads, None))
+            fast_count = await asyncio.wrap_future(lanes[FAST].threads[0].submit(torch.get_num_threads, None))
+            again = await asyncio.wrap_future(lanes[LONG].threads[0].submit(torch.get_num_threads, None))
+            assert again == long_count
+            return fast_count, long_count, torch.get_num_threads()
+        finally:
+            await worker.stop()
+
+    assert asyncio.run(counts(ServiceSettings(torch_threads=2, long_torch_threads=1))) == (2, 1, main_threads)
+    assert asyncio.run(counts(ServiceSettings(torch_threads=1, long_torch_threads=2))) == (1, 2, main_threads)
+    fast, long, _ = asyncio.run(counts(ServiceSettings()))  # defaults: the fast lane gets torch's count, long 1
+    assert (fast, long) == (main_threads, 1)
