@@ -95,16 +95,26 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 class RawModel:
-    """The model alone, run the way the in-process worker runs it (a dedicated thread, same thread count)."""
+    """The model alone, run the way the in-process worker runs it: loaded and run on one dedicated thread with
+    the same thread count, freed memory reused (a second multi-threaded OpenMP team, e.g. loading on this
+    process's main thread, would slow every forward on 2 cores: see service/workers/inprocess.py)."""
 
     def __init__(self, checkpoint: Path) -> None:
+        from model.engine.memory import reuse_freed_memory
+
+        reuse_freed_memory()
+        self.thread = ThreadPoolExecutor(max_workers=1)
+        self.predictor = self.thread.submit(self._load, checkpoint).result()
+
+    @staticmethod
+    def _load(checkpoint: Path):
         import torch
 
         from model.inference import load_predictor
 
+        torch.get_num_threads()  # torch's first-use initialisation of this thread, before our count
         torch.set_num_threads(THREADS)
-        self.predictor = load_predictor(checkpoint)
-        self.thread = ThreadPoolExecutor(max_workers=1)
+        return load_predictor(checkpoint)
 
     def _once(self, cloud) -> tuple[float, float, int]:
         t0 = time.perf_counter()

@@ -86,3 +86,33 @@ def test_each_model_thread_runs_with_its_own_torch_thread_count():
     assert asyncio.run(counts(ServiceSettings(torch_threads=1, long_torch_threads=2))) == (1, 2, main_threads)
     fast, long, _ = asyncio.run(counts(ServiceSettings()))  # defaults: the fast lane gets torch's count, long 1
     assert (fast, long) == (main_threads, 1)
+
+
+def test_models_load_on_the_fast_lanes_thread(monkeypatch):
+    """Loading runs torch ops; on any other thread it would make a second multi-threaded OpenMP team."""
+    import threading
+
+    from service.metrics import ServiceMetrics
+    from service.settings import ServiceSettings
+    from service.workers import inprocess
+    from service.workers.base import FAST
+
+    real_load, threads = inprocess.load_predictors, []
+
+    def observed(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(inprocess, "load_predictors", observed)
+
+    async def start_and_stop() -> list[str]:
+        worker = inprocess.InProcessWorker(ServiceSettings(), ServiceMetrics())  # the bundled default model
+        await worker.start()
+        try:
+            assert worker.models()  # the bundled default's segment, detect and render models
+            return [t.name for t in worker._lanes[FAST].threads]
+        finally:
+            await worker.stop()
+
+    fast_threads = asyncio.run(start_and_stop())
+    assert threads == fast_threads
