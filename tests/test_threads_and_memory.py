@@ -116,3 +116,22 @@ def test_models_load_on_the_fast_lanes_thread(monkeypatch):
 
     fast_threads = asyncio.run(start_and_stop())
     assert threads == fast_threads
+
+
+def test_a_failed_load_ends_the_lane_threads(tmp_path):
+    import threading
+
+    from service.metrics import ServiceMetrics
+    from service.settings import ServiceSettings
+    from service.workers.inprocess import InProcessWorker
+
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    before = {t.name for t in threading.enumerate()}
+    worker = InProcessWorker(ServiceSettings(checkpoint=str(broken)), ServiceMetrics())
+    with pytest.raises(Exception, match="broken.pth"):
+        asyncio.run(worker.start())
+    for thread in threading.enumerate():
+        if thread.name.startswith("ponder-") and thread.name not in before:
+            thread.join(5)
+    assert not {t.name for t in threading.enumerate() if t.name.startswith("ponder-")} - before

@@ -8,8 +8,8 @@ admission, asyncio queue and model thread(s), so one kind of work never waits be
 Torch work runs on these threads only, and only the fast lane's is multi-threaded (``torch_threads``; it also
 loads the models): long-lane threads use ``long_torch_threads`` (default 1). Each thread that runs torch ops
 with more than one thread owns an OpenMP team; with more team threads than cores libgomp stops spinning and
-sleeps between parallel regions, and the room's published-size forward on 2 cores went 1.6 s → 2.6 s for every
-fast-lane request after one long job (bench/service_lanes.py).
+sleeps between parallel regions, and the room's published-size forward on 2 cores went 1.7 s → 2.9 s for every
+fast-lane request after one long job with 2 long-lane threads (bench/service_lanes.py).
 
 Every job carries its request's ``model.cancel.CancelToken``: a job whose request timed out, disconnected or
 was refused at shutdown is skipped in the queue, and a running long job stops at its next chunk (the token is
@@ -169,9 +169,15 @@ class InProcessWorker(Worker):
                      settings.torch_threads or torch.get_num_threads())
         long = _Lane(LONG, settings.long_queue_size, settings.long_concurrency, self.metrics, settings.long_torch_threads)
         if not self._predictors:  # loaded on the fast lane's thread: its OpenMP team is the only multi-threaded one
-            checkpoints = discover_checkpoints(settings.checkpoint, settings.models_dir)
-            self._predictors = await asyncio.wrap_future(fast.threads[0].submit(
-                lambda: load_predictors(checkpoints, settings.device, settings.trust_checkpoint, settings.backend), None))
+            try:
+                checkpoints = discover_checkpoints(settings.checkpoint, settings.models_dir)
+                self._predictors = await asyncio.wrap_future(fast.threads[0].submit(
+                    lambda: load_predictors(checkpoints, settings.device, settings.trust_checkpoint, settings.backend),
+                    None))
+            except BaseException:
+                for thread in fast.threads + long.threads:  # each ends after its current call; no wait here
+                    thread.close(0)
+                raise
         self._cards = {name: ModelCard.of(name, p) for name, p in self._predictors.items()}
         self._lanes = {FAST: fast, LONG: long}
         self._tasks = [asyncio.create_task(self._batch_loop(fast, fast.threads[0]), name="ponder-fast")]
