@@ -16,7 +16,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | trust_checkpoint | False | allow full unpickling of checkpoints (only for files you made yourself) |
 | backend | "auto" | encoder of the in-process worker: "auto" (the fastest exact one for the device: the torch engine), "torch" (the spconv-free engine: valid pairs on CPU, gather on CUDA), "spconv" (the model's spconv layers), "onnxruntime" (the exported gather graph, CPU/CUDA providers) or "tensorrt" (onnxruntime's TensorRT provider) |
 | torch_threads | None | torch intra-op threads of the fast lane's model thread, which also loads the models (None = torch's default: every core) |
-| long_torch_threads | 1 | torch intra-op threads of each long-lane model thread. Above 1 the process holds a second OpenMP team: libgomp then has more threads than cores and puts idle ones to sleep at once, which slowed every later fast-lane forward 1.65x here (bench/service_lanes.py) |
+| long_torch_threads | None | torch intra-op threads of a long-lane job (None = the fast lane's count). Each long job runs on a thread of its own that ends with it, so its OpenMP team does not outlive it (a lasting second team slowed every later fast-lane forward 1.65x here: bench/service_lanes.py) |
 | worker | "inprocess" | "inprocess" (models in the gateway process) or "triton" (remote Triton servers) |
 | triton_urls | ["127.0.0.1:8101"] | Triton endpoints (host:port), used round-robin |
 | triton_protocol | "grpc" | "grpc" or "http" |
@@ -88,7 +88,7 @@ class ServiceSettings(BaseSettings):
     trust_checkpoint: bool = False
     backend: Literal["auto", "spconv", "torch", "onnxruntime", "tensorrt"] = "auto"
     torch_threads: int | None = Field(default=None, ge=1)
-    long_torch_threads: int = Field(default=1, ge=1)
+    long_torch_threads: int | None = Field(default=None, ge=1)
 
     worker: Literal["inprocess", "triton"] = "inprocess"
     triton_urls: StrList = Field(default_factory=lambda: ["127.0.0.1:8101"])

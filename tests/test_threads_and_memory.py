@@ -56,8 +56,8 @@ def test_the_ponder_command_applies_it():
 
 
 def test_each_model_thread_runs_with_its_own_torch_thread_count():
-    """The fast lane's thread uses ``torch_threads``, long-lane threads ``long_torch_threads``, whatever order
-    they start in and whatever the event loop's thread has: torch's counts are per thread."""
+    """The fast lane's thread uses ``torch_threads``, long jobs ``long_torch_threads``, whatever order they
+    start in and whatever the event loop's thread has: torch's counts are per thread."""
     import torch
 
     from model.inference import load_predictor
@@ -84,8 +84,41 @@ def test_each_model_thread_runs_with_its_own_torch_thread_count():
 
     assert asyncio.run(counts(ServiceSettings(torch_threads=2, long_torch_threads=1))) == (2, 1, main_threads)
     assert asyncio.run(counts(ServiceSettings(torch_threads=1, long_torch_threads=2))) == (1, 2, main_threads)
-    fast, long, _ = asyncio.run(counts(ServiceSettings()))  # defaults: the fast lane gets torch's count, long 1
-    assert (fast, long) == (main_threads, 1)
+    fast, long, _ = asyncio.run(counts(ServiceSettings()))  # defaults: torch's count for both
+    assert (fast, long) == (main_threads, main_threads)
+    fast, long, _ = asyncio.run(counts(ServiceSettings(torch_threads=1)))  # long jobs follow the fast lane
+    assert (fast, long) == (1, 1)
+
+
+def test_each_long_job_runs_on_a_thread_that_ends_with_it():
+    """So the OpenMP team a long job makes is freed with it, and libgomp does not count its threads against the
+    cores while the fast lane runs (bench/service_lanes.py)."""
+    import threading
+
+    from model.inference import load_predictor
+    from service.metrics import ServiceMetrics
+    from service.settings import ServiceSettings
+    from service.workers.base import FAST, LONG
+    from service.workers.inprocess import InProcessWorker
+
+    predictor = load_predictor()
+
+    async def run() -> tuple[threading.Thread, threading.Thread, threading.Thread]:
+        worker = InProcessWorker(ServiceSettings(), ServiceMetrics(), predictors={"default": predictor})
+        await worker.start()
+        try:
+            lanes = worker._lanes
+            first = await asyncio.wrap_future(lanes[LONG].threads[0].submit(threading.current_thread, None))
+            second = await asyncio.wrap_future(lanes[LONG].threads[0].submit(threading.current_thread, None))
+            fast = await asyncio.wrap_future(lanes[FAST].threads[0].submit(threading.current_thread, None))
+            return first, second, fast
+        finally:
+            await worker.stop()
+
+    first, second, fast = asyncio.run(run())
+    assert first is not second and not first.is_alive() and not second.is_alive()
+    assert first.name == "ponder-long-0-call"
+    assert fast.name == "ponder-fast-0" and fast.is_alive() is False  # stopped with the worker
 
 
 def test_models_load_on_the_fast_lanes_thread(monkeypatch):

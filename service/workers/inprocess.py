@@ -5,11 +5,13 @@ admission, asyncio queue and model thread(s), so one kind of work never waits be
   requests (or what arrived within ``max_wait_ms``) into one ``Predictor.encode`` call;
 * the long lane runs model jobs (render, precise segmentation, detection), ``long_concurrency`` at a time.
 
-Torch work runs on these threads only, and only the fast lane's is multi-threaded (``torch_threads``; it also
-loads the models): long-lane threads use ``long_torch_threads`` (default 1). Each thread that runs torch ops
-with more than one thread owns an OpenMP team; with more team threads than cores libgomp stops spinning and
-sleeps between parallel regions, and the room's published-size forward on 2 cores went 1.7 s → 2.9 s for every
-fast-lane request after one long job with 2 long-lane threads (bench/service_lanes.py).
+Torch work runs on the fast lane's thread (``torch_threads``; it also loads the models) and on one short-lived
+thread per long job (``long_torch_threads``, default the same count). Each thread that runs torch ops with
+more than one thread owns an OpenMP team, and while libgomp manages more team threads than there are cores it
+stops spinning and sleeps between parallel regions: with a long-lane thread that lived on, the room's
+published-size forward on 2 cores went 1.7 s → 2.9 s for every fast-lane request after one long job; with the
+job's thread ending with it (its team freed), 1.88 → 1.92 s (bench/service_lanes.py). Models loaded on yet
+another thread made the service's forward 3.4 s against 1.7 s in ``ponder features``.
 
 Every job carries its request's ``model.cancel.CancelToken``: a job whose request timed out, disconnected or
 was refused at shutdown is skipped in the queue, and a running long job stops at its next chunk (the token is
@@ -66,13 +68,15 @@ class StandaloneJob(ModelJob):
 class _ModelThread:
     """One daemon thread running submitted calls in order, recording the deadline of the running one.
 
-    ``torch_threads`` (None: leave torch alone) is set in the thread itself: torch's OpenMP and MKL thread
-    counts are per calling thread, and torch gives a thread on its first use whatever count any thread set
-    last, so each model thread lets that happen first and then sets its own."""
+    ``torch_threads`` (None: leave torch alone) is set in the thread that runs the calls: torch's OpenMP and
+    MKL thread counts are per calling thread, and torch gives a thread on its first use whatever count any
+    thread set last, so each lets that happen first and then sets its own. ``thread_per_call``: each call
+    runs on a new thread that ends with it (see the module: its OpenMP team goes with it)."""
 
-    def __init__(self, name: str, torch_threads: int | None = None) -> None:
+    def __init__(self, name: str, torch_threads: int | None = None, thread_per_call: bool = False) -> None:
         self.name = name
         self.torch_threads = torch_threads
+        self.thread_per_call = thread_per_call
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self.deadline: float | None = None  # of the running call (time.monotonic), None when idle
         self.busy = False
@@ -84,19 +88,42 @@ class _ModelThread:
         self._calls.put((future, fn, deadline))
         return future
 
-    def _serve(self) -> None:
+    def _set_torch_threads(self) -> None:
         if self.torch_threads is not None:
             import torch
 
             torch.get_num_threads()  # torch's first-use initialisation of this thread, before our count
             torch.set_num_threads(self.torch_threads)
+
+    def _in_fresh_thread(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on a new thread that ends with it: its OpenMP team (and libgomp's count of managed threads)
+        goes when the thread does."""
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            self._set_torch_threads()
+            try:
+                outcome["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the model thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=call, name=f"{self.name}-call", daemon=True)
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def _serve(self) -> None:
+        if not self.thread_per_call:
+            self._set_torch_threads()
         while (item := self._calls.get()) is not None:
             future, fn, deadline = item
             if not future.set_running_or_notify_cancel():
                 continue
             self.busy, self.deadline = True, deadline
             try:
-                future.set_result(fn())
+                future.set_result(self._in_fresh_thread(fn) if self.thread_per_call else fn())
             except BaseException as exc:  # noqa: BLE001 - delivered to the waiting request
                 future.set_exception(exc)
             finally:
@@ -118,14 +145,14 @@ class _Lane:
     """Admission (at most ``waiting + concurrency`` requests from admission to answer), a queue and threads."""
 
     def __init__(self, name: str, waiting: int, concurrency: int, metrics: ServiceMetrics,
-                 torch_threads: int | None = None) -> None:
+                 torch_threads: int | None = None, thread_per_call: bool = False) -> None:
         self.name = name
         self.capacity = waiting + concurrency
         self.metrics = metrics
         self.reserved = 0
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.live: set[_Pending] = set()
-        self.threads = [_ModelThread(f"ponder-{name}-{i}", torch_threads) for i in range(concurrency)]
+        self.threads = [_ModelThread(f"ponder-{name}-{i}", torch_threads, thread_per_call) for i in range(concurrency)]
 
     def admit(self) -> Ticket:
         if self.saturated:
@@ -167,7 +194,8 @@ class InProcessWorker(Worker):
         settings = self.settings
         fast = _Lane(FAST, settings.queue_size + settings.max_batch - 1, 1, self.metrics,  # a batch runs
                      settings.torch_threads or torch.get_num_threads())
-        long = _Lane(LONG, settings.long_queue_size, settings.long_concurrency, self.metrics, settings.long_torch_threads)
+        long = _Lane(LONG, settings.long_queue_size, settings.long_concurrency, self.metrics,
+                     settings.long_torch_threads or fast.threads[0].torch_threads, thread_per_call=True)
         if not self._predictors:  # loaded on the fast lane's thread: its OpenMP team is the only multi-threaded one
             try:
                 checkpoints = discover_checkpoints(settings.checkpoint, settings.models_dir)
