@@ -108,12 +108,10 @@ class RawModel:
 
     @staticmethod
     def _load(checkpoint: Path):
-        import torch
-
+        from model.devices import use_torch_threads
         from model.inference import load_predictor
 
-        torch.get_num_threads()  # torch's first-use initialisation of this thread, before our count
-        torch.set_num_threads(THREADS)
+        use_torch_threads(THREADS)
         return load_predictor(checkpoint)
 
     def _once(self, cloud) -> tuple[float, float, int]:

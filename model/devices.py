@@ -18,3 +18,13 @@ def torch_device(name: "str | torch.device") -> "torch.device":
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA GPU is available")
     return device
+
+
+def use_torch_threads(count: int) -> None:
+    """Run this thread's torch ops on ``count`` threads. torch's OpenMP and MKL thread counts are per calling
+    thread, and on a thread's first use torch applies whatever count any thread set last, so that first use
+    happens here, before our count (otherwise it could later overwrite it)."""
+    import torch
+
+    torch.get_num_threads()  # torch's first-use initialisation of this thread
+    torch.set_num_threads(count)

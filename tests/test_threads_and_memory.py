@@ -9,11 +9,30 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+import torch
+
+from model.inference import load_predictor
+from service.metrics import ServiceMetrics
+from service.settings import ServiceSettings
+from service.workers import inprocess
+from service.workers.base import FAST, LONG
+from service.workers.inprocess import InProcessWorker
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return load_predictor()  # the bundled default model
+
+
+async def on_lane(worker: InProcessWorker, lane: str, fn):
+    """``fn()`` on the lane's (first) model thread."""
+    return await asyncio.wrap_future(worker._lanes[lane].threads[0].submit(fn, None))
 
 # Page faults of allocating and touching 48 MiB after a 64 MiB buffer was freed (12,288 pages of 4 KiB when it is
 # fresh memory). Smaller than the freed one: an aligned allocation of the very same size may not fit its hole.
@@ -55,28 +74,18 @@ def test_the_ponder_command_applies_it():
     assert out.stdout.strip().splitlines()[-1] == str(platform.libc_ver()[0] == "glibc"), out.stderr[-2000:]
 
 
-def test_each_model_thread_runs_with_its_own_torch_thread_count():
+def test_each_model_thread_runs_with_its_own_torch_thread_count(predictor):
     """The fast lane's thread uses ``torch_threads``, long jobs ``long_torch_threads``, whatever order they
     start in and whatever the event loop's thread has: torch's counts are per thread."""
-    import torch
-
-    from model.inference import load_predictor
-    from service.metrics import ServiceMetrics
-    from service.settings import ServiceSettings
-    from service.workers.base import FAST, LONG
-    from service.workers.inprocess import InProcessWorker
-
-    predictor = load_predictor()  # the bundled default model
     main_threads = torch.get_num_threads()
 
     async def counts(settings: ServiceSettings) -> tuple[int, int, int]:
         worker = InProcessWorker(settings, ServiceMetrics(), predictors={"default": predictor})
         await worker.start()
         try:
-            lanes = worker._lanes
-            long_count = await asyncio.wrap_future(lanes[LONG].threads[0].submit(torch.get_num_threads, None))
-            fast_count = await asyncio.wrap_future(lanes[FAST].threads[0].submit(torch.get_num_threads, None))
-            again = await asyncio.wrap_future(lanes[LONG].threads[0].submit(torch.get_num_threads, None))
+            long_count = await on_lane(worker, LONG, torch.get_num_threads)
+            fast_count = await on_lane(worker, FAST, torch.get_num_threads)
+            again = await on_lane(worker, LONG, torch.get_num_threads)
             assert again == long_count
             return fast_count, long_count, torch.get_num_threads()
         finally:
@@ -90,27 +99,16 @@ def test_each_model_thread_runs_with_its_own_torch_thread_count():
     assert (fast, long) == (1, 1)
 
 
-def test_each_long_job_runs_on_a_thread_that_ends_with_it():
+def test_each_long_job_runs_on_a_thread_that_ends_with_it(predictor):
     """So the OpenMP team a long job makes is freed with it, and libgomp does not count its threads against the
     cores while the fast lane runs (bench/service_lanes.py)."""
-    import threading
-
-    from model.inference import load_predictor
-    from service.metrics import ServiceMetrics
-    from service.settings import ServiceSettings
-    from service.workers.base import FAST, LONG
-    from service.workers.inprocess import InProcessWorker
-
-    predictor = load_predictor()
-
     async def run() -> tuple[threading.Thread, threading.Thread, threading.Thread]:
         worker = InProcessWorker(ServiceSettings(), ServiceMetrics(), predictors={"default": predictor})
         await worker.start()
         try:
-            lanes = worker._lanes
-            first = await asyncio.wrap_future(lanes[LONG].threads[0].submit(threading.current_thread, None))
-            second = await asyncio.wrap_future(lanes[LONG].threads[0].submit(threading.current_thread, None))
-            fast = await asyncio.wrap_future(lanes[FAST].threads[0].submit(threading.current_thread, None))
+            first = await on_lane(worker, LONG, threading.current_thread)
+            second = await on_lane(worker, LONG, threading.current_thread)
+            fast = await on_lane(worker, FAST, threading.current_thread)
             return first, second, fast
         finally:
             await worker.stop()
@@ -123,13 +121,6 @@ def test_each_long_job_runs_on_a_thread_that_ends_with_it():
 
 def test_models_load_on_the_fast_lanes_thread(monkeypatch):
     """Loading runs torch ops; on any other thread it would make a second multi-threaded OpenMP team."""
-    import threading
-
-    from service.metrics import ServiceMetrics
-    from service.settings import ServiceSettings
-    from service.workers import inprocess
-    from service.workers.base import FAST
-
     real_load, threads = inprocess.load_predictors, []
 
     def observed(*args, **kwargs):
@@ -139,7 +130,7 @@ def test_models_load_on_the_fast_lanes_thread(monkeypatch):
     monkeypatch.setattr(inprocess, "load_predictors", observed)
 
     async def start_and_stop() -> list[str]:
-        worker = inprocess.InProcessWorker(ServiceSettings(), ServiceMetrics())  # the bundled default model
+        worker = InProcessWorker(ServiceSettings(), ServiceMetrics())  # the bundled default model
         await worker.start()
         try:
             assert worker.models()  # the bundled default's segment, detect and render models
@@ -152,12 +143,6 @@ def test_models_load_on_the_fast_lanes_thread(monkeypatch):
 
 
 def test_a_failed_load_ends_the_lane_threads(tmp_path):
-    import threading
-
-    from service.metrics import ServiceMetrics
-    from service.settings import ServiceSettings
-    from service.workers.inprocess import InProcessWorker
-
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
     before = {t.name for t in threading.enumerate()}

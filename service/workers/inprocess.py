@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from model.cancel import CancelToken, Cancelled, active
+from model.devices import use_torch_threads
 from model.inference import Predictor
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
@@ -68,10 +69,9 @@ class StandaloneJob(ModelJob):
 class _ModelThread:
     """One daemon thread running submitted calls in order, recording the deadline of the running one.
 
-    ``torch_threads`` (None: leave torch alone) is set in the thread that runs the calls: torch's OpenMP and
-    MKL thread counts are per calling thread, and torch gives a thread on its first use whatever count any
-    thread set last, so each lets that happen first and then sets its own. ``thread_per_call``: each call
-    runs on a new thread that ends with it (see the module: its OpenMP team goes with it)."""
+    ``torch_threads`` (None: leave torch alone) is set in the thread that runs the calls (torch's counts are
+    per thread: `model.devices.use_torch_threads`). ``thread_per_call``: each call runs on a new thread that
+    ends with it (see the module: its OpenMP team goes with it)."""
 
     def __init__(self, name: str, torch_threads: int | None = None, thread_per_call: bool = False) -> None:
         self.name = name
@@ -90,10 +90,7 @@ class _ModelThread:
 
     def _set_torch_threads(self) -> None:
         if self.torch_threads is not None:
-            import torch
-
-            torch.get_num_threads()  # torch's first-use initialisation of this thread, before our count
-            torch.set_num_threads(self.torch_threads)
+            use_torch_threads(self.torch_threads)
 
     def _in_fresh_thread(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` on a new thread that ends with it: its OpenMP team (and libgomp's count of managed threads)
