@@ -1,5 +1,5 @@
 """Encoder speed on this machine: the published SpUNet-v1m1 size on a generated room (~130k voxels at 0.02 m)
-and on a 1M-point cloud, spconv (native algorithm) vs the torch engine (mask buckets + valid pairs, fp32 and bf16), same
+and on a 1M-point cloud, spconv (native algorithm) vs the torch engine (mask buckets + row bags, fp32 and bf16), same
 process, same weights, same input, runs interleaved (best of ``--repeats``) so load changes hit both.
 
 Prints wall and process-CPU seconds, voxels/s, the speed-up over spconv (wall and CPU time) and the largest

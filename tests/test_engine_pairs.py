@@ -13,6 +13,7 @@ from conftest import PONDER, fixture_dir, random_room
 from model.checkpoint import load_checkpoint, read_official
 from model.engine.encoder import EngineEncoder, SpconvEncoder
 from model.engine import plans
+from model.engine.bags import RowBags, bags_conv
 from model.engine.buckets import MaskBuckets, bucket_conv, mask_groups
 from model.engine.pairs import TapPairs, pairs_conv
 from model.engine.plans import renumber_level
@@ -84,6 +85,42 @@ def test_pairs_conv_equals_gather_conv_for_every_table_kind():
         assert pairs.exclusive == (table is maps.up[0])  # one parent per fine row: copied, not added
         assert torch.allclose(pairs_conv(x, pairs, w), gather_conv(x, table, w), atol=1e-5)
     assert maps.subm[0].dtype == torch.int32
+
+
+def test_row_bags_equal_gather_and_pairs_for_every_table_kind_and_block_size():
+    """Row bags (per-block gather, per-tap GEMMs, one embedding_bag sum per output row) give the gather
+    conv's result for every table kind, with blocks that split rows anywhere (a partial last block, blocks
+    with taps missing), and add in `pairs_conv`'s order: bias + centre, then the taps in order."""
+    rng = np.random.default_rng(2)
+    grid = np.unique(rng.integers(0, 12, size=(700, 3)), axis=0)
+    maps = build_kernel_maps(grid, num_levels=2, stem_kernel=5)
+    m0, m1 = maps.num_sites
+    g = torch.Generator().manual_seed(2)
+    x0, x1 = torch.randn(m0, 8, generator=g), torch.randn(m1, 8, generator=g)
+    for table, x, m_in, subm in ((maps.stem, x0, m0, True), (maps.subm[0], x0, m0, True),
+                                 (maps.down[0], x0, m0, False), (maps.up[0], x1, m1, False)):
+        w, bias = torch.randn(table.shape[1], 8, 4, generator=g), torch.randn(4, generator=g)
+        expected = gather_conv(x, table, w)
+        pairs = TapPairs.from_table(table, m_in, submanifold=subm)
+        for block_rows in (7, 64, None):
+            bags = RowBags.from_table(table, m_in, submanifold=subm, block_rows=block_rows)
+            assert (bags.centre is not None) == subm
+            assert sum(b.stop - b.start for b in bags.blocks) == table.shape[0]
+            assert torch.allclose(bags_conv(x, bags, w), expected, atol=1e-5)
+            assert torch.allclose(bags_conv(x, bags, w, bias), expected + bias, atol=1e-5)
+            assert torch.allclose(bags_conv(x, bags, w, bias), pairs_conv(x, pairs, w, bias), rtol=0, atol=1e-6)
+            low = bags_conv(x, bags, w.bfloat16(), bias)  # bf16 products, float32 sums
+            assert low.dtype == torch.float32
+            assert torch.allclose(low, pairs_conv(x, pairs, w.bfloat16(), bias), atol=1e-6)
+    rows = maps.subm[0][5:300]  # a slice of rows whose centre reads input row r + 5 (a bucket's trailing rows)
+    bags = RowBags.from_table(rows, m0, submanifold=True, offset=5, block_rows=32)
+    assert bags.centre is not None and bags.offset == 5
+    w = torch.randn(27, 8, 4, generator=g)
+    assert torch.allclose(bags_conv(x0, bags, w), gather_conv(x0, maps.subm[0], w)[5:300], atol=1e-5)
+    with pytest.raises(ValueError, match="expects"):
+        bags_conv(x0[:-1], bags, w)
+    empty = RowBags.from_table(maps.subm[0][:0], 0, submanifold=True)  # no rows: no blocks, an empty output
+    assert empty.blocks == [] and bags_conv(x0[:0], empty, w).shape == (0, 4)
 
 
 def test_bucket_conv_equals_gather_conv_with_buckets_merges_and_pairs():

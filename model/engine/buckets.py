@@ -7,15 +7,15 @@ common exact masks and the kernel's axis slabs; its extra taps read a zero row).
 and chunk of rows, one gather of the bucket's taps into an (n, t*C_in) operand and one
 ``(n, t*C_in) @ (t*C_in, C_out)`` GEMM straight into the output rows:
 
-- no scatter (each output row is written once, by one GEMM), so it is deterministic and each output is
-  a single fp32 dot product, with no ``index_add_`` (serial over rows in torch on CPU);
-- GEMMs with K = t*C_in (~900 for 9 taps of 96 channels) run at ~2x the rate of per-tap K = C_in ones
-  (this CPU, 1 thread: 110 vs 57 GFLOP/s), for ~10 % more multiply-adds than the valid pairs on the 1M cloud.
+- no scatter and no per-pair buffers (each output row is written once, by one GEMM that reads a gathered
+  chunk still in cache), so it is deterministic and each output is a single fp32 dot product;
+- on the 1M cloud that costs ~10 % more multiply-adds than the valid pairs.
 
 Rows whose bucket would gather too many zero rows (``max_ratio``: sparse, irregular surfaces such as the
-130k-voxel room's level 0, ~5 live taps of 27) go last and run over valid pairs (`model.engine.pairs`).
-Measured (1 thread, CPU time, other jobs on the machine): 1M cloud level-0 96->96 conv 0.83 s vs 1.9 s
-over valid pairs; the 125-tap 6->32 stem over slab buckets 0.08 s vs 0.14 s on the room. Chunks of ~2 MiB
+130k-voxel room's level 0, ~5 live taps of 27) go last and run over valid pairs summed per row
+(`model.engine.bags`). Measured (1 thread, CPU time, other jobs on the machine): 1M cloud level-0 96->96
+conv 0.83 s vs 1.9 s over valid pairs with ``index_add_``; the 125-tap 6->32 stem over slab buckets 0.08 s
+vs 0.14 s on the room. Chunks of ~2 MiB
 of gathered operand per thread keep it in L2 (1 thread: 0.83 s vs 1.03 s with 8 MiB chunks); the extra
 memory is one chunk and the outputs' spare zero row (`zero_row_buffer`), which lets the next conv gather
 from them without a padded copy.
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.engine.pairs import TapPairs, pairs_conv
+from model.engine.bags import RowBags, bags_conv
+from model.engine.rows import with_zero_row, zero_row_buffer
 
 Group = tuple[list[int] | None, int]  # (tap ids of a bucket, or None: valid pairs; its rows)
 CHUNK_BYTES_PER_THREAD = 2 << 20  # gathered operand per GEMM call and thread (fits a 2 MiB L2)
@@ -60,7 +61,7 @@ class MaskBuckets:
     num_taps: int
     order: torch.Tensor | None  # (M_out,) int64, or None: the rows are in table order
     buckets: list[Bucket]
-    rest: TapPairs | None = None  # the last rows (after every bucket), run over valid pairs
+    rest: RowBags | None = None  # the last rows (after every bucket), run over valid pairs
 
     @classmethod
     def from_table(cls, table: torch.Tensor, num_in: int, min_rows: int | None = None,
@@ -131,7 +132,7 @@ def mask_groups(table: torch.Tensor, num_in: int, min_rows: int | None = None,
                    for c, n in zip(keys.tolist(), sizes.tolist())]
 
 
-def _buckets(sorted_table: torch.Tensor, num_in: int, groups: list[Group]) -> tuple[list[Bucket], TapPairs | None]:
+def _buckets(sorted_table: torch.Tensor, num_in: int, groups: list[Group]) -> tuple[list[Bucket], RowBags | None]:
     """The buckets of a table in bucket order, and the valid pairs of its trailing taps-None group."""
     taps, dev = sorted_table.shape[1], sorted_table.device
     out, rest, start = [], None, 0
@@ -140,33 +141,12 @@ def _buckets(sorted_table: torch.Tensor, num_in: int, groups: list[Group]) -> tu
         if tap_ids is None:
             if start + n != sorted_table.shape[0]:
                 raise ValueError("the valid-pairs group must come last")
-            rest = TapPairs.from_table(rows, num_in, submanifold=True, offset=start)  # centre: x[start + i]
+            rest = RowBags.from_table(rows, num_in, submanifold=True, offset=start)  # centre: x[start + i]
         else:
             live = torch.tensor(tap_ids, dtype=torch.int64, device=dev)
             out.append(Bucket(start, live, rows if len(live) == taps else rows.index_select(1, live)))
         start += n
     return out, rest
-
-
-def zero_row_buffer(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised (rows + 1, cols) buffer whose last row is zero: a conv output written into its
-    first rows is its own padded input for the next conv (see `with_zero_row`)."""
-    buf = torch.empty(rows + 1, cols, dtype=dtype, device=device)
-    buf[rows].zero_()
-    return buf
-
-
-def with_zero_row(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(M, C) → (M + 1, C) in ``dtype`` with a zero last row, without a copy when x is already the
-    leading rows of such a tensor (the outputs of `bucket_conv`, and in-place ReLUs / sums on them)."""
-    base = x._base
-    if (x.dtype == dtype and base is not None and base.dim() == 2 and base.is_contiguous() and x.is_contiguous()
-            and base.shape == (x.shape[0] + 1, x.shape[1]) and base.data_ptr() == x.data_ptr()
-            and not bool(base[-1].any())):
-        return base
-    padded = zero_row_buffer(x.shape[0], x.shape[1], dtype, x.device)
-    padded[:-1].copy_(x)  # casts once (bf16) and pads in one pass
-    return padded
 
 
 def bucket_conv(x: torch.Tensor, plan: MaskBuckets, weight: torch.Tensor,
@@ -202,7 +182,7 @@ def bucket_conv(x: torch.Tensor, plan: MaskBuckets, weight: torch.Tensor,
             else:
                 torch.addmm(bias, gathered, w, out=dst)
     if plan.rest is not None:
-        out_sorted[plan.num_out - plan.rest.num_out :] = pairs_conv(x, plan.rest, weight, bias)
+        bags_conv(x, plan.rest, weight, bias, out=out_sorted[plan.num_out - plan.rest.num_out :])
     if plan.order is None:
         return out_sorted
     out = zero_row_buffer(plan.num_out, c_out, torch.float32, x.device)[: plan.num_out]

@@ -9,6 +9,10 @@ output; the centre tap of a submanifold table pairs every row with itself, so th
 index order and the taps in a fixed order, so results are deterministic. An up (inverse k2s2) table gives
 every output row exactly one pair: its products are copied into place (``index_copy_``), not added.
 
+The engine uses this for the up convs (one pair per row); every other conv with valid pairs runs as row bags
+(`model.engine.bags`: the same pairs summed per output row, no ``index_add_``), which the tests compare
+with this reference.
+
 Precision: ``"fp32"``, or ``"bf16"``: operands of every GEMM in bfloat16 (AMX / AVX512-BF16 on CPUs that
 have them), products and sums in float32.
 """

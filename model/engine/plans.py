@@ -12,25 +12,30 @@ Rows of a level may be numbered in any order as long as every table agrees, so t
 Plans: the stem mask-bucketed over the axis slabs of its 5³ kernel (its 6 input channels make per-tap
 GEMMs tiny, so even 2-4x the live taps is faster than valid pairs; it reads the caller's rows in its own
 bucket order and writes its output straight into the renumbered order), the submanifold convs of large
-levels mask-bucketed with their too-sparse rows over valid pairs, those of small levels and the k2s2
-down / up convs over valid pairs (`model.engine.pairs`).
+levels mask-bucketed with their too-sparse rows over valid pairs summed per row (`model.engine.bags`),
+those of small levels and the k2s2 down convs over row bags, the k2s2 up convs over valid pairs copied
+into place (`model.engine.pairs`: one pair per output row).
 """
 
 from __future__ import annotations
 
 import torch
 
+from model.engine.bags import RowBags
 from model.engine.buckets import Group, MaskBuckets, mask_groups
 from model.engine.pairs import TapPairs
 
 # 1M-point cloud, 1 thread: buckets 2.2x / 1.6x / 1.2x faster than valid pairs at 307k / 76k / 18k rows,
 # but 1.5-2x slower at 4k and 1k rows of 256 channels, where too few rows share a mask.
 BUCKET_MIN_ROWS = 8192
-# A row whose bucket gathers more than this many times its live taps runs over valid pairs instead: a
-# bucket GEMM runs at ~1.9x the per-tap rate and needs no scatter, so a few zero rows pay. On the 130k-voxel
-# room (level 0: ~5 live taps of 27 in scattered patterns) the whole engine took 3.57 / 3.45 / 3.69 s (1
-# thread) and 2.22 / 2.17 / 2.40 s (2 threads) with 1.75 / 2.5 / no limit (load average ~3).
-MAX_GATHER_RATIO = 2.5
+# A row whose bucket gathers more than this many times its live taps runs over valid pairs (row bags)
+# instead. Whole engine, best of 3-4, 2 threads, limits 2.5 / 1.5 / 1.2 / all rows on bags: 130k-voxel
+# room (level 0: ~5 live taps of 27 in scattered patterns) 1.49 / 1.40 / 1.38 / 1.36 s; 1M-point cloud
+# (dense patterns) 2.56 / 2.57 / 2.55 / 2.84 s. 1 thread, 1.5 / 1.25: room 2.28 / 2.25 s, 1M 4.09 / 4.20 s.
+MAX_GATHER_RATIO = 1.5
+# With bf16 operands the GEMMs are cheap and the zero rows cost little: no limit. Room / 1M cloud, 2 threads,
+# limits 1.5 / 2.5 / none: 1.06 / 0.95 / 0.87 s and 1.48 / - / 1.36 s.
+MAX_GATHER_RATIO_BF16: float | None = None
 
 Tables = tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
@@ -57,14 +62,15 @@ def renumber_level(tables: Tables, level: int, perm: torch.Tensor) -> Tables:
     return stem, subm, down, up
 
 
-def cpu_plans(stem, subm, down, up) -> tuple[MaskBuckets, list[TapPairs | MaskBuckets], list[TapPairs],
-                                            list[TapPairs], torch.Tensor | None]:
+def cpu_plans(stem, subm, down, up, precision: str = "fp32") -> tuple[
+        MaskBuckets, list[RowBags | MaskBuckets], list[RowBags], list[TapPairs], torch.Tensor | None]:
     """(stem plan, subm plans, down plans, up plans, new_id): level-0 rows are renumbered (input row r is
     new row ``new_id[r]``; None: unchanged), so ``out.index_select(0, new_id)`` gives a level-0 output in
     the caller's order. The stem plan alone reads the caller's rows (the input features need no
     reordering) and writes its output in the new order: its own bucket order is composed with the
     renumbering, which spares renumbering its 125-column table (~75 ms of ~3 s on the 130k-voxel room,
-    1 thread)."""
+    1 thread). ``precision``: the engine's GEMM operands ("fp32" or "bf16"), which set how many zero rows
+    a bucket may gather."""
     if stem is None:
         raise ValueError("the CPU plans need the stem table (it maps the caller's rows to the renumbered ones)")
     tables: Tables = (stem, list(subm), list(down), list(up))
@@ -79,7 +85,7 @@ def cpu_plans(stem, subm, down, up) -> tuple[MaskBuckets, list[TapPairs | MaskBu
         if rows >= BUCKET_MIN_ROWS:  # masks need the rows in their final order, not renumbered ids
             table = tables[1][level]
             order, g = mask_groups(table if level or perm is None else table.index_select(0, perm), rows,
-                                   max_ratio=MAX_GATHER_RATIO)
+                                   max_ratio=MAX_GATHER_RATIO if precision == "fp32" else MAX_GATHER_RATIO_BF16)
         if level == 0 and order is not None:
             perm = order if perm is None else perm.index_select(0, order)
         level_perm = perm if level == 0 else order
@@ -93,10 +99,10 @@ def cpu_plans(stem, subm, down, up) -> tuple[MaskBuckets, list[TapPairs | MaskBu
         new_id = torch.empty_like(perm)
         new_id[perm] = torch.arange(len(perm), device=perm.device)
         stem_plan.order = new_id if stem_plan.order is None else new_id.index_select(0, stem_plan.order)
-    subm_plans = [TapPairs.from_table(t, sizes[l], submanifold=True) if groups[l] is None
+    subm_plans = [RowBags.from_table(t, sizes[l], submanifold=True) if groups[l] is None
                   else MaskBuckets.from_grouped(t, sizes[l], groups[l]) for l, t in enumerate(subm)]
     return (stem_plan,
             subm_plans,
-            [TapPairs.from_table(t, sizes[l]) for l, t in enumerate(down)],
+            [RowBags.from_table(t, sizes[l]) for l, t in enumerate(down)],
             [TapPairs.from_table(t, sizes[l + 1]) for l, t in enumerate(up)],
             new_id)

@@ -10,8 +10,9 @@ runs over a table of `model.sparse.kernel_maps` in one of two formulations:
 - ``"pairs"``: the CPU formulation (`model.engine.plans`), plans derived once per table per forward and
   shared by every conv of a level: the stem and the submanifold convs of large levels run mask-bucketed
   (`model.engine.buckets`: rows with the same neighbour pattern as one gather + one dense GEMM, no
-  scatter), small levels and the k2s2 convs over valid pairs (`model.engine.pairs`: gather → GEMM →
-  ``index_add_``). Not exportable (Scatter), fast on CPU.
+  scatter), the other rows, small levels and the k2s2 down convs over valid pairs summed per output row
+  (`model.engine.bags`: gather → per-tap GEMM → ``embedding_bag``), the k2s2 up convs over their one pair
+  per row (`model.engine.pairs`). Not exportable, fast on CPU.
 
 Inputs (positional): ``feat (M_0, C_in)`` float32, then the tables in `KernelMaps.tables` order, then
 ``condition (1,)`` int64 (index into `conditions`) for PDNorm models. Outputs: ``backbone_feat
@@ -29,7 +30,9 @@ from torch import nn
 from model.backbones.layout import FINAL, BlockSpec, ConvNormSpec, ConvSpec, NormSpec, SpUNetLayout
 from model.conditions import condition_index
 from model.config import ModelConfig
-from model.engine.buckets import MaskBuckets, bucket_conv, zero_row_buffer
+from model.engine.bags import RowBags, bags_conv
+from model.engine.buckets import MaskBuckets, bucket_conv
+from model.engine.rows import zero_row_buffer
 from model.engine.folding import FoldedNorm, build_norm
 from model.engine.pairs import PRECISIONS, TapPairs, pairs_conv
 from model.engine.plans import cpu_plans
@@ -38,12 +41,13 @@ from model.sparse.gather_ops import conv1x1_from_spconv, gather_conv, inverse_co
 from model.sparse.kernel_maps import KernelMaps, build_kernel_maps
 
 FORMULATIONS = ("gather", "pairs")
-Plan = torch.Tensor | TapPairs | MaskBuckets  # a dense table (gather), or its valid pairs / mask buckets (pairs)
+Plan = torch.Tensor | RowBags | TapPairs | MaskBuckets  # a dense table (gather), or its CPU plan (pairs)
+_CONVS = {RowBags: bags_conv, TapPairs: pairs_conv, MaskBuckets: bucket_conv}
 
 
-def _sparse_conv(x: torch.Tensor, plan: TapPairs | MaskBuckets, w: torch.Tensor,
+def _sparse_conv(x: torch.Tensor, plan: RowBags | TapPairs | MaskBuckets, w: torch.Tensor,
                  b: torch.Tensor | None) -> torch.Tensor:
-    return pairs_conv(x, plan, w, b) if isinstance(plan, TapPairs) else bucket_conv(x, plan, w, b)
+    return _CONVS[type(plan)](x, plan, w, b)
 
 
 def _conv(x: torch.Tensor, plan: Plan, w: torch.Tensor, group: int | None, inverse: bool = False) -> torch.Tensor:
@@ -234,7 +238,7 @@ class SpUNetEngine(nn.Module):
         tables = (inputs[0], inputs[1 : 1 + levels], inputs[1 + levels : 2 * levels], inputs[2 * levels : 3 * levels - 1])
         if self.formulation == "gather":
             return self._network(feat, tables[0], list(tables[1]), list(tables[2]), list(tables[3]), cond)
-        *plans, new_id = cpu_plans(*tables)  # level rows renumbered: see model.engine.plans
+        *plans, new_id = cpu_plans(*tables, precision=self.precision)  # level rows renumbered: see model.engine.plans
         outputs = self._network(feat, *plans, cond)  # the stem plan reads the caller's rows
         return outputs if new_id is None else tuple(o.index_select(0, new_id) for o in outputs)
 
