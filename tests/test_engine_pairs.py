@@ -70,15 +70,23 @@ def test_pairs_equal_gather_on_a_batch_of_generated_rooms():
     assert np.abs(alone["backbone_feat"] - b["backbone_feat"][scenes[0].num_voxels:]).max() <= 1e-5
 
 
-def test_pairs_conv_equals_gather_conv_for_every_table_kind():
-    rng = np.random.default_rng(0)
-    grid = np.unique(rng.integers(0, 12, size=(600, 3)), axis=0)
+def _every_table_kind(seed: int, points: int):
+    """Kernel maps of a random cloud, a generator, and (table, features, input rows, submanifold) of each
+    table kind: the stem, a submanifold level, a k2s2 down and a k2s2 up table."""
+    rng = np.random.default_rng(seed)
+    grid = np.unique(rng.integers(0, 12, size=(points, 3)), axis=0)
     maps = build_kernel_maps(grid, num_levels=2, stem_kernel=5)
     m0, m1 = maps.num_sites
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     x0, x1 = torch.randn(m0, 8, generator=g), torch.randn(m1, 8, generator=g)
-    for table, x, m_in, subm in ((maps.stem, x0, m0, True), (maps.subm[0], x0, m0, True),
-                                 (maps.down[0], x0, m0, False), (maps.up[0], x1, m1, False)):
+    kinds = ((maps.stem, x0, m0, True), (maps.subm[0], x0, m0, True), (maps.down[0], x0, m0, False),
+             (maps.up[0], x1, m1, False))
+    return maps, g, kinds
+
+
+def test_pairs_conv_equals_gather_conv_for_every_table_kind():
+    maps, g, kinds = _every_table_kind(0, 600)
+    for table, x, m_in, subm in kinds:
         w = torch.randn(table.shape[1], 8, 4, generator=g)
         pairs = TapPairs.from_table(table, m_in, submanifold=subm)
         assert (pairs.centre is not None) == subm
@@ -91,14 +99,9 @@ def test_row_bags_equal_gather_and_pairs_for_every_table_kind_and_block_size():
     """Row bags (per-block gather, per-tap GEMMs, one embedding_bag sum per output row) give the gather
     conv's result for every table kind, with blocks that split rows anywhere (a partial last block, blocks
     with taps missing), and add in `pairs_conv`'s order: bias + centre, then the taps in order."""
-    rng = np.random.default_rng(2)
-    grid = np.unique(rng.integers(0, 12, size=(700, 3)), axis=0)
-    maps = build_kernel_maps(grid, num_levels=2, stem_kernel=5)
-    m0, m1 = maps.num_sites
-    g = torch.Generator().manual_seed(2)
-    x0, x1 = torch.randn(m0, 8, generator=g), torch.randn(m1, 8, generator=g)
-    for table, x, m_in, subm in ((maps.stem, x0, m0, True), (maps.subm[0], x0, m0, True),
-                                 (maps.down[0], x0, m0, False), (maps.up[0], x1, m1, False)):
+    maps, g, kinds = _every_table_kind(2, 700)
+    (_, x0, m0, _) = kinds[1]
+    for table, x, m_in, subm in kinds:
         w, bias = torch.randn(table.shape[1], 8, 4, generator=g), torch.randn(4, generator=g)
         expected = gather_conv(x, table, w)
         pairs = TapPairs.from_table(table, m_in, submanifold=subm)

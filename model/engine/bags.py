@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from model.engine.rows import zero_row_buffer
 
 BLOCK_ROWS = 4096  # output rows per block on CPU (room, 96 channels, 2048 / 8192 / 32768 rows: level 0 73 / 66 / 80 ms, level 1 61 / 67 / 75 ms)
-BLOCK_ROWS_GPU = 1 << 20  # on a GPU, few large launches (not measured on a GPU yet)
+BLOCK_ROWS_GPU = 1 << 17  # on a GPU, few large launches; products of ~10 taps x 96 channels stay ~0.5 GB (not measured on a GPU yet)
 
 
 @dataclass
