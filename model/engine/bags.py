@@ -25,8 +25,11 @@ import torch.nn.functional as F
 
 from model.engine.rows import zero_row_buffer
 
-BLOCK_ROWS = 4096  # output rows per block on CPU (room, 96 channels, 2048 / 8192 / 32768 rows: level 0 73 / 66 / 80 ms, level 1 61 / 67 / 75 ms)
-BLOCK_ROWS_GPU = 1 << 17  # on a GPU, few large launches; products of ~10 taps x 96 channels stay ~0.5 GB (not measured on a GPU yet)
+# Output rows per block on CPU (room, one 96-channel conv, blocks of 2048 / 8192 / 32768 rows: level 0
+# 73 / 66 / 80 ms, level 1 61 / 67 / 75 ms). On a GPU few large launches, with products of ~10 taps x 96
+# channels still ~0.5 GB (not measured on a GPU yet).
+BLOCK_ROWS = 4096
+BLOCK_ROWS_GPU = 1 << 17
 
 
 @dataclass
@@ -122,7 +125,7 @@ def bags_conv(x: torch.Tensor, bags: RowBags, weight: torch.Tensor, bias: torch.
     if x.shape != (bags.num_in, c_in):
         raise ValueError(f"features have shape {tuple(x.shape)} but the conv expects ({bags.num_in}, {c_in})")
     x = x if x.dtype == weight.dtype else x.to(weight.dtype)
-    low = weight.dtype != torch.float32
+    low = weight.dtype != torch.float32  # bf16: GEMM row counts pooled into few shapes (`_shape_class`)
     if out is None:
         out = zero_row_buffer(bags.num_out, c_out, torch.float32, x.device)[: bags.num_out]
     centre, offset = bags.centre, bags.offset
@@ -135,15 +138,9 @@ def bags_conv(x: torch.Tensor, bags: RowBags, weight: torch.Tensor, bias: torch.
         gathered = torch.empty(p + max(slack, 0), c_in, dtype=x.dtype, device=x.device)
         torch.index_select(x, 0, block.in_rows, out=gathered[:p])
         for k, a, r in rows:  # in tap order: a spill lands on rows that a later tap, the centre or the bias overwrite
-            if low:
-                products[a : a + r] = gathered[a : a + r] @ weight[k]
-            else:
-                torch.mm(gathered[a : a + r], weight[k], out=products[a : a + r])
+            _product_into(products[a : a + r], gathered[a : a + r], weight[k])
         if centre is not None:
-            if low:
-                products[p : p + n] = x[offset + block.start : offset + block.stop] @ weight[centre]
-            else:
-                torch.mm(x[offset + block.start : offset + block.stop], weight[centre], out=products[p : p + n])
+            _product_into(products[p : p + n], x[offset + block.start : offset + block.stop], weight[centre])
         bias_row = products[p + (n if centre is not None else 0)]
         if bias is None:
             bias_row.zero_()
@@ -153,8 +150,17 @@ def bags_conv(x: torch.Tensor, bags: RowBags, weight: torch.Tensor, bias: torch.
     return out
 
 
+def _product_into(dst: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
+    """``dst = a @ w`` with dst float32: straight into dst for float32 operands, widened from bf16 ones."""
+    if a.dtype == torch.float32:
+        torch.mm(a, w, out=dst)
+    else:
+        dst.copy_(a @ w)
+
+
 def _shape_class(rows: int) -> int:
-    """``rows`` rounded up to 4 significant bits (at most 1/8 more, 8 shapes per octave): oneDNN builds a bf16 GEMM kernel per
-    shape (~0.2 ms each here, against ~35 us for the call), so per-tap row counts are pooled into few shapes."""
+    """``rows`` rounded up to 4 significant bits (at most 1/8 more, 8 shapes per octave): oneDNN builds a
+    bf16 GEMM kernel per shape (~0.2 ms each here, against ~35 us for the call), so per-tap row counts are
+    pooled into few shapes."""
     shift = max(rows.bit_length() - 4, 0)
     return -(-rows >> shift) << shift

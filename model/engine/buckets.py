@@ -15,10 +15,9 @@ Rows whose bucket would gather too many zero rows (``max_ratio``: sparse, irregu
 130k-voxel room's level 0, ~5 live taps of 27) go last and run over valid pairs summed per row
 (`model.engine.bags`). Measured (1 thread, CPU time, other jobs on the machine): 1M cloud level-0 96->96
 conv 0.83 s vs 1.9 s over valid pairs with ``index_add_``; the 125-tap 6->32 stem over slab buckets 0.08 s
-vs 0.14 s on the room. Chunks of ~2 MiB
-of gathered operand per thread keep it in L2 (1 thread: 0.83 s vs 1.03 s with 8 MiB chunks); the extra
-memory is one chunk and the outputs' spare zero row (`zero_row_buffer`), which lets the next conv gather
-from them without a padded copy.
+vs 0.14 s on the room. Chunks of ~2 MiB of gathered operand per thread keep it in L2 (1 thread: 0.83 s vs
+1.03 s with 8 MiB chunks); the extra memory is one chunk and the outputs' spare zero row
+(`zero_row_buffer`), which lets the next conv gather from them without a padded copy.
 """
 
 from __future__ import annotations

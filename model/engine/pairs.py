@@ -29,14 +29,13 @@ PRECISIONS = ("fp32", "bf16")
 @dataclass
 class TapPairs:
     """The valid pairs of one table. ``out_rows[k]`` / ``in_rows[k]``: int64 row ids of tap k (None
-    for the identity centre tap, recorded in ``centre``: output row r is input row r + ``offset``).
+    for the identity centre tap, recorded in ``centre``: output row r is input row r).
     ``num_out``: rows of the output."""
 
     num_out: int
     out_rows: list[torch.Tensor | None]
     in_rows: list[torch.Tensor | None]
     centre: int | None
-    offset: int = 0
     exclusive: bool = False  # every output row has exactly one pair (an up table): copied, not added
 
     @property
@@ -44,13 +43,13 @@ class TapPairs:
         return len(self.out_rows)
 
     @classmethod
-    def from_table(cls, table: torch.Tensor, num_in: int, submanifold: bool = False, offset: int = 0) -> "TapPairs":
+    def from_table(cls, table: torch.Tensor, num_in: int, submanifold: bool = False) -> "TapPairs":
         """table (M_out, K) with ``num_in`` = missing. ``submanifold``: the centre column of row r is
-        input row r + ``offset`` (checked), so it needs no pairs."""
+        input row r (checked), so it needs no pairs."""
         m_out, taps = table.shape
         centre = taps // 2 if submanifold else None
         if centre is not None:
-            rows = torch.arange(offset, offset + m_out, device=table.device, dtype=table.dtype)
+            rows = torch.arange(m_out, device=table.device, dtype=table.dtype)
             if not torch.equal(table[:, centre], rows):
                 centre = None  # not an identity centre: treat it like any other tap
         valid = (table != num_in).t()  # (K, M_out)
@@ -63,7 +62,7 @@ class TapPairs:
         if centre is not None:
             out_rows[centre] = in_rows[centre] = None
         exclusive = centre is None and len(out_all) == m_out and bool((valid.sum(dim=0) == 1).all())
-        return cls(m_out, out_rows, in_rows, centre, offset if centre is not None else 0, exclusive)
+        return cls(m_out, out_rows, in_rows, centre, exclusive)
 
 
 def _mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -92,7 +91,7 @@ def pairs_conv(x: torch.Tensor, pairs: TapPairs, weight: torch.Tensor,
                 out.index_copy_(0, pairs.out_rows[k], y if bias is None else y.add_(bias))
         return out
     if pairs.centre is not None:
-        out = _mm(x[pairs.offset : pairs.offset + pairs.num_out], weight[pairs.centre])
+        out = _mm(x[: pairs.num_out], weight[pairs.centre])
         if bias is not None:
             out += bias
     elif bias is not None:
