@@ -12,7 +12,8 @@ runs over a table of `model.sparse.kernel_maps` in one of two formulations:
   (`model.engine.buckets`: rows with the same neighbour pattern as one gather + one dense GEMM, no
   scatter), the other rows, small levels and the k2s2 down convs over valid pairs summed per output row
   (`model.engine.bags`: gather → per-tap GEMM → ``embedding_bag``), the k2s2 up convs over their one pair
-  per row (`model.engine.pairs`). Not exportable, fast on CPU.
+  per row (`model.engine.pairs`). Not exportable, fast on CPU. Single-condition models fold their norms
+  into the weights (in the GEMM dtype) once at construction, replacing the raw weights.
 
 Inputs (positional): ``feat (M_0, C_in)`` float32, then the tables in `KernelMaps.tables` order, then
 ``condition (1,)`` int64 (index into `conditions`) for PDNorm models. Outputs: ``backbone_feat
@@ -56,8 +57,8 @@ def _conv(x: torch.Tensor, plan: Plan, w: torch.Tensor, group: int | None, inver
 
 def _folded(w: torch.Tensor, norm: FoldedNorm, cond: torch.Tensor | None, dtype: torch.dtype):
     """The conv weight with the norm's scale folded into its output channels, and the norm's shift:
-    ``norm(conv_W(x)) = conv_{W*a}(x) + b``. One pass over the weights per forward (cheap next to the
-    convs), and no (M, C) multiply per norm."""
+    ``norm(conv_W(x)) = conv_{W*a}(x) + b``, so no (M, C) multiply per norm. Done once at construction
+    for single-condition models (`_Block.prefold`), per forward under PDNorm's several conditions."""
     a, b = norm.affine(cond)
     return (w * a).to(dtype), b
 
@@ -82,17 +83,45 @@ class _Block(nn.Module):
         if spec.proj is not None:
             self.register_buffer("wp", conv1x1_from_spconv(weight(spec.proj.conv)))
             self.np = norm(spec.proj.norm)
+        self.prefolded = False
+
+    def prefold(self, dtype: torch.dtype) -> None:
+        """Pairs formulation, one condition: fold the norms into the weights (in the GEMM dtype) once,
+        the proj's shift into conv2's bias; the weights replace the raw ones (no extra memory)."""
+        if self.n1.a.shape[0] != 1:
+            return
+        (self.w1, b1), (self.w2, b2) = _folded(self.w1, self.n1, None, dtype), _folded(self.w2, self.n2, None, dtype)
+        if self.has_proj:
+            self.wp, bp = _folded(self.wp, self.np, None, dtype)
+            b2 = b2 + bp
+            del self.np
+        del self.n1, self.n2
+        self.register_buffer("b1", b1.contiguous())
+        self.register_buffer("b2", b2.contiguous())
+        self.prefolded = True
+
+    def _pairs_weights(self, cond: torch.Tensor | None, dtype: torch.dtype):
+        """(w1, b1, w2, b2 with the proj's shift, wp or None), folded for this forward unless prefolded."""
+        if self.prefolded:
+            return self.w1, self.b1, self.w2, self.b2, self.wp if self.has_proj else None
+        (w1, b1), (w2, b2) = _folded(self.w1, self.n1, cond, dtype), _folded(self.w2, self.n2, cond, dtype)
+        if not self.has_proj:
+            return w1, b1, w2, b2, None
+        wp, bp = _folded(self.wp, self.np, cond, dtype)
+        return w1, b1, w2, b2 + bp, wp
 
     def forward(self, x: torch.Tensor, plan: Plan, cond: torch.Tensor | None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if not isinstance(plan, torch.Tensor):  # norms folded into the convs, in-place ReLUs
-            h = _sparse_conv(x, plan, *_folded(self.w1, self.n1, cond, dtype)).relu_()
-            h = _sparse_conv(h, plan, *_folded(self.w2, self.n2, cond, dtype))
-            if self.has_proj:
-                wp, bp = _folded(self.wp, self.np, cond, dtype)
-                h += _matmul(x, wp) + bp
-            else:
+            w1, b1, w2, b2, wp = self._pairs_weights(cond, dtype)
+            h = _sparse_conv(x, plan, w1, b1).relu_()
+            h = _sparse_conv(h, plan, w2, b2)
+            if wp is None:
                 h += x
+            elif wp.dtype == torch.float32 and x.dtype == torch.float32:
+                h.addmm_(x, wp)  # no (M, C) temporary
+            else:
+                h += _matmul(x, wp)
             return h.relu_()
         h = torch.relu(self.n1(_conv(x, plan, self.w1, self.group), cond))
         h = self.n2(_conv(h, plan, self.w2, self.group), cond)
@@ -108,11 +137,22 @@ class _ConvNorm(nn.Module):
         super().__init__()
         self.register_buffer("w", taps_from_spconv(weight))
         self.norm, self.inverse, self.group = norm, inverse, taps_per_matmul
+        self.prefolded = False
+
+    def prefold(self, dtype: torch.dtype) -> None:
+        """See `_Block.prefold`."""
+        if self.norm.a.shape[0] != 1:
+            return
+        self.w, b = _folded(self.w, self.norm, None, dtype)
+        del self.norm
+        self.register_buffer("b", b.contiguous())
+        self.prefolded = True
 
     def forward(self, x: torch.Tensor, plan: Plan, cond: torch.Tensor | None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if not isinstance(plan, torch.Tensor):
-            return _sparse_conv(x, plan, *_folded(self.w, self.norm, cond, dtype)).relu_()
+            w, b = (self.w, self.b) if self.prefolded else _folded(self.w, self.norm, cond, dtype)
+            return _sparse_conv(x, plan, w, b).relu_()
         return torch.relu(self.norm(_conv(x, plan, self.w, self.group, self.inverse), cond))
 
 
@@ -192,6 +232,11 @@ class SpUNetEngine(nn.Module):
             self._language_head(sd, config)
             self.num_classes = {c: len(v) for c, v in zip(self.conditions, config.valid_index)}
         self.outputs: tuple[str, ...] = ("backbone_feat",) + (("seg_logits",) if self.head != "none" else ())
+        if formulation == "pairs":  # norms folded into the weights once (per forward only under several conditions)
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            for module in self.modules():
+                if isinstance(module, (_Block, _ConvNorm)):
+                    module.prefold(dtype)
 
     def _language_head(self, sd: dict[str, torch.Tensor], config: ModelConfig) -> None:
         """PPT-v1m1: ``exp(logit_scale) * normalize(proj_head(f)) @ class_embedding[valid_index[c]].T``.
