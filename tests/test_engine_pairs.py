@@ -152,11 +152,14 @@ def test_bucket_conv_equals_gather_conv_with_buckets_merges_and_pairs():
         assert torch.allclose(out, expected.index_select(0, order), atol=1e-5)
 
 
-def test_engine_with_every_level_bucketed_equals_gather(monkeypatch):
+@pytest.mark.parametrize("pairs_fraction", [1.0, 0.0])
+def test_engine_with_every_level_bucketed_or_on_bags_equals_gather(monkeypatch, pairs_fraction):
     """Renumbering every level into bucket order (tables, level-0 permutation, zero-row buffers) changes
-    nothing: force buckets on the small levels of a batch of generated rooms."""
+    nothing: force buckets on the small levels of a batch of generated rooms (fraction 1), or send every
+    level with any valid-pair rows wholly to row bags after computing its buckets (fraction 0)."""
     monkeypatch.setattr(plans, "BUCKET_MIN_ROWS", 1)
     monkeypatch.setattr(plans, "MAX_GATHER_RATIO", 1.5)
+    monkeypatch.setattr(plans, "MAX_PAIRS_FRACTION", pairs_fraction)
     sd = read_official(fixture_dir("spunet_v1m1_seg") / "checkpoint.pth")
     gather = SpUNetEngine.from_state_dict(sd, formulation="gather")
     pairs = SpUNetEngine.from_state_dict(sd, formulation="pairs")
