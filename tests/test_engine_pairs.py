@@ -167,6 +167,10 @@ def test_engine_with_every_level_bucketed_or_on_bags_equals_gather(monkeypatch, 
     feat = np.concatenate([s.feat for s in scenes])
     grid = np.concatenate([s.grid_coord for s in scenes])
     batch = np.repeat([0, 1], [s.num_voxels for s in scenes])
+    tables, levels = pairs.kernel_maps(torch.as_tensor(grid), torch.as_tensor(batch)).tables(), pairs.num_levels
+    subm_plans = plans.cpu_plans(tables[0], tables[1 : 1 + levels], tables[1 + levels : 2 * levels],
+                                 tables[2 * levels : 3 * levels - 1])[1]
+    assert {type(p) for p in subm_plans} == {MaskBuckets if pairs_fraction == 1.0 else RowBags}
     a, b = gather.run(feat, grid, batch), pairs.run(feat, grid, batch)
     for key in ("backbone_feat", "seg_logits"):
         assert np.abs(a[key] - b[key]).max() <= 1e-5 * max(1.0, float(np.abs(a[key]).max()))
