@@ -15,6 +15,7 @@ scalars are averaged over ranks, i.e. they describe the global batch (tests/test
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -82,6 +83,23 @@ def step_generator(device: torch.device, *parts: int) -> torch.Generator:
     return gen
 
 
+def join_process_group(device: str) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group once per process ("nccl" on CUDA, each rank on
+    its LOCAL_RANK GPU; else "gloo") and destroy it at exit. A gloo group left for interpreter teardown can
+    abort a rank after its work is done ("terminate called without an active exception", seen in CI)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or torch.distributed.is_initialized():
+        return
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # else every rank's NCCL communicator lands on GPU 0
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+    atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class _EpochBatches(torch.utils.data.Dataset):
     """Item s of epoch e = the collated batch of step s (this rank's slice), built with seeded RNGs."""
 
@@ -112,10 +130,7 @@ class Trainer:
         if cfg.batch_size < self.world:
             raise ValueError(f"batch_size is the global batch, split over the {self.world} processes; it must be at "
                              f"least {self.world}, got {cfg.batch_size}")
-        if self.world > 1 and not torch.distributed.is_initialized():
-            if cfg.device == "cuda":
-                torch.cuda.set_device(local_rank)  # else every rank's NCCL communicator lands on GPU 0
-            torch.distributed.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+        join_process_group(cfg.device)
         self.device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device)

@@ -37,13 +37,13 @@ def ensure_data(cfg) -> None:
     import torch.distributed as dist
 
     from training.data.synthetic import SceneConfig, generate_dataset
+    from training.engine import join_process_group
 
     root, gen = Path(cfg.data.root), cfg.data.generate
     if gen is None:
         return
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():  # the engine reuses this process group
-        dist.init_process_group("nccl" if cfg.train.device == "cuda" else "gloo")
+    join_process_group(cfg.train.device)  # under torchrun; the engine reuses this process group
     if int(os.environ.get("RANK", 0)) == 0 and not root.exists():
         log.info("generating %d synthetic scenes into %s", gen.scenes, root)
         scene_cfg = SceneConfig(num_frames=gen.frames, image_downscale=gen.image_downscale,
