@@ -152,14 +152,31 @@ def test_bucket_conv_equals_gather_conv_with_buckets_merges_and_pairs():
         assert torch.allclose(out, expected.index_select(0, order), atol=1e-5)
 
 
-@pytest.mark.parametrize("pairs_fraction", [1.0, 0.0])
-def test_engine_with_every_level_bucketed_or_on_bags_equals_gather(monkeypatch, pairs_fraction):
+def test_mostly_pairs_is_judged_on_a_sample_like_on_all_rows(monkeypatch):
+    """A floor (9-tap masks: buckets) is not "mostly pairs", a scattered cloud (few live taps in irregular
+    patterns) is; the sample of every n-th row says what all rows say."""
+    rng = np.random.default_rng(2)
+    floor = np.c_[np.stack(np.meshgrid(np.arange(120), np.arange(120)), -1).reshape(-1, 2), np.zeros(14400, np.int64)]
+    scattered = np.unique(rng.integers(0, 60, size=(20000, 3)), axis=0)  # ~9% of a 60³ grid: 2-3 live taps a row
+    monkeypatch.setattr(plans, "PAIRS_SAMPLE_ROWS", 512)
+    for grid, expected in ((floor, False), (scattered, True)):
+        table = build_kernel_maps(grid, num_levels=1, stem_kernel=None).subm[0]
+        rows = table.shape[0]
+        _, groups = mask_groups(table, rows, max_ratio=1.5)
+        assert (plans._pairs_rows(groups) > plans.MAX_PAIRS_FRACTION * rows) == expected
+        assert rows // 512 > 1 and plans._mostly_pairs(table, rows, 1.5) == expected
+
+
+@pytest.mark.parametrize("pairs_fraction, sample_rows", [(1.0, 8192), (0.0, 8192), (1.0, 64), (0.0, 64)])
+def test_engine_with_every_level_bucketed_or_on_bags_equals_gather(monkeypatch, pairs_fraction, sample_rows):
     """Renumbering every level into bucket order (tables, level-0 permutation, zero-row buffers) changes
     nothing: force buckets on the small levels of a batch of generated rooms (fraction 1), or send every
-    level with any valid-pair rows wholly to row bags after computing its buckets (fraction 0)."""
+    level with any valid-pair rows wholly to row bags (fraction 0), judged on all rows or first on a sample
+    (64 rows: every n-th row of the larger levels)."""
     monkeypatch.setattr(plans, "BUCKET_MIN_ROWS", 1)
     monkeypatch.setattr(plans, "MAX_GATHER_RATIO", 1.5)
     monkeypatch.setattr(plans, "MAX_PAIRS_FRACTION", pairs_fraction)
+    monkeypatch.setattr(plans, "PAIRS_SAMPLE_ROWS", sample_rows)
     sd = read_official(fixture_dir("spunet_v1m1_seg") / "checkpoint.pth")
     gather = SpUNetEngine.from_state_dict(sd, formulation="gather")
     pairs = SpUNetEngine.from_state_dict(sd, formulation="pairs")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from model.engine.bags import RowBags
-from model.engine.buckets import Group, MaskBuckets, mask_groups
+from model.engine.buckets import Group, MaskBuckets, mask_groups, min_bucket_rows
 from model.engine.pairs import TapPairs
 
 # 1M-point cloud, 1 thread: buckets 2.2x / 1.6x / 1.2x faster than valid pairs at 307k / 76k / 18k rows,
@@ -41,9 +41,10 @@ MAX_GATHER_RATIO_BF16: float | None = None
 # A large level whose rows go mostly to valid pairs anyway runs wholly on row bags (no bucket order):
 # the room's level 0 (~5 live taps in scattered patterns) sends 81% of its rows there. Room, 2 threads,
 # alternating runs, best of 7: 1.42-1.45 s bucketed, 1.37 s all bags; the 1M-point cloud keeps its
-# buckets (2.64 / 2.61 s, noise). The level's mask groups are still computed to decide (a share of the
-# plans' ~0.027 s of mask groups on the room).
+# buckets (2.64 / 2.61 s, noise). Judged first on every n-th row, about `PAIRS_SAMPLE_ROWS` of them (the room's
+# level 0: ~3 ms instead of ~14 ms of mask groups for all rows), then, unless that says "mostly pairs", on all.
 MAX_PAIRS_FRACTION = 0.5
+PAIRS_SAMPLE_ROWS = 8192
 
 Tables = tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
@@ -70,6 +71,22 @@ def renumber_level(tables: Tables, level: int, perm: torch.Tensor) -> Tables:
     return stem, subm, down, up
 
 
+def _pairs_rows(groups: list[Group]) -> int:
+    """Rows of a level's mask groups that go to valid pairs (the taps-None group, always last)."""
+    return groups[-1][1] if groups and groups[-1][0] is None else 0
+
+
+def _mostly_pairs(table: torch.Tensor, rows: int, max_ratio: float | None) -> bool:
+    """Whether more than `MAX_PAIRS_FRACTION` of a level's rows go to valid pairs, judged on every n-th row (in
+    the caller's order: for level 0 a spatially random sample) with the bucket threshold scaled to the sample."""
+    step = max(1, rows // PAIRS_SAMPLE_ROWS)
+    if step == 1:
+        return False  # small enough to judge on all rows
+    sample = table[::step]
+    _, groups = mask_groups(sample, rows, max(1, min_bucket_rows(rows) // step), max_ratio)
+    return _pairs_rows(groups) > MAX_PAIRS_FRACTION * len(sample)
+
+
 def cpu_plans(stem, subm, down, up, precision: str = "fp32") -> tuple[
         MaskBuckets, list[RowBags | MaskBuckets], list[RowBags], list[TapPairs], torch.Tensor | None]:
     """(stem plan, subm plans, down plans, up plans, new_id): level-0 rows are renumbered (input row r is
@@ -92,10 +109,12 @@ def cpu_plans(stem, subm, down, up, precision: str = "fp32") -> tuple[
         order = g = None
         if rows >= BUCKET_MIN_ROWS:  # masks need the rows in their final order, not renumbered ids
             table = tables[1][level]
-            order, g = mask_groups(table if level or perm is None else table.index_select(0, perm), rows,
-                                   max_ratio=MAX_GATHER_RATIO if precision == "fp32" else MAX_GATHER_RATIO_BF16)
-            if g[-1][0] is None and g[-1][1] > MAX_PAIRS_FRACTION * rows:  # mostly valid pairs: all of it
-                order = g = None
+            ratio = MAX_GATHER_RATIO if precision == "fp32" else MAX_GATHER_RATIO_BF16
+            if not _mostly_pairs(table, rows, ratio):
+                order, g = mask_groups(table if level or perm is None else table.index_select(0, perm), rows,
+                                       max_ratio=ratio)
+                if _pairs_rows(g) > MAX_PAIRS_FRACTION * rows:  # mostly valid pairs: all of it
+                    order = g = None
         if level == 0 and order is not None:
             perm = order if perm is None else perm.index_select(0, order)
         level_perm = perm if level == 0 else order
