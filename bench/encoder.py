@@ -3,7 +3,8 @@ and on a 1M-point cloud, spconv (native algorithm) vs the torch engine (mask buc
 process, same weights, same input, runs interleaved (best of ``--repeats``) so load changes hit both.
 
 Prints wall and process-CPU seconds, voxels/s, the speed-up over spconv (wall and CPU time) and the largest
-feature difference from spconv (relative to the largest feature), for every thread count asked. Freed memory is
+feature difference from spconv (relative to the largest feature), for every thread count asked, and the machine's
+fp32 GEMM rate before and after (`gemm_rate`: the ratios move with it). Freed memory is
 kept for reuse as every ``ponder`` command does (model/engine/memory.py; it speeds up both encoders, spconv more);
 ``--glibc-default`` measures without it.
 
@@ -43,6 +44,28 @@ def load() -> str:
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def gemm_rate(threads: int) -> float:
+    """fp32 GFLOP/s of a (4096x96)·(96x96) GEMM, best of 200, on ``threads`` threads: this machine's speed right now.
+    The engine's time is mostly such GEMMs, so when this figure drops (other tenants on the cores: 210-290 GFLOP/s
+    at 2 threads over 2026-12-06, a day after the engine's GEMM shapes reached 330-390 alone) the engine slows
+    more than spconv and their ratio falls; read a run's ratios next to this figure."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, w = torch.randn(4096, 96), torch.randn(96, 96)
+    out = torch.empty(4096, 96)
+    best = float("inf")
+    for _ in range(200):
+        t = time.perf_counter()
+        torch.mm(a, w, out=out)
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(before)
+    return 2 * 4096 * 96 * 96 / best / 1e9
+
+
+def gemm_rates(threads: list[int]) -> str:
+    return ", ".join(f"{gemm_rate(t):.0f} GFLOP/s at {t} thread{'s' if t > 1 else ''}" for t in threads)
 
 
 def interleaved(encoders: dict, voxels, repeats: int) -> tuple[dict[str, tuple[float, float]], dict[str, np.ndarray]]:
@@ -86,6 +109,7 @@ def main() -> None:
     print(f"model=SpUNet-v1m1 {'small' if args.small else 'published size'}  "
           f"params={sum(p.numel() for p in predictor.model.parameters()):,}  freed memory reused: {reused}  "
           f"load average {load()}")
+    print(f"fp32 GEMM (4096x96)·(96x96): {gemm_rates(args.threads)}")
     print(f"{'input':<18} {'voxels':>9} {'thr':>3} {'encoder':<11} {'wall s':>7} {'cpu s':>7} {'voxels/s':>9} "
           f"{'vs spconv':>9} {'cpu ratio':>9} {'max|d|/max':>10}")
     # the 6 x 5 m room has ~130 m2 of visible surface: 1300 points/m2 fill ~130k voxels, 7700/m2 give ~1M points
@@ -103,6 +127,7 @@ def main() -> None:
                 print(f"{label:<18} {voxels.num_voxels:>9,} {threads:>3} {name:<11} {wall:>7.2f} {cpu:>7.2f} "
                       f"{voxels.num_voxels / wall:>9,.0f} {best['spconv'][0] / wall:>8.2f}x "
                       f"{best['spconv'][1] / cpu:>8.2f}x {diff:>10.1e}", flush=True)
+    print(f"fp32 GEMM (4096x96)·(96x96) at the end: {gemm_rates(args.threads)}")
     print(f"peak RSS {peak_rss_gib():.2f} GiB  load average {load()} (other jobs make every figure noisier)")
 
 
