@@ -42,7 +42,7 @@ MAX_GATHER_RATIO_BF16: float | None = None
 # the room's level 0 (~5 live taps in scattered patterns) sends 81% of its rows there. Room, 2 threads,
 # alternating runs, best of 7: 1.42-1.45 s bucketed, 1.37 s all bags; the 1M-point cloud keeps its
 # buckets (2.64 / 2.61 s, noise). Judged first on every n-th row, about `PAIRS_SAMPLE_ROWS` of them (the room's
-# level 0: ~3 ms instead of ~14 ms of mask groups for all rows), then, unless that says "mostly pairs", on all.
+# level 0: ~2 ms instead of ~13 ms of mask groups for all rows), then, unless that says "mostly pairs", on all.
 MAX_PAIRS_FRACTION = 0.5
 PAIRS_SAMPLE_ROWS = 8192
 
