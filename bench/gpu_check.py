@@ -2,7 +2,7 @@
 runs its steps, each under a timeout). Figures go to a JSON file, updated after every measurement, so a
 step that is killed keeps what it had measured.
 
-Steps (``--step``):
+Steps (``--step``; the shared helpers are in bench/gpu_common.py, the timing step in bench/gpu_timing.py):
 - ``env``: versions; imports ``spconv.pytorch`` and runs one sparse conv on the device.
 - ``parity``: the official fixtures through the torch engine (gather and pairs formulations; kernel maps
   built on the device, and compared with the CPU ones), spconv through the `Predictor` (the model's own
@@ -20,13 +20,10 @@ the model package is imported from this checkout. ``PONDER_GPU_SPCONV=0`` skips 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,106 +33,12 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from gpu_common import Report, attempt, engine_for, errors, log, onnx_reason, scenes, spconv_model, \
+    spconv_reason, sync  # noqa: E402
+from gpu_timing import step_timing  # noqa: E402
+
 CASES = (("spunet_v1m1_seg", None, "expected.npz"), ("ppt_v1m3_seg", "ScanNet", "expected_scannet.npz"),
          ("ppt_v1m3_seg", "S3DIS", "expected_s3dis.npz"))
-TARGETS = {"engine_half_room_ms": 15.0, "engine_half_over_spconv": 1.5, "kernel_maps_1m_ms": 20.0}
-TILES = (4, 2)  # the ~1M-voxel scene: 4 x 2 copies of the room side by side
-
-
-class Report:
-    """The figures JSON: sections of key → value, written out after every `put`."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path and path.exists() else {}
-
-    def put(self, section: str, key: str, value: Any) -> None:
-        self.data.setdefault(section, {})[key] = value
-        if self.path:
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1, default=str))
-            tmp.replace(self.path)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def attempt(report: Report, section: str, key: str, fn: Callable[[], Any], record: bool = True) -> Any:
-    """Run one measurement; an exception is logged and recorded as {"error": ...}, and the step goes on.
-    ``record=False``: the result is an object (a model), recorded as {"ok": true} only."""
-    try:
-        value = fn()
-    except Exception as exc:  # one broken backend must not hide the others
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        log(f"  {section}/{key}: FAILED {reason}")
-        traceback.print_exc(limit=4)
-        report.put(section, key, {"error": reason})
-        return {"error": reason}
-    report.put(section, key, value if record else {"ok": True})
-    return value
-
-
-def spconv_reason() -> str | None:
-    """None when spconv can be used, else why not (``PONDER_GPU_SPCONV=0`` from the env step)."""
-    if os.environ.get("PONDER_GPU_SPCONV") == "0":
-        return os.environ.get("PONDER_GPU_SPCONV_REASON", "the env step found spconv unusable")
-    try:
-        import spconv.pytorch  # noqa: F401  (the import itself is the check)
-    except Exception as exc:
-        return f"import spconv.pytorch failed: {type(exc).__name__}: {exc}"
-    return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: bool = True) -> tuple[float, Any]:
-    """Best wall time in ms over ``repeats`` synchronised calls after one warm-up, and the last result."""
-    out = fn() if warmup else None
-    best = float("inf")
-    for _ in range(max(repeats, 1)):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3, out
-
-
-def errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """max |d| / max |ref|, and the per-voxel cosine similarity (min and mean)."""
-    out, ref = out.float(), ref.float()
-    cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
-    return {"max_rel": float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)),
-            "cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
-
-
-def engine_for(sd: dict, device: torch.device, precision: str = "fp32", formulation: str | None = None,
-               heads: bool = False):
-    """The torch engine as `EngineEncoder.from_loaded` builds it (gather on CUDA in fp32, pairs otherwise),
-    from a state_dict, so it needs no spconv."""
-    from model.engine.unet import SpUNetEngine
-
-    if formulation is None:
-        formulation = "pairs" if device.type == "cpu" or precision != "fp32" else "gather"
-    engine = SpUNetEngine.from_state_dict(sd, heads=heads, formulation=formulation, precision=precision)
-    return engine.to(device).eval()
-
-
-def spconv_model(sd: dict, device: torch.device):
-    """The model's own spconv modules with these weights, placed on the device (`Predictor`'s model)."""
-    from model.build import build_model
-    from model.checkpoint import LoadedModel, load_state_strict
-    from model.engine.encoder import place
-    from model.infer_config import infer_config
-
-    config = infer_config(sd)
-    model = build_model(config)
-    load_state_strict(model, sd, "gpu_check")
-    return LoadedModel(config=config, model=place(model.eval(), device), source="gpu_check")
 
 
 # ---------------------------------------------------------------- env
@@ -283,182 +186,7 @@ def default_model_check(args) -> dict[str, Any]:
     return {"voxels": len(grid_np), "engine_formulation": engine.formulation} | errors(out, ref)
 
 
-def onnx_reason(device: torch.device) -> str | None:
-    try:
-        import onnxruntime as ort
-    except Exception as exc:
-        return f"no onnxruntime ({type(exc).__name__}: {exc})"
-    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        return f"onnxruntime has no CUDA provider ({ort.get_available_providers()})"
-    return None
-
-
-# ---------------------------------------------------------------- timing
-
-
-def scenes(args) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{"room": (feat, grid), "tiled": ...}: the generated room of bench/encoder.py and 8 tiled copies
-    (cached in --cache, so each step process generates them once)."""
-    cache = args.cache / f"scenes{'_small' if args.small else ''}.npz" if args.cache else None
-    if cache and cache.exists():
-        data = np.load(cache)
-        return {k: (data[f"{k}_feat"], data[f"{k}_grid"]) for k in ("room", "tiled")}
-    from model.pointcloud.cloud import PointCloud
-    from model.pointcloud.voxelize import voxelize
-    from training.data.synthetic import SceneConfig, generate_scene
-
-    density = 30.0 if args.small else 1300.0
-    scene = generate_scene(7, SceneConfig(points_per_m2=density, num_frames=0, room_x=(6.0, 6.0), room_y=(5.0, 5.0)))
-    v = voxelize(PointCloud(scene.points.coord, scene.points.color, scene.points.normal))
-    grid = v.grid_coord.astype(np.int64)
-    step = grid.max(axis=0) + 8  # a gap wider than any kernel: tiles are never neighbours
-    nx, ny = (2, 1) if args.small else TILES
-    tiles = [grid + np.array([i * step[0], j * step[1], 0]) for i in range(nx) for j in range(ny)]
-    out = {"room": (v.feat, grid.astype(np.int32)),
-           "tiled": (np.concatenate([v.feat] * len(tiles)), np.concatenate(tiles).astype(np.int32))}
-    if cache:
-        np.savez(cache, **{f"{k}_{n}": a for k, (f, g) in out.items() for n, a in (("feat", f), ("grid", g))})
-    return out
-
-
-def step_timing(args, report: Report) -> None:
-    from gather_gpu import published_size_state
-    from model.engine.pairs import PRECISIONS
-
-    dev, reps, warm = args.device, args.repeats, not args.small  # --small: no warm-up call (a slow CPU)
-    sd = published_size_state(key_listing(args.fixtures))
-    no_spconv = spconv_reason()
-    fp32 = engine_for(sd, dev)
-    report.put("timing", "engine_fp32_formulation", fp32.formulation)
-    variants: dict[str, Callable[[], Any]] = {}  # half-precision engines: name -> builder of (engine, autocast)
-    for prec in ("fp16", "bf16"):
-        if prec in PRECISIONS:  # the engine's own mode (its default formulation for that precision)
-            variants[f"engine_{prec}_native"] = lambda prec=prec: (engine_for(sd, dev, precision=prec), None)
-        dtype = torch.float16 if prec == "fp16" else torch.bfloat16
-        variants[f"engine_{prec}_autocast"] = lambda dtype=dtype: (fp32, dtype)  # fp32 engine under torch.autocast
-    half = {name: attempt(report, "timing", f"{name}_build", build, record=False) for name, build in variants.items()}
-    spconv32 = spconv16 = None
-    if no_spconv:
-        report.put("timing", "spconv", {"skipped": no_spconv})
-    else:
-        spconv32 = attempt(report, "timing", "spconv_build", lambda: spconv_model(sd, dev).model, record=False)
-        if isinstance(spconv32, dict):
-            spconv32 = None
-        elif dev.type == "cpu":
-            report.put("timing", "spconv_fp16", {"skipped": "spconv float16 on a CPU is ~30x slower than float32"})
-        else:
-            spconv16 = copy.deepcopy(spconv32).half()
-
-    def forward(engine, grid, feat, autocast=None):
-        def call():
-            maps = engine.kernel_maps(grid)
-            with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
-                return engine(*engine.example_inputs(maps, feat))[0]
-        return call
-
-    for scene, (feat_np, grid_np) in scenes(args).items():
-        feat, grid = torch.from_numpy(feat_np).to(dev), torch.from_numpy(grid_np).to(dev)
-        m = len(grid_np)
-        report.put("timing", f"{scene}_voxels", m)
-        log(f"-- {scene}: {m:,} voxels on {dev}")
-        with torch.no_grad():
-            ms = attempt(report, "timing", f"{scene}/kernel_maps_ms",
-                         lambda: best_ms(lambda: fp32.kernel_maps(grid), dev, reps, warm)[0])
-            log(f"  kernel maps            {ms}")
-            ref = None
-
-            def run_fp32():
-                nonlocal ref
-                t, ref = best_ms(forward(fp32, grid, feat), dev, reps, warm)
-                return {"ms": t}
-
-            log(f"  engine fp32            {attempt(report, 'timing', f'{scene}/engine_fp32', run_fp32)}")
-            for name, built in half.items():
-                if isinstance(built, dict):
-                    continue
-                engine, autocast = built
-
-                def run_half(engine=engine, autocast=autocast):
-                    t, out = best_ms(forward(engine, grid, feat, autocast), dev, reps, warm)
-                    return {"ms": t} | (errors(out, ref) if ref is not None else {})
-
-                log(f"  {name:<22} {attempt(report, 'timing', f'{scene}/{name}', run_half)}")
-            for name, model, dtype in (("spconv_fp32", spconv32, torch.float32), ("spconv_fp16", spconv16, torch.float16)):
-                if model is None:
-                    continue
-                index = torch.zeros(m, dtype=torch.int64, device=dev)
-
-                def run_spconv(model=model, dtype=dtype):
-                    t, out = best_ms(lambda: model.features(feat.to(dtype), grid, index, None), dev, reps, warm)
-                    return {"ms": t} | (errors(out, ref) if ref is not None else {})
-
-                log(f"  {name:<22} {attempt(report, 'timing', f'{scene}/{name}', run_spconv)}")
-            if scene == "room" or not args.small:
-                log(f"  onnxruntime            {attempt(report, 'timing', f'{scene}/onnxruntime', lambda: onnx_timing(args, sd, feat_np, grid_np, ref))}")
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    targets(report)
-
-
-def onnx_timing(args, sd, feat: np.ndarray, grid: np.ndarray, ref) -> dict[str, Any]:
-    """The exported graph (one export per process) with tables computed by the engine's code beforehand."""
-    reason = onnx_reason(args.device)
-    if reason:
-        return {"skipped": reason}
-    from export.graph import GatherSpUNet
-    from export.onnx_export import export_onnx
-    from export.onnxrt import OnnxRunner, make_inputs
-
-    global _ONNX
-    if "_ONNX" not in globals():
-        start = time.perf_counter()
-        path = export_onnx(GatherSpUNet.from_state_dict(sd), Path(tempfile.mkdtemp()) / "published.onnx")
-        _ONNX = (OnnxRunner(path, device=args.device.type, threads=os.cpu_count()), time.perf_counter() - start)
-    runner, export_s = _ONNX
-    feeds = make_inputs(runner.info, feat, grid)
-    t, out = best_ms(lambda: runner.run_feeds(feeds), torch.device("cpu"), args.repeats)
-    result = {"ms_without_kernel_maps": t, "provider": runner.providers[0], "export_s": export_s}
-    return result | (errors(torch.from_numpy(out["backbone_feat"]), ref.cpu()) if ref is not None else {})
-
-
-def targets(report: Report) -> None:
-    """The targets against what was measured (missing figures leave a target unjudged)."""
-    t = report.data.get("timing", {})
-
-    def ms(key: str) -> float | None:
-        v = t.get(key)
-        return v.get("ms") if isinstance(v, dict) else (v if isinstance(v, (int, float)) else None)
-
-    halves = {k.split("/", 1)[1]: ms(k) for k in t if k.startswith("room/engine_") and "fp32" not in k}
-    good = {k: v for k, v in halves.items() if v is not None and t[f"room/{k}"].get("cos_min", 0) > 0.99}
-    best_half = min(good.items(), key=lambda kv: kv[1]) if good else None
-    spconv = [v for v in (ms("room/spconv_fp32"), ms("room/spconv_fp16")) if v is not None]
-    maps_1m = ms("tiled/kernel_maps_ms")
-    out = {
-        "engine_half_room_ms": {"target": TARGETS["engine_half_room_ms"], "best": best_half,
-                                "met": None if best_half is None else best_half[1] <= TARGETS["engine_half_room_ms"]},
-        "engine_half_over_spconv": {"target": TARGETS["engine_half_over_spconv"],
-                                    "ratio": None if not (best_half and spconv) else best_half[1] / min(spconv),
-                                    "met": None if not (best_half and spconv)
-                                    else best_half[1] / min(spconv) <= TARGETS["engine_half_over_spconv"]},
-        "kernel_maps_1m_ms": {"target": TARGETS["kernel_maps_1m_ms"], "ms": maps_1m, "voxels": t.get("tiled_voxels"),
-                              "met": None if maps_1m is None else maps_1m <= TARGETS["kernel_maps_1m_ms"]},
-    }
-    for key, value in out.items():
-        report.put("targets", key, value)
-        log(f"target {key}: {value}")
-
-
 # ---------------------------------------------------------------- main
-
-
-def key_listing(fixtures: Path) -> Path:
-    """The published SpUNet-v1m1 key listing: beside the fixtures, or packed with the spconv bundle."""
-    name = "semseg-spunet-v1m1-0-base.tsv"
-    for path in (fixtures / "keys" / name, REPO / ".gpu" / "spconv" / "keys" / name):
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"no {name} under {fixtures}/keys or .gpu/spconv/keys (run bench/pack_spconv.sh)")
 
 
 def default_fixtures() -> Path:
