@@ -80,8 +80,8 @@ def _mostly_pairs(table: torch.Tensor, rows: int, max_ratio: float | None) -> bo
     """Whether more than `MAX_PAIRS_FRACTION` of a level's rows go to valid pairs, judged on every n-th row (in
     the caller's order: for level 0 a spatially random sample) with the bucket threshold scaled to the sample."""
     step = max(1, rows // PAIRS_SAMPLE_ROWS)
-    if step == 1:
-        return False  # small enough to judge on all rows
+    if step == 1 or max_ratio is None:
+        return False  # small enough to judge on all rows; or no limit (bf16): no row goes to pairs
     sample = table[::step]
     _, groups = mask_groups(sample, rows, max(1, min_bucket_rows(rows) // step), max_ratio)
     return _pairs_rows(groups) > MAX_PAIRS_FRACTION * len(sample)
