@@ -38,6 +38,17 @@ def room_cloud(points_per_m2: float, seed: int = 7) -> PointCloud:
     return PointCloud(p.coord, p.color, p.normal, source=f"room(seed={seed}, {points_per_m2:.0f}/m2)")
 
 
+def random_segmentor(small: bool = False) -> LoadedModel:
+    """SpUNet-v1m1 segmentor with unit-gain random weights: the published size (39M parameters), or ``small``
+    fixture-sized channels."""
+    backbone = BackboneConfig(type="SpUNet-v1m1", num_classes=20)
+    if small:
+        backbone = BackboneConfig(type="SpUNet-v1m1", num_classes=20, base_channels=16,
+                                  channels=(16, 24, 32, 48, 48, 32, 24, 24), layers=(2, 2, 2, 2, 1, 1, 1, 1))
+    config = ModelConfig(kind="segmentor", backbone=backbone)
+    return LoadedModel(config, scaled_model(config), "random weights")
+
+
 def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -94,12 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     reused = False if args.glibc_default else reuse_freed_memory()
 
-    backbone = BackboneConfig(type="SpUNet-v1m1", num_classes=20)  # published SpUNet-v1m1 size (39M parameters)
-    if args.small:
-        backbone = BackboneConfig(type="SpUNet-v1m1", num_classes=20, base_channels=16,
-                                  channels=(16, 24, 32, 48, 48, 32, 24, 24), layers=(2, 2, 2, 2, 1, 1, 1, 1))
-    config = ModelConfig(kind="segmentor", backbone=backbone)
-    loaded = LoadedModel(config, scaled_model(config), "random weights")
+    loaded = random_segmentor(args.small)
     predictor = Predictor(loaded)  # places the model: spconv's native algorithm on CPU
     encoders = {"spconv": SpconvEncoder(predictor.model, predictor.device),
                 "torch": EngineEncoder.from_loaded(loaded, "cpu")}
