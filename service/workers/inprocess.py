@@ -5,13 +5,10 @@ admission, asyncio queue and model thread(s), so one kind of work never waits be
   requests (or what arrived within ``max_wait_ms``) into one ``Predictor.encode`` call;
 * the long lane runs model jobs (render, precise segmentation, detection), ``long_concurrency`` at a time.
 
-Torch work runs on the fast lane's thread (``torch_threads``; it also loads the models) and on one short-lived
-thread per long job (``long_torch_threads``, default the same count). Each thread that runs torch ops with
-more than one thread owns an OpenMP team, and while libgomp manages more team threads than there are cores it
-stops spinning and sleeps between parallel regions: with a long-lane thread that lived on, the room's
-published-size forward on 2 cores went 1.7 s → 2.9 s for every fast-lane request after one long job; with the
-job's thread ending with it (its team freed), 1.88 → 1.92 s (bench/service_lanes.py). Models loaded on yet
-another thread made the service's forward 3.4 s against 1.7 s in ``ponder features``.
+Torch work runs on the fast lane's thread (``torch_threads``; it also loads the models: models loaded on
+yet another thread made the service's forward 3.4 s against 1.7 s in ``ponder features``) and on one
+short-lived thread per long job (``long_torch_threads``, default the same count), whose OpenMP team goes with
+it (``service.workers.model_thread``).
 
 Every job carries its request's ``model.cancel.CancelToken``: a job whose request timed out, disconnected or
 was refused at shutdown is skipped in the queue, and a running long job stops at its next chunk (the token is
@@ -22,10 +19,8 @@ The model threads are daemon threads, so such a pass never holds the process at 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import logging
-import queue
 import threading
 import time
 from collections import defaultdict
@@ -33,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from model.cancel import CancelToken, Cancelled, active
-from model.devices import use_torch_threads
 from model.inference import Predictor
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 from service.workers.base import (FAST, LONG, SHUTTING_DOWN, EncodeJob, EncodeOutput, ModelCard, ModelJob, Ticket, Worker,
                                   WorkerBusy, WorkerInputError)
 from service.workers.loading import discover_checkpoints, load_predictors
+from service.workers.model_thread import ModelThread
 
 LOG = logging.getLogger("service.worker")
 STUCK_GRACE_S = 2.0  # a model thread this long past its job's deadline is reported stuck by /readyz
@@ -66,78 +61,6 @@ class StandaloneJob(ModelJob):
     one-job-at-a-time lock, and ``fn`` receives None (it brings its model)."""
 
 
-class _ModelThread:
-    """One daemon thread running submitted calls in order, recording the deadline of the running one.
-
-    ``torch_threads`` (None: leave torch alone) is set in the thread that runs the calls (torch's counts are
-    per thread: `model.devices.use_torch_threads`). ``thread_per_call``: each call runs on a new thread that
-    ends with it (see the module: its OpenMP team goes with it)."""
-
-    def __init__(self, name: str, torch_threads: int | None = None, thread_per_call: bool = False) -> None:
-        self.name = name
-        self.torch_threads = torch_threads
-        self.thread_per_call = thread_per_call
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self.deadline: float | None = None  # of the running call (time.monotonic), None when idle
-        self.busy = False
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], Any], deadline: float | None) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.put((future, fn, deadline))
-        return future
-
-    def _set_torch_threads(self) -> None:
-        if self.torch_threads is not None:
-            use_torch_threads(self.torch_threads)
-
-    def _in_fresh_thread(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` on a new thread that ends with it: its OpenMP team (and libgomp's count of managed threads)
-        goes when the thread does."""
-        outcome: dict[str, Any] = {}
-
-        def call() -> None:
-            self._set_torch_threads()
-            try:
-                outcome["value"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the model thread
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=call, name=f"{self.name}-call", daemon=True)
-        thread.start()
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
-
-    def _serve(self) -> None:
-        if not self.thread_per_call:
-            self._set_torch_threads()
-        while (item := self._calls.get()) is not None:
-            future, fn, deadline = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            self.busy, self.deadline = True, deadline
-            try:
-                future.set_result(self._in_fresh_thread(fn) if self.thread_per_call else fn())
-            except BaseException as exc:  # noqa: BLE001 - delivered to the waiting request
-                future.set_exception(exc)
-            finally:
-                self.busy, self.deadline = False, None
-
-    def overdue(self, now: float) -> float:
-        """Seconds the running call is past its deadline (0 when idle or on time)."""
-        deadline = self.deadline
-        return max(0.0, now - deadline) if self.busy and deadline is not None else 0.0
-
-    def close(self, timeout: float) -> bool:
-        """Ask the thread to end after its current call; True when it did within ``timeout``."""
-        self._calls.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
 class _Lane:
     """Admission (at most ``waiting + concurrency`` requests from admission to answer), a queue and threads."""
 
@@ -149,7 +72,7 @@ class _Lane:
         self.reserved = 0
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.live: set[_Pending] = set()
-        self.threads = [_ModelThread(f"ponder-{name}-{i}", torch_threads, thread_per_call) for i in range(concurrency)]
+        self.threads = [ModelThread(f"ponder-{name}-{i}", torch_threads, thread_per_call) for i in range(concurrency)]
 
     def admit(self) -> Ticket:
         if self.saturated:
@@ -325,7 +248,7 @@ class InProcessWorker(Worker):
             groups[(pending.job.model, pending.job.condition)].append(pending)
         return list(groups.values())
 
-    async def _execute(self, thread: _ModelThread, members: list[_Pending], work: Callable[[], list[Any]],
+    async def _execute(self, thread: ModelThread, members: list[_Pending], work: Callable[[], list[Any]],
                        what: str) -> None:
         """Run ``work`` on ``thread`` and deliver its outputs (or its error) to the members still waiting."""
         deadlines = [m.token.deadline for m in members]
@@ -352,7 +275,7 @@ class InProcessWorker(Worker):
             if not m.future.done():
                 m.future.set_result(out)
 
-    async def _batch_loop(self, lane: _Lane, thread: _ModelThread) -> None:
+    async def _batch_loop(self, lane: _Lane, thread: ModelThread) -> None:
         while True:
             batch = await self._collect(lane)
             for members in self._groups(batch):
@@ -362,7 +285,7 @@ class InProcessWorker(Worker):
                     await self._execute(thread, members, self._encode_work(first.model, first.condition, members),
                                         "encode batch")
 
-    async def _job_loop(self, lane: _Lane, thread: _ModelThread) -> None:
+    async def _job_loop(self, lane: _Lane, thread: ModelThread) -> None:
         while True:
             pending = await self._next(lane)
             self._set_depth()
