@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,10 +132,7 @@ def read_official(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust and "Unsupported global" in str(exc):
-            raise CheckpointError(
-                f"{path}: the file needs full unpickling, which can run arbitrary code "
-                f"({str(exc).splitlines()[0]}). If you trust its origin, pass --trust-checkpoint "
-                "(trust=True).") from exc
+            raise CheckpointError(_needs_unpickling(path, str(exc))) from exc
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle data)") from exc
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError, AttributeError,
             ImportError, MemoryError) as exc:
@@ -144,6 +142,20 @@ def read_official(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no state_dict of tensors found (expected a dict with 'state_dict')")
     return strip_prefix(state)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _needs_unpickling(path: Path, torch_message: str) -> str:
+    """One readable sentence for a weights-only refusal: torch's message has terminal escape codes and a page
+    of advice about its own API; the useful part is which stored object it refused."""
+    text = _ANSI.sub("", torch_message)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    refused = f"it stores {found.group(1)}, which the safe loader refuses" if found else " ".join(
+        text.splitlines()[0].split())
+    return (f"{path}: the file needs full unpickling, which can run arbitrary code ({refused}). Only if you trust "
+            "its origin: pass --trust-checkpoint (service: PONDER_TRUST_CHECKPOINT=true).")
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:

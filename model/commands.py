@@ -63,7 +63,12 @@ def run_inspect(args) -> int:
 
 def run_convert(args) -> int:
     from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.errors import CommandError
 
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():  # found before reading the checkpoint, not as a FileExistsError after it
+        raise CommandError(f"-o {out}: exists and is not a folder; convert writes a folder (model.safetensors + "
+                           "config.json)")
     loaded = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     loaded.config.name = args.name or Path(args.checkpoint).stem
     model = loaded.inference_model  # the same state_dict as the spconv module tree, built without spconv

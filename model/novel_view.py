@@ -67,7 +67,10 @@ def scene_volume(model: nn.Module, config: ModelConfig, cloud: PointCloud, condi
     offsets = torch.tensor([len(feat)], device=device)
     scenes = model.render_head.fit_scenes(coord, offsets)
     volume = model.volume(features, coord, offsets, scenes)[0]  # (C', Z, Y, X)
-    world_to_unit = scenes[0].cube.world_to_unit(vox.shift)  # the model's (z-up) frame -> unit cube
+    # the model's (z-up) frame -> unit cube; cameras come in world coordinates (world = coord + origin for a
+    # georeferenced cloud), so the origin comes off with the CenterShifts, in float64
+    origin = np.asarray(prepared.cloud.origin, dtype=np.float64)
+    world_to_unit = scenes[0].cube.world_to_unit(np.asarray(vox.shift, dtype=np.float64) + origin)
     return in_input_frame(SceneVolume(volume=volume, world_to_unit=world_to_unit, num_voxels=vox.num_voxels),
                           prepared.rotation)
 

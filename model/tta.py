@@ -16,6 +16,7 @@ from model.cancel import CancelToken, current
 from model.pointcloud.cloud import PointCloud
 from model.pointcloud.voxelize import VoxelizedCloud
 from model.prepare import fragments
+from model.sparse.kernel_maps import batch_fits
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ def fragment_inputs(cloud: PointCloud, grid_size: float, feature_keys: tuple[str
     yield from fragments(cloud, grid_size, feature_keys, tuple(aug.apply for aug in augmentations))
 
 
+def _extent(voxels: VoxelizedCloud) -> tuple[int, int, int]:
+    return tuple(int(e) + 1 for e in voxels.grid_coord.max(axis=0)) if len(voxels.grid_coord) else (1, 1, 1)
+
+
 def precise_probabilities(predictor, cloud: PointCloud, condition: str | None, grid_size: float | None = None,
                           augmentations: tuple[Augmentation, ...] = OFFICIAL_AUGMENTATIONS,
                           max_batch_voxels: int = 300_000, cancel: CancelToken | None = None) -> np.ndarray:
@@ -81,7 +86,8 @@ def precise_probabilities(predictor, cloud: PointCloud, condition: str | None, g
     check()
     for kept, voxels in fragment_inputs(cloud, grid_size, predictor.config.input_features, augmentations):
         check()
-        if batch and sum(v.num_voxels for _, v in batch) + voxels.num_voxels > max_batch_voxels:
+        if batch and (sum(v.num_voxels for _, v in batch) + voxels.num_voxels > max_batch_voxels
+                      or not batch_fits([_extent(v) for _, v in batch] + [_extent(voxels)])):
             flush()
         batch.append((kept, voxels))
     if batch:

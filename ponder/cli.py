@@ -11,7 +11,7 @@ import logging
 import sys
 import warnings
 from types import ModuleType
-from typing import Sequence
+from typing import Sequence, TextIO
 
 from export import commands as export_commands
 from model import commands as model_commands
@@ -25,6 +25,10 @@ from training import commands as training_commands
 COMMAND_MODULES: tuple[ModuleType, ...] = (inference_commands, model_commands, training_commands, render_commands,
                                            detect_commands, image_commands, export_commands, service_commands)
 
+# Options whose values may start with "-": argparse takes "--up -y" for two options (exit 2, "expected one
+# argument"), so the README's spaced form is rewritten to "--up=-y" before parsing.
+DASH_VALUES: dict[str, frozenset[str]] = {"--up": frozenset({"-x", "-y", "-z"})}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponder", description="PonderV2 3D foundation model: features, "
@@ -36,9 +40,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_dash_values(argv: Sequence[str]) -> list[str]:
+    """``[... "--up", "-y" ...]`` -> ``[... "--up=-y" ...]`` for the options in DASH_VALUES (every command's
+    ``--up`` at once); tokens after a bare ``--`` are left alone."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            return out + list(argv[i:])
+        if token in DASH_VALUES and i + 1 < len(argv) and argv[i + 1] in DASH_VALUES[token]:
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+    """``warning: <message>`` on one line of stderr: the default format adds our source file and line, which
+    mean nothing to a user of the command."""
+    text = " ".join(str(message).split())
+    try:
+        print(f"warning: {text}", file=file or sys.stderr)
+    except OSError:  # stderr closed: a warning must not fail the command
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -47,16 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     reuse_freed_memory()  # before any heavy work: see model/engine/memory.py
+    shown = warnings.showwarning
+    if not args.verbose:  # -v keeps Python's format, with the source line
+        warnings.showwarning = show_warning
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (CommandError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
+            FileExistsError, NotADirectoryError) as exc:
         if args.verbose:
             raise
         print(f"ponder {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown  # main() also runs inside other programs (tests)
 
 
 if __name__ == "__main__":

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import warnings
 from pathlib import Path
 
-import numpy as np
-
 from model.pointcloud.gravity import UP_AXES
+from ponder.inference_commands import (INPUT_HELP, add_max_voxels_argument, check_device, check_output_file,
+                                       check_scale, check_voxels, report_prepared)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("detect", help="3D object boxes of a point cloud (JSON)")
-    p.add_argument("input", type=Path, help="point cloud: .ply .las .laz .npy .npz .pcd .xyz .txt .bin")
+    p.add_argument("input", type=Path, help=INPUT_HELP)
     p.add_argument("-o", "--output", type=Path, required=True, help="output JSON (format ponder-detections/1)")
     p.add_argument("--checkpoint", "-c", default=None, help="detection checkpoint (default: the bundled model)")
     p.add_argument("--score", type=float, default=None, help="lowest score kept (default: the model's, 0.3)")
@@ -48,38 +48,37 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ply", type=Path, default=None,
                    help="also write the boxes as wireframes (12 PLY edges per box, coloured by class) for "
                         "MeshLab / CloudCompare")
+    add_max_voxels_argument(p)
     p.set_defaults(handler=run_detect)
 
 
 def run_detect(args: argparse.Namespace) -> int:
     from model.detection.predict import detect
-    from model.devices import torch_device
     from model.files import replaced_on_success
     from model.pointcloud.readers import read_point_cloud
-    from model.prepare import InputOptions
+    from model.prepare import InputOptions, InvalidPointsWarning
     from model.results import detections_to_input_frame
 
     for name, value in (("--score", args.score), ("--iou", args.iou)):
         if value is not None and not 0 <= value <= 1:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    torch_device(args.device)
-    if args.output.is_dir():
-        raise IsADirectoryError(f"{args.output}: is a folder; -o takes a .json file path")
-    if args.ply is not None and args.ply.is_dir():
-        raise IsADirectoryError(f"{args.ply}: is a folder; --ply takes a .ply file path")
+    check_device(args.device)
+    check_output_file(args.output, "-o")
+    if args.ply is not None:
+        check_output_file(args.ply, "--ply", (".ply",), "the box wireframes (binary PLY)")
     # bad input fails before the model loads
     cloud = read_point_cloud(args.input, format=args.input_format, keep_invalid=not args.strict)
+    check_scale(cloud)
     from model.inference import default_checkpoint, load_predictor
 
     checkpoint = args.checkpoint or default_checkpoint("detect")
     predictor = load_predictor(checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
-    prepared = predictor.prepare_points(cloud, options=InputOptions(up=args.up,
-                                                                    invalid="error" if args.strict else "drop"))
-    if prepared.dropped:
-        print(f"warning: {prepared.dropped:,} of {prepared.num_input:,} points have NaN/inf coordinates and were "
-              "left out", file=sys.stderr)
-    if prepared.rotation is not None:
-        print(f"up={args.up}: rotated into z-up by {np.round(prepared.rotation, 4).tolist()}", file=sys.stderr)
+    check_voxels(cloud, predictor.config.grid_size, args.max_voxels)  # detect() voxelises at the model's grid
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InvalidPointsWarning)  # report_prepared prints one line instead
+        prepared = predictor.prepare_points(cloud, options=InputOptions(up=args.up,
+                                                                        invalid="error" if args.strict else "drop"))
+    report_prepared(prepared, "left out of the detection")
     result = detect(predictor, prepared.cloud, args.condition, score_threshold=args.score, iou_threshold=args.iou)
     document = detections_to_input_frame(result.to_json(str(args.input)), prepared.rotation)
     with replaced_on_success(args.output) as tmp:

@@ -38,6 +38,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--novel", type=Path, required=True, help="cameras JSON of the views to render (same frame)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
     p.add_argument("--chunk", type=int, default=4096, help="rays rendered at a time (default 4096)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse novel cameras whose images add up to more pixels (default: the service's "
+                        "PONDER_MAX_RENDER_PIXELS default, 4194304)")
     p.set_defaults(handler=run_render)
 
     add_command(sub, "train", "pre-train an image model by rendering held-out views",
@@ -87,12 +90,15 @@ def _load(args: argparse.Namespace):
 def run_features(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from model.files import replaced_on_success
     from model.images import image_features
+    from ponder.inference_commands import check_output_file
 
+    # before the model: an .npz named .npy (or a path that cannot be written) is refused, not found out later
+    check_output_file(args.out, "-o", (".npz",), "per-voxel features of posed images (NumPy archive)")
     model, views, bounds = _load(args)
     result = image_features(model, views, bounds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "wb") as fh:
+    with replaced_on_success(args.out) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **result.arrays())
     print(f"{len(views.cameras)} views -> {len(result.features)} voxels seen of {int(np.prod(result.grid_shape))}, "
           f"{result.features.shape[1]} channels: {args.out}")
@@ -105,9 +111,16 @@ def run_render(args: argparse.Namespace) -> int:
     from model.render.cameras import read_camera_document
     from model.render.images import ViewImages
 
+    from ponder.render_commands import check_out_folder, check_pixels, default_max_pixels
+
     if args.chunk < 1:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
+    max_pixels = default_max_pixels() if args.max_pixels is None else args.max_pixels
+    if max_pixels < 1:
+        raise ValueError(f"--max-pixels must be positive, got {max_pixels}")
+    check_out_folder(args.out)
     novel = parse_cameras(read_camera_document(args.novel))[0]
+    check_pixels(novel, max_pixels)
     model, views, bounds = _load(args)
     rendered = render_from_images(model, views, novel, bounds, args.chunk)
     args.out.mkdir(parents=True, exist_ok=True)

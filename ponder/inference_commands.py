@@ -11,16 +11,161 @@ import argparse
 import sys
 from pathlib import Path
 
+from model.errors import CommandError
+
 BACKENDS = ("spconv", "torch", "onnxruntime", "tensorrt")  # = export.backends.BACKENDS (kept import-free for --help)
 UP_AXES = ("z", "-z", "y", "-y", "x", "-x", "auto")  # = model.pointcloud.gravity.UP_AXES
 CONVENTION = ("The model expects metres with z up (indoor scenes: floor at the bottom); use --up for scans in "
               "another frame. Outputs keep the input's length, order and frame.")
+INPUT_HELP = ("point cloud: .ply .las .laz .npy .npz .pcd .xyz .txt .bin, or a scene folder with coord.npy "
+              "(metres, z up; see --up)")
+# = service/settings.py max_voxels (PONDER_MAX_VOXELS); a literal so --help need not import pydantic.
+# Encoder memory grows ~3 KB per voxel with the published-size model: 1.5 M voxels is a few GiB.
+DEFAULT_MAX_VOXELS = 1_500_000
+# The models are indoor models: the largest indoor scans (a warehouse, a building floor) span a few hundred
+# metres, while the same rooms in millimetres span thousands of units (a 3 m room reads as 3,000 "metres").
+MILLIMETRE_EXTENT_M = 1000.0
+
+
+def positive_float(text: str) -> float:
+    """argparse type of --grid-size: a finite number > 0 (0 used to fall back to the model's grid silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of metres, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of metres > 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of --max-voxels: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_max_voxels_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-voxels", type=positive_int, default=None, metavar="N",
+                   help=f"refuse a scene with more voxels than this at the grid size, counted before the model "
+                        f"runs (default {DEFAULT_MAX_VOXELS:,}, as the service's PONDER_MAX_VOXELS; memory grows "
+                        "with the voxel count)")
+
+
+def check_device(name: str) -> None:
+    """Refuse ``--device cuda`` without CUDA before anything loads: otherwise torch fails deep inside the model
+    (``AssertionError: Torch not compiled with CUDA enabled``) with a traceback and exit 1."""
+    if name != "cuda":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
+           else "no CUDA GPU is visible to PyTorch (driver, CUDA_VISIBLE_DEVICES)")
+    raise CommandError(f"CUDA is not available: {why}; use --device cpu")
+
+
+def _nearest_existing(path: Path) -> Path:
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _check_can_create_in(path: Path, flag: str) -> None:
+    """The folder that will hold ``path`` (created when missing, as the writers do) accepts new files. A probe
+    file is created and removed: permission bits say nothing for root, read-only mounts or /proc."""
+    import os
+    import tempfile
+
+    folder = _nearest_existing(path)
+    if not folder.is_dir():
+        raise CommandError(f"{flag} {path}: {folder} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ponder-write-check-", dir=folder)
+    except OSError as exc:
+        raise CommandError(f"{flag} {path}: cannot create files in {folder} ({exc.strerror or exc})") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | Path, flag: str, suffixes: tuple[str, ...] | None = None,
+                      content: str = "") -> Path:
+    """Refuse an output path that cannot be written, before any model work (not after minutes of inference, and
+    naming the user's path, not our temporary ``.partial`` file). ``suffixes``: the ones that name the format
+    written (the first is suggested); ``content`` says what is written, for that message."""
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{flag} {path}: is a folder; {flag} takes a file path")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise CommandError(f"{flag} {path}: {content} is written as {suffixes[0]}; name the file "
+                           f"{path.with_suffix(suffixes[0]) if path.suffix else str(path) + suffixes[0]}")
+    _check_can_create_in(path, flag)
+    return path
+
+
+def check_output_folder(path: str | Path, flag: str) -> Path:
+    """An output folder: absent (it is created) or a folder, in a place that accepts new files."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{flag} {path}: exists and is not a folder; {flag} names a folder to write into")
+    _check_can_create_in(path / "x", flag)
+    return path
+
+
+def rotation_text(rotation) -> str:
+    """The one line every command prints for an --up rotation (R row-major, ``coord_z_up = R @ coord``)."""
+    rows = "; ".join(" ".join(f"{v:.6f}" for v in row) for row in rotation)
+    return f"up: rotated the input into z-up by [{rows}] (row-major, coord_z_up = R @ coord)"
+
+
+def check_scale(cloud) -> None:
+    """Warn when the cloud's extent suggests millimetres (see MILLIMETRE_EXTENT_M)."""
+    import numpy as np
+
+    from model.prepare import invalid_rows
+
+    coord = cloud.coord[~invalid_rows(cloud)]
+    if len(coord) == 0:
+        return
+    extent = float(np.max(coord.max(axis=0) - coord.min(axis=0)))
+    if extent > MILLIMETRE_EXTENT_M:
+        print(f"warning: {cloud.source} spans {extent:,.0f} m along its longest side; the model expects metres "
+              "(indoor scenes span tens of metres): if the coordinates are millimetres, scale them by 0.001",
+              file=sys.stderr)
+
+
+def check_voxels(cloud, grid_size: float, cap: int | None) -> int:
+    """Count the scene's voxels at ``grid_size`` before normals, kernel maps and the encoder (whose memory grows
+    with the count) and refuse more than ``cap`` (None = DEFAULT_MAX_VOXELS). Counted in the input's frame, as
+    the service does (an --up rotation changes the count only at voxel borders)."""
+    import numpy as np
+
+    from model.pointcloud.voxelize import count_voxels
+    from model.prepare import invalid_rows
+
+    cap = DEFAULT_MAX_VOXELS if cap is None else cap
+    coord = cloud.coord[~invalid_rows(cloud)]
+    voxels = count_voxels(coord, grid_size)
+    if voxels <= cap:
+        return voxels
+    extent = float(np.max(coord.max(axis=0) - coord.min(axis=0)))
+    hint = (f"; the cloud spans {extent:,.0f} m: check its units (the model expects metres) or use a coarser "
+            "--grid-size" if extent > MILLIMETRE_EXTENT_M else "; split the scene or use a coarser --grid-size")
+    raise CommandError(f"{cloud.source}: {voxels:,} voxels at {grid_size:g} m exceed the cap of {cap:,} "
+                       f"(--max-voxels N raises it; memory grows with the voxel count){hint}")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", "-c", help="official .pth or our checkpoint folder (default: the bundled model)")
     p.add_argument("--condition", help="dataset condition of PDNorm/PPT models (e.g. ScanNet, S3DIS, Structured3D)")
-    p.add_argument("--grid-size", type=float, help="voxel size in metres (default: the model's, usually 0.02)")
+    p.add_argument("--grid-size", type=positive_float,
+                   help="voxel size in metres, > 0 (default: the model's, usually 0.02)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--format", dest="input_format", help="input format when the suffix does not tell")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -41,15 +186,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true",
                    help="refuse a cloud with NaN/inf points (exit 2) instead of dropping them from the model's "
                         "input with a warning (dropped points get NaN features and label -1)")
+    add_max_voxels_argument(p)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("features", help="per-point encoder features of a point cloud (or per-voxel "
                               "features of posed images with --images)", description=CONVENTION)
-    p.add_argument("input", nargs="?", help="point cloud: .ply .las .laz .npy .npz .pcd .xyz .txt .bin")
+    p.add_argument("input", nargs="?", help=INPUT_HELP)
     p.add_argument("-o", "--output", required=True,
                    help="output .npy (N x C float32, input order; H x W x C for an organised PCD); with --images "
-                        "an .npz of per-voxel features and voxel centres (see `ponder images features`)")
+                        "an .npz of per-voxel features and voxel centres (see `ponder images features`). The "
+                        "suffix must match: .npy for point clouds, .npz with --images")
     p.add_argument("--images", type=Path, help="instead of a point cloud: a folder of posed PNG/JPEG views (no depth), "
                                                "encoded by the image model (default: the bundled one)")
     p.add_argument("--cameras", type=Path, help="with --images: cameras JSON or a nerfstudio transforms.json")
@@ -62,14 +209,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_features)
 
     p = subparsers.add_parser("segment", help="per-point semantic labels and logits", description=CONVENTION)
-    p.add_argument("input")
+    p.add_argument("input", help=INPUT_HELP)
     p.add_argument("-o", "--output", required=True,
-                   help="output .npz with labels (N; H x W for an organised PCD), logits, class_names")
+                   help="output .npz (the suffix must be .npz) with labels (N; H x W for an organised PCD), "
+                        "logits, class_names")
     p.add_argument("--precise", action="store_true",
                    help="official precise mode: 13 test-time augmentations x fragments, probabilities voted")
     p.add_argument("--colored", metavar="PLY",
                    help="also write the points coloured by class (fixed palette, vertex property 'label') "
-                        "as a binary .ply for MeshLab / CloudCompare")
+                        "as a binary .ply for MeshLab / CloudCompare; points with NaN/inf coordinates are left "
+                        "out (the line printed says how many); georeferenced input is written in world "
+                        "coordinates as double")
     add_model_arguments(p)
     p.set_defaults(handler=run_segment)
 
@@ -84,15 +234,18 @@ def _steps(total: int, desc: str):
 def _load(args):
     from model.pointcloud.readers import read_point_cloud
 
+    check_device(args.device)
     progress = _steps(3, "ponder")
     progress.set_postfix_str(f"reading {args.input}")  # read first: bad input fails before the model loads
     cloud = read_point_cloud(Path(args.input), format=args.input_format, keep_invalid=not args.strict)
+    check_scale(cloud)
     progress.update()
     progress.set_postfix_str("loading model")
     from export.backends import load  # torch (~1-2 s); spconv only for --backend spconv
 
     predictor = load(args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint,
                      backend=args.backend, precision=args.precision, engine=args.engine)
+    check_voxels(cloud, args.grid_size or predictor.config.grid_size, args.max_voxels)
     progress.update()
     progress.set_postfix_str(f"running on {len(cloud):,} points")
     return predictor, cloud, progress
@@ -113,17 +266,16 @@ def _options(args):
     return InputOptions(up=args.up, invalid="error" if args.strict else "drop")
 
 
-def _report(prepared) -> None:
-    """The CLI lines for what model.prepare did to the input (dropped rows, up rotation)."""
+def report_prepared(prepared, outcome: str = "NaN features / label -1 in the output") -> None:
+    """The CLI lines for what model.prepare did to the input (dropped rows, up rotation), shared by
+    features, segment and detect."""
     if prepared is None:
         return
     if prepared.dropped:
         print(f"warning: dropped {prepared.dropped:,} of {prepared.num_input:,} points with NaN or infinite "
-              "coordinates or normals (NaN features / label -1 in the output; --strict refuses them)",
-              file=sys.stderr)
+              f"coordinates or normals ({outcome}; --strict refuses them)", file=sys.stderr)
     if prepared.rotation is not None:
-        rows = "; ".join(" ".join(f"{v:.6f}" for v in row) for row in prepared.rotation)
-        print(f"up: rotated the input into z-up by [{rows}] (row-major, coord_z_up = R @ coord)", file=sys.stderr)
+        print(rotation_text(prepared.rotation), file=sys.stderr)
 
 
 def _quiet_invalid_warning() -> None:
@@ -131,7 +283,7 @@ def _quiet_invalid_warning() -> None:
 
     from model.prepare import InvalidPointsWarning
 
-    warnings.simplefilter("ignore", InvalidPointsWarning)  # _report prints one line instead
+    warnings.simplefilter("ignore", InvalidPointsWarning)  # report_prepared prints one line instead
 
 
 def run_image_features(args) -> int:
@@ -142,8 +294,10 @@ def run_image_features(args) -> int:
         raise ValueError("give either a point cloud INPUT or --images DIR, not both")
     if args.cameras is None:
         raise ValueError("--images needs --cameras (a cameras JSON or a nerfstudio transforms.json)")
-    if args.backend not in (None, "torch") or args.precision != "fp32" or args.up != "z" or args.condition:
-        raise ValueError("--backend/--precision/--up/--condition apply to point clouds, not to --images")
+    if (args.backend not in (None, "torch") or args.precision != "fp32" or args.up != "z" or args.condition
+            or args.max_voxels is not None or args.grid_size is not None):
+        raise ValueError("--backend/--precision/--up/--condition/--grid-size/--max-voxels apply to point clouds, "
+                         "not to --images")
     image_args = argparse.Namespace(images=args.images, cameras=args.cameras, bounds=args.bounds, far=args.far,
                                     device=args.device, out=Path(args.output),
                                     checkpoint=Path(args.checkpoint) if args.checkpoint else None)
@@ -157,14 +311,16 @@ def run_features(args) -> int:
         return run_image_features(args)
     if args.input is None:
         raise ValueError("give a point cloud INPUT (or --images DIR --cameras CAMS.json for posed images)")
+    out = check_output_file(args.output, "-o", (".npy",), "per-point features of a point cloud (NumPy array)")
+    if args.per_voxel:
+        check_output_file(out.with_suffix(".point_to_voxel.npy"), "-o")
     _quiet_invalid_warning()
     predictor, cloud, progress = _load(args)
     result = predictor.features(cloud, args.condition, args.grid_size, _options(args))
     progress.update()
     progress.close()
-    _report(result.prepared)
+    report_prepared(result.prepared)
     shape = result.prepared.grid_shape if result.prepared is not None else None
-    out = Path(args.output)
     if args.per_voxel:
         _write_npy(out, result.voxel_features)
         _write_npy(out.with_suffix(".point_to_voxel.npy"), organised(result.input_point_to_voxel(), shape))
@@ -178,30 +334,39 @@ def run_features(args) -> int:
 def run_segment(args) -> int:
     import numpy as np
 
-    if args.colored and Path(args.colored).is_dir():
-        raise IsADirectoryError(f"{args.colored}: is a folder; --colored takes a .ply file path")
+    from model.files import replaced_on_success
     from model.results import organised
+
+    out = check_output_file(args.output, "-o", (".npz",), "segmentation (labels, logits, class_names in a NumPy "
+                            "archive)")
+    colored = check_output_file(args.colored, "--colored", (".ply",), "the coloured cloud (binary PLY)") \
+        if args.colored else None
 
     _quiet_invalid_warning()
     predictor, cloud, progress = _load(args)
     result = predictor.segment(cloud, args.condition, args.grid_size, precise=args.precise, options=_options(args))
     progress.update()
     progress.close()
-    _report(result.prepared)
+    report_prepared(result.prepared)
     shape = result.prepared.grid_shape if result.prepared is not None else None
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, labels=organised(result.labels, shape), logits=organised(result.logits, shape),
-             class_names=np.array(result.class_names, dtype=str))
+    with replaced_on_success(out) as tmp, open(tmp, "wb") as f:  # a handle: np.savez(path) would append .npz
+        np.savez(f, labels=organised(result.labels, shape), logits=organised(result.logits, shape),
+                 class_names=np.array(result.class_names, dtype=str))
     seen = result.labels[result.labels >= 0]
     counts = np.bincount(seen, minlength=len(result.class_names))
     top = ", ".join(f"{result.class_names[i]} {counts[i]:,}" for i in np.argsort(-counts)[:5] if counts[i])
     print(f"wrote {out}: {len(cloud):,} points; most frequent: {top}", file=sys.stderr)
-    if args.colored:
+    if colored is not None:
         from model.pointcloud.palette import write_labelled_points
 
-        world = cloud.coord + cloud.origin if np.any(cloud.origin) else cloud.coord  # float64 when georeferenced
-        keep = result.labels >= 0  # dropped NaN/inf points have no place in a viewer
-        write_labelled_points(args.colored, world[keep], result.labels[keep], result.class_names)
-        print(f"wrote {args.colored}: points coloured by class", file=sys.stderr)
+        origin = np.asarray(cloud.origin, dtype=np.float64)
+        # Georeferenced input (world = coord + origin): world coordinates as double; float32 would be off by up
+        # to 0.125 m at UTM magnitudes. Ordinary scans stay float32.
+        world = cloud.coord.astype(np.float64) + origin if np.any(origin) else cloud.coord
+        keep = result.labels >= 0  # dropped NaN/inf points have no position to draw
+        write_labelled_points(colored, world[keep], result.labels[keep], result.class_names)
+        left_out = int(len(keep) - keep.sum())
+        note = (f"; left out {left_out:,} of {len(keep):,} points with NaN or infinite coordinates (no position "
+                f"to draw; label -1 in {out})" if left_out else "")
+        print(f"wrote {colored}: {int(keep.sum()):,} points coloured by class{note}", file=sys.stderr)
     return 0

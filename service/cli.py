@@ -14,6 +14,11 @@ import sys
 from pathlib import Path
 
 
+# = the Literal of ServiceSettings.backend (service/settings.py; tests/test_cli_hardening.py checks), spelled out
+# so that `ponder --help` need not import pydantic.
+SERVE_BACKENDS: tuple[str, ...] = ("auto", "spconv", "torch", "onnxruntime", "tensorrt")
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--checkpoint", type=Path, help="checkpoint file or folder to serve (default: bundled model)")
@@ -41,8 +46,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", action="append", dest="api_keys", default=None,
                         help="accepted API key (repeat for several); none = no authentication")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None)
-    parser.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=None,
-                        help="encoder runtime of the in-process worker (default torch/spconv)")
+    parser.add_argument("--backend", choices=SERVE_BACKENDS, default=None,
+                        help="encoder of the in-process worker (PONDER_BACKEND): auto = the fastest exact one for "
+                             "the device (the torch engine), torch = the spconv-free engine, spconv = the model's "
+                             "spconv layers, onnxruntime = the exported graph, tensorrt = onnxruntime's TensorRT "
+                             "provider (default: PONDER_BACKEND, else auto)")
 
 
 _SETTINGS_ARGS = ("checkpoint", "models_dir", "device", "trust_checkpoint", "config_file", "default_model",

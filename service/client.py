@@ -83,7 +83,7 @@ def encode_source(source: Source, format: str | None = None) -> tuple[bytes, dic
     params: dict[str, str] = {}
     if isinstance(source, PointCloud):
         buffer = io.BytesIO()
-        arrays = {"coord": source.coord}
+        arrays = {"coord": source.world_coord()}  # float64 world coordinates when georeferenced
         if source.color is not None:
             arrays["color"] = source.color
         if source.normal is not None:

@@ -122,6 +122,18 @@ def _meta_headers(meta: dict) -> dict[str, str]:
     return headers
 
 
+def require_fit(fmt: OutputFormat, arrays: list[str], mixed_rows: bool = False) -> None:
+    """406 when ``fmt`` cannot carry an answer of these named arrays: NPY holds one array, an Arrow table one
+    row count (``mixed_rows``: per-voxel beside per-point arrays). Routes call it before reading the upload, so
+    a client is not refused only after its scene went through the encoder."""
+    if fmt is OutputFormat.NPY and len(arrays) != 1:
+        raise ApiError(406, f"this answer has several arrays ({', '.join(arrays)}); NPY holds one: ask for "
+                            f"{OutputFormat.NPZ.value} or {OutputFormat.ARROW.value}")
+    if fmt is OutputFormat.ARROW and mixed_rows:
+        raise ApiError(406, "this answer mixes per-voxel and per-point arrays, which one Arrow table cannot "
+                            f"hold: ask for {OutputFormat.NPZ.value}")
+
+
 def encode(payload: Payload, fmt: OutputFormat, max_json_values: int) -> Response:
     """Serialise ``payload`` as ``fmt`` (406 when the format cannot carry it)."""
     hint = None
@@ -138,10 +150,7 @@ def encode(payload: Payload, fmt: OutputFormat, max_json_values: int) -> Respons
     if hint:
         headers["X-Ponder-Hint"] = hint
     if fmt is OutputFormat.NPY:
-        if len(payload.arrays) != 1:
-            names = ", ".join(payload.arrays)
-            raise ApiError(406, f"this answer has several arrays ({names}); NPY holds one: ask for "
-                                f"{OutputFormat.NPZ.value} or {OutputFormat.ARROW.value}")
+        require_fit(fmt, list(payload.arrays))
         (array,) = payload.arrays.values()
         size, chunks = _npy_chunks(array)
         headers["Content-Length"] = str(size)
@@ -152,10 +161,7 @@ def encode(payload: Payload, fmt: OutputFormat, max_json_values: int) -> Respons
         headers["Content-Disposition"] = 'attachment; filename="result.npz"'
         return StreamingResponse(chunks, media_type=fmt.value, headers=headers)
     payload = payload.with_extras()
-    lengths = {len(a) for a in payload.arrays.values()}
-    if len(lengths) != 1:
-        raise ApiError(406, "this answer mixes per-voxel and per-point arrays, which one Arrow table cannot "
-                            f"hold: ask for {OutputFormat.NPZ.value}")
+    require_fit(fmt, list(payload.arrays), mixed_rows=len({len(a) for a in payload.arrays.values()}) != 1)
     return StreamingResponse(_arrow_chunks(payload), media_type=fmt.value, headers=headers)
 
 

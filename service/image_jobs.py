@@ -163,10 +163,10 @@ async def prepare(request: Request, pipeline, admission, models: ImageModels, ki
     grid = await pipeline.in_pool(models.grid, path)  # config.json read once per folder
     posed, bounds, novel = await pipeline.in_pool(prepare_views, upload, models.settings, grid)
     if novel_size is not None:
-        from service.routers.render import resize_camera
+        from service.routers.render import resized_cameras
 
         width, height, limit = novel_size
-        novel = [resize_camera(c, width, height) for c in novel]
+        novel = resized_cameras(novel, width, height, "novel")
         pixels = sum(c.width * c.height for c in novel)
         if pixels > limit:
             raise ApiError(413, f"the novel cameras add up to {pixels} pixels, over the limit of {limit} "

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from service.errors import ApiError
+from service.uploads import parsed_form
 
 if TYPE_CHECKING:
     from service.settings import ServiceSettings
@@ -48,20 +48,14 @@ async def posted_images(request: Request) -> bool:
     readers then use the same parsed form)."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         return False
-    try:
-        form = await request.form(max_files=FORM_FILES, max_fields=FORM_FIELDS, max_part_size=FORM_PART_BYTES)
-    except MultiPartException as exc:
-        status = 413 if "too many files" in exc.message.lower() else 400
-        raise ApiError(status, f"malformed multipart body: {exc.message}" if status == 400 else
-                       f"{exc.message} (at most {FORM_FILES} parts; the image routes take at most "
-                       f"PONDER_IMAGES_MAX_VIEWS views)") from exc
+    form = await parsed_form(request, FORM_FILES, FORM_FIELDS, FORM_PART_BYTES)
     return any(k.startswith("image_") for k in form.keys())
 
 
 async def read_image_upload(request: Request, limits: ServiceSettings, with_novel: bool = False
                             ) -> ImageUpload:
     """The upload's parts (400/413 naming what is wrong), views in their ids' order (see ``_order``)."""
-    form = await request.form(max_files=FORM_FILES, max_fields=FORM_FIELDS, max_part_size=FORM_PART_BYTES)
+    form = await parsed_form(request, FORM_FILES, FORM_FIELDS, FORM_PART_BYTES)
     try:
         parts = dict(form.multi_items())
         bad = [k for k in parts if k.startswith("image_") and not _PART.match(k)]
@@ -106,12 +100,12 @@ def _order(key: str) -> tuple:
 
 
 def _document(data: bytes, name: str) -> Any:
-    import json
+    from model.render.cameras import CameraError, load_camera_json
 
     try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(422, f"the '{name}' part is not valid JSON: {exc}") from exc
+        return load_camera_json(data, f"the '{name}' part")
+    except CameraError as exc:
+        raise ApiError(422, str(exc)) from exc
 
 
 def _count_listed(doc: Any) -> int | None:
@@ -158,7 +152,9 @@ def _header_size(view: ImageView) -> tuple[int, int]:
             return im.size
     except Image.DecompressionBombError as exc:
         raise ApiError(413, f"image_{view.key}: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except UnidentifiedImageError as exc:  # its text names an in-memory buffer object, not the upload
+        raise ApiError(422, f"image_{view.key}: not a readable PNG/JPEG image (unknown image format)") from exc
+    except (OSError, ValueError) as exc:
         raise ApiError(422, f"image_{view.key}: not a readable PNG/JPEG image ({exc})") from exc
 
 
@@ -175,8 +171,7 @@ def _decode(view: ImageView) -> np.ndarray:
 def prepare_views(upload: ImageUpload, limits: ServiceSettings, grid_shape: tuple[int, int, int]):
     """(PosedImages, bounds or None, novel cameras or None) under the limits; every check before decoding."""
     from model.images.errors import ImageInputError
-    from model.images.inputs import check_views, parse_bounds, parse_cameras
-    from model.render.cameras import CameraError, cameras_from_document
+    from model.images.inputs import check_views, estimate_bounds, parse_bounds, parse_cameras
 
     voxels = int(np.prod(grid_shape))
     if voxels > limits.images_max_volume_voxels:
@@ -190,6 +185,8 @@ def prepare_views(upload: ImageUpload, limits: ServiceSettings, grid_shape: tupl
     try:
         cameras, names = parse_cameras(doc)
         bounds = parse_bounds(doc["bounds"]) if isinstance(doc, dict) and "bounds" in doc else None
+        if bounds is None:
+            estimate_bounds(cameras)  # what the model will lift into: refused here, before any decoding
     except ImageInputError as exc:
         raise ApiError(422, str(exc)) from exc
     views = _pair(upload, names)
@@ -208,12 +205,10 @@ def prepare_views(upload: ImageUpload, limits: ServiceSettings, grid_shape: tupl
         raise ApiError(413, f"{len(views)} views of {total} pixels in all exceed the limit of "
                             f"{limits.images_max_total_pixels} (PONDER_IMAGES_MAX_TOTAL_PIXELS)")
     novel = None
-    if upload.novel is not None:
-        novel_doc = _document(upload.novel, "novel")
-        try:
-            novel = cameras_from_document(novel_doc)
-        except CameraError as exc:
-            raise ApiError(422, f"invalid 'novel' cameras: {exc}") from exc
+    if upload.novel is not None:  # the point-cloud render's parser: the same JSON reader and camera limit (413)
+        from service.routers.render import parse_cameras as parse_render_cameras
+
+        novel = parse_render_cameras(upload.novel, "novel")
     try:
         posed = check_views([_decode(v) for v in views], cameras, [f"image_{v.key}" for v in views])
     except ImageInputError as exc:

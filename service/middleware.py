@@ -3,12 +3,13 @@
 * :class:`RequestContextMiddleware` — request id (the client's ``X-Request-ID`` or a new one) on every
   answer and log line, one JSON access-log line per request, and the HTTP metrics;
 * :class:`BodyLimitMiddleware` — refuses bodies over the limit with 413 from ``Content-Length`` at once,
-  or, for chunked uploads, as soon as the bytes read pass the limit;
+  or, for chunked uploads, as soon as the bytes read pass the limit, and a body that stalls with 408;
 * :class:`AuthMiddleware` — optional API keys (401 missing / 403 wrong) and a per-key token bucket (429).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -80,9 +81,13 @@ class RequestContextMiddleware:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """Upload limits while the body arrives: its size (413) and the longest wait for its next bytes (408, so
+    a stalled client does not keep a connection and a deadline running)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
 
     def _too_large(self, size: str) -> ApiError:
         return ApiError(413, f"request body {size} exceeds the limit of {self.max_bytes} bytes "
@@ -100,12 +105,23 @@ class BodyLimitMiddleware:
             await response(scope, receive, send)
             return
         received = 0
+        body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done or self.idle_timeout_s is None:  # after the body only a disconnect can come: no limit
+                message = await receive()
+            else:
+                try:  # asyncio.timeout, not wait_for: nested in a request's deadline, each knows its own expiry
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        message = await receive()
+                except TimeoutError:
+                    raise ApiError(408, f"no upload bytes arrived for {self.idle_timeout_s:g} s after {received} "
+                                        "bytes (PONDER_UPLOAD_IDLE_TIMEOUT_S); send the body without pauses",
+                                   headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise self._too_large(f"(more than {received} bytes read)")
             return message

@@ -1,6 +1,6 @@
-"""The request pipeline shared by every model route: admission (a place in the worker's lane, 503 at once when
-it is full, before the upload is even read) -> read the upload -> decode (thread pool) -> limits -> voxelise
-(thread pool) -> worker (queue + batched forward pass), all under the request's deadline, whose
+"""The request pipeline shared by every model route: admission check (503 at once when the worker's lane is
+full, before the upload is even read) -> read the upload -> a place in the lane -> decode (thread pool) ->
+limits -> voxelise (thread pool) -> worker (queue + batched forward pass), all under the request's deadline, whose
 ``model.cancel.CancelToken`` travels with the job so the model thread stops too. Every bad-input case ends
 here as an ApiError with a message; the event loop only awaits."""
 
@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from model.cancel import CancelToken, Cancelled
 from model.pointcloud.cloud import PointCloud, PointCloudError, PointCloudTooLarge
@@ -39,16 +40,22 @@ DISCONNECT_POLL_S = 0.25
 
 @dataclass
 class Admission:
-    """A request's place in a lane (``ticket``) and its deadline/cancel flag (``token``), from admission to
-    the answer. ``watch`` starts noticing a client that leaves (call it once the body has been read)."""
+    """A request's deadline/cancel flag (``token``) and, once its body has been read, its place in a lane
+    (``ticket``) until the answer. A lane place is for work, not for an upload in progress: a client that
+    trickles its body, or sends none, holds no place (a full lane is still refused before the upload is read)."""
 
     token: CancelToken
-    ticket: Ticket
+    _admit: Callable[[], Ticket]
     _task: asyncio.Task | None = None
+    ticket: Ticket | None = None
     _watcher: asyncio.Task | None = None
     disconnected: bool = False
 
     def watch(self, request: Request) -> None:
+        """Call once the body has been read: takes the lane place (WorkerBusy, a 503, when the lane filled up
+        during the upload) and starts noticing a client that leaves."""
+        if self.ticket is None:
+            self.ticket = self._admit()
         if self._watcher is None and self._task is not None:
             self._watcher = asyncio.create_task(self._watch(request))
 
@@ -64,7 +71,8 @@ class Admission:
 
     def close(self) -> None:
         self.token.cancel("the request ended")  # a job still queued is skipped; a running one stops
-        self.ticket.release()
+        if self.ticket is not None:
+            self.ticket.release()
         if self._watcher is not None:
             self._watcher.cancel()
 
@@ -131,19 +139,21 @@ class Pipeline:
     @asynccontextmanager
     async def deadline(self, timeout_s: float, lane: str = FAST, request: Request | None = None
                        ) -> AsyncIterator[Admission]:
-        """Admit the request to ``lane`` (503 + Retry-After at once when it is full: the upload of ``request``
-        is then read and dropped, never decoded), run the body within ``timeout_s`` (504 after it) and turn
-        worker failures into ApiErrors. The admission's token is cancelled and its place released when the
+        """Refuse the request at once when ``lane`` is full (503 + Retry-After: the upload of ``request`` is then
+        read and dropped, never decoded), else run the body within ``timeout_s`` (504 after it; the place in the
+        lane is taken by ``Admission.watch`` once the upload is read) and turn worker failures and a client that
+        leaves mid-upload into ApiErrors. The admission's token is cancelled and its place released when the
         body ends, however it ends."""
         admission: Admission | None = None
         try:
             try:
-                ticket = self.worker.admit(lane)
+                self.worker.check_admission(lane)
             except WorkerBusy:
                 if request is not None:
                     await discard_body(request)
                 raise
-            admission = Admission(CancelToken.after(timeout_s), ticket, asyncio.current_task())
+            admission = Admission(CancelToken.after(timeout_s), partial(self.worker.admit, lane),
+                                  asyncio.current_task())
             async with asyncio.timeout(timeout_s):
                 yield admission
         except TimeoutError as exc:
@@ -160,6 +170,8 @@ class Pipeline:
             if exc.reason.startswith(SHUTTING_DOWN):
                 raise ApiError(503, exc.reason, headers={"Retry-After": "5"}) from exc
             raise ApiError(504, f"the request did not finish within {timeout_s:g} s ({exc.reason})") from exc
+        except ClientDisconnect as exc:
+            raise ApiError(499, "the client disconnected during the upload", title="Client Closed Request") from exc
         except WorkerBusy as exc:
             raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
         except WorkerUnavailable as exc:

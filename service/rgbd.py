@@ -11,7 +11,8 @@ Camera description (the ``cameras`` JSON part of an upload), per view id::
     {"K": [[fx,0,cx],[0,fy,cy],[0,0,1]]}  or  {"fx":..,"fy":..,"cx":..,"cy":..}
     plus {"world_to_camera": 4x4} or {"camera_to_world": 4x4} (identity when neither is given)
 
-(the render cameras' JSON of ``model.render.cameras`` without width/height, parsed by the same functions)
+(the render cameras' JSON of ``model.render.cameras`` without width/height, parsed by the same functions, with
+the same JSON reader and numeric limits: fx, fy, cx, cy and the pose translation in range, every number finite)
 
 given as ``{"views": {id: camera}}``, ``{"views": [camera, ...]}`` (ids 0, 1, ...) or ``{id: camera}``;
 an optional top-level ``depth_scale`` overrides the server's.
@@ -25,14 +26,13 @@ estimates normals. Over-limit inputs raise :class:`RGBDTooLarge` (a PointCloudTo
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from model.pointcloud.cloud import PointCloud, PointCloudTooLarge
-from model.render.cameras import CameraError, parse_intrinsics, parse_pose
+from model.render.cameras import CameraError, finite_number, load_camera_json, parse_intrinsics, parse_pose
 
 
 class RGBDError(ValueError):
@@ -81,14 +81,19 @@ def parse_camera(spec: object, name: str) -> Camera:
 def parse_cameras(text: str | bytes) -> tuple[dict[str, Camera], float | None]:
     """The ``cameras`` JSON part -> ({view id: Camera}, depth_scale override or None)."""
     try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RGBDError(f"the cameras part is not valid JSON ({exc})") from exc
+        doc = load_camera_json(text, "the cameras part")  # the camera parsers' one JSON reader
+    except CameraError as exc:
+        raise RGBDError(str(exc)) from exc
     if not isinstance(doc, dict):
         raise RGBDError("the cameras part must be a JSON object")
     depth_scale = doc.get("depth_scale")
-    if depth_scale is not None and (not isinstance(depth_scale, (int, float)) or not depth_scale > 0):
-        raise RGBDError("depth_scale must be a positive number (depth units per metre)")
+    if depth_scale is not None:
+        try:
+            depth_scale = finite_number(depth_scale, "depth_scale")
+        except CameraError:
+            depth_scale = 0.0
+        if not depth_scale > 0:
+            raise RGBDError("depth_scale must be a positive finite number (depth units per metre)")
     views = doc.get("views", {k: v for k, v in doc.items() if k != "depth_scale"})
     if isinstance(views, list):
         views = {str(i): v for i, v in enumerate(views)}

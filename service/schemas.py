@@ -80,6 +80,9 @@ class RenderParams(ModelParams):
     up: Literal["z", "-z", "y", "-y", "x", "-x", "auto"] = Field(
         "z", description="the scene's up axis (the model expects z-up metres): the cloud is rotated into z-up for the "
                          "model and the cameras stay in the scene's frame (X-Ponder-Up-Rotation: input -> z-up)")
+    invalid: Literal["drop", "error"] = Field(
+        "drop", description="points with NaN/inf coordinates or normals (the holes of an organised scan): leave them "
+                            "out of the scene (X-Ponder-Dropped-Points) or refuse (422)")
 
 
 class Problem(BaseModel):

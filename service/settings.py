@@ -26,6 +26,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | breaker_failures | 5 | consecutive failures that open an endpoint's circuit breaker |
 | breaker_reset_s | 10.0 | how long an open breaker refuses calls before one trial call |
 | max_upload_bytes | 512 MiB | request bodies above this are refused with 413 while they are read |
+| upload_idle_timeout_s | 30.0 | an upload that sends no bytes for this long is refused with 408 (a stalled or trickling client holds no lane place meanwhile: places are taken once the body is in) |
 | max_points | 5_000_000 | clouds with more points are refused with 413 (from the file header, before decoding) |
 | max_voxels | 1_500_000 | most voxels of one scene at the model's grid, counted before normals, kernel maps and the encoder (their memory grows with it: ~3 KB per voxel for the published-size encoder); more get 413 |
 | max_decoded_bytes | 2 GiB | memory budget for decoding one upload (arrays sized from its header, RGB-D fusion from its image sizes); above it 413 before allocating |
@@ -33,7 +34,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | max_render_pixels | 4_194_304 | /v1/render: requests whose cameras add up to more pixels are refused with 413 |
 | render_chunk | 4096 | /v1/render: rays rendered at a time; bounds memory (on a GPU, 65536 rendered 2.3x faster for 3.5 GiB: bench/render_gpu.py) |
 | request_timeout_s | 120.0 | deadline for one request (decode + queue + inference); 504 after it |
-| queue_size | 32 | fast lane (features, segment): requests admitted beyond those running; more get 503 + Retry-After at once, before their upload is read |
+| queue_size | 32 | fast lane (features, segment): requests admitted beyond those running; more get 503 + Retry-After at once, before their upload is read (a place is taken once the upload is in) |
 | long_queue_size | 4 | long lane (render, precise segment, detect): the same bound for long jobs, which have their own queue and threads |
 | long_concurrency | 1 | long lane: model threads running long jobs at once (each job's cancel token is checked per chunk) |
 | drain_s | 10.0 | on SIGTERM: how long in-flight requests may finish before their jobs are cancelled and the server exits |
@@ -100,6 +101,7 @@ class ServiceSettings(BaseSettings):
     breaker_reset_s: float = Field(default=10.0, gt=0)
 
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    upload_idle_timeout_s: float = Field(default=30.0, gt=0)
     max_points: int = Field(default=5_000_000, ge=1)
     max_voxels: int = Field(default=1_500_000, ge=1)
     max_decoded_bytes: int = Field(default=2 << 30, ge=1)

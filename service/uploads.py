@@ -14,7 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
@@ -57,8 +58,8 @@ def _format_of(param: str | None, content_type: str, name: str | None, head: byt
     """Resolve the format (415 when it is unknown or cannot be told). ``strict_type``: refuse an unknown
     Content-Type (raw bodies) rather than ignore it (multipart parts, whose types clients guess)."""
     if param:
-        fmt = param.lower().lstrip(".")
-        if fmt not in SUPPORTED_FORMATS:
+        fmt = format_from_name(f"upload.{param.lstrip('.')}")  # the readers' names and aliases (xyzrgb)
+        if fmt is None:
             raise ApiError(415, f"unknown point-cloud format {param!r}; supported: {', '.join(SUPPORTED_FORMATS)}")
         return fmt
     media = content_type.split(";")[0].strip().lower()
@@ -106,11 +107,29 @@ async def read_raw_body(request: Request, format_param: str | None, filename: st
     return CloudUpload(source=spool, format=fmt, name=name or f"upload.{fmt}")
 
 
-async def read_multipart(request: Request, format_param: str | None) -> CloudUpload | RGBDUpload:
+_OVER_LIMIT = ("too many files", "too many fields", "part exceeded maximum size")
+
+
+async def parsed_form(request: Request, max_files: int = 128, max_fields: int = 128,
+                      max_part_size: int = 4 << 20) -> FormData:
+    """The request's multipart form (parsed once; Starlette keeps it on the request for later calls). Over a
+    part-count or part-size limit is a 413 and a malformed body a 400, each with the parser's message
+    (Starlette turns its parser's errors into 400s, so the message tells which is which)."""
     try:
-        form = await request.form(max_files=128, max_fields=128, max_part_size=4 << 20)
-    except MultiPartException as exc:
-        raise ApiError(400, f"malformed multipart body: {exc.message}") from exc
+        return await request.form(max_files=max_files, max_fields=max_fields, max_part_size=max_part_size)
+    except (MultiPartException, HTTPException) as exc:
+        message = exc.message if isinstance(exc, MultiPartException) else str(exc.detail)
+        if isinstance(exc, HTTPException) and exc.status_code != 400:
+            raise
+        if message.lower().startswith(_OVER_LIMIT):
+            raise ApiError(413, f"{message} (here a text field holds at most {max_part_size >> 10} KiB: send large "
+                                f"content as a file part; a form has at most {max_files} files and {max_fields} "
+                                "fields)") from exc
+        raise ApiError(400, f"malformed multipart body: {message}") from exc
+
+
+async def read_multipart(request: Request, format_param: str | None) -> CloudUpload | RGBDUpload:
+    form = await parsed_form(request)
     try:
         parts = dict(form.multi_items())
         if "file" in parts:

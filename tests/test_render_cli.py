@@ -105,6 +105,28 @@ def test_cameras_live_in_the_clouds_frame_and_chunks_do_not_matter(trained):
         assert torch.allclose(a.depth, b.depth, atol=1e-4)
 
 
+def test_georeferenced_clouds_take_cameras_in_world_coordinates(trained, tmp_path):
+    """A cloud written in UTM-sized float64 metres is read with an origin (world = coord + origin); cameras in
+    world coordinates render what the same cameras see of the cloud near zero."""
+    loaded = load_checkpoint(trained["out"] / "final")
+    cloud = trained["cloud"]
+    coord = np.round(cloud.coord * 256) / 256
+    base = PointCloud(coord, cloud.color, cloud.normal)
+    t = np.array([500_000.0, 4_000_000.0, 100.0])
+    path = tmp_path / "utm.npz"
+    np.savez(path, coord=coord.astype(np.float64) + t, color=cloud.color, normal=cloud.normal)
+    from model.pointcloud.readers import read_point_cloud
+
+    utm = read_point_cloud(path)
+    assert np.abs(utm.origin).max() > 1e5  # shifted on reading: float32 keeps the millimetres
+    shift = np.eye(4)
+    shift[:3, 3] = -t
+    world_cams = [Camera(K=c.K, w2c=c.w2c @ shift, width=c.width, height=c.height) for c in trained["cameras"]]
+    for a, b in zip(render_scene(loaded, base, trained["cameras"]), render_scene(loaded, utm, world_cams)):
+        assert bool(a.hit.any()) and torch.equal(a.hit, b.hit)
+        assert torch.allclose(a.rgb, b.rgb, atol=1e-3) and torch.allclose(a.depth, b.depth, atol=1e-3)
+
+
 def test_render_errors_are_clear(trained, tmp_path, capsys):
     from model.build import build_model
     from model.config import BackboneConfig, ModelConfig

@@ -311,3 +311,71 @@ def test_pca_colours_are_affine_in_the_model_features(server):
         residual = design[inside] @ coef - rgb[inside, channel]
         assert np.abs(residual).max() < 1.0, (channel, np.abs(residual).max())
         assert rgb[:, channel].std() > 20  # spread over the colour range, not a flat colour
+
+
+def holed_sample(tmp_path: Path, every: int = 5) -> tuple[Path, np.ndarray]:
+    """The sample with every ``every``-th row's coordinates NaN (like the holes of an organised depth-camera
+    cloud), written by numpy; returns the file and the NaN mask."""
+    data = dict(np.load(SAMPLE))
+    holes = np.zeros(len(data["coord"]), dtype=bool)
+    holes[::every] = True
+    data["coord"] = data["coord"].copy()
+    data["coord"][holes] = np.nan
+    path = tmp_path / "holes.npz"
+    np.savez(path, **data)
+    return path, holes
+
+
+def test_viewer_routes_keep_nan_holes_in_the_row_rule(server, tmp_path):
+    """Clouds with NaN rows are shown, not refused: their display rows come back NaN (points) and black (PCA),
+    every other row as for the cloud without holes; ``invalid=error`` refuses both routes like the model routes."""
+    path, holes = holed_sample(tmp_path)
+    body = path.read_bytes()
+    params = {"filename": "holes.npz", "max_points": 3000}
+    rows = np.arange(3000) * len(holes) // 3000
+    answer = httpx.post(server.url + "/v1/viewer/points", params=params, content=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    points = np.load(io.BytesIO(answer.content), allow_pickle=False)
+    assert np.isnan(points[holes[rows], :3]).all() and np.isfinite(points[~holes[rows]]).all()
+    coord = np.load(path)["coord"]
+    offset = np.array(json.loads(answer.headers["x-ponder-offset"]))
+    np.testing.assert_allclose(points[~holes[rows], :3], coord[rows][~holes[rows]] - offset, atol=1e-5)
+    pca = httpx.post(server.url + "/v1/viewer/pca", params=params, content=body, timeout=120)
+    assert pca.status_code == 200, pca.text
+    rgb = np.load(io.BytesIO(pca.content), allow_pickle=False)
+    assert rgb.shape == (3000, 3) and pca.headers["x-ponder-num-points"] == str(len(holes))
+    assert (rgb[holes[rows]] == 0).all() and rgb[~holes[rows]].std(axis=0).min() > 20
+    for route in ("points", "pca"):
+        refused = httpx.post(server.url + f"/v1/viewer/{route}", params={**params, "invalid": "error"},
+                             content=body, timeout=60)
+        assert refused.status_code == 422 and "NaN" in refused.json()["detail"], refused.text
+
+
+def test_viewer_shows_a_cloud_with_nan_holes(browser, server, tmp_path):
+    """An uploaded cloud with NaN rows loads, its finite display rows are drawn, and segmentation colours them
+    by the labels of their own input rows."""
+    path, holes = holed_sample(tmp_path)
+    with offline_page(browser) as (page, record):
+        page.goto(server.url + "/")
+        page.wait_for_selector("#segment-model option[value=default]", state="attached")
+        page.uncheck("#auto")
+        page.set_input_files("#file", str(path))
+        page.wait_for_function("document.getElementById('cloud-info').dataset.shown !== undefined", timeout=WAIT_MS)
+        wait_idle(page)
+        shown = int(page.get_attribute("#cloud-info", "data-shown"))
+        count = min(len(holes), 200_000)
+        display = np.arange(count) * len(holes) // count
+        assert shown == int((~holes[display]).sum()), page.inner_text("#cloud-info")
+        found = page.evaluate("""() => {
+            const {view, state} = window.viewer;
+            const position = view.points.geometry.getAttribute('position');
+            return {count: position.count, finite: Array.from(position.array).every(Number.isFinite),
+                    rows: Array.from(state.rows.slice(0, 50))};
+        }""")
+        assert found["count"] == shown and found["finite"]
+        assert not holes[np.array(found["rows"], dtype=np.int64)].any()
+        page.click("#segment")
+        wait_idle(page)
+        assert "failed" not in page.inner_text("#status"), page.inner_text("#status")
+        assert page.locator("#legend li").count() >= 2
+        record.assert_clean()

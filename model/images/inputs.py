@@ -5,6 +5,8 @@ Cameras: the JSON of ``model.render.cameras`` (a list, or ``{"cameras": [...]}``
 camera names its file, else cameras pair with the images sorted by name) or a nerfstudio ``transforms.json``
 (each frame's ``file_path``). An optional top-level ``"bounds": [[xmin, ymin, zmin], [xmax, ymax, zmax]]`` (metres)
 sets the scene box to lift into; without it the box is estimated from the camera frusta (``estimate_bounds``).
+A box, given or estimated, must lie within ±``MAX_TRANSLATION`` metres (the cameras' own limit) with its longest
+side at least ``MIN_BOUNDS_SIDE``: outside, the lifted volume's float32 unit-cube maths breaks down.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import torch
 
 from model.images.errors import ImageInputError
 from model.images.lifting import project, visible
-from model.render.cameras import (Camera, CameraError, camera_image_names, cameras_from_document,
+from model.render.cameras import (MAX_TRANSLATION, Camera, CameraError, camera_image_names, cameras_from_document,
                                   read_camera_document)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MIN_VIEWS = 2
+MIN_BOUNDS_SIDE = 1e-3  # metres, the longest side of the lifted box
 
 
 @dataclass
@@ -72,10 +75,19 @@ def parse_cameras(doc: Any) -> tuple[list[Camera], list[str | None]]:
 def parse_bounds(value: Any) -> np.ndarray:
     try:
         b = np.asarray(value, dtype=np.float64).reshape(2, 3)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, RecursionError):
         raise ImageInputError("bounds must be [[xmin, ymin, zmin], [xmax, ymax, zmax]] in metres") from None
     if not np.all(np.isfinite(b)) or np.any(b[1] <= b[0]):
         raise ImageInputError(f"bounds must be finite with max > min on every axis, got {b.tolist()}")
+    return check_bounds(b, "bounds")
+
+
+def check_bounds(b: np.ndarray, what: str) -> np.ndarray:
+    """``b`` if within ±MAX_TRANSLATION metres with its longest side at least MIN_BOUNDS_SIDE, else an
+    ImageInputError naming ``what`` (the lifted unit cube is a float32 similarity of this box)."""
+    if np.abs(b).max() > MAX_TRANSLATION or (b[1] - b[0]).max() < MIN_BOUNDS_SIDE:
+        raise ImageInputError(f"{what} must lie within ±{MAX_TRANSLATION:g} m with a longest side of at least "
+                              f"{MIN_BOUNDS_SIDE:g} m, got {np.asarray(b).tolist()}")
     return b
 
 
@@ -90,7 +102,8 @@ def estimate_bounds(cameras: Sequence[Camera], far: float = 4.0) -> np.ndarray:
         pts.append(c2w[:3, 3][None])
         pts.append((rays * far) @ c2w[:3, :3].T + c2w[:3, 3])
     p = np.concatenate(pts)
-    return np.stack([p.min(0), p.max(0)])
+    return check_bounds(np.stack([p.min(0), p.max(0)]),
+                        "the box estimated from the camera frusta (give 'bounds' to set it)")
 
 
 def read_image_folder(folder: Path, cameras_path: Path) -> tuple[PosedImages, np.ndarray | None]:

@@ -11,6 +11,12 @@ class PointCloudError(ValueError):
     """Bad or unreadable point-cloud input. The message names the source and the problem."""
 
 
+# float32 spacing is 2**-10 m (0.98 mm) from 2**13 m on and doubles with every power of two beyond: coordinates
+# that large (survey / UTM / ECEF metres) are moved near zero in float64 before the float32 cast.
+GEOREFERENCED_METRES = 2.0**13
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class PointCloudTooLarge(PointCloudError):
     """Input that is well-formed enough to size but would exceed the point or memory limits
     (:class:`~model.pointcloud.formats.limits.ReadLimits`); refused before the arrays are allocated."""
@@ -64,6 +70,12 @@ class PointCloud:
     def __len__(self) -> int:
         return len(self.coord)
 
+    def world_coord(self) -> np.ndarray:
+        """Coordinates in the source's own frame, for outputs: float64 ``coord + origin`` when georeferenced
+        (float32 would round UTM metres to 0.25-0.5 m steps), else ``coord`` itself (float32)."""
+        origin = np.asarray(self.origin, dtype=np.float64)
+        return self.coord.astype(np.float64) + origin if origin.any() else self.coord
+
     def validate(self, finite: bool = True) -> "PointCloud":
         """Refuse clouds the model cannot take: no points, or (``finite``) NaN/inf coordinates or normals
         (``model.prepare`` can drop such rows instead)."""
@@ -80,6 +92,43 @@ class PointCloud:
         if self.normal is not None and not np.isfinite(self.normal).all():
             raise PointCloudError(f"{self.source}: normals contain NaN or infinite values")
         return self
+
+
+def float32_coords(xyz: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) coordinates as the readers decoded them → (float32 coord, float64 origin), world = coord + origin.
+
+    The one place where decoded coordinates become float32, so every format keeps the same precision.
+    Input that float32 holds exactly (float32, float16, small integers) is returned unchanged with a zero
+    origin. Wider input (float64, int32/64) whose magnitude reaches :data:`GEOREFERENCED_METRES` has the
+    whole-metre minimum of its finite rows subtracted in float64 first (kept as ``origin``), so a survey
+    in UTM metres keeps sub-millimetre steps; smaller input is cast as before (origin zero, bit for bit).
+    Finite values beyond the float32 range would become inf and pass for NaN holes: they are refused.
+    """
+    xyz = np.asarray(xyz)
+    origin = np.zeros(3)
+    if (xyz.ndim != 2 or xyz.shape[1] != 3 or not len(xyz) or xyz.dtype.kind not in "biuf"
+            or np.can_cast(xyz.dtype, np.float32, "safe")):  # PointCloud reports a wrong shape or dtype
+        return xyz, origin
+    xyz = xyz.astype(np.float64, copy=False)
+    lo, hi = np.fmin.reduce(xyz, axis=0), np.fmax.reduce(xyz, axis=0)  # NaN-skipping, no copy
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):  # inf (or all-NaN columns): finite rows only
+        finite = np.where(np.isfinite(xyz), xyz, np.nan)
+        lo, hi = np.fmin.reduce(finite, axis=0), np.fmax.reduce(finite, axis=0)
+        lo, hi = np.nan_to_num(lo, nan=0.0), np.nan_to_num(hi, nan=0.0)
+    magnitude = max(np.abs(lo).max(), np.abs(hi).max())
+    if magnitude > FLOAT32_MAX:
+        row = int(np.flatnonzero((np.isfinite(xyz) & (np.abs(xyz) > FLOAT32_MAX)).any(axis=1))[0])
+        raise PointCloudError(
+            f"{source}: coordinates up to {magnitude:.3g} exceed the float32 range (+/-{FLOAT32_MAX:.3g}) the model "
+            f"computes in (first at row {row}); check the coordinate units"
+        )
+    if magnitude >= GEOREFERENCED_METRES:
+        origin = np.floor(lo)
+        if (hi - origin).max() > FLOAT32_MAX:
+            raise PointCloudError(f"{source}: the coordinates span more than the float32 range (+/-{FLOAT32_MAX:.3g})")
+    coord = np.empty(xyz.shape, dtype=np.float32)
+    np.subtract(xyz, origin, out=coord, casting="unsafe")  # float64 arithmetic, one float32 result
+    return coord, origin
 
 
 def _as_color(color: np.ndarray, source: str) -> np.ndarray:

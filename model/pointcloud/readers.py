@@ -2,9 +2,12 @@
 
 Input may be a path, the file's bytes, or a binary stream; it is read into memory once and each
 format decodes from that buffer (``np.frombuffer`` wherever the layout allows, so a large binary
-upload is not copied again). The format comes from ``format=``, else the name's suffix, else the
-magic bytes. Every failure, including a library's own exception, surfaces as
-:class:`PointCloudError` naming the source and the problem.
+upload is not copied again). The format comes from ``format=``, else the name's suffix (a PLY file
+named ``.xyz``/``.txt`` is still PLY), else the magic bytes. Every failure, including a library's own
+exception, surfaces as :class:`PointCloudError` naming the source and the problem. Coordinates wider
+than float32 become float32 in one place, :func:`~model.pointcloud.cloud.float32_coords`: at georeferenced
+magnitudes (UTM metres) they are shifted near zero first and the shift kept as ``PointCloud.origin``,
+whatever the format.
 
 Each reader sizes its allocation from the header and checks it against :class:`ReadLimits` (point
 count and memory budget) before decoding; inputs over the limits raise :class:`PointCloudTooLarge`
@@ -59,16 +62,26 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"FIELDS", "pcd"),
 )
 
+# Suffixes read by another format's reader: XYZRGB text (x y z r g b rows) is an XYZ table.
+_SUFFIX_ALIASES = {"xyzrgb": "xyz"}
+# Text tables have no signature, so a file named like one may still be PLY (``ply`` line first).
+_TEXT_FORMATS = ("xyz", "txt")
+# suffix → (compressor, magic bytes): such files are refused with "decompress it first".
+_COMPRESSED = {"gz": ("gzip", b"\x1f\x8b"), "bz2": ("bzip2", b"BZh"), "xz": ("xz", b"\xfd7zXZ"),
+               "zst": ("zstd", b"\x28\xb5\x2f\xfd")}
+_HOW_TO_NAME = "give the format explicitly (CLI --format, service ?format=)"
+
 _MAX_MESSAGE = 600
 
 Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
 
 def format_from_name(name: str | os.PathLike | None) -> str | None:
-    """The format for a file name's suffix (case-insensitive), or None when unknown."""
+    """The format for a file name's suffix (case-insensitive; ``.xyzrgb`` is XYZ text), or None when unknown."""
     if not name:
         return None
     suffix = Path(os.fspath(name)).suffix.lower().lstrip(".")
+    suffix = _SUFFIX_ALIASES.get(suffix, suffix)
     return suffix if suffix in _READERS else None
 
 
@@ -100,7 +113,7 @@ def read_point_cloud(source: Source, format: str | None = None, name: str | None
         raise PointCloudError(f"{label}: the file is empty")
     fmt = _resolve_format(format, (name, own_name), data, label)
     try:
-        # float64 → float32 overflow becomes inf, which validate() reports with the row number.
+        # Coordinates beyond float32 are refused by float32_coords; other fields' overflow becomes inf.
         with np.errstate(over="ignore", invalid="ignore"):
             cloud = _READERS[fmt](data, label, limits)
     except PointCloudError as exc:  # a reader's own message may quote a library's (and its corrupt bytes)
@@ -132,7 +145,8 @@ def _read_folder(folder: Path, limits: ReadLimits, keep_invalid: bool = False) -
 
 
 def write_point_cloud(cloud: PointCloud, path: str | os.PathLike, format: str | None = None) -> Path:
-    """Write ``cloud`` as binary PLY, NPZ (Pointcept keys) or XYZ text; returns the path."""
+    """Write ``cloud`` as binary PLY, NPZ (Pointcept keys) or XYZ text, coordinates in the source's frame
+    (``coord + origin``, float64 when georeferenced); returns the path."""
     path = Path(path)
     fmt = _normalise(format) if format else format_from_name(path)
     writer = _WRITERS.get(fmt or "")
@@ -186,6 +200,7 @@ def _load(source: Source, name: str | None) -> tuple[bytes, str, str | None]:
 
 def _normalise(format: str) -> str:
     fmt = format.lower().lstrip(".")
+    fmt = _SUFFIX_ALIASES.get(fmt, fmt)
     if fmt not in _READERS:
         raise PointCloudError(f"unknown point-cloud format {format!r}; supported: {', '.join(SUPPORTED_FORMATS)}")
     return fmt
@@ -194,10 +209,29 @@ def _normalise(format: str) -> str:
 def _resolve_format(format: str | None, names: tuple[str | None, ...], data: bytes, label: str) -> str:
     if format:
         return _normalise(format)
-    fmt = next((f for f in map(format_from_name, names) if f), None) or sniff_format(data[:64])
+    fmt = next((f for f in map(format_from_name, names) if f), None)
+    if fmt in _TEXT_FORMATS and _is_ply(data):
+        return "ply"  # a PLY file saved as .xyz/.txt: the content decides
+    fmt = fmt or sniff_format(data[:64])
     if fmt is None:
+        compressed = _compression(names, data)
+        if compressed:
+            raise PointCloudError(f"{label}: the file is {compressed}-compressed; decompress it first")
         raise PointCloudError(
             f"{label}: cannot tell the point-cloud format from the name or the content; "
-            f"pass format= (one of {', '.join(SUPPORTED_FORMATS)})"
+            f"{_HOW_TO_NAME}: one of {', '.join(SUPPORTED_FORMATS)}"
         )
     return fmt
+
+
+def _is_ply(data: bytes) -> bool:
+    """PLY's first line is exactly ``ply`` (a text table's header line might merely start with it)."""
+    return data[:64].lstrip().startswith((b"ply\n", b"ply\r"))
+
+
+def _compression(names: tuple[str | None, ...], data: bytes) -> str | None:
+    """gzip/bzip2/xz/zstd, from a name's last suffix or the content's magic bytes; None otherwise."""
+    for suffix, (compressor, magic) in _COMPRESSED.items():
+        if data.startswith(magic) or any(name and os.fspath(name).lower().endswith("." + suffix) for name in names):
+            return compressor
+    return None

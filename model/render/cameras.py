@@ -13,7 +13,12 @@ JSON camera object (one of each alternative, never both):
      "world_to_camera": 4x4 (last row 0 0 0 1)         | "camera_to_world": 4x4}
 
 nerfstudio / instant-ngp ``transforms.json`` is read by ``cameras_from_transforms``; ``read_cameras`` reads a
-cameras file of either kind.
+cameras file of either kind; ``load_camera_json`` parses the bytes of a cameras document (file or upload part).
+
+Numeric limits (checked when a camera is parsed or built, so absurd values are refused with a CameraError naming
+the field instead of failing later inside the renderer's float32 maths): width and height 1 to ``MAX_SIDE``;
+fx, fy in [``MIN_FOCAL``, ``MAX_FOCAL``] pixels; |cx|, |cy| at most ``MAX_PRINCIPAL`` pixels; every pose
+translation (hence the camera centre) within ±``MAX_TRANSLATION`` metres; every number finite.
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ class CameraError(ValueError):
     """A camera description that is missing, ambiguous or not a valid pinhole camera."""
 
 
+MAX_SIDE = 1 << 20  # pixels per image side; the pixel limits of the callers are far lower in practice
+MIN_FOCAL, MAX_FOCAL = 1e-3, 1e7  # pixels: below, float32 ray maths breaks down (K is singular in float32)
+MAX_PRINCIPAL = 1e7  # pixels, |cx| and |cy|
+MAX_TRANSLATION = 1e8  # metres, |t| of a pose: UTM northings (< 1e7) and ECEF (~6.4e6) fit; 1e300 broke the renderer
+
+
 @dataclass(frozen=True)
 class Camera:
     K: np.ndarray  # (3, 3) float64 intrinsics
@@ -45,19 +56,15 @@ class Camera:
         object.__setattr__(self, "K", K)
         object.__setattr__(self, "w2c", w2c)
         if not (isinstance(self.width, (int, np.integer)) and isinstance(self.height, (int, np.integer))) \
-                or self.width < 1 or self.height < 1:
-            raise CameraError(f"width and height must be positive integers, got {self.width!r} x {self.height!r}")
+                or not (1 <= self.width <= MAX_SIDE and 1 <= self.height <= MAX_SIDE):
+            raise CameraError(f"width and height must be integers from 1 to {MAX_SIDE}, got {self.width!r} x "
+                              f"{self.height!r}")
         if K.shape != (3, 3) or not np.all(np.isfinite(K)):
             raise CameraError(f"K must be a finite 3x3 matrix, got shape {K.shape}")
-        if K[0, 0] <= 0 or K[1, 1] <= 0 or abs(K[0, 1]) > 0 or np.any(K[2] != (0, 0, 1)) or K[1, 0] != 0:
-            raise CameraError("K must be [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0")
+        check_intrinsics(K)
         if w2c.shape != (4, 4) or not np.all(np.isfinite(w2c)):
             raise CameraError(f"world_to_camera must be a finite 4x4 matrix, got shape {w2c.shape}")
-        if not np.allclose(w2c[3], (0, 0, 0, 1)):
-            raise CameraError("the last row of a 4x4 camera pose must be [0, 0, 0, 1]")
-        R = w2c[:3, :3]
-        if not np.allclose(R @ R.T, np.eye(3), atol=1e-4) or np.linalg.det(R) < 0:
-            raise CameraError("the camera rotation must be orthonormal with determinant +1 (a rigid pose in metres)")
+        _check_rigid(w2c, "world_to_camera")
 
     @property
     def c2w(self) -> np.ndarray:
@@ -107,9 +114,20 @@ def parse_intrinsics(data: Mapping[str, Any]) -> np.ndarray:
             raise CameraError(f"give the intrinsics as 'K' or 'fx', 'fy', 'cx', 'cy' (missing {', '.join(missing)})")
         fx, fy, cx, cy = (_require_float(data, k) for k in ("fx", "fy", "cx", "cy"))
         K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+    check_intrinsics(K)
+    return K
+
+
+def check_intrinsics(K: np.ndarray) -> None:
+    """The form of a finite (3, 3) K and the ranges of its numbers (module docstring): the one intrinsics check
+    of every camera parser, so no route lets through a K the float32 renderer cannot invert."""
     if K[0, 0] <= 0 or K[1, 1] <= 0 or K[0, 1] != 0 or K[1, 0] != 0 or np.any(K[2] != (0, 0, 1)):
         raise CameraError("K must be [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0")
-    return K
+    for name, value, lo, hi in (("fx", K[0, 0], MIN_FOCAL, MAX_FOCAL), ("fy", K[1, 1], MIN_FOCAL, MAX_FOCAL),
+                                ("cx", K[0, 2], -MAX_PRINCIPAL, MAX_PRINCIPAL),
+                                ("cy", K[1, 2], -MAX_PRINCIPAL, MAX_PRINCIPAL)):
+        if not lo <= value <= hi:
+            raise CameraError(f"'{name}' must be within [{lo:g}, {hi:g}] pixels, got {value:g}")
 
 
 def parse_pose(data: Mapping[str, Any], required: bool = True) -> np.ndarray:
@@ -128,17 +146,28 @@ def parse_pose(data: Mapping[str, Any], required: bool = True) -> np.ndarray:
     return pose if has_w2c else np.linalg.inv(pose)
 
 
+def load_camera_json(data: str | bytes, what: str = "the cameras document") -> Any:
+    """Parsed JSON of a cameras document (a file or an upload part): the one JSON reader of every camera parser.
+    Any failure of the decoder is the input's fault and a CameraError naming ``what``: invalid JSON or UTF-8,
+    an integer of more digits than Python converts (a plain ValueError), nesting deeper than the recursion
+    limit (RecursionError)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CameraError(f"{what}: not valid JSON ({reason})") from None
+
+
 def read_camera_document(path: str | os.PathLike) -> Any:
     """The parsed JSON of a cameras file (what ``cameras_from_document`` and ``camera_image_names`` take):
     the one reader of camera files for ``ponder render`` and the image branch. FileNotFoundError when the file
-    is absent, CameraError naming it when it is not JSON."""
+    is absent, IsADirectoryError for a folder, CameraError naming it when it is not JSON."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a cameras file (give the cameras JSON file)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such cameras file")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise CameraError(f"{path}: not valid JSON ({exc})") from None
+    return load_camera_json(path.read_bytes(), str(path))
 
 
 def read_cameras(path: str | os.PathLike) -> list[Camera]:
@@ -177,7 +206,7 @@ def cameras_from_transforms(data: Mapping[str, Any]) -> list[Camera]:
     defaults to fl_x. cx, cy default to the image centre w/2, h/2. Those files put pixel centres at +0.5, so
     0.5 is subtracted from cx and cy to reach this module's integer-centre convention. ``transform_matrix`` is
     camera-to-world with OpenGL axes; its y and z camera axes are flipped. Lens distortion is not supported:
-    non-zero k1..k4, p1, p2 raise an error.
+    non-zero k1..k4, p1, p2 raise an error. ``camera_angle_x`` must lie in (0, pi) radians.
     """
     if not isinstance(data, Mapping) or not isinstance(data.get("frames"), Sequence) or not data["frames"]:
         raise CameraError("transforms.json must be an object with a non-empty 'frames' list")
@@ -188,13 +217,16 @@ def cameras_from_transforms(data: Mapping[str, Any]) -> list[Camera]:
         merged = {**data, **frame}
         try:
             for key in ("k1", "k2", "k3", "k4", "p1", "p2"):
-                if float(merged.get(key, 0.0) or 0.0) != 0.0:
+                if merged.get(key) is not None and _require_float(merged, key) != 0.0:
                     raise CameraError(f"lens distortion ({key}) is not supported; undistort the images first")
             w, h = _require_int(merged, "w"), _require_int(merged, "h")
             if "fl_x" in merged:
                 fl_x = _require_float(merged, "fl_x")
             elif "camera_angle_x" in merged:
-                fl_x = 0.5 * w / math.tan(0.5 * _require_float(merged, "camera_angle_x"))
+                angle = _require_float(merged, "camera_angle_x")
+                if not 0.0 < angle < math.pi:
+                    raise CameraError(f"'camera_angle_x' must be an angle in (0, pi) radians, got {angle!r}")
+                fl_x = 0.5 * w / math.tan(0.5 * angle)
             else:
                 raise CameraError("needs 'fl_x' or 'camera_angle_x'")
             fl_y = _require_float(merged, "fl_y") if "fl_y" in merged else fl_x
@@ -211,24 +243,44 @@ def cameras_from_transforms(data: Mapping[str, Any]) -> list[Camera]:
     return cams
 
 
+def finite_number(value: Any, name: str) -> float:
+    """``value`` as a finite float, else a CameraError naming ``name``: the one number check of the camera
+    parsers (refuses bools, strings, NaN, infinities and integers too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CameraError(f"'{name}' must be a finite number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise CameraError(f"'{name}' must be a finite number, got {_shown(value)}")
+    return number
+
+
 def _require_int(data: Mapping[str, Any], key: str) -> int:
     value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
-        raise CameraError(f"'{key}' must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not value.is_integer()) or not 1 <= value <= MAX_SIDE:  # NaN, inf too
+        raise CameraError(f"'{key}' must be an integer from 1 to {MAX_SIDE}, got {_shown(value)}")
     return int(value)
 
 
 def _require_float(data: Mapping[str, Any], key: str) -> float:
-    value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CameraError(f"'{key}' must be a finite number, got {value!r}")
-    return float(value)
+    return finite_number(data.get(key), key)
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, cut short (a 4000-digit integer or a huge list stays readable)."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _matrix(value: Any, shape: tuple[int, int], name: str) -> np.ndarray:
     try:
         m = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, RecursionError):
         raise CameraError(f"'{name}' must be a {shape[0]}x{shape[1]} matrix of numbers") from None
     if m.shape != shape or not np.all(np.isfinite(m)):
         raise CameraError(f"'{name}' must be a finite {shape[0]}x{shape[1]} matrix, got shape {m.shape}")
@@ -236,8 +288,13 @@ def _matrix(value: Any, shape: tuple[int, int], name: str) -> np.ndarray:
 
 
 def _check_rigid(pose: np.ndarray, name: str) -> None:
+    """A rigid 4x4 pose whose translation (for either direction, the camera centre's distance from the world
+    origin) is within ``MAX_TRANSLATION`` metres."""
     if not np.allclose(pose[3], (0, 0, 0, 1)):
         raise CameraError(f"the last row of '{name}' must be [0, 0, 0, 1]")
     R = pose[:3, :3]
     if not np.allclose(R @ R.T, np.eye(3), atol=1e-4) or np.linalg.det(R) < 0:
         raise CameraError(f"the rotation of '{name}' must be orthonormal with determinant +1")
+    if np.abs(pose[:3, 3]).max() > MAX_TRANSLATION:
+        raise CameraError(f"the translation of '{name}' must be within ±{MAX_TRANSLATION:g} m of the world origin, "
+                          f"got {np.round(pose[:3, 3], 3).tolist()}")

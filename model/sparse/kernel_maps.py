@@ -150,6 +150,17 @@ def build_kernel_maps(
 
 # ---- input checks -------------------------------------------------------------------------------
 
+def batch_fits(extents: list[tuple[int, int, int]] | np.ndarray, max_kernel: int = 5) -> bool:
+    """Whether scenes whose voxel extents are ``extents`` ((S, 3): max grid_coord + 1 per axis, each scene's
+    grid starting at 0) can share one batch's kernel maps: their linear keys span S x the product of the
+    widest extents, padded for kernels up to ``max_kernel``, which must stay below ``_MAX_KEY``. A scene that
+    fits alone may not fit 13 times (the precise mode's augmentations): batch it in fewer."""
+    if len(extents) == 0:
+        return True
+    widest = np.asarray(extents, dtype=np.float64).reshape(-1, 3).max(axis=0) + 2 * (max_kernel // 2)
+    return float(len(extents)) * float(np.prod(widest)) < _MAX_KEY
+
+
 def _as_integer_tensor(x, name: str, device: torch.device | None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from service import images
 from service.dependencies import get_image_models, get_pipeline
-from service.encoding import Payload, encode, negotiate
+from service.encoding import Payload, encode, negotiate, require_fit
 from service.image_jobs import ImageModels
 from model.results import input_point_to_voxel, point_values
 from service.pipeline import Pipeline, Processed, prepared_meta
@@ -50,6 +50,9 @@ async def features(request: Request, params: Annotated[FeatureParams, Query()],
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), request=request) as admission:
         if await images.posted_images(request):  # multipart image_<id> + cameras: the image branch
             return await images.features(request, params, pipeline, admission, image_models, fmt)
+        per_voxel = params.output == "per_voxel"
+        require_fit(fmt, ["features", "point_to_voxel", "grid_coord"] if per_voxel else ["features"],
+                    mixed_rows=per_voxel)  # the arrays of features_payload
         card = pipeline.card(params.model)
         condition = pipeline.resolve_condition(card, params.condition)
         upload = await read_upload(request, params.format, params.filename)

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from model.pointcloud.cloud import PointCloud, PointCloudError
 from model.prepare import InputOptions
-from model.render.cameras import Camera, CameraError, cameras_from_document
+from model.render.cameras import Camera, CameraError, cameras_from_document, load_camera_json
 from model.render.images import DEPTH_UNITS_PER_M, ViewImages, png_bytes
 from service import images as images_branch
 from service.dependencies import get_image_models, get_pipeline
@@ -34,7 +34,7 @@ from service.encoding import best_media
 from service.pipeline import Pipeline, prepared_meta
 from service.routers.common import ERRORS, NOT_IMPLEMENTED, job_card
 from service.schemas import RenderParams
-from service.uploads import read_upload
+from service.uploads import parsed_form, read_upload
 from service.workers.base import LONG, ModelJob, WorkerInputError
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -75,32 +75,49 @@ def render_job(predictor: Predictor, cloud: PointCloud, cameras: Sequence[Camera
     return [ViewImages.of(v) for v in views]
 
 
-def parse_cameras(data: bytes) -> list[Camera]:
-    """Cameras from the 'cameras' part (422 naming the problem; 413 over MAX_CAMERAS, counted before the
-    cameras are built). Runs in the preprocessing pool: a big transforms.json takes seconds to read."""
+def parse_cameras(data: bytes, part: str = "cameras") -> list[Camera]:
+    """Cameras from a cameras JSON part (422 naming the problem; 413 over MAX_CAMERAS, counted before the
+    cameras are built). Runs in the preprocessing pool: a big transforms.json takes seconds to read. Also the
+    image render's 'novel' part (``part``), so both obey one camera limit."""
     try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(422, f"the 'cameras' part is not valid JSON: {exc}") from exc
+        doc = load_camera_json(data, f"the '{part}' part")
+    except CameraError as exc:
+        raise ApiError(422, str(exc)) from exc
     listed = doc.get("cameras", doc.get("frames")) if isinstance(doc, dict) else doc
-    if isinstance(listed, list) and len(listed) > MAX_CAMERAS:
-        raise ApiError(413, f"{len(listed)} cameras exceed the limit of {MAX_CAMERAS} per request; split them")
+    if isinstance(listed, list):
+        check_camera_count(len(listed), part)
     try:
         return cameras_from_document(doc)
     except CameraError as exc:
-        raise ApiError(422, f"invalid cameras: {exc}") from exc
+        raise ApiError(422, f"invalid '{part}' cameras: {exc}") from exc
+
+
+def check_camera_count(count: int, part: str = "cameras") -> None:
+    """413 for more than MAX_CAMERAS cameras in one request (each is its own render pass)."""
+    if count > MAX_CAMERAS:
+        raise ApiError(413, f"{count} cameras exceed the limit of {MAX_CAMERAS} per request (the '{part}' part); "
+                            "split them")
 
 
 def checked_cameras(data: bytes, width: int | None, height: int | None, max_pixels: int) -> list[Camera]:
     """The request's cameras, resized and within the camera and pixel limits (413); in the pool."""
-    cameras = [resize_camera(c, width, height) for c in parse_cameras(data)]
-    if len(cameras) > MAX_CAMERAS:
-        raise ApiError(413, f"{len(cameras)} cameras exceed the limit of {MAX_CAMERAS} per request; split them")
+    cameras = resized_cameras(parse_cameras(data), width, height)
+    check_camera_count(len(cameras))
     pixels = sum(c.width * c.height for c in cameras)
     if pixels > max_pixels:
         raise ApiError(413, f"{len(cameras)} camera(s) with {pixels} pixels in all exceed the limit of {max_pixels} "
                             "(PONDER_MAX_RENDER_PIXELS); render fewer or smaller views (?width=, ?height=)")
     return cameras
+
+
+def resized_cameras(cameras: Sequence[Camera], width: int | None, height: int | None,
+                    part: str = "cameras") -> list[Camera]:
+    """``resize_camera`` of each; 422 where the scaled intrinsics leave the camera limits (a tiny focal length
+    shrunk further by ?width=)."""
+    try:
+        return [resize_camera(c, width, height) for c in cameras]
+    except CameraError as exc:
+        raise ApiError(422, f"invalid '{part}' cameras at ?width={width}&height={height}: {exc}") from exc
 
 
 def resize_camera(camera: Camera, width: int | None, height: int | None) -> Camera:
@@ -156,7 +173,7 @@ async def read_cameras_part(request: Request) -> bytes:
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise ApiError(415, "/v1/render takes multipart/form-data with a 'file' part (the scene) and a 'cameras' "
                             "part (JSON)")
-    form = await request.form(max_files=128, max_fields=128, max_part_size=MAX_CAMERAS_BYTES)
+    form = await parsed_form(request, max_part_size=MAX_CAMERAS_BYTES)
     if "file" not in form:
         raise ApiError(400, f"multipart body has no 'file' part with the scene (parts: {', '.join(form) or 'none'})")
     if "cameras" not in form:
@@ -189,7 +206,8 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
         media = answer_type(request.headers.get("accept"), len(cameras))
         upload = await read_upload(request, params.format, None)
         admission.watch(request)
-        prepared = await pipeline.decode_prepared(upload, card, None, InputOptions(up=params.up, invalid="error"))
+        prepared = await pipeline.decode_prepared(upload, card, None,
+                                                  InputOptions(up=params.up, invalid=params.invalid))
         cloud = prepared.cloud
         run = partial(render_job, cloud=cloud, cameras=cameras, condition=condition,
                       chunk=pipeline.settings.render_chunk, rotation=prepared.rotation)
@@ -200,10 +218,14 @@ async def render(request: Request, params: Annotated[RenderParams, Query()],
     headers = {"X-Ponder-Model": card.info.name, "X-Ponder-Num-Points": str(len(cloud))}
     if condition:
         headers["X-Ponder-Condition"] = condition
-    up_rotation = prepared_meta(prepared).get("up_rotation")
+    facts = prepared_meta(prepared)
+    up_rotation = facts.get("up_rotation")
     if up_rotation is not None:
         headers["X-Ponder-Up-Rotation"] = json.dumps(up_rotation)
+    if facts.get("dropped_points"):
+        headers["X-Ponder-Dropped-Points"] = str(facts["dropped_points"])
     meta = {"model": card.info.name, "condition": condition, "num_points": len(cloud),
+            "dropped_points": facts.get("dropped_points", 0),
             "filled": list(prepared.filled), "up_rotation": up_rotation,
             "depth_png_units_per_metre": DEPTH_UNITS_PER_M,
             "views": [{"width": c.width, "height": c.height, "hit_fraction": v.hit_fraction, "camera": c.to_dict()}

@@ -17,7 +17,7 @@ from model.prepare import PreparedCloud
 from model.results import SegmentResult, segment_from_voxels, to_input_rows
 from service import images
 from service.dependencies import get_image_models, get_pipeline
-from service.encoding import Payload, encode, negotiate
+from service.encoding import Payload, encode, negotiate, require_fit
 from service.errors import ApiError
 from service.image_jobs import ImageModels
 from service.pipeline import Pipeline, Processed, prepared_meta
@@ -87,6 +87,7 @@ async def segment(request: Request, params: Annotated[SegmentParams, Query()],
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), lane, request) as admission:
         if await images.posted_images(request):  # multipart image_<id> + cameras: the image branch
             return await images.segment(request, params, pipeline, admission, image_models, fmt)
+        require_fit(fmt, ["labels", "logits"] if params.logits else ["labels"])  # the arrays of the payloads below
         card = pipeline.card(params.model)
         if not card.has_classifier:
             raise ApiError(422, f"model {card.info.name!r} ({card.info.kind}) has no segmentation head; "

@@ -12,6 +12,7 @@ upload limits apply to them as to the model routes."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +21,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
 from starlette.responses import FileResponse, Response
 
-from model.pointcloud.cloud import PointCloud
+from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.results import input_point_to_voxel
 from service.dependencies import get_pipeline
 from service.encoding import OutputFormat, Payload, encode
 from service.errors import ApiError
@@ -52,11 +54,16 @@ def display_rows(num_points: int, max_points: int) -> np.ndarray:
 
 def display_points(cloud: PointCloud, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(D, 6) float32 ``x y z r g b`` and the float64 offset subtracted from the world coordinates (the centre
-    of the bounding box), which keeps georeferenced clouds precise in the browser's float32."""
+    of the bounding box of the valid rows), which keeps georeferenced clouds precise in the browser's float32.
+    Rows without finite coordinates (the holes of an organised depth-camera cloud) come out as NaN: the page
+    leaves them out but keeps its display-row arithmetic over the input order."""
     world = cloud.coord.astype(np.float64) + np.asarray(cloud.origin, dtype=np.float64)
-    offset = 0.5 * (world.min(axis=0) + world.max(axis=0))
+    finite = np.isfinite(world).all(axis=1)
+    valid = world[finite] if not finite.all() else world
+    offset = 0.5 * (valid.min(axis=0) + valid.max(axis=0)) if len(valid) else np.zeros(3)
     out = np.empty((len(rows), 6), dtype=np.float32)
     out[:, :3] = world[rows] - offset
+    out[~finite[rows], :3] = np.nan
     out[:, 3:] = cloud.color[rows] / 255.0 if cloud.color is not None else 0.6
     return out, offset
 
@@ -75,9 +82,10 @@ def pca_colors(voxel_features: np.ndarray, voxel_of_rows: np.ndarray) -> tuple[n
     axes *= np.where(axes[np.abs(axes).argmax(axis=0), range(axes.shape[1])] < 0, -1.0, 1.0)
     fitted = centred @ axes
     low, high = np.percentile(fitted, 2, axis=0), np.percentile(fitted, 98, axis=0)
-    scaled = ((feats[voxel_of_rows] - mean) @ axes - low) / np.maximum(high - low, 1e-12)
+    has_voxel = voxel_of_rows >= 0  # -1: a dropped (NaN) input row, black
+    scaled = ((feats[voxel_of_rows[has_voxel]] - mean) @ axes - low) / np.maximum(high - low, 1e-12)
     rgb = np.zeros((len(voxel_of_rows), 3), dtype=np.uint8)
-    rgb[:, :axes.shape[1]] = np.rint(np.clip(scaled, 0.0, 1.0) * 255)
+    rgb[has_voxel, :axes.shape[1]] = np.rint(np.clip(scaled, 0.0, 1.0) * 255)
     total = float(values.sum())
     return rgb, [float(values[i] / total) if total > 0 else 0.0 for i in order]
 
@@ -102,30 +110,51 @@ async def static_file(path: str) -> FileResponse:
 async def points(request: Request, params: Annotated[DisplayParams, Query()],
                  pipeline: Pipeline = Depends(get_pipeline)) -> Response:
     """(D, 6) float32 ``x y z r g b`` of rows ``floor(i * N / D)``: coordinates minus ``X-Ponder-Offset`` (world
-    frame, origin included), colours in 0..1 (0.6 grey when the file has none, ``X-Ponder-Has-Color``)."""
-    upload = await read_upload(request, params.format, params.filename)
-    cloud: PointCloud = await pipeline.in_pool(pipeline._decode, upload)  # the model routes' own decoding
-    rows = display_rows(len(cloud), params.max_points)
-    array, offset = await pipeline.in_pool(display_points, cloud, rows)
+    frame, origin included), colours in 0..1 (0.6 grey when the file has none, ``X-Ponder-Has-Color``). Rows
+    with NaN or infinite coordinates are NaN (``invalid=error``: 422 instead, as on the model routes)."""
+    timeout_s = pipeline.timeout_for(params.timeout_s)
+    try:
+        async with asyncio.timeout(timeout_s):  # no lane place (no model work), but the same deadline
+            upload = await read_upload(request, params.format, params.filename)
+            cloud: PointCloud = await pipeline.in_pool(pipeline._decode, upload, None, True)  # the routes' decoding
+            if params.invalid == "error":
+                await pipeline.in_pool(checked_valid, cloud)
+            rows = display_rows(len(cloud), params.max_points)
+            array, offset = await pipeline.in_pool(display_points, cloud, rows)
+    except TimeoutError as exc:
+        raise ApiError(504, f"the request did not finish within {timeout_s:g} s "
+                            "(PONDER_REQUEST_TIMEOUT_S or ?timeout_s=)") from exc
     meta = {"num_points": len(cloud), "num_display": len(rows), "offset": offset.tolist(),
             "origin": np.asarray(cloud.origin, dtype=np.float64).tolist(), "has_color": cloud.color is not None}
     return encode(Payload(arrays={"points": array}, meta=meta), OutputFormat.NPY, pipeline.settings.max_json_values)
+
+
+def checked_valid(cloud: PointCloud) -> None:
+    """422 with the readers' message when a row has NaN or infinite coordinates (``invalid=error``)."""
+    try:
+        cloud.validate()
+    except PointCloudError as exc:
+        raise ApiError(422, str(exc)) from exc
 
 
 @router.post("/v1/viewer/pca", response_model=None, tags=["viewer"], openapi_extra=UPLOAD_BODY, responses=_NPY,
              summary="Feature PCA colours of the display rows (viewer helper)")
 async def pca(request: Request, params: Annotated[DisplayParams, Query()],
               pipeline: Pipeline = Depends(get_pipeline)) -> Response:
-    """(D, 3) uint8: the first three principal components of the model's features (as /v1/features) at the
-    display rows, as RGB; ``X-Ponder-Explained-Variance`` gives each component's share."""
+    """(D, 3) uint8: the first three principal components of the model's features (as /v1/features, same
+    ``up`` and ``invalid``) at the display rows, as RGB (black for dropped NaN rows);
+    ``X-Ponder-Explained-Variance`` gives each component's share."""
     card = pipeline.card(params.model)
     condition = pipeline.resolve_condition(card, params.condition)
     async with pipeline.deadline(pipeline.timeout_for(params.timeout_s), request=request) as admission:
         upload = await read_upload(request, params.format, params.filename)
-        done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=False, admission=admission)
-    rows = display_rows(done.num_points, params.max_points)
-    voxel_of_rows = done.voxels.point_to_voxel[rows]
+        admission.watch(request)
+        done = await pipeline.run(upload, card, condition, params.grid_size, want_logits=False, admission=admission,
+                                  options=params.input_options())
+    num_input = done.prepared.num_input  # display rows count over the input order, as /v1/viewer/points
+    rows = display_rows(num_input, params.max_points)
+    voxel_of_rows = input_point_to_voxel(done.voxels.point_to_voxel, done.prepared.valid)[rows]
     rgb, explained = await pipeline.in_pool(pca_colors, done.output.features, voxel_of_rows)
-    meta = {"model": card.info.name, "num_points": done.num_points, "num_display": len(rows),
+    meta = {"model": card.info.name, "num_points": num_input, "num_display": len(rows),
             "explained_variance": [round(v, 6) for v in explained]}
     return encode(Payload(arrays={"colors": rgb}, meta=meta), OutputFormat.NPY, pipeline.settings.max_json_values)

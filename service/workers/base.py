@@ -205,6 +205,10 @@ class Worker(ABC):
         bounds its work elsewhere, so its tickets hold nothing."""
         return Ticket()
 
+    def check_admission(self, lane: str = FAST) -> None:
+        """Raise WorkerBusy when ``admit(lane)`` would now, reserving nothing: a request is refused before its
+        upload is read but takes its place only once the upload is in (``service.pipeline.Admission``)."""
+
     def cancel_all(self, reason: str) -> int:
         """Cancel every queued and running job (shutdown); returns how many. Nothing to cancel here."""
         return 0

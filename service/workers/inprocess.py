@@ -74,11 +74,15 @@ class _Lane:
         self.live: set[_Pending] = set()
         self.threads = [ModelThread(f"ponder-{name}-{i}", torch_threads, thread_per_call) for i in range(concurrency)]
 
-    def admit(self) -> Ticket:
+    def check(self) -> None:
+        """WorkerBusy (counted as a rejection) when the lane is full."""
         if self.saturated:
             self.metrics.rejected.inc()
             raise WorkerBusy(f"the {self.name} lane's queue is full ({self.capacity} requests admitted); "
                              "retry shortly")
+
+    def admit(self) -> Ticket:
+        self.check()
         self.reserved += 1
         return Ticket(self._release)
 
@@ -179,10 +183,14 @@ class InProcessWorker(Worker):
         return sum(lane.queue.qsize() for lane in self._lanes.values())
 
     def admit(self, lane: str = FAST) -> Ticket:
+        self.check_admission(lane)
+        return self._lanes[lane].admit()
+
+    def check_admission(self, lane: str = FAST) -> None:
         assert self._lanes, "worker not started"
         if self._closing:
             raise WorkerBusy(self._closing, retry_after=5)
-        return self._lanes[lane].admit()
+        self._lanes[lane].check()
 
     async def run(self, job: EncodeJob) -> EncodeOutput:
         return await self._submit(self._lanes[FAST], job)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.pointcloud.cloud import PointCloud, PointCloudError, float32_coords
 
 COORD_NAMES = ("x", "y", "z")
 COLOR_NAMES = (("red", "green", "blue"), ("r", "g", "b"), ("diffuse_red", "diffuse_green", "diffuse_blue"))
@@ -20,14 +20,22 @@ def cloud_from_columns(columns: Mapping[str, np.ndarray], source: str, kind: str
     """Build a cloud from 1-D (or (N, k)) columns; names not used for coord/colour/normal become extras.
 
     Every returned array is a fresh native-byte-order copy, so nothing keeps the input buffer alive.
+    Coordinates wider than float32 (float64, int32) go through :func:`float32_coords` (georeferenced origin).
     """
     missing = [axis for axis in COORD_NAMES if axis not in columns]
     if missing:
         raise PointCloudError(
             f"{source}: {kind} data has no {'/'.join(missing)} field (fields: {', '.join(columns) or 'none'})"
         )
+    for axis in COORD_NAMES:
+        if columns[axis].ndim != 1 or columns[axis].dtype.kind not in "biuf":
+            raise PointCloudError(
+                f"{source}: {kind} field {axis!r} must be one number per point, got dtype "
+                f"{columns[axis].dtype} with shape {columns[axis].shape}"
+            )
     used = set(COORD_NAMES)
-    coord = stack_columns(columns, COORD_NAMES, np.float32)
+    wide = not all(np.can_cast(columns[axis].dtype, np.float32, "safe") for axis in COORD_NAMES)
+    coord, origin = float32_coords(stack_columns(columns, COORD_NAMES, np.float64 if wide else np.float32), source)
     color = normal = None
     for names in COLOR_NAMES:
         if all(name in columns for name in names):
@@ -40,7 +48,7 @@ def cloud_from_columns(columns: Mapping[str, np.ndarray], source: str, kind: str
             used.update(names)
             break
     extras = {name: native_copy(values) for name, values in columns.items() if name not in used}
-    return PointCloud(coord=coord, color=color, normal=normal, extras=extras, source=source)
+    return PointCloud(coord=coord, color=color, normal=normal, extras=extras, source=source, origin=origin)
 
 
 def stack_columns(columns: Mapping[str, np.ndarray], names: Sequence[str], dtype: np.dtype | None) -> np.ndarray:

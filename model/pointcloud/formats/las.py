@@ -1,8 +1,8 @@
 """LAS and LAZ through ``laspy`` (LAZ needs the ``lazrs`` backend, installed with ``laspy[lazrs]``).
 
-Coordinates are the scaled float64 values. Georeferenced data (any |coordinate| above 10 km) is moved
-near the origin before the float32 conversion: the whole-metre minimum is subtracted and kept as
-``PointCloud.origin``, so survey coordinates keep millimetre precision.
+Coordinates are the scaled float64 values. Georeferenced data is moved near the origin before the float32
+conversion by :func:`~model.pointcloud.cloud.float32_coords`, as for every float64 format: the whole-metre
+minimum is subtracted and kept as ``PointCloud.origin``, so survey coordinates keep millimetre precision.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.pointcloud.cloud import PointCloud, PointCloudError, float32_coords
 from model.pointcloud.formats import MAX_EXPANSION
 from model.pointcloud.formats.limits import CLOUD_BYTES_PER_POINT, ReadLimits
 
@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # laspy (0.3 s to import) only when a LAS/LAZ file is read
     import laspy
 
 _EXTRAS = ("intensity", "classification")
-_GEOREFERENCED = 1e4  # metres
 _VLR_COUNT_OFFSET = 100  # uint32 "number of variable length records" in every LAS 1.x header
 _VLR_HEADER_BYTES = 54
 _EVLR_START_OFFSET = 235  # LAS 1.4: uint64 start of the first extended VLR, then uint32 count
@@ -65,10 +64,7 @@ def read_las(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
     if found != declared:
         raise PointCloudError(f"{source}: LAS file is truncated: the header declares {declared} points, found {found}")
     xyz = np.stack([np.asarray(getattr(las, axis), dtype=np.float64) for axis in "xyz"], axis=1)  # (N, 3) m
-    origin = np.zeros(3)
-    if found and np.isfinite(xyz).all() and np.abs(xyz).max() > _GEOREFERENCED:
-        origin = np.floor(xyz.min(axis=0))
-    coord = (xyz - origin).astype(np.float32)
+    coord, origin = float32_coords(xyz, source)
     dimensions = set(las.point_format.dimension_names)
     color = None
     if {"red", "green", "blue"} <= dimensions:

@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.pointcloud.cloud import PointCloud, PointCloudError, float32_coords
 from model.pointcloud.formats import MAX_EXPANSION
 from model.pointcloud.formats.limits import CLOUD_BYTES_PER_POINT, ReadLimits
 from model.pointcloud.formats.columns import cloud_from_columns, native_copy, structured_columns
@@ -34,16 +34,19 @@ def read_npy(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
     if array.dtype.kind not in "biuf":
         raise PointCloudError(f"{source}: NPY array must be numeric, got dtype {array.dtype}")
     columns = array.shape[1]
+    coord, origin = float32_coords(array[:, 0:3], source)
     return PointCloud(
-        coord=array[:, 0:3],
+        coord=coord,
         color=array[:, 3:6] if columns >= 6 else None,
         normal=array[:, 6:9] if columns == 9 else None,
         source=source,
+        origin=origin,
     )
 
 
 def read_npz(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
     """Pointcept keys: ``coord`` (required), ``color``, ``normal``; other per-point arrays become extras.
+    Members that are not ``.npy`` arrays (a readme, say) are ignored.
 
     Every member's npy header is read and sized (against its zip-declared size, the point limit and
     the memory budget) before any array is decompressed."""
@@ -57,17 +60,20 @@ def read_npz(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
         declared = sum(info.file_size for info in archive.zip.infolist())
         if declared > MAX_EXPANSION * len(data):
             raise PointCloudError(f"{source}: NPZ members claim {declared} bytes, implausibly many for its size")
-        if "coord" not in archive.files:
-            raise PointCloudError(f"{source}: NPZ archive has no 'coord' array (keys: {', '.join(archive.files)})")
+        keys = [info.filename[:-4] for info in archive.zip.infolist() if info.filename.endswith(".npy")]
+        if "coord" not in keys:
+            raise PointCloudError(f"{source}: NPZ archive has no 'coord' array (arrays: {', '.join(keys) or 'none'})")
         _check_npz_members(archive, source, limits)
-        arrays = {key: _npz_member(archive, key, source) for key in archive.files}
+        arrays = {key: _npz_member(archive, key, source) for key in keys}
     fields = {key: arrays.pop(key) for key in _NPZ_FIELDS if key in arrays}
+    coord, origin = float32_coords(fields.pop("coord"), source)
     extras = {key: native_copy(value) for key, value in arrays.items() if value.ndim >= 1}  # 0-d: metadata
-    return PointCloud(**fields, extras=extras, source=source)
+    return PointCloud(coord=coord, **fields, extras=extras, source=source, origin=origin)
 
 
 def write_npz(cloud: PointCloud, path: Path) -> None:
-    arrays = {"coord": cloud.coord}
+    """Pointcept keys; ``coord`` in the source's frame (float64 when georeferenced, float32 otherwise)."""
+    arrays = {"coord": cloud.world_coord()}
     if cloud.color is not None:
         arrays["color"] = cloud.color
     if cloud.normal is not None:
@@ -91,6 +97,11 @@ def _npy_header(stream: BinaryIO, source: str, what: str) -> tuple[tuple[int, ..
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise PointCloudError(f"{source}: {what} holds Python objects; pickled data is refused") from exc
+        if "malformed node" in str(exc):  # ast.literal_eval's text quotes a node's repr (<ast.Call object at 0x…>)
+            raise PointCloudError(
+                f"{source}: {what} is not a valid NPY array (its header is not a valid NPY header literal: "
+                "a dict of 'descr', 'fortran_order' and 'shape' constants)"
+            ) from exc
         raise PointCloudError(f"{source}: {what} is not a valid NPY array ({exc})") from exc
     if dtype.hasobject:
         raise PointCloudError(f"{source}: {what} holds Python objects (dtype {dtype}); pickled data is refused")
@@ -127,14 +138,15 @@ def _check_npz_members(archive: np.lib.npyio.NpzFile, source: str, limits: ReadL
     point limit, and all of them (loaded, then copied into the cloud) the memory budget."""
     total, points = 0, 0
     for info in archive.zip.infolist():
-        key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-        what = f"NPZ array {key!r}"
         if not info.filename.endswith(".npy"):
-            total += info.file_size  # numpy returns non-npy members as raw bytes
-            continue
+            continue  # not an array (a readme, say): never read
+        key = info.filename[:-4]
+        what = f"NPZ array {key!r}"
         with archive.zip.open(info) as member:
             shape, _, dtype = _npy_header(member, source, what)
             header_bytes = member.tell()
+        if key in _NPZ_FIELDS and dtype.kind not in "biuf":
+            raise PointCloudError(f"{source}: {what} must be numeric (integer or real), got dtype {dtype}")
         rows, row_bytes = _row_sizes(shape, dtype)
         if rows * row_bytes > info.file_size - header_bytes:
             raise PointCloudError(

@@ -58,7 +58,7 @@ def read_pcd(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
             columns.update(r=(bits >> 16) & 0xFF, g=(bits >> 8) & 0xFF, b=bits & 0xFF)
             break
     cloud = cloud_from_columns(columns, source, "PCD")
-    if metadata.height > 1 and metadata.width * metadata.height == len(cloud):
+    if metadata.height > 1:  # WIDTH × HEIGHT = POINTS, checked with the header
         cloud.grid_shape = (int(metadata.height), int(metadata.width))  # organised: rows of an image
     return cloud
 
@@ -86,8 +86,17 @@ def _parse_header(data: bytes, source: str) -> tuple[MetaData, int]:
             lines.append(line)
     try:
         metadata = MetaData.parse_header(lines)
-    except (pydantic.ValidationError, ValueError, KeyError) as exc:
+    except pydantic.ValidationError as exc:  # its str() adds a line of errors.pydantic.dev links per error
+        problems = "; ".join(f"{'.'.join(map(str, error['loc'])).upper()}: {error['msg']} (got {error['input']!r})"
+                             for error in exc.errors(include_url=False))
+        raise PointCloudError(f"{source}: not a valid PCD header ({problems})") from exc
+    except (ValueError, KeyError) as exc:
         raise PointCloudError(f"{source}: not a valid PCD header ({exc})") from exc
+    if metadata.width * metadata.height != metadata.points:
+        raise PointCloudError(
+            f"{source}: not a valid PCD header (WIDTH {metadata.width} * HEIGHT {metadata.height} = "
+            f"{metadata.width * metadata.height}, but POINTS is {metadata.points})"
+        )
     counts = {len(metadata.fields), len(metadata.size), len(metadata.type), len(metadata.count)}
     if len(counts) != 1:
         raise PointCloudError(f"{source}: PCD header FIELDS/SIZE/TYPE/COUNT have different lengths")
@@ -119,17 +128,24 @@ def _read_ascii(data: bytes, offset: int, metadata: MetaData, source: str) -> np
     dtype = metadata.build_dtype()
     # Packed colour is read as float64 text and decoded by _packed_bits (PCL writes it as an integer).
     dtype = np.dtype([(name, np.float64 if name in _PACKED else dtype[name]) for name in dtype.names])
-    stream = io.BytesIO(data)
-    stream.seek(offset)
-    try:
-        records = np.loadtxt(io.TextIOWrapper(stream, encoding="ascii"), dtype=dtype, max_rows=metadata.points, ndmin=1)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PointCloudError(f"{source}: not a valid ASCII PCD point block ({exc})") from exc
+    if not data[offset:].strip():  # no rows: np.loadtxt would warn "input contained no data"
+        records = np.empty(0, dtype=dtype)
+    else:
+        records = _loadtxt(data, offset, dtype, metadata.points, source)
     if len(records) != metadata.points:
         raise PointCloudError(
             f"{source}: PCD file is truncated: the header declares {metadata.points} points, found {len(records)}"
         )
     return records
+
+
+def _loadtxt(data: bytes, offset: int, dtype: np.dtype, rows: int, source: str) -> np.ndarray:
+    stream = io.BytesIO(data)
+    stream.seek(offset)
+    try:
+        return np.loadtxt(io.TextIOWrapper(stream, encoding="ascii"), dtype=dtype, max_rows=rows, ndmin=1)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PointCloudError(f"{source}: not a valid ASCII PCD point block ({exc})") from exc
 
 
 def _read_compressed(data: bytes, offset: int, metadata: MetaData, source: str) -> np.ndarray:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.pointcloud.cloud import PointCloud, PointCloudError, float32_coords
 from model.pointcloud.formats.limits import CLOUD_BYTES_PER_POINT, ReadLimits
 from model.pointcloud.formats.numpy_files import _npy_header
 
@@ -59,4 +59,5 @@ def read_scene_folder(folder: Path, limits: ReadLimits) -> PointCloud:
             arrays[key] = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise PointCloudError(f"{label}: {key}.npy is not a valid NPY array ({exc})") from exc
-    return PointCloud(**arrays, source=label)
+    coord, origin = float32_coords(arrays.pop("coord"), label)
+    return PointCloud(coord=coord, **arrays, source=label, origin=origin)

@@ -1,4 +1,4 @@
-"""Plain-text XYZ tables (``.xyz``, ``.txt``): one point per row, whitespace- or comma-separated.
+"""Plain-text XYZ tables (``.xyz``, ``.xyzrgb``, ``.txt``): one point per row, whitespace- or comma-separated.
 
 Columns by count: 3 = x y z; 4 = x y z intensity; 6 = x y z r g b (0..255 or 0..1);
 9 = x y z r g b nx ny nz. Lines starting with ``#`` and one non-numeric header line are skipped.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.pointcloud.cloud import PointCloud, PointCloudError
+from model.pointcloud.cloud import PointCloud, PointCloudError, float32_coords
 from model.pointcloud.formats.limits import CLOUD_BYTES_PER_POINT, ReadLimits
 
 _COLUMN_COUNTS = (3, 4, 6, 9)
@@ -27,16 +27,21 @@ def read_xyz(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
     text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
     try:
         table = np.loadtxt(text, dtype=np.float64, comments="#", delimiter=delimiter, skiprows=skip, ndmin=2)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PointCloudError(f"{source}: not a valid XYZ text table ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise PointCloudError(f"{source}: not a valid XYZ text table (not UTF-8 text)") from exc
+    except ValueError as exc:  # numpy's text advises `usecols`: name the line and the problem instead
+        problem = _bad_line(data, skip, delimiter, columns)
+        raise PointCloudError(f"{source}: not a valid XYZ text table ({problem})") from exc
     columns = table.shape[1]
     if columns not in _COLUMN_COUNTS:
         raise PointCloudError(
             f"{source}: XYZ table has {columns} columns; expected 3 (xyz), 4 (xyz intensity), "
             "6 (xyz rgb) or 9 (xyz rgb normal)"
         )
+    coord, origin = float32_coords(table[:, 0:3], source)
     return PointCloud(
-        coord=table[:, 0:3],
+        coord=coord,
+        origin=origin,
         color=table[:, 3:6] if columns >= 6 else None,
         normal=table[:, 6:9] if columns == 9 else None,
         extras={"intensity": table[:, 3].astype(np.float32)} if columns == 4 else {},
@@ -45,10 +50,12 @@ def read_xyz(data: bytes, source: str, limits: ReadLimits) -> PointCloud:
 
 
 def write_xyz(cloud: PointCloud, path: Path) -> None:
-    """x y z [r g b [nx ny nz]], with enough digits to round-trip float32 exactly."""
+    """x y z [r g b [nx ny nz]], with enough digits to round-trip the coordinates exactly (float32, or float64
+    world coordinates of a georeferenced cloud)."""
     if cloud.normal is not None and cloud.color is None:
         raise PointCloudError(f"{cloud.source}: XYZ text can hold normals only together with colours")
-    parts, formats = [cloud.coord.astype(np.float64)], ["%.9g"] * 3
+    coord = cloud.world_coord()
+    parts, formats = [coord.astype(np.float64)], ["%.17g" if coord.dtype == np.float64 else "%.9g"] * 3
     if cloud.color is not None:
         parts.append(cloud.color.astype(np.float64))
         formats += ["%d"] * 3
@@ -81,7 +88,28 @@ def _layout(data: bytes, source: str) -> tuple[int, str | None, int]:
                 raise PointCloudError(
                     f"{source}: not a valid XYZ text table (line {index + 1} is not numeric: {line[:60]!r})"
                 ) from exc
+            if line == b"ply":
+                raise PointCloudError(f"{source}: the content looks like a PLY file (first line 'ply'), "
+                                      "not an XYZ text table; read it as PLY") from exc
             seen_header = True  # a header line such as "x y z r g b"
             continue
         return index, delimiter, len(values)
     raise PointCloudError(f"{source}: XYZ text has no data rows")
+
+
+def _bad_line(data: bytes, skip: int, delimiter: str | None, columns: int) -> str:
+    """Why the table did not parse, for the first offending line (1-based), found by re-reading the text;
+    only called after ``np.loadtxt`` failed, so its cost does not matter."""
+    for index, raw in enumerate(io.BytesIO(data)):
+        line = raw.split(b"#", 1)[0].strip()
+        if index < skip or not line:
+            continue
+        tokens = line.decode("utf-8", "replace").split(delimiter)
+        if len(tokens) != columns:
+            return f"line {index + 1} has {len(tokens)} values, the first data row has {columns}"
+        for token in tokens:
+            try:
+                float(token)
+            except ValueError:
+                return f"line {index + 1} holds {token.strip()[:40]!r}, not a number"
+    return "a row could not be read as numbers"

@@ -10,7 +10,8 @@ const state = {
   cloud: null, // {blob, name}
   generation: 0, // bumps on every new cloud: answers for an older cloud are dropped
   numPoints: 0,
-  rows: null, // display row -> input row
+  rows: null, // shown point -> input row
+  shown: [], // shown point -> display row (display rows without coordinates are not shown)
   shift: [0, 0, 0], // display = coord - shift (the service's coordinate frame)
   offset: [0, 0, 0], // display = world - offset (world = coord + origin; boxes are in world)
   colors: {}, // mode -> Float32Array (D*3)
@@ -117,31 +118,38 @@ async function loadCloud(blob, name) {
     const { array, response } = await postCloudNpy("v1/viewer/points", state.cloud, { max_points: MAX_DISPLAY });
     if (stale()) return "stale answer dropped";
     const count = array.shape[0];
-    const positions = new Float32Array(count * 3);
-    const colors = new Float32Array(count * 3);
-    for (let i = 0; i < count; i++) {
-      for (let k = 0; k < 3; k++) {
-        positions[i * 3 + k] = array.data[i * 6 + k];
-        colors[i * 3 + k] = array.data[i * 6 + 3 + k];
-      }
-    }
     const numPoints = metaHeader(response, "Num-Points");
+    // Display rows floor(i * N / count) over the input order; rows without coordinates (NaN: the holes of an
+    // organised depth-camera cloud) are left out, so shown point j is display row state.shown[j].
+    const shown = [];
+    for (let i = 0; i < count; i++) if (Number.isFinite(array.data[i * 6])) shown.push(i);
+    const positions = new Float32Array(shown.length * 3);
+    const colors = new Float32Array(shown.length * 3);
+    state.rows = new Float64Array(shown.length);
+    shown.forEach((i, j) => {
+      for (let k = 0; k < 3; k++) {
+        positions[j * 3 + k] = array.data[i * 6 + k];
+        colors[j * 3 + k] = array.data[i * 6 + 3 + k];
+      }
+      state.rows[j] = Math.floor((i * numPoints) / count);
+    });
+    state.shown = shown;
     const offset = metaHeader(response, "Offset");
     const origin = metaHeader(response, "Origin");
     state.numPoints = numPoints;
     state.offset = offset;
     state.shift = offset.map((v, k) => v - origin[k]);
-    state.rows = new Float64Array(count);
-    for (let i = 0; i < count; i++) state.rows[i] = Math.floor((i * numPoints) / count);
     state.colors.input = colors;
     view.setCloud(positions, colors);
     setMode("input");
     const info = $("cloud-info");
+    const holes = count - shown.length;
     info.textContent = `${name}: ${numPoints.toLocaleString()} points` +
-      (count < numPoints ? ` (${count.toLocaleString()} shown)` : "") +
+      (shown.length < numPoints ? ` (${shown.length.toLocaleString()} shown)` : "") +
+      (holes ? `, ${holes.toLocaleString()} of the display rows without coordinates` : "") +
       (metaHeader(response, "Has-Color") === false ? ", no colours" : "");
     info.dataset.points = String(numPoints);
-    info.dataset.shown = String(count);
+    info.dataset.shown = String(shown.length);
     enableActions();
     return `Loaded ${name}`;
   });
@@ -229,8 +237,10 @@ async function featurePca() {
       model: $("features-model").value, max_points: MAX_DISPLAY,
     });
     if (stale()) return "stale answer dropped";
-    const colors = new Float32Array(array.data.length);
-    for (let i = 0; i < colors.length; i++) colors[i] = array.data[i] / 255;
+    const colors = new Float32Array(state.shown.length * 3); // the answer has every display row: pick the shown
+    state.shown.forEach((i, j) => {
+      for (let k = 0; k < 3; k++) colors[j * 3 + k] = array.data[i * 3 + k] / 255;
+    });
     state.colors.pca = colors;
     setMode("pca");
     const explained = metaHeader(response, "Explained-Variance") || [];
