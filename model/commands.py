@@ -35,7 +35,8 @@ def describe(checkpoint: str | None, trust: bool = False) -> dict:
     return {"source": loaded.source, "name": cfg.name, "kind": cfg.kind, "backbone": vars(cfg.backbone),
             "conditions": list(cfg.conditions), "class_names": {k: list(v) for k, v in cfg.class_names.items()},
             "feature_dim": cfg.feature_dim, "grid_size": cfg.grid_size, "input_features": list(cfg.input_features),
-            "parameters": params, "render": dump(cfg.render) if cfg.render else None}
+            "parameters": params, "render": dump(cfg.render) if cfg.render else None,
+            "detection": dump(cfg.detection) if cfg.detection else None}
 
 
 def run_inspect(args) -> int:
@@ -57,6 +58,9 @@ def run_inspect(args) -> int:
     print(f"features     {info['feature_dim']} channels, grid {info['grid_size']} m, input {info['input_features']}")
     if info["render"]:
         print(f"render       {info['render']}")
+    if info["detection"]:  # a detector's kind is "encoder": its head is this section
+        names = info["detection"]["class_names"]
+        print(f"detection    voting head, {len(names)} classes: {', '.join(names)}")
     print(f"parameters   {info['parameters']:,}")
     return 0
 

@@ -226,3 +226,20 @@ def test_input_has_help(command):
     text = ponder(command, "--help").stdout
     positional = text.split("positional arguments:")[1].split("options:")[0]
     assert re.search(r"input\s+point cloud", positional), positional
+
+
+def test_inspect_names_a_detectors_head(capsys):
+    """The bundled detector's kind is 'encoder'; inspect shows its detection head and classes (text and JSON)."""
+    import json
+
+    from ponder.cli import main
+
+    detect = Path(__file__).resolve().parents[1] / "model" / "default_model" / "detect"
+    assert main(["inspect", str(detect)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^detection +voting head, 18 classes: cabinet, bed", text, re.M), text
+    assert main(["inspect", str(detect), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["detection"]["class_names"]) == 18
+    assert main(["inspect", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["detection"] is None
