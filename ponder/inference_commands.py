@@ -109,15 +109,6 @@ def check_output_file(path: str | Path, flag: str, suffixes: tuple[str, ...] | N
     return path
 
 
-def check_output_folder(path: str | Path, flag: str) -> Path:
-    """An output folder: absent (it is created) or a folder, in a place that accepts new files."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CommandError(f"{flag} {path}: exists and is not a folder; {flag} names a folder to write into")
-    _check_can_create_in(path / "x", flag)
-    return path
-
-
 def rotation_text(rotation) -> str:
     """The one line every command prints for an --up rotation (R row-major, ``coord_z_up = R @ coord``)."""
     rows = "; ".join(" ".join(f"{v:.6f}" for v in row) for row in rotation)
