@@ -12,6 +12,7 @@ import json
 import pickle
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +196,21 @@ def _read_config_file(folder: Path) -> ModelConfig | None:
     return None
 
 
+def _inferred_for_folder(folder: Path, state: dict[str, torch.Tensor]) -> ModelConfig:
+    """The config of a folder that lost its config.json, inferred from the weights like an official file's; said
+    aloud, since what the weights do not store (class names, grid size, input features) becomes the defaults."""
+    try:
+        config = infer_config(state)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE} beside {WEIGHTS_FILE}, and the architecture cannot be "
+                              f"inferred from its weights ({exc})") from exc
+    warnings.warn(f"{folder}: no {CONFIG_FILE} beside {WEIGHTS_FILE}; the architecture is inferred from the "
+                  f"weights (kind {config.kind}) and class names, grid size ({config.grid_size} m) and input "
+                  f"features ({'+'.join(config.input_features)}) are the defaults: keep the config.json that "
+                  "`ponder convert` or training wrote beside the weights", stacklevel=3)
+    return config
+
+
 def read_checkpoint(path: str | Path, trust: bool = False,
                     config: ModelConfig | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """(state_dict, config) of our format (folder or ``.safetensors`` file with a config beside it) or of an
@@ -211,7 +227,7 @@ def read_checkpoint(path: str | Path, trust: bool = False,
             state = load_file(str(weights))
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{weights}: not a valid safetensors file ({exc})") from exc
-        return state, config or _read_config_file(folder) or infer_config(state)
+        return state, config or _read_config_file(folder) or _inferred_for_folder(folder, state)
     state = read_official(path, trust=trust)
     try:
         return state, config or infer_config(state)

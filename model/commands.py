@@ -25,10 +25,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def describe(checkpoint: str | None, trust: bool = False) -> dict:
+    """What `ponder inspect` prints: any checkpoint `load_checkpoint` reads, or an image model folder."""
     from model.checkpoint import load_checkpoint
+    from model.images.checkpoint import config_kind
     from model.config_io import dump
     from model.inference import default_checkpoint
 
+    if checkpoint and config_kind(checkpoint) in IMAGE_KINDS:
+        return describe_image_model(checkpoint)
     loaded = load_checkpoint(checkpoint or default_checkpoint(), trust=trust)
     cfg = loaded.config
     params = sum(p.numel() for p in loaded.inference_model.parameters())  # same weights as .model, no spconv
@@ -39,10 +43,46 @@ def describe(checkpoint: str | None, trust: bool = False) -> dict:
             "detection": dump(cfg.detection) if cfg.detection else None}
 
 
+IMAGE_KINDS = ("image-render", "image-segment")
+
+
+def describe_image_model(folder: str) -> dict:
+    """An image model folder (posed RGB images → volume; ``ponder images``): trunk, lifting, volume, classes."""
+    from model.config_io import dump
+    from model.images.checkpoint import config_kind, load_image_model
+    from model.images.segment import load_image_segment_model
+
+    if config_kind(folder) == "image-segment":
+        model = load_image_segment_model(folder)
+        cfg, trunk, class_names = model.cfg, model.cfg.trunk, list(model.cfg.class_names)
+    else:
+        model = load_image_model(folder)
+        cfg, trunk, class_names = model.cfg, model.cfg, []
+    render = trunk.render
+    return {"source": str(folder), "name": cfg.name, "kind": cfg.kind, "backbone": dump(trunk.backbone),
+            "lift": dump(trunk.lift), "grid_shape": list(render.grid_shape), "grid_size": render.grid_size,
+            "class_names": class_names, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _print_image_model(info: dict) -> None:
+    bb, lift = info["backbone"], info["lift"]
+    print(f"checkpoint   {info['source']}")
+    print(f"kind         {info['kind']}  (posed RGB images: ponder images)")
+    print(f"backbone     ResNet-{bb['depth']} width={bb['width']} stages={bb['stages']}")
+    print(f"lift         dim={lift['dim']} fusion={lift['fusion']} variance={lift['variance']}")
+    print(f"volume       {' x '.join(map(str, info['grid_shape']))} cells of {info['grid_size']} m")
+    if info["class_names"]:
+        print(f"classes ({len(info['class_names'])}): {', '.join(info['class_names'])}")
+    print(f"parameters   {info['parameters']:,}")
+
+
 def run_inspect(args) -> int:
     info = describe(args.checkpoint, args.trust_checkpoint)
     if args.json:
         print(json.dumps(info, indent=2, default=list))
+        return 0
+    if info["kind"] in IMAGE_KINDS:
+        _print_image_model(info)
         return 0
     bb = info["backbone"]
     print(f"checkpoint   {info['source']}")
@@ -56,8 +96,11 @@ def run_inspect(args) -> int:
     for cond, names in info["class_names"].items():
         print(f"classes[{cond}] ({len(names)}): {', '.join(names)}")
     print(f"features     {info['feature_dim']} channels, grid {info['grid_size']} m, input {info['input_features']}")
-    if info["render"]:
-        print(f"render       {info['render']}")
+    if info["render"]:  # the whole head is in --json
+        head = info["render"]["head"]
+        decoders = [name for name in ("sdf", "rgb", "semantic") if head["field"].get(f"{name}_decoder")]
+        print(f"render       volume {' x '.join(map(str, head['grid_shape']))} cells of {head['grid_size']} m, "
+              f"{head['sampler']['num_samples']} samples per ray, decoders: {', '.join(decoders)}")
     if info["detection"]:  # a detector's kind is "encoder": its head is this section
         names = info["detection"]["class_names"]
         print(f"detection    voting head, {len(names)} classes: {', '.join(names)}")

@@ -243,3 +243,53 @@ def test_inspect_names_a_detectors_head(capsys):
     assert len(info["detection"]["class_names"]) == 18
     assert main(["inspect", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["detection"] is None
+
+
+@pytest.mark.parametrize("folder, kind, classes", [("images", "image-render", 0), ("images-segment", "image-segment", 20)])
+def test_inspect_describes_image_models(capsys, folder, kind, classes):
+    """The bundled image models (``ponder images``) are folders inspect reads too, not 'invalid model config'."""
+    import json
+
+    from ponder.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "model" / "default_model" / folder
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(rf"^kind +{kind} ", text, re.M), text
+    assert re.search(r"^backbone +ResNet-\d+ ", text, re.M), text
+    assert re.search(r"^volume +\d+ x \d+ x \d+ cells of ", text, re.M), text
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == kind and len(info["class_names"]) == classes and info["parameters"] > 0
+
+
+def test_inspect_render_head_is_one_line(capsys):
+    from ponder.cli import main
+
+    render = Path(__file__).resolve().parents[1] / "model" / "default_model" / "render"
+    assert main(["inspect", str(render)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("render"))
+    assert re.fullmatch(r"render +volume 48 x 48 x 16 cells of 0\.02 m, \d+ samples per ray, decoders: sdf, rgb", line)
+
+
+def test_a_folder_without_config_json_is_said_aloud(tmp_path):
+    """Weights without their config.json: the architecture is inferred (as for an official file) with a warning
+    that class names / grid / inputs are defaults; weights that say nothing of an architecture: exit 2."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    bundled = Path(__file__).resolve().parents[1] / "model" / "default_model" / "model.safetensors"
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    shutil.copy(bundled, lost / "model.safetensors")
+    result = ponder("inspect", lost)
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "no config.json beside model.safetensors" in warning[0], result.stderr
+    assert "kind segmentor" in warning[0] and "defaults" in warning[0]
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    save_file({"a": torch.zeros(3)}, str(junk / "model.safetensors"))
+    assert_refused(ponder("inspect", junk), "no config.json", "cannot be inferred")

@@ -18,6 +18,12 @@ axis-aligned box stays axis-aligned when rotated back. ``auto`` estimates gravit
 4. the sign makes most points lie in the lower half of the scene (furniture stands on the floor; ceilings
    are rarely scanned), and the axis is refined as the principal axis of its inlier normals.
 
+One depth frame in its camera's axes (a Kinect/RealSense frame saved as it came) breaks step 3: along the
+view axis there is a far wall and nothing near, as lopsided as gravity. Such a cloud is recognised as a single
+view from the origin (`single_view_forward`: every point in front along +z or -z, within a field of view, one
+depth per ray) and then up is the frame axis closest to the camera's image y axis, signed by the camera
+convention: -y for OpenCV axes (z forward, y down), +y for OpenGL axes (z backward, y up).
+
 The rotation returned is the smallest one taking the estimated up onto +z (yaw is left as it was).
 """
 
@@ -30,6 +36,17 @@ AUTO_SAMPLE = 60_000
 AUTO_CELL_M = 0.05
 AUTO_TOLERANCE_DEG = 12.0
 AUTO_CANDIDATES = 400
+# Single-view test: at most this many points, every one of them but `VIEW_OUTLIERS` in front within
+# tan(half field of view) `VIEW_MAX_TAN` (127 degrees: wide-angle depth cameras are ~120), and at most
+# `VIEW_MAX_OCCLUDED` of the points in viewing directions whose depths differ by more than `VIEW_DEPTH_SPREAD`
+# of the cloud's depth range (1st-99th percentile). Measured on 56 ray-cast frames of a furnished room (pitch
+# 5 to -45 degrees, with and without ceiling): at most 0.044 of the points; on 20 generated rooms placed anywhere
+# in front of the origin (0.6-20 room sizes away) or 100 m above or below it: at least 0.167.
+VIEW_SAMPLE = 200_000
+VIEW_OUTLIERS = 0.005
+VIEW_MAX_TAN = 2.0
+VIEW_DEPTH_SPREAD = 0.1
+VIEW_MAX_OCCLUDED = 0.1
 
 
 def named_rotation(up: str) -> np.ndarray:
@@ -101,6 +118,39 @@ def _asymmetry(coord: np.ndarray, normals: np.ndarray, axis: np.ndarray, cos_tol
     return float(median_offset + imbalance)
 
 
+def single_view_forward(coord: np.ndarray, seed: int = 0) -> int:
+    """+1 if ``coord`` looks like one depth frame seen from the origin along +z (OpenCV camera axes), -1 along -z
+    (OpenGL), 0 otherwise. A single view holds one surface per viewing direction; a whole scan seen from any
+    origin holds surfaces behind others (furniture on a floor, both sides of a room), a world frame's origin on
+    a floor or wall sees it edge-on (outside any field of view), and an origin inside the scan has points behind
+    it."""
+    coord = np.asarray(coord, dtype=np.float64)
+    if len(coord) > VIEW_SAMPLE:
+        coord = coord[np.random.default_rng(seed).choice(len(coord), VIEW_SAMPLE, replace=False)]
+    for sign in (1, -1):
+        depth = sign * coord[:, 2]
+        front = depth > 0
+        if front.mean() < 1 - VIEW_OUTLIERS:
+            continue
+        u, v = coord[front, 0] / depth[front], coord[front, 1] / depth[front]
+        inside = (np.abs(u) <= VIEW_MAX_TAN) & (np.abs(v) <= VIEW_MAX_TAN)
+        if inside.sum() < (1 - VIEW_OUTLIERS) * len(coord):
+            return 0
+        u, v, d = u[inside], v[inside], depth[front][inside]
+        near_all, far_all = np.percentile(d, [1, 99])
+        # directions binned so that a frame's pixels fall ~2 to a cell: the area its points cover / (n / 2)
+        cell = np.sqrt(max(np.ptp(u) * np.ptp(v), 1e-12) / max(len(u) / 2, 1))
+        keys = np.floor(u / cell).astype(np.int64) * 1_000_003 + np.floor(v / cell).astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        keys, d = keys[order], d[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        near, far = np.minimum.reduceat(d, starts), np.maximum.reduceat(d, starts)
+        counts = np.diff(np.r_[starts, len(keys)])
+        occluded = counts[(far - near) > VIEW_DEPTH_SPREAD * (far_all - near_all)].sum()
+        return sign if occluded <= VIEW_MAX_OCCLUDED * len(d) else 0
+    return 0
+
+
 def estimate_up(coord: np.ndarray, normal: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
     """Unit vector of the scan's up direction (against gravity), in the input's frame. See the module text."""
     from model.pointcloud.normals import estimate_normals  # scipy only when auto is asked for
@@ -109,6 +159,7 @@ def estimate_up(coord: np.ndarray, normal: np.ndarray | None = None, seed: int =
     coord = np.asarray(coord)
     if len(coord) < 10:
         return np.array([0.0, 0.0, 1.0])
+    forward = single_view_forward(coord, seed)
     points, normals = _sample(coord, normal, rng)
     if normals is None:
         normals = estimate_normals(points).astype(np.float64)
@@ -127,12 +178,20 @@ def estimate_up(coord: np.ndarray, normal: np.ndarray | None = None, seed: int =
         second = second - (second @ first) * first
         second /= np.linalg.norm(second)
         axes = [first, second, np.cross(first, second)]
-    scores = [_asymmetry(points, normals, a, cos_tol) for a in axes]
-    up = axes[int(np.argmax(scores))]
+    if forward:  # one depth frame: the axis nearest the image's y, up = -y (OpenCV) or +y (OpenGL)
+        camera_up = np.array([0.0, -float(forward), 0.0])
+        up = max(axes, key=lambda a: abs(a @ camera_up))
+        if abs(up @ camera_up) < 0.5:  # no frame axis near the image's vertical: trust the camera
+            up = camera_up
+    else:
+        scores = [_asymmetry(points, normals, a, cos_tol) for a in axes]
+        up = axes[int(np.argmax(scores))]
     inliers = normals[np.abs(normals @ up) > cos_tol]
     if len(inliers) >= 3:
         _, vectors = np.linalg.eigh(inliers.T @ inliers)
         up = vectors[:, -1] * (1 if vectors[:, -1] @ up >= 0 else -1)
+    if forward:
+        return up * np.sign(up @ camera_up) / np.linalg.norm(up)
     heights = points @ up
     lo, hi = heights.min(), heights.max()
     if np.median(heights) > (lo + hi) / 2:  # most points in the upper half: the axis points down
