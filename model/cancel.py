@@ -64,16 +64,36 @@ class CancelToken:
             raise Cancelled(self.reason)
 
 
-_CURRENT: contextvars.ContextVar[CancelToken | None] = contextvars.ContextVar("ponder_cancel_token", default=None)
+class AllCancelled:
+    """Cancelled once every one of ``tokens`` is: the token of a batch that serves several requests, which stops
+    only when none of them still waits for it. Same reading interface as `CancelToken`."""
+
+    def __init__(self, tokens: list[CancelToken]) -> None:
+        self.tokens = list(tokens)
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.tokens) and all(t.cancelled for t in self.tokens)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(sorted({t.reason for t in self.tokens})) if self.cancelled else ""
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise Cancelled(self.reason)
 
 
-def current() -> CancelToken | None:
+_CURRENT: contextvars.ContextVar[CancelToken | AllCancelled | None] = contextvars.ContextVar("ponder_cancel_token", default=None)
+
+
+def current() -> CancelToken | AllCancelled | None:
     """The token made active for this context (None outside :func:`active`)."""
     return _CURRENT.get()
 
 
 @contextmanager
-def active(token: CancelToken | None) -> Iterator[CancelToken | None]:
+def active(token: CancelToken | AllCancelled | None) -> Iterator[CancelToken | AllCancelled | None]:
     """Make ``token`` the one :func:`checkpoint` checks in this context (None: keep the current one)."""
     if token is None:
         yield current()

@@ -91,7 +91,8 @@ def test_pairs_conv_equals_gather_conv_for_every_table_kind():
         pairs = TapPairs.from_table(table, m_in, submanifold=subm)
         assert (pairs.centre is not None) == subm
         assert pairs.exclusive == (table is maps.up[0])  # one parent per fine row: copied, not added
-        assert torch.allclose(pairs_conv(x, pairs, w), gather_conv(x, table, w), atol=1e-5)
+        ref = gather_conv(x, table, w)  # sums of up to 125 taps in another order: relative to their size
+        assert torch.allclose(pairs_conv(x, pairs, w), ref, atol=1e-6 * max(1.0, float(ref.abs().max())))
     assert maps.subm[0].dtype == torch.int32
 
 
@@ -104,13 +105,14 @@ def test_row_bags_equal_gather_and_pairs_for_every_table_kind_and_block_size():
     for table, x, m_in, subm in kinds:
         w, bias = torch.randn(table.shape[1], 8, 4, generator=g), torch.randn(4, generator=g)
         expected = gather_conv(x, table, w)
+        tol = 1e-6 * max(1.0, float(expected.abs().max()))  # another summation order than the gather conv's
         pairs = TapPairs.from_table(table, m_in, submanifold=subm)
         for block_rows in (7, 64, None):
             bags = RowBags.from_table(table, m_in, submanifold=subm, block_rows=block_rows)
             assert (bags.centre is not None) == subm
             assert sum(b.stop - b.start for b in bags.blocks) == table.shape[0]
-            assert torch.allclose(bags_conv(x, bags, w), expected, atol=1e-5)
-            assert torch.allclose(bags_conv(x, bags, w, bias), expected + bias, atol=1e-5)
+            assert torch.allclose(bags_conv(x, bags, w), expected, atol=tol)
+            assert torch.allclose(bags_conv(x, bags, w, bias), expected + bias, atol=tol)
             assert torch.allclose(bags_conv(x, bags, w, bias), pairs_conv(x, pairs, w, bias), rtol=0, atol=1e-6)
             low = bags_conv(x, bags, w.bfloat16(), bias)  # bf16 products, float32 sums
             assert low.dtype == torch.float32
@@ -119,7 +121,8 @@ def test_row_bags_equal_gather_and_pairs_for_every_table_kind_and_block_size():
     bags = RowBags.from_table(rows, m0, submanifold=True, offset=5, block_rows=32)
     assert bags.centre is not None and bags.offset == 5
     w = torch.randn(27, 8, 4, generator=g)
-    assert torch.allclose(bags_conv(x0, bags, w), gather_conv(x0, maps.subm[0], w)[5:300], atol=1e-5)
+    ref = gather_conv(x0, maps.subm[0], w)[5:300]
+    assert torch.allclose(bags_conv(x0, bags, w), ref, atol=1e-6 * max(1.0, float(ref.abs().max())))
     with pytest.raises(ValueError, match="expects"):
         bags_conv(x0[:-1], bags, w)
     empty = RowBags.from_table(maps.subm[0][:0], 0, submanifold=True)  # no rows: no blocks, an empty output

@@ -13,7 +13,9 @@ runs over a table of `model.sparse.kernel_maps` in one of two formulations:
   scatter), the other rows, small levels and the k2s2 down convs over valid pairs summed per output row
   (`model.engine.bags`: gather → per-tap GEMM → ``embedding_bag``), the k2s2 up convs over their one pair
   per row (`model.engine.pairs`). Not exportable, fast on CPU. Single-condition models fold their norms
-  into the weights (in the GEMM dtype) once at construction, replacing the raw weights.
+  into the weights (in the GEMM dtype) once at construction, replacing the raw weights. Between blocks it
+  calls `model.cancel.checkpoint`, so a request past its deadline gives its model thread back within one
+  block (~0.1 s) instead of at the end of a forward that may take a minute.
 
 Inputs (positional): ``feat (M_0, C_in)`` float32, then the tables in `KernelMaps.tables` order, then
 ``condition (1,)`` int64 (index into `conditions`) for PDNorm models. Outputs: ``backbone_feat
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from model.backbones.layout import FINAL, BlockSpec, ConvNormSpec, ConvSpec, NormSpec, SpUNetLayout
+from model.cancel import checkpoint
 from model.conditions import condition_index
 from model.config import ModelConfig
 from model.engine.bags import RowBags, bags_conv
@@ -44,6 +47,10 @@ from model.sparse.kernel_maps import KernelMaps, build_kernel_maps
 FORMULATIONS = ("gather", "pairs")
 Plan = torch.Tensor | RowBags | TapPairs | MaskBuckets  # a dense table (gather), or its CPU plan (pairs)
 _CONVS = {RowBags: bags_conv, TapPairs: pairs_conv, MaskBuckets: bucket_conv}
+
+
+def _exported() -> None:
+    """The gather formulation's checkpoint: none (its forward is traced into ONNX)."""
 
 
 def _sparse_conv(x: torch.Tensor, plan: RowBags | TapPairs | MaskBuckets, w: torch.Tensor,
@@ -296,18 +303,23 @@ class SpUNetEngine(nn.Module):
     def _network(self, feat, stem, subm, down, up, cond) -> tuple[torch.Tensor, ...]:
         levels = self.num_levels
         dt = torch.bfloat16 if self.precision == "bf16" else torch.float32  # GEMM operands (pairs)
+        check = checkpoint if self.formulation == "pairs" else _exported  # nothing in the exported graph
         x = self.stem(feat, stem, cond, dt)  # level 0
         skips = [x]
         for s in range(levels - 1):
+            check()
             x = self.down[s](x, down[s], cond, dt)  # level s + 1
             for block in self.enc[s]:
+                check()
                 x = block(x, subm[s + 1], cond, dt)
             skips.append(x)
         x = skips.pop()
         for s in reversed(range(levels - 1)):
+            check()
             x = self.up[s](x, up[s], cond, dt)  # level s
             x = self._concat(x, skips.pop())  # [upsampled, skip]
             for block in self.dec[s]:
+                check()
                 x = block(x, subm[s], cond, dt)
         if self.head == "final":
             return x, x @ self.final_w + self.final_b

@@ -11,9 +11,11 @@ short-lived thread per long job (``long_torch_threads``, default the same count)
 it (``service.workers.model_thread``).
 
 Every job carries its request's ``model.cancel.CancelToken``: a job whose request timed out, disconnected or
-was refused at shutdown is skipped in the queue, and a running long job stops at its next chunk (the token is
-made active while it runs; rendering and precise segmentation check it per chunk). A thread still running
-``STUCK_GRACE_S`` after its job's deadline (a forward pass cannot be interrupted) makes ``ready`` false.
+was refused at shutdown is skipped in the queue, and a running job stops at its next chunk (the token is
+made active while it runs; rendering and precise segmentation check it per chunk, the CPU engine between
+encoder blocks; an encoder batch stops once none of its requests still waits). A thread still running
+``STUCK_GRACE_S`` after its job's deadline (spconv and exported backends cannot be interrupted mid-forward)
+makes ``ready`` false.
 The model threads are daemon threads, so such a pass never holds the process at exit."""
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from model.cancel import CancelToken, Cancelled, active
+from model.cancel import AllCancelled, CancelToken, Cancelled, active
 from model.inference import Predictor
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
@@ -300,7 +302,13 @@ class InProcessWorker(Worker):
             await self._execute(thread, [pending], self._job_work(pending), pending.job.name)
 
     def _encode_work(self, model: str, condition: str | None, members: list[_Pending]) -> Callable[[], list]:
-        return lambda: self._infer(model, condition, [m.job for m in members])  # type: ignore[misc]
+        token = AllCancelled([m.token for m in members])  # the encoder stops between blocks once none waits
+
+        def work() -> list[EncodeOutput]:
+            with active(token):
+                return self._infer(model, condition, [m.job for m in members])  # type: ignore[misc]
+
+        return work
 
     def _job_work(self, pending: _Pending) -> Callable[[], list[Any]]:
         job = pending.job
