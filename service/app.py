@@ -90,7 +90,8 @@ def create_app(settings: ServiceSettings | None = None, worker: Worker | None = 
         app.include_router(router)
     # Added innermost first: request context -> auth -> body limit -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
-                       idle_timeout_s=settings.upload_idle_timeout_s)
+                       idle_timeout_s=settings.upload_idle_timeout_s,
+                       max_inflight_bytes=settings.max_inflight_upload_bytes)
     app.add_middleware(AuthMiddleware, api_keys=settings.api_keys, rate_per_s=settings.rate_limit_per_s,
                        burst=settings.rate_limit_burst)
     app.add_middleware(RequestContextMiddleware, metrics=registry)

@@ -3,7 +3,8 @@
 * :class:`RequestContextMiddleware` — request id (the client's ``X-Request-ID`` or a new one) on every
   answer and log line, one JSON access-log line per request, and the HTTP metrics;
 * :class:`BodyLimitMiddleware` — refuses bodies over the limit with 413 from ``Content-Length`` at once,
-  or, for chunked uploads, as soon as the bytes read pass the limit, and a body that stalls with 408;
+  or, for chunked uploads, as soon as the bytes read pass the limit, a body that stalls with 408, and a body
+  that would take the bytes of all uploads in flight past their budget with 503 + Retry-After;
 * :class:`AuthMiddleware` — optional API keys (401 missing / 403 wrong) and a per-key token bucket (429).
 """
 
@@ -80,14 +81,42 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-class BodyLimitMiddleware:
-    """Upload limits while the body arrives: its size (413) and the longest wait for its next bytes (408, so
-    a stalled client does not keep a connection and a deadline running)."""
+class UploadBudget:
+    """Bytes of request bodies held by requests in flight, against a budget: lane places are taken only once a
+    body is in (so a stalled client holds none), which leaves this as the bound on how much memory many
+    concurrent uploads can pin. Used from the event loop only: no lock."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float | None = None) -> None:
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.max_bytes is not None and size > 0 and self.held + size > self.max_bytes:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+    def refusal(self, size: int) -> ApiError:
+        return ApiError(503, f"the server is holding {self.held} bytes of other uploads and {size} more would pass "
+                             f"its budget of {self.max_bytes} bytes (PONDER_MAX_INFLIGHT_UPLOAD_BYTES); retry shortly",
+                        headers={"Retry-After": "2", "Connection": "close"})
+
+
+class BodyLimitMiddleware:
+    """Upload limits while the body arrives: its size (413), the longest wait for its next bytes (408, so
+    a stalled client does not keep a connection and a deadline running) and the bytes all requests in flight
+    hold (503, `UploadBudget`: a declared Content-Length is reserved before any byte is read, a chunked body
+    as it arrives; given back when the request has been answered)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float | None = None,
+                 max_inflight_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.budget = UploadBudget(max_inflight_bytes)
 
     def _too_large(self, size: str) -> ApiError:
         return ApiError(413, f"request body {size} exceeds the limit of {self.max_bytes} bytes "
@@ -104,11 +133,19 @@ class BodyLimitMiddleware:
                                         headers={"Connection": "close"})
             await response(scope, receive, send)
             return
+        reserved = int(declared) if declared and declared.isdigit() else 0
+        if not self.budget.take(reserved):
+            err = self.budget.refusal(reserved)
+            response = problem_response(503, err.detail, scope.get("state", {}).get("request_id"),
+                                        headers=err.headers)
+            await response(scope, receive, send)
+            return
         received = 0
+        held = reserved  # bytes of the budget this request holds: its declared size, or what it has sent
         body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received, body_done
+            nonlocal received, body_done, held
             if body_done or self.idle_timeout_s is None:  # after the body only a disconnect can come: no limit
                 message = await receive()
             else:
@@ -124,9 +161,16 @@ class BodyLimitMiddleware:
                 body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise self._too_large(f"(more than {received} bytes read)")
+                if received > held:  # chunked, or more than declared (the server stops it): count it as it comes
+                    if not self.budget.take(received - held):
+                        raise self.budget.refusal(received - held)
+                    held = received
             return message
 
-        await self.app(scope, counting_receive, send)
+        try:
+            await self.app(scope, counting_receive, send)
+        finally:
+            self.budget.give_back(held)
 
 
 @dataclass

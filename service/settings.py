@@ -27,6 +27,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | breaker_reset_s | 10.0 | how long an open breaker refuses calls before one trial call |
 | max_upload_bytes | 512 MiB | request bodies above this are refused with 413 while they are read |
 | upload_idle_timeout_s | 30.0 | an upload that sends no bytes for this long is refused with 408 (a stalled or trickling client holds no lane place meanwhile: places are taken once the body is in) |
+| max_inflight_upload_bytes | 2 GiB | request bodies all requests in flight may hold together (a declared Content-Length is reserved before reading); an upload that would pass it gets 503 + Retry-After. Bounds the memory of many concurrent uploads, which take no lane place until their body is in |
 | max_points | 5_000_000 | clouds with more points are refused with 413 (from the file header, before decoding) |
 | max_voxels | 1_500_000 | most voxels of one scene at the model's grid, counted before normals, kernel maps and the encoder (their memory grows with it: ~3 KB per voxel for the published-size encoder); more get 413 |
 | max_decoded_bytes | 2 GiB | memory budget for decoding one upload (arrays sized from its header, RGB-D fusion from its image sizes); above it 413 before allocating |
@@ -40,6 +41,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | drain_s | 10.0 | on SIGTERM: how long in-flight requests may finish before their jobs are cancelled and the server exits |
 | max_batch | 4 | requests merged into one forward pass |
 | max_wait_ms | 5.0 | how long the batching loop waits to fill a batch |
+| max_batch_voxels | 1_500_000 | voxels of one batched forward: a request that would take a batch past this waits for the next one (a scene alone always runs), so a batch's encoder memory stays that of one largest scene |
 | preprocess_threads | 2 | threads that decode uploads and voxelise (never the event loop) |
 | api_keys | [] | accepted API keys (``X-API-Key`` or ``Authorization: Bearer``); empty = no auth |
 | allow_anonymous_public | False | `ponder serve` on a non-loopback address without api_keys refuses to start unless this is true (compose sets it: it publishes the port on the host's 127.0.0.1 only) |
@@ -102,6 +104,7 @@ class ServiceSettings(BaseSettings):
 
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     upload_idle_timeout_s: float = Field(default=30.0, gt=0)
+    max_inflight_upload_bytes: int = Field(default=2 << 30, ge=1)
     max_points: int = Field(default=5_000_000, ge=1)
     max_voxels: int = Field(default=1_500_000, ge=1)
     max_decoded_bytes: int = Field(default=2 << 30, ge=1)
@@ -115,6 +118,7 @@ class ServiceSettings(BaseSettings):
     drain_s: float = Field(default=10.0, ge=0)
     max_batch: int = Field(default=4, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
+    max_batch_voxels: int = Field(default=1_500_000, ge=1)
     preprocess_threads: int = Field(default=2, ge=1)
 
     api_keys: StrList = Field(default_factory=list)
@@ -150,6 +154,13 @@ class ServiceSettings(BaseSettings):
                 self._fallback_note = (f"models directory {self.models_dir} is missing or holds no checkpoint: "
                                       "serving the bundled default model")
                 self.models_dir = None
+        return self
+
+    @model_validator(mode="after")
+    def _one_upload_fits_the_inflight_budget(self) -> "ServiceSettings":
+        if self.max_inflight_upload_bytes < self.max_upload_bytes:
+            raise ValueError(f"max_inflight_upload_bytes ({self.max_inflight_upload_bytes}) must be at least "
+                             f"max_upload_bytes ({self.max_upload_bytes}): a largest upload would never fit")
         return self
 
     @property

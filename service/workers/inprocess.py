@@ -56,6 +56,12 @@ class _Pending:
         return self.future.done() or self.token.cancelled
 
 
+def _voxels(pending: _Pending) -> int:
+    """Voxels an encode job adds to a batched forward (0 for other jobs)."""
+    job = pending.job
+    return job.voxels.num_voxels if isinstance(job, EncodeJob) else 0
+
+
 @dataclass
 class StandaloneJob(ModelJob):
     """A long-lane job for a model the gateway loads itself rather than a served point-cloud model (the image
@@ -73,6 +79,7 @@ class _Lane:
         self.metrics = metrics
         self.reserved = 0
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.carried: _Pending | None = None  # taken off the queue but left for the next batch (voxel budget)
         self.live: set[_Pending] = set()
         self.threads = [ModelThread(f"ponder-{name}-{i}", torch_threads, thread_per_call) for i in range(concurrency)]
 
@@ -182,7 +189,7 @@ class InProcessWorker(Worker):
         return True, f"{len(self._predictors)} model(s) loaded in process"
 
     def queue_depth(self) -> int:
-        return sum(lane.queue.qsize() for lane in self._lanes.values())
+        return sum(lane.queue.qsize() + (lane.carried is not None) for lane in self._lanes.values())
 
     def admit(self, lane: str = FAST) -> Ticket:
         self.check_admission(lane)
@@ -235,18 +242,28 @@ class InProcessWorker(Worker):
                 return pending
 
     async def _collect(self, lane: _Lane) -> list[_Pending]:
-        """The next batch: block for one request, then take more until max_batch or max_wait_ms."""
-        batch = [await self._next(lane)]
+        """The next batch: block for one request (or take the one carried over), then take more until
+        max_batch, max_wait_ms or max_batch_voxels: the request that would pass the voxel budget is carried
+        over to the next batch, so a forward never holds more than one largest scene's activations (a
+        scene alone always runs)."""
+        carried, lane.carried = lane.carried, None
+        batch = [carried if carried is not None and not carried.skip else await self._next(lane)]
+        voxels = _voxels(batch[0])
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000
         while len(batch) < self.settings.max_batch:
             remaining = deadline - time.monotonic()
             try:
                 if remaining <= 0:
-                    batch.append(lane.queue.get_nowait())
+                    pending = lane.queue.get_nowait()
                 else:
-                    batch.append(await asyncio.wait_for(lane.queue.get(), remaining))
+                    pending = await asyncio.wait_for(lane.queue.get(), remaining)
             except (asyncio.QueueEmpty, TimeoutError):
                 break
+            if voxels + _voxels(pending) > self.settings.max_batch_voxels and not pending.skip:
+                lane.carried = pending
+                break
+            batch.append(pending)
+            voxels += _voxels(pending)
         self._set_depth()
         return [p for p in batch if not p.skip]
 
