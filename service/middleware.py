@@ -3,8 +3,8 @@
 * :class:`RequestContextMiddleware` — request id (the client's ``X-Request-ID`` or a new one) on every
   answer and log line, one JSON access-log line per request, and the HTTP metrics;
 * :class:`BodyLimitMiddleware` — refuses bodies over the limit with 413 from ``Content-Length`` at once,
-  or, for chunked uploads, as soon as the bytes read pass the limit, a body that stalls with 408, and a body
-  that would take the bytes of all uploads in flight past their budget with 503 + Retry-After;
+  or, for chunked uploads, as soon as the bytes read pass the limit, a body that stalls with 408, and bytes
+  that would take what all requests in flight hold past their budget with 503 + Retry-After;
 * :class:`AuthMiddleware` — optional API keys (401 missing / 403 wrong) and a per-key token bucket (429).
 """
 
@@ -108,8 +108,9 @@ class UploadBudget:
 class BodyLimitMiddleware:
     """Upload limits while the body arrives: its size (413), the longest wait for its next bytes (408, so
     a stalled client does not keep a connection and a deadline running) and the bytes all requests in flight
-    hold (503, `UploadBudget`: a declared Content-Length is reserved before any byte is read, a chunked body
-    as it arrives; given back when the request has been answered)."""
+    hold (503, `UploadBudget`: counted as they arrive, given back when the request has been answered). Bytes
+    received, not declared: a client declaring a huge Content-Length and trickling would otherwise hold a
+    share of the budget it never uses."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float | None = None,
                  max_inflight_bytes: int | None = None) -> None:
@@ -133,15 +134,8 @@ class BodyLimitMiddleware:
                                         headers={"Connection": "close"})
             await response(scope, receive, send)
             return
-        reserved = int(declared) if declared and declared.isdigit() else 0
-        if not self.budget.take(reserved):
-            err = self.budget.refusal(reserved)
-            response = problem_response(503, err.detail, scope.get("state", {}).get("request_id"),
-                                        headers=err.headers)
-            await response(scope, receive, send)
-            return
         received = 0
-        held = reserved  # bytes of the budget this request holds: its declared size, or what it has sent
+        held = 0  # bytes of the budget this request holds
         body_done = False
 
         async def counting_receive() -> Message:
@@ -161,10 +155,9 @@ class BodyLimitMiddleware:
                 body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise self._too_large(f"(more than {received} bytes read)")
-                if received > held:  # chunked, or more than declared (the server stops it): count it as it comes
-                    if not self.budget.take(received - held):
-                        raise self.budget.refusal(received - held)
-                    held = received
+                if not self.budget.take(received - held):
+                    raise self.budget.refusal(received - held)
+                held = received
             return message
 
         try:

@@ -27,7 +27,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | breaker_reset_s | 10.0 | how long an open breaker refuses calls before one trial call |
 | max_upload_bytes | 512 MiB | request bodies above this are refused with 413 while they are read |
 | upload_idle_timeout_s | 30.0 | an upload that sends no bytes for this long is refused with 408 (a stalled or trickling client holds no lane place meanwhile: places are taken once the body is in) |
-| max_inflight_upload_bytes | 2 GiB | request bodies all requests in flight may hold together (a declared Content-Length is reserved before reading); an upload that would pass it gets 503 + Retry-After. Bounds the memory of many concurrent uploads, which take no lane place until their body is in |
+| max_inflight_upload_bytes | 2 GiB | request body bytes all requests in flight may hold together (counted as they arrive, given back when answered); an upload whose next bytes would pass it gets 503 + Retry-After. Bounds the memory of many concurrent uploads, which take no lane place until their body is in |
 | max_points | 5_000_000 | clouds with more points are refused with 413 (from the file header, before decoding) |
 | max_voxels | 1_500_000 | most voxels of one scene at the model's grid, counted before normals, kernel maps and the encoder (their memory grows with it: ~3 KB per voxel for the published-size encoder); more get 413 |
 | max_decoded_bytes | 2 GiB | memory budget for decoding one upload (arrays sized from its header, RGB-D fusion from its image sizes); above it 413 before allocating |

@@ -1,8 +1,8 @@
 """What bounds the gateway's memory when many large requests come at once:
 
-- the bytes of request bodies held by all requests in flight (``PONDER_MAX_INFLIGHT_UPLOAD_BYTES``: a declared
-  Content-Length is reserved before reading, a chunked body counted as it arrives; 503 + Retry-After past it,
-  given back once the request is answered) — real uvicorn on loopback, raw sockets for stalled uploads;
+- the bytes of request bodies held by all requests in flight (``PONDER_MAX_INFLIGHT_UPLOAD_BYTES``: counted as
+  they arrive, declared or chunked; 503 + Retry-After past it, given back once the request is answered) — real
+  uvicorn on loopback, raw sockets for stalled uploads;
 - the voxels of one batched forward (``PONDER_MAX_BATCH_VOXELS``): a request that would pass it waits for the
   next batch, and every request is still answered with its own features — the in-process worker, real model.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -38,7 +40,7 @@ MAX_UPLOAD, IN_FLIGHT = 2_000_000, 3_000_000
 def server():
     require_fixtures()
     env = {"PONDER_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "PONDER_MAX_INFLIGHT_UPLOAD_BYTES": str(IN_FLIGHT),
-           "PONDER_UPLOAD_IDLE_TIMEOUT_S": "3", "PONDER_TORCH_THREADS": "1"}
+           "PONDER_UPLOAD_IDLE_TIMEOUT_S": "8", "PONDER_TORCH_THREADS": "1"}
     with gateway(env) as srv:
         yield srv
 
@@ -48,27 +50,39 @@ def post(server, body, request_id: str) -> httpx.Response:
                       headers={"Accept": "application/x-npy", "X-Request-ID": request_id}, timeout=120)
 
 
+def upload_then_stall(server, request_id: str, sent: int) -> socket.socket:
+    """A raw features upload that sends ``sent`` bytes of a body declared 100 kB longer, then nothing."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall((f"POST /v1/features?format=npz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {sent + 100_000}"
+                  f"\r\nContent-Type: application/octet-stream\r\nX-Request-ID: {request_id}\r\n\r\n").encode()
+                 + b"\x00" * sent)
+    return sock
+
+
 def test_uploads_in_flight_share_one_byte_budget(server):
-    big = stalled_upload(server, "holding-1.9MB", declared=1_900_000)  # reserves its declared size at once
+    liar = stalled_upload(server, "declares-1.9MB-sends-10B", declared=1_900_000)  # declared bytes hold nothing
+    big = upload_then_stall(server, "holding-1.9MB", sent=1_900_000)
     try:
+        time.sleep(0.5)  # the server has read what was sent
         small = post(server, npz_bytes(scene(1500)), "small-beside")
         assert small.status_code == 200, small.text  # 1.9 MB + a small body fit the 3 MB budget
-        refused = post(server, b"\x00" * 1_500_000, "declared-1.5MB")  # 1.9 + 1.5 MB do not
+        refused = post(server, b"\x00" * 1_500_000, "sends-1.5MB")  # 1.9 + 1.5 MB do not
         assert refused.status_code == 503, refused.text
         assert refused.headers.get("retry-after") == "2"
         assert "PONDER_MAX_INFLIGHT_UPLOAD_BYTES" in refused.json()["detail"]
 
-        def chunked():  # no Content-Length: counted as it comes, refused once past the budget
+        def chunked():  # no Content-Length: the same count
             for _ in range(12):
                 yield b"\x00" * 100_000
 
         streamed = post(server, chunked(), "chunked-1.2MB")
         assert streamed.status_code == 503, streamed.text
-        assert "PONDER_MAX_INFLIGHT_UPLOAD_BYTES" in streamed.json()["detail"]
-        assert read_until_closed(big).startswith("HTTP/1.1 408")  # idle: dropped, its bytes given back
+        for sock in (big, liar):  # idle: dropped, their bytes given back
+            assert read_until_closed(sock).startswith("HTTP/1.1 408")
     finally:
         big.close()
-    after = post(server, b"\x00" * 1_500_000, "declared-1.5MB-after")  # now it fits: refused only as bad data
+        liar.close()
+    after = post(server, b"\x00" * 1_500_000, "sends-1.5MB-after")  # now it fits: refused only as bad data
     assert after.status_code in (400, 415, 422), after.text
     assert "PONDER_MAX_INFLIGHT_UPLOAD_BYTES" not in after.text
 
