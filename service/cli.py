@@ -13,6 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
+from service.ports import port_number
 
 # = the Literal of ServiceSettings.backend (service/settings.py; tests/test_cli_hardening.py checks), spelled out
 # so that `ponder --help` need not import pydantic.
@@ -34,7 +35,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; another address needs API keys or "
                              "PONDER_ALLOW_ANONYMOUS_PUBLIC=true)")
-    parser.add_argument("--port", type=int, default=os.environ.get("PONDER_PORT", "8000"),
+    parser.add_argument("--port", type=port_number, default=os.environ.get("PONDER_PORT", "8000"),
                         help="port to listen on (default: PONDER_PORT or 8000)")
     parser.add_argument("--config", type=Path, dest="config_file", help="YAML/JSON settings file (PONDER_* vars win)")
     parser.add_argument("--default-model", default=None, help="model used when a request names none")

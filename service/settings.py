@@ -179,6 +179,21 @@ class ServiceSettings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    @field_validator("triton_urls")
+    @classmethod
+    def _host_and_port(cls, urls: list[str]) -> list[str]:
+        """Each endpoint as tritonclient takes it, ``host:port``: a URL scheme or a missing port would otherwise
+        surface as 30 s of silent connection attempts at startup."""
+        for url in urls:
+            if "://" in url:
+                raise ValueError(f"Triton endpoint {url!r}: give host:port without a scheme "
+                                 f"(e.g. {url.split('://', 1)[1].rstrip('/')!r})")
+            host, sep, port = url.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"Triton endpoint {url!r}: expected host:port with a port 1-65535 (the worker's gRPC "
+                                 "port, 8101 by default, or its HTTP port with PONDER_TRITON_PROTOCOL=http)")
+        return urls
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -1,0 +1,114 @@
+"""`ponder worker --triton` and `ponder serve` refuse what Triton or uvicorn would fail on, in one line and at once:
+ports out of range, the same port twice, a port in use, an unreadable config.pbtxt, an ensemble step with no model
+folder, a backend the bundled (nvidia-pytriton) server lacks. Run through the real ``ponder`` script."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PONDER
+
+ENSEMBLE = """name: "ponder"
+platform: "ensemble"
+input { name: "feat" data_type: TYPE_FP32 dims: [-1, 6] }
+output { name: "backbone_feat" data_type: TYPE_FP32 dims: [-1, 32] }
+ensemble_scheduling {
+  step { model_name: "ponder_encoder" model_version: -1
+         input_map { key: "feat" value: "feat" } output_map { key: "backbone_feat" value: "backbone_feat" } }
+}
+"""
+ENCODER = """name: "ponder_encoder"
+backend: "{backend}"
+input {{ name: "feat" data_type: TYPE_FP32 dims: [-1, 6] }}
+output {{ name: "backbone_feat" data_type: TYPE_FP32 dims: [-1, 32] }}
+"""
+
+
+def ponder(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([PONDER, *map(str, args)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def refused(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and "Triton worker on" not in result.stdout  # no banner before failing
+    last = result.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
+
+
+def repository(root: Path, backend: str = "python", ensemble: str = ENSEMBLE, encoder: bool = True) -> Path:
+    (root / "ponder").mkdir(parents=True)
+    (root / "ponder" / "config.pbtxt").write_text(ensemble)
+    if encoder:
+        (root / "ponder_encoder").mkdir()
+        (root / "ponder_encoder" / "config.pbtxt").write_text(ENCODER.format(backend=backend))
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker(repo: Path, *ports: int) -> subprocess.CompletedProcess:
+    http, grpc, metrics = ports or (free_port(), free_port(), free_port())
+    return ponder("worker", "--triton", "--repo", repo, "--http-port", http, "--grpc-port", grpc,
+                  "--metrics-port", metrics)
+
+
+@pytest.mark.parametrize("command", [("serve", "--port", "70000"), ("worker", "--triton", "--repo", ".",
+                                                                     "--grpc-port", "0")])
+def test_ports_out_of_range_are_usage_errors(command):
+    result = ponder(*command)
+    assert result.returncode == 2 and "is not a port number (1-65535)" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_refuses_the_same_port_twice_and_a_port_in_use(tmp_path):
+    repo = repository(tmp_path / "repo")
+    port = free_port()
+    refused(worker(repo, port, port, free_port()), "are both", "three different ports")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        refused(worker(repo, busy, free_port(), free_port()), f"--http-port {busy}", "cannot listen")
+
+
+def test_worker_refuses_an_unreadable_config(tmp_path):
+    repo = repository(tmp_path / "repo", ensemble=ENSEMBLE.replace('"ensemble"', '"ensemble'))
+    refused(worker(repo), "ponder/config.pbtxt", "not a readable Triton model config")
+
+
+def test_worker_refuses_an_ensemble_step_without_its_model(tmp_path):
+    refused(worker(repository(tmp_path / "repo", encoder=False)), "calls model 'ponder_encoder'", "no folder")
+
+
+def test_bundled_server_refuses_an_onnxruntime_repository_with_the_kind_to_use(tmp_path):
+    """`ponder export triton-repo`'s default --kind onnxruntime is for NVIDIA's image; the bundled server says so."""
+    from export.triton_serve import find_tritonserver
+
+    if (find_tritonserver().backend_dir / "onnxruntime").is_dir():
+        pytest.skip("this Triton server has the onnxruntime backend")
+    refused(worker(repository(tmp_path / "repo", backend="onnxruntime")), "backend 'onnxruntime'",
+            "--kind python-onnxruntime")
+
+
+@pytest.mark.parametrize("url, needle", [("http://127.0.0.1:8101", "without a scheme (e.g. '127.0.0.1:8101')"),
+                                         ("127.0.0.1", "expected host:port"), ("h:99999", "expected host:port")])
+def test_triton_endpoints_are_host_and_port(url, needle):
+    from pydantic import ValidationError
+
+    from service.settings import ServiceSettings
+
+    with pytest.raises(ValidationError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        ServiceSettings(worker="triton", triton_urls=[url])
+    assert ServiceSettings(triton_urls=["h1:8101", "[::1]:8101"]).triton_urls == ["h1:8101", "[::1]:8101"]
