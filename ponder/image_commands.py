@@ -64,6 +64,9 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
                    help="scene box in metres (default: the cameras file's 'bounds', else estimated from the frusta)")
     p.add_argument("--far", type=float, default=4.0, help="metres to reach when estimating the box (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--max-input-pixels", type=int, default=16 << 20, metavar="N",
+                   help="most pixels of all input views together, read from their headers before decoding "
+                        "(default 16777216; the model holds ~90 bytes per input pixel)")
 
 
 def _load(args: argparse.Namespace):
@@ -79,7 +82,7 @@ def _load(args: argparse.Namespace):
     if args.checkpoint is None and not checkpoint.is_dir():
         raise ValueError("no bundled image model in this installation; pass --checkpoint (an image model folder "
                          "written by `ponder images train`)")
-    views, bounds = read_image_folder(args.images, args.cameras)
+    views, bounds = read_image_folder(args.images, args.cameras, args.max_input_pixels)
     if args.bounds is not None:
         bounds = parse_bounds(np.asarray(args.bounds).reshape(2, 3))
     if bounds is None:

@@ -194,6 +194,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bounds", type=float, nargs=6, metavar=("XMIN", "YMIN", "ZMIN", "XMAX", "YMAX", "ZMAX"),
                    help="with --images: scene box in metres (default: the cameras file's, else from the frusta)")
     p.add_argument("--far", type=float, default=4.0, help="with --images: metres to reach when estimating the box")
+    p.add_argument("--max-input-pixels", type=int, default=16 << 20, metavar="N",
+                   help="with --images: most pixels of all views together (default 16777216; see ponder images)")
     p.add_argument("--per-voxel", action="store_true",
                    help="write voxel features (M x C) and OUTPUT.point_to_voxel.npy instead of per-point rows")
     add_model_arguments(p)
@@ -290,7 +292,7 @@ def run_image_features(args) -> int:
         raise ValueError("--backend/--precision/--up/--condition/--grid-size/--max-voxels apply to point clouds, "
                          "not to --images")
     image_args = argparse.Namespace(images=args.images, cameras=args.cameras, bounds=args.bounds, far=args.far,
-                                    device=args.device, out=Path(args.output),
+                                    device=args.device, out=Path(args.output), max_input_pixels=args.max_input_pixels,
                                     checkpoint=Path(args.checkpoint) if args.checkpoint else None)
     return run_image_branch(image_args)
 

@@ -251,3 +251,27 @@ def test_one_camera_file_reader_for_render_and_images(tmp_path: Path, capsys) ->
     cloud.write_text("0 0 0\n1 0 0\n0 1 0\n")
     assert_one_line_error(ponder_inprocess(capsys, "render", cloud, "--cameras", broken, "-o", tmp_path / "out"),
                           "broken.json", "not valid JSON")
+
+
+def test_images_refuses_too_many_input_pixels_before_decoding(tmp_path, capsys):
+    """Sizes come from the headers: views over --max-input-pixels in all, or a header claiming a decompression bomb,
+    are one-line errors before any pixel is decoded (the image models hold ~90 bytes per input pixel)."""
+    from PIL import Image
+
+    folder = tmp_path / "views"
+    folder.mkdir()
+    K = [[40.0, 0, 31.5], [0, 40.0, 23.5], [0, 0, 1]]
+    cameras = [{"width": 64, "height": 48, "K": K, "camera_to_world": np.eye(4).tolist(), "image": f"{i}.png"}
+               for i in range(3)]
+    for i in range(3):
+        Image.new("RGB", (64, 48), (i * 60, 80, 120)).save(folder / f"{i}.png")
+    (tmp_path / "cams.json").write_text(json.dumps({"cameras": cameras}))
+    result = ponder_inprocess(capsys, "images", "features", "--images", folder, "--cameras", tmp_path / "cams.json",
+                              "-o", tmp_path / "f.npz", "--max-input-pixels", 9000)
+    assert_one_line_error(result, "9,216 pixels in all", "--max-input-pixels 9,000")
+    assert not (tmp_path / "f.npz").exists()
+    bomb = Image.new("1", (20000, 10000))  # 200 MP in a few kB: over Pillow's bomb limit from its header
+    bomb.save(folder / "1.png")
+    result = ponder_inprocess(capsys, "images", "features", "--images", folder, "--cameras", tmp_path / "cams.json",
+                              "-o", tmp_path / "f.npz")
+    assert_one_line_error(result, "1.png: not a readable image", "decompression bomb")
