@@ -161,6 +161,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=3, help="retries on 5xx/429/connection errors")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo every output in -o, adopting these options (default: skip outputs made from the "
+                             "same unchanged input with the same options; refuse a folder made with other options)")
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -180,8 +183,12 @@ def run_extract(args: argparse.Namespace) -> int:
                           out_format=args.out_format, model=args.model, condition=args.condition,
                           grid_size=args.grid_size, dtype=args.dtype,
                           api_key=args.api_key or os.environ.get("PONDER_API_KEY"), retries=args.retries,
-                          timeout_s=args.timeout, progress=not args.no_progress)
-    report = asyncio.run(extract(inputs, opts))
+                          timeout_s=args.timeout, progress=not args.no_progress, overwrite=args.overwrite)
+    try:
+        report = asyncio.run(extract(inputs, opts))
+    except ValueError as exc:  # refused before any file: URL, gateway, model, options of the folder, name clashes
+        print(f"ponder extract: error: {exc}", file=sys.stderr)
+        return 2
     print(report.summary(), flush=True)
     return 1 if report.failed else 0
 

@@ -92,7 +92,7 @@ class Gate:
                     self.close_connection = True  # no answer at all: the client sees a dropped connection
                     return
                 with gate.lock:
-                    gate.passed += answer.status_code == 200
+                    gate.passed += answer.status_code == 200 and self.command == "POST"  # not the pre-flight GET
                 self.send_response(answer.status_code)
                 for key in ("content-type", "retry-after"):
                     if key in answer.headers:
