@@ -63,7 +63,10 @@ def create_app(settings: ServiceSettings | None = None, worker: Worker | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await worker.start()
-        LOG.info("ready: %s worker, models %s", worker.kind, ", ".join(worker.models()))
+        if worker.models():
+            LOG.info("ready: %s worker, models %s", worker.kind, ", ".join(worker.models()))
+        else:
+            LOG.warning("started: %s worker, no model yet (/readyz answers 503 until one is served)", worker.kind)
         restore = _drain_on_signals(app, worker, settings.drain_s)
         if on_started is not None:
             on_started()

@@ -112,3 +112,26 @@ def test_triton_endpoints_are_host_and_port(url, needle):
     with pytest.raises(ValidationError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         ServiceSettings(worker="triton", triton_urls=[url])
     assert ServiceSettings(triton_urls=["h1:8101", "[::1]:8101"]).triton_urls == ["h1:8101", "[::1]:8101"]
+
+
+def test_gateway_startup_says_why_no_triton_endpoint_answered(caplog):
+    """The startup warning carries each endpoint's last error (here: nothing listens on its port)."""
+    import asyncio
+    import logging
+
+    from service.metrics import ServiceMetrics
+    from service.settings import ServiceSettings
+    from service.workers.triton_client import TritonWorker
+
+    port = free_port()
+    worker = TritonWorker(ServiceSettings(worker="triton", triton_urls=[f"127.0.0.1:{port}"],
+                                          triton_startup_wait_s=1.0), ServiceMetrics())
+
+    async def start_and_stop() -> None:
+        await worker.start()
+        await worker.stop()
+
+    with caplog.at_level(logging.WARNING, logger="service.triton"):
+        asyncio.run(start_and_stop())
+    warning = next(r.getMessage() for r in caplog.records if "no Triton endpoint answered" in r.getMessage())
+    assert f"127.0.0.1:{port}: " in warning and "no answer" not in warning, warning

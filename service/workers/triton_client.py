@@ -147,12 +147,14 @@ class TritonWorker(Worker):
                                              breaker=EndpointBreaker(self.settings.breaker_failures,
                                                                      self.settings.breaker_reset_s, url)))
         # The gateway may start before Triton: learn the models in the background until one answers.
+        self._discovery_errors: dict[str, str] = {}  # the last failure per endpoint, for the startup warning
         self._discovery = asyncio.create_task(self._discover_models(), name="ponder-triton-discovery")
         wait = self.settings.triton_startup_wait_s
         try:
             await asyncio.wait_for(asyncio.shield(self._discovery), timeout=wait)
         except TimeoutError:
-            LOG.warning("no Triton endpoint answered within %g s; still trying in the background", wait)
+            last = "; ".join(f"{url}: {error}" for url, error in self._discovery_errors.items()) or "no answer"
+            LOG.warning("no Triton endpoint answered within %g s (%s); still trying in the background", wait, last)
 
     async def stop(self) -> None:
         if self._discovery is not None and not self._discovery.done():
@@ -171,6 +173,7 @@ class TritonWorker(Worker):
                     cards = await self._cards_of(endpoint.client)
                 except Exception as exc:  # noqa: BLE001 - retried until a server answers
                     LOG.debug("model discovery on %s failed: %s", endpoint.url, exc)
+                    self._discovery_errors[endpoint.url] = " ".join(str(exc).split())[:300] or type(exc).__name__
                     continue
                 if cards:
                     self._cards = {name: card for name, (card, _) in cards.items()}
