@@ -68,21 +68,64 @@ def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow full unpickling of the checkpoint (only for files you trust)")
 
 
+IMAGE_KINDS = ("image-render", "image-segment")
+
+
+def _check_checkpoint_kind(checkpoint: str) -> None:
+    """An image model folder (``ponder images``) has no point-cloud encoder to export: say so in one line
+    instead of a dump of config keys the point-cloud loader does not know."""
+    from model.errors import CommandError
+    from model.images.checkpoint import config_kind
+
+    path = Path(checkpoint)
+    kind = config_kind(path) if path.is_dir() else None
+    if kind in IMAGE_KINDS:
+        raise CommandError(f"{checkpoint} is an image model (kind {kind}); image models cannot be exported, "
+                           f"only point-cloud encoders (run it with `ponder images`)")
+
+
+def _check_onnx_output(output: str | Path) -> Path:
+    """``-o`` of ``export onnx``, checked before any model work: an .onnx file path whose folder accepts
+    new files (named in the message, never a temporary file or a bare errno)."""
+    from export.triton_repo import creation_problem
+    from model.errors import CommandError
+
+    path = Path(output)
+    if path.is_dir():
+        raise CommandError(f"-o {path}: is a folder; -o takes the .onnx file to write")
+    if path.suffix.lower() != ".onnx":
+        suggestion = path.with_suffix(".onnx") if path.suffix else Path(str(path) + ".onnx")
+        raise CommandError(f"-o {path}: the model is written as ONNX; name the file {suggestion}")
+    problem = creation_problem(path)
+    if problem:
+        raise CommandError(f"-o {path}: {problem}")
+    return path
+
+
 def _export(checkpoint: str, output: Path, features_only: bool, trust: bool, exporter: str = "torchscript",
             opset: int = 18, taps_per_matmul: int | None = None) -> Path:
     from export.graph import GatherSpUNet
-    from export.onnx_export import export_onnx
+    from export.onnx_export import ExportError, export_onnx
     from model.checkpoint import load_checkpoint
+    from model.errors import CommandError
 
+    _check_checkpoint_kind(checkpoint)
     loaded = load_checkpoint(checkpoint, trust=trust)
     graph = GatherSpUNet.from_loaded(loaded, heads=not features_only, taps_per_matmul=taps_per_matmul)
-    return export_onnx(graph, output, opset=opset, exporter=exporter, extra_metadata={"name": loaded.config.name})
+    try:
+        return export_onnx(graph, output, opset=opset, exporter=exporter,
+                           extra_metadata={"name": loaded.config.name})
+    except ExportError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def run_onnx(args) -> int:
-    from export.onnx_export import describe
+    from export.onnx_export import check_export_options, describe
 
-    path = _export(args.checkpoint, Path(args.output), args.features_only, args.trust_checkpoint, args.exporter,
+    check_export_options(args.opset, args.exporter, args.taps_per_matmul, opset_name="--opset",
+                         taps_name="--taps-per-matmul")
+    output = _check_onnx_output(args.output)
+    path = _export(args.checkpoint, output, args.features_only, args.trust_checkpoint, args.exporter,
                    args.opset, args.taps_per_matmul)
     desc = describe(path)
     print(f"wrote {path}: inputs {list(desc['inputs'])}, outputs {desc['outputs']}", file=sys.stderr)
@@ -114,11 +157,27 @@ def run_tensorrt(args) -> int:
 
 
 def run_triton_repo(args) -> int:
+    from export.onnx_export import ExportError
     from export.tensorrt import TensorRTUnavailable
-    from export.triton_repo import read_model_config, write_triton_repository
+    from export.triton_repo import (check_plan_source, check_repository_output, read_model_config,
+                                    write_triton_repository)
     from model.errors import CommandError
 
     model = Path(args.model)
+    try:  # everything that can be checked before a checkpoint is exported or a file written
+        check_repository_output(args.output, "-o")
+        if args.instances < 1:
+            raise CommandError(f"--instances must be >= 1, got {args.instances}")
+        if args.threads < 0:
+            raise CommandError(f"--threads must be >= 0 (0: onnxruntime's default), got {args.threads}")
+        if args.kind == "tensorrt" and args.device == "cpu":
+            raise CommandError("--kind tensorrt runs on GPUs only; use --kind onnxruntime or python-onnxruntime "
+                               "with --device cpu")
+        check_plan_source(args.kind, args.plan)
+    except TensorRTUnavailable as exc:
+        raise CommandError(f"{exc}; or pass --plan with an engine built on a GPU host") from exc
+    except OSError as exc:  # the checks' own messages name the path
+        raise CommandError(str(exc)) from None
     with tempfile.TemporaryDirectory() as tmp:
         if model.suffix != ".onnx":
             model = _export(str(model), Path(tmp) / "model.onnx", args.features_only, args.trust_checkpoint)
@@ -128,7 +187,7 @@ def run_triton_repo(args) -> int:
                                              threads=args.threads)
         except TensorRTUnavailable as exc:
             raise CommandError(f"{exc}; or pass --plan with an engine built on a GPU host") from exc
-        except ValueError as exc:
+        except (ValueError, ExportError) as exc:
             raise CommandError(str(exc)) from exc
     config = read_model_config(folder)
     summary = {"repository": str(folder.parent), "model": config.name, "kind": args.kind,

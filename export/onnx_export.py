@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +25,7 @@ import onnx
 import torch
 
 from export.graph import GatherSpUNet, GraphInfo  # GatherSpUNet: model.engine's gather formulation
+from model.files import replaced_on_success
 from model.sparse.kernel_maps import KernelMaps
 
 log = logging.getLogger(__name__)
@@ -31,10 +33,57 @@ log = logging.getLogger(__name__)
 FORBIDDEN_OPS = ("ScatterND", "ScatterElements", "Scatter")
 METADATA_PREFIX = "ponder."
 DEFAULT_OPSET = 18
+MIN_OPSET = 9  # below it the graph's ops (ConstantOfShape, Cast attributes) do not exist in ONNX
+MIN_DYNAMO_OPSET = 18  # the dynamo exporter translates to opset 18 and newer
+MAX_TAPS_PER_MATMUL = 27  # one GEMM per 3x3x3 conv; more taps than a conv has change nothing
 
 
 class ExportError(RuntimeError):
     """The exported graph is invalid or contains ops that would be wrong at run time."""
+
+
+def opset_range(exporter: str = "torchscript") -> tuple[int, int]:
+    """(lowest, highest) ONNX opset the exporter can write for this graph."""
+    from torch.onnx import _constants
+
+    if exporter == "dynamo":
+        return MIN_DYNAMO_OPSET, int(getattr(_constants, "ONNX_MAX_OPSET", 23))
+    return MIN_OPSET, int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+
+
+def check_export_options(opset: int, exporter: str = "torchscript", taps_per_matmul: int | None = None,
+                         opset_name: str = "opset", taps_name: str = "taps_per_matmul") -> None:
+    """Refuse an opset the exporter cannot write and a taps_per_matmul outside 1..27 (ValueError naming the
+    option: ``*_name`` are the flags of the command that asks), before any model work."""
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    lo, hi = opset_range(exporter)
+    if not lo <= opset <= hi:
+        raise ValueError(f"{opset_name} must be {lo}-{hi} for the {exporter} exporter, got {opset}")
+    if taps_per_matmul is not None and not 1 <= taps_per_matmul <= MAX_TAPS_PER_MATMUL:
+        raise ValueError(f"{taps_name} must be 1-{MAX_TAPS_PER_MATMUL} ({MAX_TAPS_PER_MATMUL} = one matmul per 3x3x3 "
+                         f"conv; leave it out for the default), got {taps_per_matmul}")
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """An ONNX file's model (external data not loaded); FileNotFoundError when it is missing, ExportError naming
+    the file when it is not a file or not a readable ONNX model (truncated, another format)."""
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such ONNX model")
+    if not path.is_file():
+        raise ExportError(f"{path}: is a folder, not an ONNX model file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeWarning) as exc:
+        raise ExportError(f"{path}: not a readable ONNX model (truncated or another format: {exc})") from None
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not model.graph.node:
+        raise ExportError(f"{path}: not an ONNX model (its graph is empty)")
+    return model
 
 
 def example_scene(num_points: int = 3000, extent: int = 40, seed: int = 0) -> np.ndarray:
@@ -107,7 +156,7 @@ def metadata(info: GraphInfo, extra: dict[str, str] | None = None) -> dict[str, 
 def read_info(model: onnx.ModelProto | str | Path) -> GraphInfo:
     """GraphInfo back from an exported model's metadata_props."""
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
+        model = load_onnx(model)
     props = {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
     if "kind" not in props:
         raise ExportError("the ONNX model has no ponder metadata; was it exported by `ponder export onnx`?")
@@ -136,36 +185,46 @@ def check_graph(model: onnx.ModelProto) -> None:
 
 def export_onnx(graph: GatherSpUNet, path: str | Path, opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
                 maps: KernelMaps | None = None, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write ``path`` (a single .onnx file); returns it. Checks the model and the op set."""
-    if exporter not in ("dynamo", "torchscript"):
-        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    """Write ``path`` (a single .onnx file); returns it. Checks the model and the op set. The model is written
+    to a temporary file beside ``path`` and renamed over it only once the ONNX checker passed: a failed export
+    leaves an earlier ``path`` as it was and no invalid file."""
+    check_export_options(opset, exporter)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     graph = graph.eval()
     info = graph.info
     args = example_inputs(graph, maps)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            program = torch.onnx.export(graph, args, dynamo=True, opset_version=opset,
-                                        input_names=info.input_names, output_names=list(info.outputs),
-                                        dynamic_shapes=_dynamic_shapes(info), optimize=True, verbose=False)
-            model = program.model_proto
-        else:
-            tmp = path.with_suffix(".torchscript.onnx")
-            torch.onnx.export(graph, args, str(tmp), dynamo=False, opset_version=opset,
-                              input_names=info.input_names, output_names=list(info.outputs),
-                              dynamic_axes=_dynamic_axes(info))
-            model = onnx.load(str(tmp))
-            tmp.unlink()
-    _name_dims(model, info)
-    del model.metadata_props[:]
-    extra = {"taps_per_matmul": str(graph.taps_per_matmul or "auto"), **(extra_metadata or {})}
-    onnx.helper.set_model_props(model, metadata(info, extra))
-    model.producer_name = "ponder-serve"
-    check_graph(model)
-    onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path), full_check=True)
+    # A private folder beside the output (same file system, so the final rename is atomic; unique, so no
+    # user file is overwritten), removed whatever happens.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as work:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                program = torch.onnx.export(graph, args, dynamo=True, opset_version=opset,
+                                            input_names=info.input_names, output_names=list(info.outputs),
+                                            dynamic_shapes=_dynamic_shapes(info), optimize=True, verbose=False)
+                model = program.model_proto
+            else:
+                traced = Path(work) / "torchscript.onnx"
+                torch.onnx.export(graph, args, str(traced), dynamo=False, opset_version=opset,
+                                  input_names=info.input_names, output_names=list(info.outputs),
+                                  dynamic_axes=_dynamic_axes(info))
+                model = onnx.load(str(traced))
+                traced.unlink()
+        _name_dims(model, info)
+        del model.metadata_props[:]
+        extra = {"taps_per_matmul": str(graph.taps_per_matmul or "auto"), **(extra_metadata or {})}
+        onnx.helper.set_model_props(model, metadata(info, extra))
+        model.producer_name = "ponder-serve"
+        check_graph(model)
+        with replaced_on_success(path, Path(work) / "model.onnx") as tmp:
+            onnx.save_model(model, str(tmp))
+            try:
+                onnx.checker.check_model(str(tmp), full_check=True)
+            except onnx.checker.ValidationError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ExportError(f"the exported model fails the ONNX checker (opset {opset}): {first}; "
+                                  f"{path} was not written") from exc
     log.info("exported %s (%s exporter, opset %d, %d nodes)", path, exporter, opset, len(model.graph.node))
     return path
 
@@ -191,7 +250,7 @@ def _name_dims(model: onnx.ModelProto, info: GraphInfo) -> None:
 
 def describe(path: str | Path) -> dict:
     """Inputs, outputs (with symbolic shapes), opset, op histogram and metadata of an exported model."""
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_onnx(path)
 
     def shape(v):
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]

@@ -27,7 +27,9 @@ scenes go in one request with distinct ``batch`` ids instead; concurrency comes 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -173,21 +175,74 @@ def repository_configs(onnx_path: str | Path, name: str, kind: str = "onnxruntim
         raise ValueError(f"instance_count must be >= 1, got {instance_count}")
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"invalid Triton model name {name!r}")
-    onnx_path = Path(onnx_path)
-    if not onnx_path.exists():
-        raise FileNotFoundError(f"{onnx_path}: no such ONNX model")
     import onnx
 
-    from export.onnx_export import read_info
+    from export.onnx_export import ExportError, load_onnx, read_info
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    info = read_info(model)
+    model = load_onnx(onnx_path)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{onnx_path}: not a valid ONNX model ({first})") from None
+    try:
+        info = read_info(model)
+    except ExportError as exc:
+        raise ExportError(f"{onnx_path}: {exc}") from None
     inputs, outputs = graph_specs(model, info)
     extra = {p.key: p.value for p in model.metadata_props if p.key.startswith("ponder.")}
     maps_name, encoder_name = step_names(name)
     return {name: ensemble_config(info, name, inputs, outputs, extra),
             maps_name: kernel_maps_config(info, maps_name, inputs, device, instance_count),
             encoder_name: encoder_config(encoder_name, kind, inputs, outputs, device, instance_count, threads)}
+
+
+def creation_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be created (its nearest existing parent is a file, or does not accept new files), or
+    None. A probe file is created and removed: permission bits say nothing for root, read-only mounts or /proc."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ponder-write-check-", dir=folder)
+    except OSError as exc:
+        return f"cannot create files in {folder} ({exc.strerror or exc})"
+    os.close(handle)
+    os.unlink(probe)
+    return None
+
+
+def check_repository_output(out_dir: str | Path, flag: str = "output") -> Path:
+    """Refuse a repository folder that cannot be written (a file, a file among its parents, a folder that
+    does not accept new files), before any work; ``flag`` names the option in the messages."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{flag} {out_dir}: is a file; {flag} takes a repository folder")
+    problem = creation_problem(out_dir / "x" if out_dir.is_dir() else out_dir)
+    if problem:
+        raise PermissionError(f"{flag} {out_dir}: {problem}")
+    return out_dir
+
+
+def check_plan_source(kind: str, plan_path: str | Path | None) -> None:
+    """For kind="tensorrt": the prebuilt plan is a non-empty file, or TensorRT is here to build one
+    (TensorRTUnavailable); nothing for the other kinds."""
+    if kind != "tensorrt":
+        return
+    if plan_path is not None:
+        plan = Path(plan_path)
+        if not plan.is_file():
+            raise FileNotFoundError(f"--plan {plan}: " + ("is a folder, not a TensorRT engine file" if plan.is_dir()
+                                                          else "no such TensorRT engine file"))
+        if plan.stat().st_size == 0:
+            raise ValueError(f"--plan {plan}: the file is empty, not a TensorRT engine")
+        return
+    from export.tensorrt import TensorRTUnavailable, tensorrt_available
+
+    if not tensorrt_available():
+        raise TensorRTUnavailable("TensorRT is not installed (pip install 'ponder-serve[tensorrt]' on a GPU host)")
 
 
 def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: str, max_batch_size: int = 0,
@@ -197,27 +252,68 @@ def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: st
     ensemble's folder. device: instance kind of both steps (default: cpu for python-onnxruntime, gpu
     otherwise). For kind="tensorrt", ``plan_path`` is the engine built from the ONNX file
     (`export.tensorrt.build_engine`); without one it is built here, which needs TensorRT and a GPU.
-    threads: onnxruntime intra-op threads of the python-onnxruntime encoder (0 = onnxruntime's default)."""
-    configs = repository_configs(onnx_path, name, kind, device, instance_count, max_batch_size, threads)
-    maps_name, encoder_name = step_names(name)
-    out_dir = Path(out_dir)
-    for model_name, config in configs.items():
-        (out_dir / model_name / "1").mkdir(parents=True, exist_ok=True)  # an ensemble needs a version folder too
-        (out_dir / model_name / "config.pbtxt").write_text(text_format.MessageToString(config))
-    shutil.copyfile(TEMPLATES / "kernel_maps.py", out_dir / maps_name / "1" / KERNEL_MAPS_FILE)
-    version = out_dir / encoder_name / "1"
-    if kind == "python-onnxruntime":
-        shutil.copyfile(TEMPLATES / "onnx_encoder.py", version / ENCODER_FILES[kind][1])
-        shutil.copyfile(onnx_path, version / "model.onnx")
-    elif kind == "onnxruntime":
-        shutil.copyfile(onnx_path, version / "model.onnx")
-    elif plan_path is not None:
-        shutil.copyfile(plan_path, version / "model.plan")
-    else:
-        from export.tensorrt import build_engine
+    threads: onnxruntime intra-op threads of the python-onnxruntime encoder (0 = onnxruntime's default).
 
-        build_engine(onnx_path, version / "model.plan")
+    All-or-nothing: the inputs are checked first, the three model folders are built in a temporary folder
+    beside ``out_dir``, and only a complete build replaces them (each as a whole, so no file of an earlier
+    export stays beside the new ones; other models in ``out_dir`` are left alone). A failure leaves an
+    existing repository as it was and no partial one in a new folder."""
+    out_dir = check_repository_output(out_dir)
+    configs = repository_configs(onnx_path, name, kind, device, instance_count, max_batch_size, threads)
+    check_plan_source(kind, plan_path)
+    maps_name, encoder_name = step_names(name)
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        built = staging / "repo"
+        for model_name, config in configs.items():
+            (built / model_name / "1").mkdir(parents=True)  # an ensemble needs a version folder too
+            (built / model_name / "config.pbtxt").write_text(text_format.MessageToString(config))
+        shutil.copyfile(TEMPLATES / "kernel_maps.py", built / maps_name / "1" / KERNEL_MAPS_FILE)
+        version = built / encoder_name / "1"
+        if kind == "python-onnxruntime":
+            shutil.copyfile(TEMPLATES / "onnx_encoder.py", version / ENCODER_FILES[kind][1])
+            shutil.copyfile(onnx_path, version / "model.onnx")
+        elif kind == "onnxruntime":
+            shutil.copyfile(onnx_path, version / "model.onnx")
+        elif plan_path is not None:
+            shutil.copyfile(plan_path, version / "model.plan")
+        else:
+            from export.tensorrt import build_engine
+
+            build_engine(onnx_path, version / "model.plan")
+        _swap_in(built, out_dir, list(configs), staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir / name
+
+
+def _swap_in(built: Path, out_dir: Path, names: list[str], staging: Path) -> None:
+    """Move the complete repository ``built`` into place: one rename when ``out_dir`` is new, else each model
+    folder replaces its namesake (the old one is moved aside and restored if a later rename fails)."""
+    if not out_dir.exists():
+        os.rename(built, out_dir)
+        return
+    old = staging / "old"
+    old.mkdir()
+    done: list[tuple[str, bool]] = []  # (model name, had an old folder)
+    try:
+        for model_name in names:
+            target = out_dir / model_name
+            had = target.exists() or target.is_symlink()
+            if had:
+                os.rename(target, old / model_name)
+            done.append((model_name, had))
+            os.rename(built / model_name, target)
+    except OSError:
+        for model_name, had in reversed(done):
+            target = out_dir / model_name
+            if target.is_dir() and not (built / model_name).exists():
+                os.rename(target, built / model_name)
+            if had:
+                os.rename(old / model_name, target)
+        raise
 
 
 def read_model_config(path: str | Path) -> pb.ModelConfig:

@@ -69,6 +69,27 @@ def show_warning(message: Warning | str, category: type[Warning], filename: str,
         pass
 
 
+USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, ValueError, FileNotFoundError, PermissionError,
+                                                IsADirectoryError, FileExistsError, NotADirectoryError)
+# Errors of libraries a command may have imported, as (module, class): a bad input file or an invalid export
+# (one line, exit 2, not a traceback). Looked up in sys.modules, so ``ponder --help`` imports none of them.
+LAZY_USER_ERRORS: tuple[tuple[str, str], ...] = (
+    ("export.onnx_export", "ExportError"),         # exported graph invalid, ONNX file without ponder metadata
+    ("google.protobuf.message", "DecodeError"),    # a truncated or non-ONNX .onnx file
+    ("onnx.checker", "ValidationError"),           # an ONNX model that fails the checker
+)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types shown as ``ponder X: error: ...`` (exit 2) instead of a traceback."""
+    lazy = []
+    for module_name, name in LAZY_USER_ERRORS:
+        cls = getattr(sys.modules.get(module_name), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            lazy.append(cls)
+    return USER_ERRORS + tuple(lazy)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
@@ -88,11 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
-            FileExistsError, NotADirectoryError) as exc:
-        if args.verbose:
+    except Exception as exc:
+        if args.verbose or not isinstance(exc, user_errors()):
             raise
-        print(f"ponder {args.command}: error: {exc}", file=sys.stderr)
+        text = str(exc) if isinstance(exc, USER_ERRORS) else " ".join(str(exc).split()) or type(exc).__name__
+        print(f"ponder {args.command}: error: {text}", file=sys.stderr)  # library errors: on one line
         return 2
     finally:
         warnings.showwarning = shown  # main() also runs inside other programs (tests)
