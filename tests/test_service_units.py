@@ -289,9 +289,11 @@ def test_extract_inputs_and_output_names(tmp_path_factory, tmp_path):
     assert {p.name for p in expand_inputs([str(tmp_path / "a" / "*.l*")])} == {"y.las"}
     everything = expand_inputs([str(tmp_path)])
     assert {p.name for p in everything} == {"x.ply", "y.las", "b.npz", "b.ply"}
-    targets = output_paths(everything, tmp_path / "out", ".npy")
+    with pytest.raises(ValueError, match="b.ply would both be written to .*b.npy"):  # b.npz and b.ply: one name
+        output_paths(everything, tmp_path / "out", ".npy")
+    targets = output_paths([p for p in everything if p.name != "b.ply"], tmp_path / "out", ".npy")
     rel = {p.name: t.relative_to(tmp_path / "out").as_posix() for p, t in targets.items()}
-    assert rel == {"x.ply": "a/x.npy", "y.las": "a/y.npy", "b.npz": "b.npz.npy", "b.ply": "b.ply.npy"}
+    assert rel == {"x.ply": "a/x.npy", "y.las": "a/y.npy", "b.npz": "b.npy"}  # names never depend on the others
     with pytest.raises(ValueError, match="not a file"):
         expand_inputs([str(tmp_path / "missing")])
 
