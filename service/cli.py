@@ -190,6 +190,8 @@ def run_extract(args: argparse.Namespace) -> int:
         print(f"ponder extract: error: {exc}", file=sys.stderr)
         return 2
     print(report.summary(), flush=True)
+    if report.interrupted is not None:
+        return 130  # the shell's status for a run stopped by SIGINT
     return 1 if report.failed else 0
 
 

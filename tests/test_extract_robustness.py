@@ -12,11 +12,13 @@ import asyncio
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -59,8 +61,10 @@ class FakeGateway:
     """Answers GET /v1/models (model "m") and POST /v1/features: ``answers`` maps an upload's file name to
     (status, problem detail); any other upload gets a (4, 8) float32 NPY. ``posts`` lists the uploads' names."""
 
-    def __init__(self, answers: dict[str, tuple[int, str]] | None = None, models_status: int = 200) -> None:
+    def __init__(self, answers: dict[str, tuple[int, str]] | None = None, models_status: int = 200,
+                 conditions: list[str] | None = None, post_delay_s: float = 0.0) -> None:
         self.answers, self.models_status, self.posts = answers or {}, models_status, []
+        self.conditions, self.post_delay_s = conditions or [], post_delay_s
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -75,7 +79,9 @@ class FakeGateway:
 
             def do_GET(self) -> None:
                 if urlparse(self.path).path == "/v1/models" and fake.models_status == 200:
-                    listing = {"models": [{"name": "m", "version": "1"}], "default_model": "m", "worker": "fake"}
+                    model = {"name": "m", "version": "1", "conditions": fake.conditions,
+                             "default_condition": fake.conditions[0] if fake.conditions else None}
+                    listing = {"models": [model], "default_model": "m", "worker": "fake"}
                     self.reply(200, json.dumps(listing).encode(), "application/json")
                 else:
                     self.reply(fake.models_status if fake.models_status != 200 else 404,
@@ -85,6 +91,7 @@ class FakeGateway:
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 name = parse_qs(urlparse(self.path).query)["filename"][0]
                 fake.posts.append(name)
+                time.sleep(fake.post_delay_s)
                 if name in fake.answers:
                     status, detail = fake.answers[name]
                     problem = {"type": "urn:ponder:problem:x", "title": "x", "status": status, "detail": detail,
@@ -161,6 +168,53 @@ def test_wrong_port_and_unknown_model_are_refused(tmp_path):
         assert run.returncode == 2, run.stdout + run.stderr
         assert "no model 'nope'" in run.stderr and "serves: m" in run.stderr, run.stderr
         assert fake.posts == []
+
+
+def test_condition_is_checked_before_any_file(tmp_path):
+    cloud_file(tmp_path / "in" / "a.npy")
+    with FakeGateway(conditions=["ScanNet", "S3DIS"]) as fake:
+        run = ponder_extract(str(tmp_path / "in"), "--server", fake.url, "-o", str(tmp_path / "o"),
+                             "--condition", "Mars")
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert "unknown condition 'Mars'" in run.stderr and "ScanNet, S3DIS" in run.stderr, run.stderr
+        assert fake.posts == [] and not (tmp_path / "o").exists()
+        run = ponder_extract(str(tmp_path / "in"), "--server", fake.url, "-o", str(tmp_path / "o"),
+                             "--condition", "S3DIS")
+        assert run.returncode == 0 and fake.posts == ["a.npy"], run.stdout + run.stderr
+    with FakeGateway() as unconditioned:
+        run = ponder_extract(str(tmp_path / "in"), "--server", unconditioned.url, "-o", str(tmp_path / "o2"),
+                             "--condition", "ScanNet")
+        assert run.returncode == 2 and "takes no condition" in run.stderr, run.stderr
+        assert unconditioned.posts == []
+
+
+def test_ctrl_c_keeps_finished_outputs_prints_the_summary_and_a_rerun_finishes(tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for i in range(6):
+        cloud_file(folder / f"c{i}.npy", seed=i)
+    with FakeGateway(post_delay_s=0.5) as fake:
+        command = [PYTHON, "-m", "ponder.cli", "extract", str(folder), "--server", fake.url, "-o", str(out),
+                   "--no-progress", "--concurrency", "1"]
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("c*.npy"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 130, stdout + stderr
+        assert "Traceback" not in stderr, stderr
+        done = sorted(p.name for p in out.glob("c*.npy"))
+        assert 2 <= len(done) < 6, done
+        assert "interrupted:" in stdout and "run the same command again" in stdout, stdout
+        assert not list(out.rglob("*.ponder-tmp")), "a temporary file was left behind"
+        for name in done:  # every output in place is whole
+            assert np.load(out / name, allow_pickle=False).shape == (4, 8)
+        posts = len(fake.posts)
+        rerun = ponder_extract(str(folder), "--server", fake.url, "-o", str(out))
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert f"skipped {len(done)}" in rerun.stdout, rerun.stdout
+        assert len(fake.posts) == posts + 6 - len(done)
+    assert sorted(p.name for p in out.glob("c*.npy")) == [f"c{i}.npy" for i in range(6)]
 
 
 # --- 5. retries and messages ---------------------------------------------------------------------------
