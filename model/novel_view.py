@@ -30,6 +30,7 @@ from model.config import ModelConfig
 from model.pointcloud.cloud import PointCloud
 from model.prepare import InputOptions, prepare
 from model.render import Camera, RenderedView, render_views
+from model.render.views import ViewDone
 
 
 @dataclass
@@ -86,26 +87,30 @@ def in_input_frame(volume: SceneVolume, rotation: np.ndarray | None) -> SceneVol
     return replace(volume, world_to_unit=volume.world_to_unit @ to_model)
 
 
-def render_views_of(model: nn.Module, volume: SceneVolume, cameras: Sequence[Camera],
-                    chunk: int = 4096, cancel: CancelToken | None = None) -> list[RenderedView]:
+def render_views_of(model: nn.Module, volume: SceneVolume, cameras: Sequence[Camera], chunk: int = 4096,
+                    cancel: CancelToken | None = None, on_view: ViewDone | None = None) -> list[RenderedView]:
     """Render each camera through a scene volume, ``chunk`` rays at a time (memory is bounded by the chunk).
-    ``cancel`` (default: the active token) is checked before every chunk: model.cancel.Cancelled stops it."""
+    ``cancel`` (default: the active token) is checked before every chunk: model.cancel.Cancelled stops it.
+    ``on_view(i, view)`` runs as each view is done."""
     if not cameras:
         raise ValueError("no cameras to render")
     with active(cancel):  # the renderer calls model.cancel.checkpoint() per chunk
         views = []
-        for camera in cameras:
+        for i, camera in enumerate(cameras):
             checkpoint()
             views += render_views(model.render_head.renderer, volume.volume, volume.world_to_unit, [camera], chunk)
+            if on_view is not None:
+                on_view(i, views[-1])
         return views
 
 
 def render_scene(loaded: LoadedModel, cloud: PointCloud, cameras: Sequence[Camera], condition: str | None = None,
                  chunk: int = 4096, device: str | torch.device | None = None,
-                 options: InputOptions | None = None) -> list[RenderedView]:
-    """Views of ``cloud`` from ``cameras`` with a loaded pre-training checkpoint (moved to ``device`` if given)."""
+                 options: InputOptions | None = None, on_view: ViewDone | None = None) -> list[RenderedView]:
+    """Views of ``cloud`` from ``cameras`` with a loaded pre-training checkpoint (moved to ``device`` if given);
+    ``on_view(i, view)`` runs as each view is done."""
     model = loaded.inference_model  # no spconv: the engine-backed module tree, same weights
     if device is not None:
         model.to(torch_device(device))
     volume = scene_volume(model, loaded.config, cloud, condition, options)
-    return render_views_of(model, volume, cameras, chunk)
+    return render_views_of(model, volume, cameras, chunk, on_view=on_view)

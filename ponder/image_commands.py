@@ -112,9 +112,8 @@ def run_render(args: argparse.Namespace) -> int:
     from model.images import render_from_images
     from model.images.inputs import parse_cameras
     from model.render.cameras import read_camera_document
-    from model.render.images import ViewImages
 
-    from ponder.render_commands import check_out_folder, check_pixels, default_max_pixels
+    from ponder.render_commands import ViewWriter, check_out_folder, check_pixels, default_max_pixels
 
     if args.chunk < 1:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
@@ -125,9 +124,7 @@ def run_render(args: argparse.Namespace) -> int:
     novel = parse_cameras(read_camera_document(args.novel))[0]
     check_pixels(novel, max_pixels)
     model, views, bounds = _load(args)
-    rendered = render_from_images(model, views, novel, bounds, args.chunk)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for i, view in enumerate(rendered):
-        ViewImages.of(view).write(args.out, i)
+    with ViewWriter(args.out, len(novel)) as writer:
+        rendered = render_from_images(model, views, novel, bounds, args.chunk, on_view=writer)
     print(f"wrote {len(rendered)} views to {args.out}")
     return 0

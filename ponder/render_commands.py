@@ -65,6 +65,36 @@ def check_pixels(cameras, max_pixels: int) -> None:
                          "limit with --max-pixels")
 
 
+class ViewWriter:
+    """Writes each rendered view into ``folder`` as it is done, with a progress bar over the views, so a long
+    run shows where it is and an interrupted one keeps the views it finished (``on_view`` of the renderers)."""
+
+    def __init__(self, folder: Path, count: int, progress: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.folder, self.written = folder, 0
+        self.bar = tqdm(total=count, unit="view", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, index: int, view) -> None:
+        from model.render.images import ViewImages
+
+        images = ViewImages.of(view)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        images.write(self.folder, index)
+        self.written += 1
+        self.bar.write(f"{index}: {images.color.shape[1]}x{images.color.shape[0]}, "
+                       f"{images.hit_fraction:.0%} of rays hit the scene box", file=sys.stdout)
+        self.bar.update(1)
+
+    def __enter__(self) -> "ViewWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if exc[0] is not None and self.written:
+            print(f"kept the {self.written} view(s) written to {self.folder}", file=sys.stderr)
+
+
 def run_render(args: argparse.Namespace) -> int:
     import warnings
 
@@ -75,7 +105,6 @@ def run_render(args: argparse.Namespace) -> int:
     from model.pointcloud.readers import read_point_cloud
     from model.prepare import InputOptions, InvalidPointsWarning, invalid_rows
     from model.render.cameras import read_cameras
-    from model.render.images import ViewImages
 
     if args.chunk < 1:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
@@ -91,14 +120,10 @@ def run_render(args: argparse.Namespace) -> int:
         print(f"warning: dropped {dropped:,} of {len(cloud):,} points with NaN or infinite coordinates or normals "
               "(--strict refuses them)", file=sys.stderr)
     loaded = load_checkpoint(args.checkpoint or default_checkpoint("render"), trust=args.trust_checkpoint)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), ViewWriter(args.out, len(cameras)) as writer:
         warnings.simplefilter("ignore", InvalidPointsWarning)  # the line above says it once
         views = render_scene(loaded, cloud, cameras, args.condition, args.chunk, torch_device(args.device),
-                             options=InputOptions(up=args.up, invalid="error" if args.strict else "drop"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    for i, view in enumerate(views):
-        images = ViewImages.of(view)
-        images.write(args.out, i)
-        print(f"{i}: {view.rgb.shape[1]}x{view.rgb.shape[0]}, {images.hit_fraction:.0%} of rays hit the scene box")
+                             options=InputOptions(up=args.up, invalid="error" if args.strict else "drop"),
+                             on_view=writer)
     print(f"wrote {len(views)} views to {args.out}")
     return 0

@@ -4,6 +4,12 @@ in the cloud's own frame and does not depend on the chunk size; user errors are 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +183,31 @@ def test_render_up_axis_keeps_cameras_in_the_input_frame(trained, tmp_path):
                      "-o", str(tmp_path / name), "--up", up]) == 0
         runs[name] = np.asarray(Image.open(tmp_path / name / "0_color.png")).astype(int)
     assert np.abs(runs["z"] - runs["y"]).max() <= 1
+
+
+def test_views_are_written_as_they_finish_and_ctrl_c_keeps_them(trained, tmp_path):
+    """``ponder render`` writes each view when it is done (progress over views on stderr); SIGINT after the
+    first view stops the run with exit 130 and leaves whole files of the finished views, no partial ones."""
+    ply = write_point_cloud(trained["cloud"], tmp_path / "room.ply")
+    cams = tmp_path / "cams.json"
+    cams.write_text(json.dumps({"cameras": [c.to_dict() for c in trained["cameras"]] * 30}))
+    out = tmp_path / "views"
+    command = [sys.executable, "-m", "ponder.cli", "render", str(ply), "--checkpoint", str(trained["out"] / "final"),
+               "--cameras", str(cams), "-o", str(out), "--device", "cpu"]
+    proc = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "0_depth.npy").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    written = sorted(out.glob("*_color.png"))
+    assert 1 <= len(written) < 60, written
+    assert "0: " in stdout and "kept the" in stderr and "Traceback" not in stderr, stdout + stderr
+    assert not list(out.glob("*.partial"))
+    h, w = trained["size"]
+    for path in written:  # every file there is whole (a view stopped between its files may lack its depth)
+        assert np.asarray(Image.open(path)).shape == (h, w, 3)
+    for path in out.glob("*_depth.npy"):
+        assert np.load(path, allow_pickle=False).shape == (h, w)

@@ -17,7 +17,7 @@ from model.images.inputs import PosedImages, check_coverage, estimate_bounds
 from model.images.model import ImageRenderModel
 from model.images.volume import unit_to_world, voxel_centres_unit
 from model.render.cameras import Camera
-from model.render.views import RenderedView, render_views
+from model.render.views import RenderedView, ViewDone, render_views
 
 
 @dataclass
@@ -73,7 +73,9 @@ def image_features(model: ImageRenderModel, views: PosedImages, bounds: np.ndarr
 
 
 def render_from_images(model: ImageRenderModel, views: PosedImages, cameras: Sequence[Camera],
-                       bounds: np.ndarray | None = None, chunk: int = 4096) -> list[RenderedView]:
-    """Novel views (colour + metric z-depth) of the scene the images show, from ``cameras`` (world metres)."""
+                       bounds: np.ndarray | None = None, chunk: int = 4096,
+                       on_view: ViewDone | None = None) -> list[RenderedView]:
+    """Novel views (colour + metric z-depth) of the scene the images show, from ``cameras`` (world metres);
+    ``on_view(i, view)`` runs as each view is done."""
     volume, lifted, _ = scene_volume_from_images(model, views, bounds)
-    return render_views(model.head.renderer, volume, lifted.cubes[0].world_to_unit(), cameras, chunk)
+    return render_views(model.head.renderer, volume, lifted.cubes[0].world_to_unit(), cameras, chunk, on_view)

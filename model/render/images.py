@@ -45,9 +45,13 @@ class ViewImages:
                 f"{index}_depth.npy": npy_bytes(self.depth)}
 
     def write(self, folder: Path, index: int) -> list[Path]:
+        """The view's files in ``folder``, each written beside its name and renamed (never half a file)."""
+        from model.files import replaced_on_success
+
         paths = []
         for name, data in self.files(index).items():
-            (folder / name).write_bytes(data)
+            with replaced_on_success(folder / name) as tmp:
+                tmp.write_bytes(data)
             paths.append(folder / name)
         return paths
 

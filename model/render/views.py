@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,16 +36,20 @@ def similarity_scale(world_to_unit: np.ndarray) -> float:
     return float(np.sqrt(scale2))
 
 
+ViewDone = Callable[[int, "RenderedView"], None]  # (index of the camera, its view): called as each view is done
+
+
 @torch.no_grad()
 def render_views(renderer: NeuSRenderer, volume: Tensor, world_to_unit: np.ndarray, cameras: Sequence[Camera],
-                 chunk: int = 4096) -> list[RenderedView]:
+                 chunk: int = 4096, on_view: ViewDone | None = None) -> list[RenderedView]:
     """Render one scene from each camera.
 
     volume: the scene's render volume (C, Z, Y, X) (``proj_net`` output). world_to_unit: the 4x4 similarity
     from the cameras' world frame (metres) to the unit cube, e.g. ``UnitCube.world_to_unit(pre_shift)``.
     Rays are rendered ``chunk`` at a time without keeping graphs (the field differentiates the SDF locally),
     so memory is bounded by the chunk. The rendered unit-cube ray distance t becomes metric z-depth as
-    t / scale · cos(angle to the optical axis).
+    t / scale · cos(angle to the optical axis). ``on_view(i, view)`` runs as each view is done (a caller
+    writes it and shows progress, so a long run keeps what it finished).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
@@ -82,6 +86,8 @@ def render_views(renderer: NeuSRenderer, volume: Tensor, world_to_unit: np.ndarr
             depth = torch.where(hit, t / scale * cos, torch.zeros_like(t))
             rgb = torch.where(hit[:, None], rgb, torch.zeros_like(rgb))
             views.append(RenderedView(rgb=rgb.reshape(h, w, 3), depth=depth.reshape(h, w), hit=hit.reshape(h, w)))
+            if on_view is not None:
+                on_view(i, views[-1])
         return views
     finally:
         renderer.train(was_training)
