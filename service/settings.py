@@ -22,7 +22,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | triton_protocol | "grpc" | "grpc" or "http" |
 | triton_retries | 3 | retries per request on transient Triton errors (with exponential backoff) |
 | triton_backoff_s | 0.05 | first retry delay; doubles per retry |
-| triton_startup_wait_s | 30.0 | how long startup waits for a Triton endpoint to list its models (then keeps trying) |
+| triton_startup_wait_s | 5.0 | how long startup waits for a Triton endpoint to list its models before the gateway listens (then it keeps trying in the background: /healthz answers, /readyz is 503 with the last error until models are listed) |
 | breaker_failures | 5 | consecutive failures that open an endpoint's circuit breaker |
 | breaker_reset_s | 10.0 | how long an open breaker refuses calls before one trial call |
 | max_upload_bytes | 512 MiB | request bodies above this are refused with 413 while they are read |
@@ -98,7 +98,7 @@ class ServiceSettings(BaseSettings):
     triton_protocol: Literal["grpc", "http"] = "grpc"
     triton_retries: int = Field(default=3, ge=0)
     triton_backoff_s: float = Field(default=0.05, ge=0)
-    triton_startup_wait_s: float = Field(default=30.0, ge=0)
+    triton_startup_wait_s: float = Field(default=5.0, ge=0)
     breaker_failures: int = Field(default=5, ge=1)
     breaker_reset_s: float = Field(default=10.0, gt=0)
 

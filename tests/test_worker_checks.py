@@ -127,11 +127,16 @@ def test_gateway_startup_says_why_no_triton_endpoint_answered(caplog):
     worker = TritonWorker(ServiceSettings(worker="triton", triton_urls=[f"127.0.0.1:{port}"],
                                           triton_startup_wait_s=1.0), ServiceMetrics())
 
+    readiness = []
+
     async def start_and_stop() -> None:
         await worker.start()
+        readiness.append(await worker.ready())
         await worker.stop()
 
     with caplog.at_level(logging.WARNING, logger="service.triton"):
         asyncio.run(start_and_stop())
     warning = next(r.getMessage() for r in caplog.records if "no Triton endpoint answered" in r.getMessage())
     assert f"127.0.0.1:{port}: " in warning and "no answer" not in warning, warning
+    ready, detail = readiness[0]  # /readyz says the same while the gateway keeps trying
+    assert not ready and f"127.0.0.1:{port}: " in detail, detail

@@ -124,6 +124,7 @@ class TritonWorker(Worker):
         self._cards: dict[str, ModelCard] = {}
         self._in_channels: dict[str, int] = {}
         self._discovery: asyncio.Task | None = None
+        self._discovery_errors: dict[str, str] = {}  # the last failure per endpoint: startup warning, /readyz
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def _client_module(self):
@@ -147,7 +148,6 @@ class TritonWorker(Worker):
                                              breaker=EndpointBreaker(self.settings.breaker_failures,
                                                                      self.settings.breaker_reset_s, url)))
         # The gateway may start before Triton: learn the models in the background until one answers.
-        self._discovery_errors: dict[str, str] = {}  # the last failure per endpoint, for the startup warning
         self._discovery = asyncio.create_task(self._discover_models(), name="ponder-triton-discovery")
         wait = self.settings.triton_startup_wait_s
         try:
@@ -181,6 +181,7 @@ class TritonWorker(Worker):
                     LOG.info("Triton at %s serves %s", endpoint.url, ", ".join(self._cards))
                     return
                 LOG.warning("Triton at %s serves no ready ponder ensemble yet", endpoint.url)
+                self._discovery_errors[endpoint.url] = "serves no ready ponder ensemble yet"
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -210,7 +211,8 @@ class TritonWorker(Worker):
 
     async def ready(self) -> tuple[bool, str]:
         if not self._cards:
-            return False, "no Triton endpoint has answered the model list yet"
+            last = "; ".join(f"{url}: {error}" for url, error in self._discovery_errors.items())
+            return False, "no Triton endpoint has answered the model list yet" + (f" (last: {last})" if last else "")
         for endpoint in self._endpoints:
             if endpoint.breaker.refusing:
                 continue
