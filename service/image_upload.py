@@ -161,9 +161,11 @@ def _header_size(view: ImageView) -> tuple[int, int]:
 def _decode(view: ImageView) -> np.ndarray:
     from PIL import Image
 
+    from model.images.inputs import rgb_pixels
+
     try:
         with Image.open(io.BytesIO(view.data)) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return rgb_pixels(im)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt upload
         raise ApiError(422, f"image_{view.key}: the image data is corrupt ({type(exc).__name__}: {exc})") from exc
 

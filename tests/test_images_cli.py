@@ -172,3 +172,25 @@ def test_default_model_folder_fits_its_size_budget():
     total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
     assert total <= 25 * 1024 * 1024, f"{total / 2**20:.1f} MiB"
     assert (DEFAULT_MODEL_DIR / "images" / "model.safetensors").is_file()
+
+
+def test_sixteen_bit_views_are_scaled_not_clipped_and_unused_images_are_named(tmp_path):
+    """A 16-bit greyscale PNG decodes to the same 8-bit picture as its 8-bit twin (PIL's convert would turn
+    every value above 255 white); an image no camera names is said, not dropped silently."""
+    from model.images.inputs import read_image_folder, rgb_pixels
+
+    cams = write_views(tmp_path / "views", n=2)
+    grey8 = np.random.default_rng(1).integers(0, 256, (H, W), dtype=np.uint8)
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "views" / "0.png")  # 16-bit, same picture
+    Image.fromarray(grey8).save(tmp_path / "views" / "extra.png")
+    (tmp_path / "cams.json").write_text(json.dumps({"cameras": cams}))
+    with pytest.warns(UserWarning, match=r"1 image\(s\) .* named by no camera .*extra\.png"):
+        views, _ = read_image_folder(tmp_path / "views", tmp_path / "cams.json")
+    assert views.images.dtype == np.uint8
+    assert np.array_equal(views.images[0], np.repeat(grey8[..., None], 3, axis=-1))
+    with Image.open(tmp_path / "views" / "0.png") as im:
+        assert im.mode.startswith("I")  # the case this guards: PIL opens it as 16-bit integers
+        assert np.array_equal(rgb_pixels(im)[..., 0], grey8)
+    Image.fromarray(grey8.astype(np.float32)).save(tmp_path / "float.tiff")
+    with Image.open(tmp_path / "float.tiff") as im, pytest.raises(ValueError, match="floating-point"):
+        rgb_pixels(im)

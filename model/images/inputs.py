@@ -11,6 +11,7 @@ side at least ``MIN_BOUNDS_SIDE``: outside, the lifted volume's float32 unit-cub
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -106,6 +107,24 @@ def estimate_bounds(cameras: Sequence[Camera], far: float = 4.0) -> np.ndarray:
                         "the box estimated from the camera frusta (give 'bounds' to set it)")
 
 
+def rgb_pixels(im: Any) -> np.ndarray:
+    """(H, W, 3) uint8 of an opened PIL image: the one decode of input views (CLI and service). 16-bit images
+    (greyscale PNGs open as mode ``I;16``/``I``) are scaled to 8 bits, not clipped (PIL's ``convert("RGB")`` turns
+    every value above 255 white); float images have no colour scale and are refused."""
+    if im.mode.startswith("I"):
+        values = np.asarray(im)
+        top = int(values.max()) if values.size else 0
+        if (values.size and int(values.min()) < 0) or top > 65535:
+            raise ValueError(f"{im.mode} pixel values {int(values.min())}..{top} are not 8- or 16-bit colour")
+        if im.mode.startswith("I;16") or top > 255:
+            values = (values.astype(np.uint32) * 255 + 32767) // 65535  # 0..65535 -> 0..255, rounded
+        grey = values.astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode == "F":
+        raise ValueError("a floating-point image (mode F) has no colour scale; save the views as 8- or 16-bit PNG/JPEG")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 # Most pixels of all input views `read_image_folder` decodes by default: the image models hold ~90 bytes per
 # input pixel at peak (5 views of 2400x1800 took 1.9 GB), so 16 MP is ~1.5 GB. `ponder images --max-input-pixels`.
 MAX_INPUT_PIXELS = 16 << 20
@@ -130,6 +149,11 @@ def read_image_folder(folder: Path, cameras_path: Path, max_input_pixels: int | 
         absent = [str(p) for p in paths if not p.is_file()]
         if absent:
             raise ImageInputError(f"cameras name images that are not in {folder}: {absent[:3]}")
+        named = {p.resolve() for p in paths}
+        unnamed = [p.name for p in files if p.resolve() not in named]
+        if unnamed:  # a view the user may have meant to include: said, not silently dropped
+            warnings.warn(f"{len(unnamed)} image(s) in {folder} are named by no camera and are not used: "
+                          f"{', '.join(unnamed[:5])}{' ...' if len(unnamed) > 5 else ''}", stacklevel=2)
     else:
         if len(files) != len(cameras):
             raise ImageInputError(f"{folder} holds {len(files)} images but {cameras_path} has {len(cameras)} "
@@ -154,7 +178,7 @@ def read_image_folder(folder: Path, cameras_path: Path, max_input_pixels: int | 
     for p in paths:
         try:
             with Image.open(p) as im:
-                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                images.append(rgb_pixels(im))
         except unreadable as exc:
             raise ImageInputError(f"{p}: not a readable image ({exc})") from None
     bounds = parse_bounds(doc["bounds"]) if isinstance(doc, Mapping) and "bounds" in doc else None
