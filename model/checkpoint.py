@@ -24,7 +24,7 @@ from torch import nn
 
 from model.build import build_model
 from model.config import ModelConfig
-from model.files import replaced_on_success
+from model.files import new_folder_for, replaced_on_success
 from model.infer_config import infer_config
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -122,27 +122,52 @@ def check_torch_header(path: Path) -> None:
                               "or a folder with model.safetensors)")
 
 
+EMBEDDED_CONFIG = "ponder_config"  # the model config training stores in its official container (a plain dict)
+
+
 def read_official(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """The state_dict of an official checkpoint, ``module.`` prefix removed."""
+    return read_official_parts(path, trust)[0]
+
+
+def load_torch_file(path: Path, trust: bool = False) -> object:
+    """``torch.load`` of a user's file on the CPU: weights-only (tensors, plain data and the official numpy
+    scalars) unless ``trust``; every failure is a CheckpointError of one sentence naming the file."""
+    path = Path(path)
     check_torch_header(path)
     try:
         if trust:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with torch.serialization.safe_globals(_numpy_safe_globals()):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not trust and "Unsupported global" in str(exc):
+        if not trust and "unsupported global" in str(exc).lower():
             raise CheckpointError(_needs_unpickling(path, str(exc))) from exc
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle data)") from exc
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError, AttributeError,
             ImportError, MemoryError) as exc:
         # A damaged or foreign file makes the unpickler fail in arbitrary ways (e.g. ``KeyError: 101``).
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        text = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {text})") from exc
+
+
+def read_official_parts(path: Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
+    """(state_dict, model config) of an official container. The config is the one ``ponder train`` stores under
+    ``ponder_config`` (what the weights cannot tell: render volume and sampler, class names, grid size); None
+    for the authors' files, whose config is inferred from the weights."""
+    path = Path(path)
+    obj = load_torch_file(path, trust)
     state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no state_dict of tensors found (expected a dict with 'state_dict')")
-    return strip_prefix(state)
+    embedded = obj.get(EMBEDDED_CONFIG) if isinstance(obj, dict) else None
+    config = None
+    if isinstance(embedded, dict):
+        try:
+            config = ModelConfig.from_dict(embedded)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{path}: its stored model config ({EMBEDDED_CONFIG}) is invalid ({exc})") from exc
+    return strip_prefix(state), config
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -152,7 +177,7 @@ def _needs_unpickling(path: Path, torch_message: str) -> str:
     """One readable sentence for a weights-only refusal: torch's message has terminal escape codes and a page
     of advice about its own API; the useful part is which stored object it refused."""
     text = _ANSI.sub("", torch_message)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    found = re.search(r"\bGLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y"
     refused = f"it stores {found.group(1)}, which the safe loader refuses" if found else " ".join(
         text.splitlines()[0].split())
     return (f"{path}: the file needs full unpickling, which can run arbitrary code ({refused}). Only if you trust "
@@ -214,7 +239,8 @@ def _inferred_for_folder(folder: Path, state: dict[str, torch.Tensor]) -> ModelC
 def read_checkpoint(path: str | Path, trust: bool = False,
                     config: ModelConfig | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """(state_dict, config) of our format (folder or ``.safetensors`` file with a config beside it) or of an
-    official ``.pth`` (config inferred from the weights unless given)."""
+    official ``.pth`` (config: ``config`` if given, else the one training stored in it, else inferred from the
+    weights)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
@@ -228,9 +254,9 @@ def read_checkpoint(path: str | Path, trust: bool = False,
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{weights}: not a valid safetensors file ({exc})") from exc
         return state, config or _read_config_file(folder) or _inferred_for_folder(folder, state)
-    state = read_official(path, trust=trust)
+    state, embedded = read_official_parts(path, trust=trust)
     try:
-        return state, config or infer_config(state)
+        return state, config or embedded or infer_config(state)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot infer the architecture from the state_dict ({exc})") from exc
 
@@ -243,12 +269,15 @@ def load_checkpoint(path: str | Path, trust: bool = False, config: ModelConfig |
 
 
 def save_checkpoint(model: nn.Module, config: ModelConfig, out_dir: str | Path) -> Path:
-    """Write our format: ``model.safetensors`` (contiguous CPU tensors) and ``config.json``."""
+    """Write our format: ``model.safetensors`` (contiguous CPU tensors) and ``config.json``, as one change:
+    both are written in a folder beside ``out_dir`` that then takes its place (`swap_folder_in`), so a crash or
+    a full disk never leaves new weights beside an old config. Files get the usual umask permissions (safetensors
+    alone writes 0600, which the serving images' unprivileged user cannot read)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "kind": config.kind})
-    config.save(out / CONFIG_FILE)
+    with new_folder_for(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "kind": config.kind})
+        config.save(tmp / CONFIG_FILE)
     return out
 
 

@@ -10,17 +10,21 @@ from pathlib import Path
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    trust_help = ("read a .pth that needs full unpickling (it can run code: only for files you trust; by default "
+                  "only tensors and plain data are read)")
     p = subparsers.add_parser("inspect", help="describe a checkpoint: kind, architecture, conditions, classes")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint (default: the bundled model)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint: a model folder, .safetensors or official .pth "
+                                                 "(default: the bundled model)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--trust-checkpoint", action="store_true")
+    p.add_argument("--trust-checkpoint", action="store_true", help=trust_help)
     p.set_defaults(handler=run_inspect)
 
     p = subparsers.add_parser("convert", help="convert an official checkpoint into our format")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="an official PonderV2/Pointcept .pth (or one of our model folders)")
     p.add_argument("-o", "--output", required=True, help="output folder (model.safetensors + config.json)")
     p.add_argument("--name", help="model name recorded in the config")
-    p.add_argument("--trust-checkpoint", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace the model in an -o folder that holds one")
+    p.add_argument("--trust-checkpoint", action="store_true", help=trust_help)
     p.set_defaults(handler=run_convert)
 
 
@@ -116,6 +120,10 @@ def run_convert(args) -> int:
     if out.exists() and not out.is_dir():  # found before reading the checkpoint, not as a FileExistsError after it
         raise CommandError(f"-o {out}: exists and is not a folder; convert writes a folder (model.safetensors + "
                            "config.json)")
+    held = [name for name in ("model.safetensors", "config.json") if (out / name).exists()]
+    if held and not args.overwrite:
+        raise CommandError(f"-o {out} already holds a model ({', '.join(held)}); choose another folder, or pass "
+                           "--overwrite to replace it")
     loaded = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     loaded.config.name = args.name or Path(args.checkpoint).stem
     model = loaded.inference_model  # the same state_dict as the spconv module tree, built without spconv

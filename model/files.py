@@ -1,6 +1,6 @@
 """Writing a file so readers never see half of it: write a temporary sibling, then rename it over the target
-(atomic on POSIX within one file system). One helper for checkpoints, exported graphs, CLI outputs and the
-extraction job's feature files."""
+(atomic on POSIX within one file system), or a folder of files that change together (`new_folder_for`). One
+place for checkpoints, exported graphs, CLI outputs and the extraction job's feature files."""
 
 from __future__ import annotations
 
@@ -26,3 +26,47 @@ def replaced_on_success(path: str | Path, tmp: str | Path | None = None, fsync: 
     finally:
         tmp.unlink(missing_ok=True)
 
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def new_folder_for(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path`` to fill; when the block ends without an error it becomes
+    ``path`` (files and folder get the umask's permissions, as plain writes would), otherwise it is removed.
+    An existing ``path`` is moved aside first and its files that the new folder lacks are carried over, so the
+    files written together (weights and their config) change together and a crash leaves the old folder whole
+    (beside it as ``.<name>.old-<pid>`` in the instant between the two renames)."""
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        mode = 0o666 & ~_umask()
+        for item in tmp.iterdir():
+            if item.is_file():
+                item.chmod(mode)
+        tmp.chmod(0o777 & ~_umask())
+        if not path.exists():
+            os.rename(tmp, path)
+            return
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        for item in old.iterdir():  # what the old folder held besides the files just written
+            if not (path / item.name).exists():
+                os.rename(item, path / item.name)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

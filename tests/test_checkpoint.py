@@ -119,3 +119,91 @@ def test_pretrain_listings_keep_every_weight_and_know_their_era():
     old = infer_config(state_from_listing(read_listing(PRETRAIN_LISTINGS[2]))).render
     assert head.proj_head and not old.proj_head
     assert head.head.field.share_volume is False and old.head.field.share_volume is True
+
+
+def test_official_container_written_by_training_carries_its_config(tmp_path):
+    """What the weights cannot tell (the render volume and sampler) comes back from the ``ponder_config`` that
+    training stores in model_last.pth; the authors' files (no such key) keep the inferred config."""
+    import dataclasses
+    import json
+
+    from model.checkpoint import EMBEDDED_CONFIG, save_official
+    from model.render import RenderHeadConfig
+
+    folder = fixture_dir("ponder_render")
+    inferred = load_checkpoint(folder / "checkpoint.pth")
+    official = RenderHeadConfig.from_official(json.loads((folder / "model_config.json").read_text()))
+    config = dataclasses.replace(inferred.config, render=dataclasses.replace(inferred.config.render, head=official))
+    assert config.render.head != inferred.config.render.head  # else this test shows nothing
+    path = save_official(inferred.inference_model, tmp_path / "model_last.pth", extra={EMBEDDED_CONFIG: config.to_dict()})
+    assert torch.load(path, weights_only=True)[EMBEDDED_CONFIG]["kind"] == config.kind  # plain data, safe to load
+    again = load_checkpoint(path)
+    assert again.config == config
+    for (k, a), (k2, b) in zip(inferred.inference_model.state_dict().items(), again.inference_model.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    broken = torch.load(path, weights_only=True)
+    broken[EMBEDDED_CONFIG] = {"kind": "no-such-kind"}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match="stored model config"):
+        load_checkpoint(tmp_path / "broken.pth")
+
+
+def test_saving_over_a_model_folder_changes_weights_and_config_together(tmp_path, monkeypatch):
+    """A failure while writing leaves the old model whole; a success replaces both files, keeps other files in
+    the folder, and leaves files readable by other users (umask 022: 0644), not safetensors' 0600."""
+    import os
+    import stat
+
+    spunet = load_checkpoint(fixture_dir("spunet_v1m1_seg") / "checkpoint.pth")
+    ppt = load_checkpoint(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth")
+    out = tmp_path / "model"
+    old_mask = os.umask(0o022)
+    try:
+        save_checkpoint(spunet.inference_model, spunet.config, out)
+        (out / "NOTES.txt").write_text("kept")
+        before = {name: (out / name).read_bytes() for name in ("model.safetensors", "config.json")}
+
+        def disk_full(self, path):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(type(ppt.config), "save", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            save_checkpoint(ppt.inference_model, ppt.config, out)
+        monkeypatch.undo()
+        assert {name: (out / name).read_bytes() for name in before} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+        save_checkpoint(ppt.inference_model, ppt.config, out)
+    finally:
+        os.umask(old_mask)
+    assert load_checkpoint(out).config.kind == ppt.config.kind and (out / "NOTES.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    for path in (out / "model.safetensors", out / "config.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_convert_refuses_to_replace_a_model_unless_asked(tmp_path, capsys):
+    from ponder.cli import main
+
+    out = tmp_path / "conv"
+    assert main(["convert", str(fixture_dir("spunet_v1m1_seg") / "checkpoint.pth"), "-o", str(out)]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert main(["convert", str(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth"), "-o", str(out)]) == 2
+    assert "already holds a model" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == first
+    assert main(["convert", str(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth"), "-o", str(out), "--overwrite"]) == 0
+    assert load_checkpoint(out).config.kind == "ppt-segmentor"
+
+
+class RunsACommand:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED-by-checkpoint",))
+
+
+def test_a_pickle_that_would_run_code_is_named_and_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": RunsACommand()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"it stores (posix|os)\.system, which the safe loader refuses"):
+        read_official(tmp_path / "evil.pth")
+    assert not (tmp_path / "PWNED-by-checkpoint").exists()

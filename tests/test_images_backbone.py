@@ -29,7 +29,12 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
     with pytest.raises(ValueError, match="does not fit the image backbone"):
         load_image_weights(ResNet(18, 64, stages=3), tmp_path / "narrow.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(ValueError, match="junk.pth: not a PyTorch checkpoint"):
         load_image_weights(ResNet(18, 64), tmp_path / "junk.pth")
+    good = (tmp_path / "narrow.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(good[: len(good) // 2])  # truncated: one line, no torch advice page
+    with pytest.raises(ValueError, match=r"cut.pth: not a readable PyTorch checkpoint") as caught:
+        load_image_weights(ResNet(18, 64), tmp_path / "cut.pth")
+    assert "\n" not in str(caught.value) and "weights_only" not in str(caught.value)
     with pytest.raises(FileNotFoundError):
         load_image_weights(ResNet(18, 64), tmp_path / "absent.pth")

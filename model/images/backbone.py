@@ -98,10 +98,9 @@ def load_image_weights(backbone: ResNet, path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image-weights file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise ValueError(f"{path}: not a torch state_dict readable with weights_only=True ({exc})") from None
+    from model.checkpoint import load_torch_file
+
+    state = load_torch_file(path)  # weights only; a damaged or code-running file is one CheckpointError line
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

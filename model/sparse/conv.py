@@ -10,10 +10,16 @@ loaded) do; inference with the default backend never does (see model.backbones.e
 
 from __future__ import annotations
 
+import logging
+
 import spconv.pytorch as spconv
 import torch
 from spconv.pytorch import ConvAlgo
 from torch import nn
+
+# spconv wraps SparseConvTensor for torch.fx, whose first call makes torch 2.13 log a deprecation note about
+# its own is_fx_tracing on stderr ("W... is_fx_tracing will return true ..."): nothing the user can act on.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 _DEFAULT_ALGO = "_ponder_default_algo"
 
