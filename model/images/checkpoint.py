@@ -18,12 +18,15 @@ WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
 def save_image_model(model: ImageRenderModel, out_dir: str | Path) -> Path:
-    """Weights and config of an image model (also of ``model.images.segment.ImageSegmentModel``: its cfg kind)."""
+    """Weights and config of an image model (also of ``model.images.segment.ImageSegmentModel``: its cfg kind),
+    written together as `model.checkpoint.save_checkpoint` writes them (`model.files.new_folder_for`)."""
+    from model.files import new_folder_for
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "kind": getattr(model.cfg, "kind", KIND)})
-    model.cfg.save(out / CONFIG_FILE)
+    with new_folder_for(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "kind": getattr(model.cfg, "kind", KIND)})
+        model.cfg.save(tmp / CONFIG_FILE)
     return out
 
 
