@@ -44,6 +44,8 @@ def new_folder_for(path: str | Path) -> Iterator[Path]:
     import shutil
 
     path = Path(path)
+    if path.is_symlink():  # replace the folder it points to, and keep the link
+        path = path.resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
