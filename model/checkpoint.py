@@ -147,7 +147,7 @@ def load_torch_file(path: Path, trust: bool = False) -> object:
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError, AttributeError,
             ImportError, MemoryError) as exc:
         # A damaged or foreign file makes the unpickler fail in arbitrary ways (e.g. ``KeyError: 101``).
-        text = " ".join(str(exc).split())[:300]
+        text = " ".join(str(exc).split()).split(". ")[0][:300]  # torch appends a paragraph of advice
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {text})") from exc
 
 

@@ -9,12 +9,23 @@ if TYPE_CHECKING:
     import torch
 
 
+def parse_device(name: "str | torch.device") -> "torch.device":
+    """``name`` as a torch.device, whether or not this host has it (configs are checked on any host); a
+    one-line ValueError instead of torch's RuntimeError for a name torch does not know (``tpu``)."""
+    import torch
+
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(name)!r}; use cpu or cuda") from None
+
+
 def torch_device(name: "str | torch.device") -> "torch.device":
     """``name`` as a torch.device; a clear ValueError for CUDA on a host without a CUDA GPU (rather than a
     deep torch error after the checkpoint has loaded)."""
     import torch
 
-    device = torch.device(name)
+    device = parse_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA GPU is available")
     return device

@@ -3,9 +3,11 @@ train|train-segment``), kept in one place so the commands cannot drift apart:
 
 * ``add_command``: wire one subcommand (parser, its arguments, its handler);
 * ``apply_overrides``: copy the flags a user gave onto the loaded config (a flag left out keeps the YAML value);
-* ``open_run``: torch threads, the device check and the run folder, which is never silently overwritten;
-* ``fit_and_report``: write the run's ``config.yaml``, train with ``training.engine.Trainer`` and print the
-  loss summary and checkpoint line that tests and README commands read.
+* ``open_run``: the train section (after the flags), torch threads, the device check and the run folder, which
+  is never silently overwritten;
+* ``fit_and_report``: resume (checked before anything is written), write the run's ``config.yaml``, train with
+  ``training.engine.Trainer`` and print the loss summary and checkpoint line that tests and README commands read;
+* ``check_output_file`` / ``write_json``: an output file (``--json``) checked before the work, written atomically.
 
 Heavy dependencies (torch, yaml, the engine) are imported inside the functions so that importing a command
 module, as ``ponder --help`` does, stays quick.
@@ -14,11 +16,16 @@ module, as ``ponder --help`` does, stays quick.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from model.devices import torch_device
+
+log = logging.getLogger(__name__)
 
 
 def add_command(subparsers: argparse._SubParsersAction, name: str, help: str,
@@ -47,10 +54,24 @@ def apply_overrides(args: argparse.Namespace, cfg: Any, fields: Mapping[str, str
         setattr(target, name, str(value) if isinstance(value, Path) else value)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts such as ``--epochs``: a negative or zero value would train nothing yet succeed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def set_threads(cfg: Any) -> None:
     """Apply the config's ``threads`` (torch CPU threads; configs without the field leave torch's default):
     one thread avoids thrashing a busy, shared CPU."""
+    from training.engine import check_threads
+
     threads = getattr(cfg, "threads", None)
+    check_threads(threads)
     if threads:
         import torch
 
@@ -66,32 +87,66 @@ class RunFolder:
     last: Path
 
     def write_config(self, document: Mapping[str, Any]) -> None:
-        """Record the configuration the run used as ``config.yaml`` (creating the folder)."""
+        """Record the configuration the run used as ``config.yaml`` (creating the folder), atomically: an
+        interrupted write must not leave a run folder whose config no longer describes its checkpoint."""
         import yaml
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+        from model.files import replaced_on_success
+
+        with replaced_on_success(self.out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
 def open_run(args: argparse.Namespace, cfg: Any) -> RunFolder:
     """Threads, a clear error for CUDA without a GPU (before any data is generated or read), and the run folder
     (``--out``, else the config's ``out_dir``). A folder that already holds a run is refused unless
-    ``--resume`` is given, so a finished run is never overwritten by accident."""
+    ``--resume`` is given, so a finished run is never overwritten by accident. Every check runs before the
+    folder exists, so a bad setting leaves nothing behind."""
+    cfg.train.validate()  # again: the flags (--epochs, --device) were applied after the config was loaded
     set_threads(cfg)
     torch_device(cfg.train.device)
     out = Path(args.out or cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        option = "--out" if args.out else "out_dir"
+        raise NotADirectoryError(f"{option} must be a folder; {out} is a file")
     last = out / "model" / "model_last.pth"
     if last.exists() and not args.resume:
         raise ValueError(f"{out} already holds a run ({last}); pass --resume to continue it or choose another --out")
+    if args.resume and not last.exists():
+        log.warning("--resume: %s holds no run yet (no %s); starting from scratch", out, last)
     return RunFolder(out, last)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The config file as the user wrote it (what ``config.yaml`` records for commands whose overrides do not
-    change the model)."""
-    import yaml
+    change the model), with the same one-line errors as loading it."""
+    from training.config_io import read_yaml as read_config
 
-    return yaml.safe_load(Path(path).read_text())
+    return read_config(path)
+
+
+def check_output_file(path: Path | None, option: str = "--json") -> None:
+    """Refuse an output file that cannot be written before the (possibly long) work, not after it: a folder,
+    or a parent that is a file or not writable. A missing parent is created when the file is written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: cannot write in {parent}")
+
+
+def write_json(path: Path, document: Any) -> None:
+    """``document`` as indented JSON, replacing ``path`` only once it is complete (creating its folder)."""
+    from model.files import replaced_on_success
+
+    with replaced_on_success(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2))
 
 
 @dataclass(frozen=True)
@@ -113,14 +168,19 @@ def checkpoint_line(final: Path, last: Path, container: str) -> str:
 
 def fit_and_report(run: RunFolder, model: Any, task: Any, train_cfg: Any, save_fn: Callable[[Any, Path], Any], *,
                    resume: bool, document: Mapping[str, Any], samples: str, metric: Metric | None,
-                   container: str) -> None:
-    """Write ``config.yaml``, train, and (on rank 0 of a torchrun job only, like the engine's checkpoints and
-    logs) print the loss summary over ``task.num_samples()`` ``samples`` and the checkpoint line."""
+                   container: str, model_config: Mapping[str, Any] | None = None) -> None:
+    """Resume (its checks fail before anything is written), write ``config.yaml``, train, and (on rank 0 of a
+    torchrun job only, like the engine's checkpoints and logs) print the loss summary over
+    ``task.num_samples()`` ``samples`` and the checkpoint line. ``model_config`` (``ModelConfig.to_dict()``)
+    goes into the official container, so ``model_last.pth`` reads back exactly."""
     from training.engine import Trainer
 
-    run.write_config(document)
-    trainer = Trainer(model, task, train_cfg, run.out, save_fn=save_fn)
-    history = trainer.fit(resume=resume)
+    trainer = Trainer(model, task, train_cfg, run.out, save_fn=save_fn, model_config=model_config)
+    if resume:
+        trainer.resume()
+    if trainer.rank == 0:
+        run.write_config(document)
+    history = trainer.fit(resume=False)
     if trainer.rank != 0:
         return
     if history:
@@ -138,16 +198,19 @@ def fit_and_report(run: RunFolder, model: Any, task: Any, train_cfg: Any, save_f
 def run_training(args: argparse.Namespace, cfg: Any, *, overrides: Mapping[str, str],
                  ensure_data: Callable[[Any], None], make_task: Callable[[Any], Any],
                  build_model: Callable[[Any], Any], save_fn: Callable[[Any, Path], Any], samples: str,
-                 metric: Metric | None, container: str) -> RunFolder:
+                 metric: Metric | None, container: str,
+                 model_config: Callable[[Any], Mapping[str, Any]] | None = None) -> RunFolder:
     """A whole training command whose model and task are built from the config alone: apply the flags, open the
     run folder, generate missing synthetic data, build the task then the model (model weights draw from torch's
     RNG after the task, as they always have), record the YAML as given, train and report. Commands with extra
-    steps (detection, segmentation fine-tuning) use the pieces above instead."""
+    steps (detection, segmentation fine-tuning) use the pieces above instead. ``model_config(cfg)`` gives the
+    ``ModelConfig.to_dict()`` stored in the official container (tasks whose model is a ModelConfig)."""
     apply_overrides(args, cfg, overrides)
     run = open_run(args, cfg)
     ensure_data(cfg)
     task = make_task(cfg)
     model = build_model(cfg)
     fit_and_report(run, model, task, cfg.train, save_fn, resume=args.resume, document=read_yaml(args.config),
-                   samples=samples, metric=metric, container=container)
+                   samples=samples, metric=metric, container=container,
+                   model_config=model_config(cfg) if model_config is not None else None)
     return run

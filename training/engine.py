@@ -22,11 +22,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
 from torch import nn
+
+from model.config_io import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,31 @@ class OptimConfig:
     clip_grad: float | None = None      # max gradient norm
     amp: bool = True                    # used only on CUDA
 
+    def validate(self, where: str = "train.optim") -> None:
+        """The optimizer name and the numbers torch would take silently (a NaN lr) or refuse mid-run."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"{where}.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        _positive(f"{where}.lr", self.lr)
+        _positive(f"{where}.weight_decay", self.weight_decay, allow_zero=True)
+        _positive(f"{where}.momentum", self.momentum, allow_zero=True)
+        _positive(f"{where}.div_factor", self.div_factor)
+        _positive(f"{where}.final_div_factor", self.final_div_factor)
+        if not 0 < self.pct_start < 1:
+            raise ConfigError(f"{where}.pct_start must lie in (0, 1), got {self.pct_start}")
+        if self.clip_grad is not None:
+            _positive(f"{where}.clip_grad (null: no clipping)", self.clip_grad)
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
 
 @dataclass
 class TrainConfig:
+    """The loop's settings (the ``train`` section of every task config). ``steps_per_epoch`` 0 or null means
+    derived from the data: ``ceil(num_samples / batch_size)``."""
+
     epochs: int = 1
-    steps_per_epoch: int | None = None  # default: ceil(num_samples / batch_size)
+    steps_per_epoch: int | None = None  # 0 or None: ceil(num_samples / batch_size)
     batch_size: int = 2
     seed: int = 0
     device: str = "cpu"
@@ -58,6 +80,40 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0                 # steps between checkpoints (0: at every epoch end only)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self, where: str = "train") -> None:
+        """Refuse values the loop would misread (0 epochs trains nothing yet "succeeds") or that torch would
+        reject only after the run folder exists; one ``ConfigError`` naming the field."""
+        _at_least(f"{where}.epochs", self.epochs, 1)
+        _at_least(f"{where}.steps_per_epoch", 0 if self.steps_per_epoch is None else self.steps_per_epoch, 0)
+        _at_least(f"{where}.batch_size", self.batch_size, 1)
+        _at_least(f"{where}.num_workers", self.num_workers, 0)
+        _at_least(f"{where}.log_every", self.log_every, 1)
+        _at_least(f"{where}.save_every", self.save_every, 0)
+        from model.devices import parse_device
+
+        try:
+            parse_device(self.device)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.device: {exc}") from None
+        self.optim.validate(f"{where}.optim")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """Finite and > 0 (>= 0 with ``allow_zero``): NaN or inf would reach the optimizer unnoticed."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
+
+
+def check_threads(threads: int | None, name: str = "threads") -> None:
+    """A config's torch CPU ``threads`` (null: torch's default); torch refuses < 1 with a traceback."""
+    if threads is not None:
+        _at_least(name, threads, 1)
 
 
 class TrainTask(Protocol):
@@ -120,11 +176,24 @@ class _EpochBatches(torch.utils.data.Dataset):
         return self.task.collate(samples)
 
 
+class TrainingDiverged(FloatingPointError, ValueError):
+    """The loss or the weights stopped being finite: a user-fixable setting (lr, clipping), so the CLI shows
+    it as one line (a ValueError) while callers that catch FloatingPointError keep working."""
+
+
+class ResumeError(ValueError):
+    """``--resume`` found a run whose container does not fit this config (model, optimizer, schedule)."""
+
+
 class Trainer:
     def __init__(self, model: nn.Module, task: TrainTask, cfg: TrainConfig, out_dir: str | Path,
-                 save_fn=None):
-        """``save_fn(model, out_dir)`` writes the final checkpoint in our format (the task knows its config)."""
+                 save_fn=None, model_config: Mapping[str, Any] | None = None):
+        """``save_fn(model, out_dir)`` writes the final checkpoint in our format (the task knows its config).
+        ``model_config`` (``ModelConfig.to_dict()``) is stored in the official container as ``ponder_config``
+        so ``model_last.pth`` reads back with the exact architecture and render geometry, not an inferred one."""
         self.cfg, self.task, self.out_dir, self.save_fn = cfg, task, Path(out_dir), save_fn
+        self.model_config = _plain(model_config) if model_config is not None else None
+        cfg.validate()  # the configs check at load; this covers settings built in code
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if cfg.batch_size < self.world:
@@ -162,6 +231,7 @@ class Trainer:
         self.use_amp = o.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step = 0  # global steps done
+        self._peak = 0.0  # largest weight magnitude after the last optimizer step
         self.history: list[dict[str, float]] = []
         self._writer = None
 
@@ -176,25 +246,65 @@ class Trainer:
             return
         from model.checkpoint import save_official
 
-        save_official(self.module, self.last_path, epoch=self.step // self.steps_per_epoch, extra={
+        extra = {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.use_amp else None,
-            "global_step": self.step, "history": [{k: float(v) for k, v in h.items()} for h in self.history]})
+            "global_step": self.step, "history": [{k: float(v) for k, v in h.items()} for h in self.history],
+            "optimizer_name": self.cfg.optim.optimizer, "total_steps": self._schedule_steps()}
+        if self.model_config is not None:
+            extra["ponder_config"] = self.model_config
+        save_official(self.module, self.last_path, epoch=self.step // self.steps_per_epoch, extra=extra)
 
     def resume(self) -> bool:
+        """Continue from ``model_last.pth`` when it exists (False, said in the log, when it does not). The file
+        is read weights-only; a damaged file, another architecture, optimizer or schedule is a one-line
+        ``CheckpointError``/``ResumeError`` (raised before the optimizer state or the step are restored; the
+        caller writes nothing to the run until this returns)."""
         if not self.last_path.exists():
+            log.info("no checkpoint at %s; starting from scratch", self.last_path)
             return False
-        ckpt = torch.load(self.last_path, map_location=self.device, weights_only=True)
+        from model.checkpoint import load_state_strict
+
+        ckpt = _read_container(self.last_path)
         state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-        self.module.load_state_dict(state, strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.use_amp and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
+        try:
+            load_state_strict(self.module, state, str(self.last_path))
+        except ValueError as exc:
+            raise ResumeError(f"{exc}; --resume needs the model the run started with: start a new --out "
+                              "or use --init") from None
+        self._check_resumable(ckpt)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.use_amp and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise ResumeError(f"{self.last_path}: the optimizer state does not fit this config ({exc}); start a "
+                              "new --out or use --init") from None
         self.step = int(ckpt["global_step"])
         self.history = list(ckpt.get("history", []))
+        self._peak = _peak_weight(self.module.parameters())
         log.info("resumed from %s at step %d", self.last_path, self.step)
         return True
+
+    def _check_resumable(self, ckpt: dict[str, Any]) -> None:
+        """The optimizer type and the schedule length must be the run's: torch would fail only at a later step
+        (``KeyError: 'momentum'``, "Tried to step 41 times") or silently remap the epochs."""
+        saved = ckpt.get("optimizer_name") or _optimizer_kind(ckpt["optimizer"])
+        if saved is not None and saved != self.cfg.optim.optimizer:
+            raise ResumeError(f"optimizer changed from {saved} to {self.cfg.optim.optimizer}; --resume needs the "
+                              "optim section the run started with: start a new --out or use --init")
+        one_cycle = "total_steps" in ckpt["scheduler"]  # else the constant rate of runs under 4 steps
+        total = ckpt["scheduler"]["total_steps"] if one_cycle else ckpt.get("total_steps")
+        same_kind = one_cycle == isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR)
+        if not same_kind or (total is not None and int(total) != self._schedule_steps()):
+            started = f"{int(total)} step{'s' * (int(total) != 1)}" if total is not None else "under 4 steps"
+            raise ResumeError(f"--resume needs the schedule the run started with ({started}); this config gives "
+                              f"{self.total_steps} (epochs x steps_per_epoch); start a new --out or use --init")
+
+    def _schedule_steps(self) -> int:
+        """The steps the learning-rate schedule was built for (OneCycleLR cannot be stepped past them)."""
+        return int(getattr(self.scheduler, "total_steps", self.total_steps))
 
     # --- loop --------------------------------------------------------------------------------------
     def _log(self, record: dict[str, float]) -> None:
@@ -249,8 +359,17 @@ class Trainer:
 
     def _train_step(self, batch: Any, generator: torch.Generator) -> dict[str, float]:
         start = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            losses = self.task.losses(self.model, _to(batch, self.device), generator)
+        try:
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+                losses = self.task.losses(self.model, _to(batch, self.device), generator)
+        except (IndexError, RuntimeError) as exc:
+            # finite but exploded weights make NaN coordinates deep in a forward pass (an index out of range in
+            # trilinear sampling): that is the divergence, not a bug to show as a traceback
+            if self._peak > EXPLODED:
+                reason = " ".join(str(exc).split())[:200]
+                raise self._diverged(f"the weights grew to {self._peak:.3g} and the forward pass failed "
+                                     f"({type(exc).__name__}: {reason})") from exc
+            raise
         loss = losses["loss"]
         scalars = {k: v.detach().float() for k, v in losses.items() if v.numel() == 1}
         if self.world > 1:  # the global batch's values (as DDP averages the gradients), not this rank's slice;
@@ -259,7 +378,7 @@ class Trainer:
             scalars = dict(zip(scalars, stacked / self.world))                # instead of leaving them waiting
         record = {k: float(v) for k, v in scalars.items()}
         if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"loss became {record['loss']} at step {self.step}")
+            raise self._diverged(f"loss became {record['loss']}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad:
@@ -267,10 +386,67 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._peak = _peak_weight(self.module.parameters())
+        if not math.isfinite(self._peak):  # else NaN weights reach the next step (or the renderer)
+            raise self._diverged("the weights became non-finite after the optimizer step")
         self.scheduler.step()
         record["lr"] = self.scheduler.get_last_lr()[0]
         record["time"] = time.perf_counter() - start
         return record
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The one-line error of a diverging run, with the settings that usually fix it."""
+        clip = "lower train.optim.clip_grad" if self.cfg.optim.clip_grad else "set train.optim.clip_grad"
+        return TrainingDiverged(f"training diverged at step {self.step + 1}: {what}; lower train.optim.lr or {clip}")
+
+
+# Weights larger than this in magnitude (no trained network comes close) explain a failing forward pass.
+EXPLODED = 1e6
+
+
+def _peak_weight(params: Any) -> float:
+    """The largest parameter magnitude (NaN or inf when any is not finite), with one device sync."""
+    peaks = [p.detach().abs().max().float() for p in params if p.numel()]
+    return float(torch.stack(peaks).max()) if peaks else 0.0
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as str/int/float/bool/None/list/dict only, which ``torch.load(weights_only=True)`` reads."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(f"model_config holds a {type(value).__name__}; pass ModelConfig.to_dict()")
+
+
+def _optimizer_kind(state: Any) -> str | None:
+    """"sgd" or "adamw" from an optimizer state_dict's hyper-parameters (containers written before the name was
+    stored), None when it cannot tell."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not groups:
+        return None
+    return "adamw" if "betas" in groups[0] else "sgd" if "momentum" in groups[0] else None
+
+
+_RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "global_step")
+
+
+def _read_container(path: Path) -> dict[str, Any]:
+    """The engine's container, read weights-only as every user file is (`model.checkpoint.load_torch_file`): a
+    damaged or foreign file is a ``CheckpointError`` naming it, not torch's traceback."""
+    from model.checkpoint import CheckpointError, load_torch_file
+
+    try:
+        ckpt = load_torch_file(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; --resume cannot continue this run") from None
+    missing = [k for k in _RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or not isinstance(ckpt["state_dict"], dict) or not isinstance(ckpt["scheduler"], dict):
+        raise CheckpointError(f"{path}: not a resumable training container (missing {missing or 'state'}); "
+                              "--resume cannot continue this run")
+    return ckpt
 
 
 def _to(batch: Any, device: torch.device) -> Any:

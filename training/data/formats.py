@@ -47,6 +47,19 @@ _PTH_KEYS = {
 _LABEL_KEYS = ("segment", "instance", "box_labels", "box_instances")
 
 
+def _integer_labels(array: np.ndarray, where: str) -> np.ndarray:
+    """Label ids as stored when they are whole numbers: a float array of values like 3.5 is a wrong file (casting
+    would silently truncate it to another class), so it is refused with ``where`` (the file, and key) named."""
+    if array.dtype.kind == "f":
+        bad = ~np.isfinite(array) | (array != np.rint(array))
+        if bad.any():
+            raise ValueError(f"{where}: labels must be whole numbers, found {float(array[bad].flat[0])} "
+                             f"({int(bad.sum())} of {array.size} values, dtype {array.dtype})")
+    elif array.dtype.kind not in "iub":
+        raise ValueError(f"{where}: labels must be integers, got dtype {array.dtype}")
+    return array
+
+
 def load_scene(path: str | Path) -> dict[str, np.ndarray]:
     """A point scene as numpy arrays: coord (N,3), color (N,3), normal (N,3) when present,
     segment (N,) int64 and instance (N,) int64 (filled with -1 when the scene has no labels, as for
@@ -93,6 +106,8 @@ def _load_npy_scene(folder: Path) -> dict[str, np.ndarray]:
                 out[_NPY_KEYS[stem]] = np.load(file, allow_pickle=False)
             except ValueError as err:  # object arrays need pickle: refuse
                 raise ValueError(f"{file}: not a plain numeric .npy array ({err})") from None
+            if _NPY_KEYS[stem] in _LABEL_KEYS:
+                _integer_labels(out[_NPY_KEYS[stem]], str(file))
     if not out:
         raise FileNotFoundError(f"{folder}: no Pointcept .npy files (coord.npy, color.npy, ...) in this folder")
     for key in ("box_labels", "box_instances"):
@@ -137,10 +152,13 @@ def _load_pth_scene(file: Path) -> dict[str, np.ndarray]:
             raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling refusal becomes one clear message
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        reason = next(
-            (ln for ln in lines if "unsupported" in ln.lower() or "can only build" in ln.lower()),
-            lines[0] if lines else "",
-        )
+        reason = next((ln for ln in lines if _refused_global(ln)), None)
+        if reason is None:  # a truncated zip, random bytes, an empty file: damage, not a foreign object
+            detail = _damage_detail(lines)
+            raise ValueError(
+                f"{file}: not a readable PonderV2 .pth scene: the file is truncated or corrupt "
+                f"({type(err).__name__}{': ' + detail if detail else ''})"
+            ) from None
         raise ValueError(
             f"{file}: cannot be loaded safely with torch.load(weights_only=True) ({type(err).__name__}: {reason}). "
             "It holds objects other than tensors and plain numpy arrays; "
@@ -156,8 +174,26 @@ def _load_pth_scene(file: Path) -> dict[str, np.ndarray]:
             array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
             if array.dtype == object:
                 raise ValueError(f"{file}: key {key!r} is an object array, not numbers")
-            out[target] = array
+            out[target] = _integer_labels(array, f"{file} [{key!r}]") if target in _LABEL_KEYS else array
     return out
+
+
+def _damage_detail(lines: list[str]) -> str:
+    """The informative part of torch's (multi-line, advice-laden) load error: what the weights-only unpickler
+    choked on, else the first sentence."""
+    for index, line in enumerate(lines):
+        at = line.lower().find("unpickler error:")
+        if at >= 0:
+            rest = line[at + len("unpickler error:"):].strip()
+            return (rest or (lines[index + 1] if index + 1 < len(lines) else ""))[:200]
+    return (lines[0].split(". ")[0] if lines else "")[:200]
+
+
+def _refused_global(line: str) -> bool:
+    """Whether a torch.load(weights_only=True) error line says a pickled global was refused (the file holds
+    foreign objects), as opposed to a damaged file (zip or pickle errors)."""
+    text = line.lower()
+    return "global" in text or "can only build" in text
 
 
 @dataclass(frozen=True)
@@ -215,7 +251,10 @@ def read_split(root: str | Path, split: str) -> list[str]:
 def _matrix(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing")
-    m = np.loadtxt(path, dtype=np.float64)
+    try:
+        m = np.loadtxt(path, dtype=np.float64)
+    except ValueError as err:  # numpy's text names the row and column but not the file
+        raise ValueError(f"{path}: not a 4x4 matrix of numbers ({err})") from None
     if m.shape != (4, 4):
         raise ValueError(f"{path}: expected a 4x4 matrix, got shape {m.shape}")
     return m
@@ -233,9 +272,16 @@ def _axis_alignment(scene_dir: Path) -> np.ndarray:
 
 
 def _image(path: Path) -> Image.Image:
+    """The decoded image; a corrupt or truncated file is a ValueError naming it (Pillow raises OSError
+    subclasses, which the CLI would show as a traceback)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing")
-    return Image.open(path)
+    try:
+        image = Image.open(path)
+        image.load()  # decodes now (and closes the file), so damage shows here, naming the file
+        return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None
 
 
 def load_rgbd_frames(
@@ -263,6 +309,10 @@ def load_rgbd_frames(
             name = scene_dir / "depth" / f"{i}.png"
             raise ValueError(f"{name}: expected a 16-bit single-channel depth PNG, got {d.dtype} {d.shape}")
         size = (d.shape[1], d.shape[0])
+        if depth and depth[0].shape != d.shape:  # np.stack would fail without naming a file
+            first = scene_dir / "depth" / f"{frame_ids[0]}.png"
+            raise ValueError(f"{scene_dir / 'depth' / f'{i}.png'}: {size[0]}x{size[1]} pixels, but the first frame "
+                             f"({first}) is {depth[0].shape[1]}x{depth[0].shape[0]}")
         color = _image(scene_dir / "color" / f"{i}.jpg").convert("RGB")
         if color.size != size:
             color = color.resize(size, Image.BILINEAR)

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from model.devices import torch_device
-from training.cli_common import apply_overrides, fit_and_report, open_run
+from training.cli_common import apply_overrides, check_output_file, fit_and_report, open_run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def ensure_data(cfg) -> None:
     """Generate the synthetic scenes a config asks for when its data folder does not exist yet."""
     from training.data.synthetic import SceneConfig, generate_dataset
+    from training.data.synthetic.dataset import needs_generation
 
     root, gen = Path(cfg.data.root), cfg.data.generate
-    if gen is None or root.exists():
+    if gen is None or not needs_generation(root, gen.scenes):  # an incomplete generation is refused there
         return
     log.info("generating %d synthetic scenes into %s", gen.scenes, root)
     splits = [(cfg.data.train_split, 1.0 - gen.val_fraction)]
     if cfg.data.val_split and gen.val_fraction > 0:
         splits.append((cfg.data.val_split, gen.val_fraction))
     generate_dataset(root, gen.scenes, gen.seed, SceneConfig(num_frames=0, points_per_m2=gen.points_per_m2),
-                     splits=tuple(splits), progress=False)
+                     splits=tuple(splits), progress=True)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -65,11 +66,13 @@ def run_train(args: argparse.Namespace) -> int:
     ensure_data(cfg)
     model, model_cfg = build_detector(cfg)
     task = DetectTask(cfg, model_cfg)
+    _report_label_fraction(cfg, task.num_samples())
     condition = cfg.model.condition or model_cfg.default_condition()
     trainer_model = DetectorTrainer(model, cfg.loss, condition, cfg.model.freeze_backbone)
     effective = json.loads(json.dumps(dataclasses.asdict(cfg)))  # after --init/--data/--label-fraction
     fit_and_report(run, trainer_model, task, cfg.train, lambda m, d: save_checkpoint(m, model_cfg, d),
-                   resume=args.resume, document=effective, samples="scenes", metric=None, container="official")
+                   resume=args.resume, document=effective, samples="scenes", metric=None, container="official",
+                   model_config=model_cfg.to_dict())
     if cfg.eval.after_train and cfg.data.val_split and int(os.environ.get("RANK", 0)) == 0:
         from training.detect.dataset import find_scene_dirs
 
@@ -80,8 +83,22 @@ def run_train(args: argparse.Namespace) -> int:
             return 0
         metrics = _evaluate(run.out / "final", val_dirs, condition, cfg.eval, cfg.train.device)
         print(f"validation ({cfg.data.val_split}, {len(val_dirs)} scenes):\n{metrics.table()}")
-        (run.out / "metrics.json").write_text(json.dumps(metrics.summary(), indent=2))
+        write_json(run.out / "metrics.json", metrics.summary())
     return 0
+
+
+def _report_label_fraction(cfg, kept: int) -> None:
+    """Say how many training scenes a label fraction leaves: at least one is always kept, so a tiny fraction
+    trains on more scenes than asked, and the user should know it is one scene, not none."""
+    if cfg.data.label_fraction >= 1:
+        return
+    from training.detect.dataset import find_scene_dirs
+
+    total = len(find_scene_dirs(cfg.data.root, cfg.data.train_split))
+    total = min(total, cfg.data.max_scenes) if cfg.data.max_scenes is not None else total
+    level = logging.WARNING if cfg.data.label_fraction * total < 1 else logging.INFO
+    log.log(level, "label fraction %g keeps %d of %d training scenes%s", cfg.data.label_fraction, kept, total,
+            " (at least one is always kept)" if level == logging.WARNING else "")
 
 
 def _evaluate(checkpoint: Path, scene_dirs, condition, eval_cfg, device: str, trust: bool = False):
@@ -117,9 +134,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from training.detect.config import EvalConfig
     from training.detect.dataset import find_scene_dirs
 
-    for value in (args.score, args.report_score, *args.iou):
+    for value in (args.score, args.report_score):
         if not 0 <= value <= 1:
-            raise ValueError(f"scores and IoU thresholds must lie in [0, 1], got {value}")
+            raise ValueError(f"--score and --report-score must lie in [0, 1], got {value}")
+    for value in args.iou:
+        if not 0 < value < 1:  # as the config's eval.iou_thresholds: 0 matches anything, 1 nothing
+            raise ValueError(f"--iou thresholds must lie in (0, 1), got {value}")
+    check_output_file(args.json)
     torch_device(args.device)
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint")
@@ -129,6 +150,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"{len(dirs)} scenes from {args.data}")
     print(metrics.table())
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(metrics.summary(), indent=2))
+        write_json(args.json, metrics.summary())
     return 0

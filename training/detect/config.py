@@ -128,6 +128,7 @@ class DetectConfig:
         return cfg
 
     def validate(self) -> None:
+        self.train.validate()
         unknown = [n for n in self.data.class_names if n not in SCANNET20_NAMES]
         if unknown or not self.data.class_names:
             raise ConfigError(f"data.class_names must be ScanNet-20 names; unknown: {unknown} "

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from model.config_io import FORBID, from_file
 from model.images.config import ImageModelConfig
 from training.config_io import ConfigError, load, read_yaml
-from training.engine import TrainConfig
+from training.engine import TrainConfig, check_threads
 from training.pretrain.config import DataConfig, FrameConfig, GenerateConfig
 
 
@@ -66,6 +66,8 @@ class ImagePretrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ImagePretrainConfig":
         cfg = load(cls, data)
+        cfg.train.validate()
+        check_threads(cfg.threads)
         if cfg.data.input_views < 2 or cfg.data.target_views < 1:
             raise ConfigError(f"data.input_views must be >= 2 and data.target_views >= 1, got "
                               f"{cfg.data.input_views}, {cfg.data.target_views}")

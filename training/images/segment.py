@@ -38,7 +38,7 @@ from model.render.cameras import Camera
 from model.config_io import FORBID, from_file
 from training.config_io import ConfigError, load, read_yaml
 from training.data.formats import load_rgbd_frames, load_scene
-from training.engine import TrainConfig
+from training.engine import TrainConfig, check_threads
 from training.images.config import ImageDataConfig
 from training.pretrain.dataset import find_scenes
 from training.pretrain.evaluate import held_out_frames
@@ -72,6 +72,8 @@ class ImageSegmentTrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ImageSegmentTrainConfig":
         cfg = load(cls, data)
+        cfg.train.validate()
+        check_threads(cfg.threads)
         if not cfg.class_names:
             from training.data.classes import SCANNET20_NAMES
 
@@ -91,15 +93,16 @@ def load_segment_config(path: str | Path) -> ImageSegmentTrainConfig:
 def ensure_segment_data(cfg: ImageSegmentTrainConfig) -> None:
     """Generate the rooms (train + val splits, RGB-D frames) when ``data.root`` does not exist yet."""
     from training.data.synthetic import SceneConfig, generate_dataset
+    from training.data.synthetic.dataset import needs_generation
 
     root, gen = Path(cfg.data.root), cfg.data.generate
-    if gen is None or root.exists():
+    if gen is None or not needs_generation(root, gen.scenes):  # an incomplete generation is refused there
         return
     log.info("generating %d synthetic rooms into %s", gen.scenes, root)
     scene_cfg = SceneConfig(num_frames=gen.frames, image_downscale=gen.image_downscale,
                             points_per_m2=gen.points_per_m2, room_x=tuple(gen.room_x), room_y=tuple(gen.room_y))
     generate_dataset(root, gen.scenes, gen.seed, scene_cfg,
-                     splits=(("train", 1 - cfg.val_fraction), ("val", cfg.val_fraction)), progress=False)
+                     splits=(("train", 1 - cfg.val_fraction), ("val", cfg.val_fraction)), progress=True)
 
 
 # ------------------------------------------------------------------------------------------ samples

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from model.devices import torch_device
-from training.cli_common import PSNR, run_training
+from training.cli_common import PSNR, check_output_file, run_training, write_json
 
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ def ensure_data(cfg) -> None:
     import torch.distributed as dist
 
     from training.data.synthetic import SceneConfig, generate_dataset
+    from training.data.synthetic.dataset import needs_generation
     from training.engine import join_process_group
 
     root, gen = Path(cfg.data.root), cfg.data.generate
@@ -44,11 +45,12 @@ def ensure_data(cfg) -> None:
         return
     world = int(os.environ.get("WORLD_SIZE", 1))
     join_process_group(cfg.train.device)  # under torchrun; the engine reuses this process group
-    if int(os.environ.get("RANK", 0)) == 0 and not root.exists():
+    missing = needs_generation(root, gen.scenes)  # every rank: an incomplete folder fails all of them, none waits
+    if int(os.environ.get("RANK", 0)) == 0 and missing:
         log.info("generating %d synthetic scenes into %s", gen.scenes, root)
         scene_cfg = SceneConfig(num_frames=gen.frames, image_downscale=gen.image_downscale,
                                 points_per_m2=gen.points_per_m2, room_x=tuple(gen.room_x), room_y=tuple(gen.room_y))
-        generate_dataset(root, gen.scenes, gen.seed, scene_cfg, splits=((cfg.data.split, 1.0),), progress=False)
+        generate_dataset(root, gen.scenes, gen.seed, scene_cfg, splits=((cfg.data.split, 1.0),), progress=True)
     if world > 1:
         dist.barrier()
 
@@ -61,7 +63,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     run_training(args, cfg, overrides={"device": "train.device"}, ensure_data=ensure_data, make_task=PretrainTask,
                  build_model=build_pretrain_model, save_fn=lambda m, d: save_checkpoint(m, cfg.model, d),
-                 samples="scenes", metric=PSNR, container="official")
+                 samples="scenes", metric=PSNR, container="official", model_config=lambda c: c.model.to_dict())
     return 0
 
 
@@ -81,11 +83,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from training.pretrain.evaluate import evaluate_views
 
     cfg = load_config(args.config)
-    loaded = load_checkpoint(args.checkpoint or Path(cfg.out_dir) / "final")
-    loaded.model.to(torch_device(args.device))
+    check_output_file(args.json)
+    device = torch_device(args.device)
+    checkpoint = args.checkpoint or Path(cfg.out_dir) / "final"
+    # an official .pth stores weights only: the render geometry (grid, samples, rays) is the config's, not
+    # the defaults that inferring it from the weights would give
+    official = not checkpoint.is_dir() and checkpoint.suffix != ".safetensors"
+    loaded = load_checkpoint(checkpoint, config=cfg.model if official else None)
+    loaded.model.to(device)
     result = evaluate_views(loaded.model, loaded.config, cfg.data, cfg.eval)
     summary = result.summary()
     print(json.dumps({k: v for k, v in summary.items() if k != "per_view"}))
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        write_json(args.json, summary)
     return 0

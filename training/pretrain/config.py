@@ -18,7 +18,7 @@ from model.config_io import FORBID, from_file
 from model.render.config import RenderHeadConfig, RenderSection, expand_field
 from training.config_io import ConfigError, as_mapping, load, read_yaml
 from training.data.formats import FrameSelection
-from training.engine import TrainConfig
+from training.engine import TrainConfig, check_threads
 
 
 @dataclass
@@ -134,6 +134,12 @@ class PretrainConfig:
 
     def validate(self) -> None:
         head = self.head
+        self.train.validate()
+        check_threads(self.threads)
+        for name, value in (("eval.scenes", self.eval.scenes), ("eval.views", self.eval.views),
+                            ("eval.chunk", self.eval.chunk)):
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.data.num_cameras < 1:
             raise ConfigError(f"data.num_cameras must be at least 1, got {self.data.num_cameras}")
         if not 0 <= self.data.dropout < 1:

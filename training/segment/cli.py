@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from model.devices import torch_device
-from training.cli_common import apply_overrides, checkpoint_line, open_run
+from training.cli_common import (apply_overrides, check_output_file, checkpoint_line, open_run, positive_int,
+                                 write_json)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep this fraction of the labels (data-efficient setting), in (0, 1]")
     parser.add_argument("--label-mode", choices=("points", "scenes"), default=None,
                         help="what --label-fraction selects: points of every scene, or whole scenes")
-    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="override train.epochs")
     parser.add_argument("--evaluate", choices=("fast", "precise", "none"), default=None,
                         help="evaluation after training (default: the config's evaluate.mode)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -50,8 +50,8 @@ def run_train(args: argparse.Namespace) -> int:
         cfg.init.trust = True
     cfg.validate()
     run = open_run(args, cfg)
-    run.write_config(config_to_dict(cfg))
-    result = fine_tune(cfg, run.out, resume=args.resume)
+    # config.yaml only once the data and the resume checks have passed: a failed start leaves the run as it was
+    result = fine_tune(cfg, run.out, resume=args.resume, before_training=lambda: run.write_config(config_to_dict(cfg)))
     if result.init is not None:
         print(result.init.summary())
     if result.history:
@@ -62,7 +62,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"{cfg.evaluate.mode} evaluation on {cfg.evaluate.split or cfg.data.val_split}:")
         print(result.metrics.table())
         scores = {"mode": cfg.evaluate.mode, **result.metrics.as_dict()}
-        (run.out / "metrics.json").write_text(json.dumps(scores, indent=2))
+        write_json(run.out / "metrics.json", scores)
     print(checkpoint_line(result.checkpoint, run.last, "official"))
     return 0
 
@@ -86,11 +86,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     torch_device(args.device)
     if args.max_scenes is not None and args.max_scenes < 1:
         raise ValueError(f"--max-scenes must be at least 1, got {args.max_scenes}")
+    check_output_file(args.json)
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.precise, args.condition,
                                   args.device, args.max_scenes, args.trust_checkpoint, progress=True)
     mode = "precise" if args.precise else "fast"
     print(f"{mode} evaluation of {args.checkpoint} on {args.data}/{args.split}:")
     print(metrics.table())
     if args.json is not None:
-        args.json.write_text(json.dumps({"mode": mode, **metrics.as_dict()}, indent=2))
+        write_json(args.json, {"mode": mode, **metrics.as_dict()})
     return 0

@@ -96,6 +96,7 @@ class SegmentConfig:
 
     def validate(self) -> None:
         m, d = self.model, self.data
+        self.train.validate()
         _choice("model.head", m.head, HEADS)
         _choice("data.label_mode", d.label_mode, LABEL_MODES)
         _choice("evaluate.mode", self.evaluate.mode, EVAL_MODES)

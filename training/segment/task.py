@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -239,9 +239,35 @@ class FineTuneResult:
     metrics: Any = None                  # training.metrics.SegMetrics after the final evaluation
 
 
-def fine_tune(cfg: SegmentConfig, out_dir: str | Path, resume: bool = False) -> FineTuneResult:
+def check_labelled(dataset: SegmentDataset) -> None:
+    """Refuse training data without a single labelled point (after ``label_fraction``): the loss would be 0 at
+    every step and the run would "succeed" with an untrained head. Stops at the first labelled scene."""
+    from training.data.formats import load_scene
+    from training.segment.dataset import IGNORE_INDEX, sparse_labels
+
+    d = dataset.cfg
+    for path in dataset.scenes:
+        labels = load_scene(path)["segment"]
+        segment = sparse_labels(labels, d.label_fraction, d.label_seed, path.name) if d.label_mode == "points" \
+            else labels
+        if (segment != IGNORE_INDEX).any():
+            labelled = int((labels != IGNORE_INDEX).sum())
+            if d.label_mode == "points" and d.label_fraction * labelled < 1:
+                log.warning("label fraction %g keeps only the minimum of 1 labelled point per scene (%s has %d): "
+                            "augmentation can drop it, and a step without labels has loss 0", d.label_fraction,
+                            path.name, labelled)
+            return
+    after = f" after label fraction {d.label_fraction:g} by {d.label_mode}" if d.label_fraction < 1 else ""
+    raise ValueError(f"no labelled points in the training split {Path(d.root) / d.train_split} "
+                     f"({len(dataset.scenes)} scenes{after}): every segment label is -1")
+
+
+def fine_tune(cfg: SegmentConfig, out_dir: str | Path, resume: bool = False,
+              before_training: Callable[[], None] | None = None) -> FineTuneResult:
     """Build, initialise, train with ``training.engine.Trainer`` (official container in ``<out>/model``, our
-    format in ``<out>/final``) and evaluate on ``evaluate.split`` unless ``evaluate.mode`` is "none"."""
+    format in ``<out>/final``) and evaluate on ``evaluate.split`` unless ``evaluate.mode`` is "none".
+    ``before_training`` runs once the data and the resume checks have passed, before the first step (the CLI
+    records ``config.yaml`` there, so a failed start leaves the run folder as it was)."""
     from model.checkpoint import LoadedModel, save_checkpoint
     from model.inference import Predictor
     from training.engine import Trainer
@@ -254,11 +280,17 @@ def fine_tune(cfg: SegmentConfig, out_dir: str | Path, resume: bool = False) -> 
     if report is not None:
         log.info("%s", report.summary())
     dataset = SegmentDataset(cfg.data, model_cfg.grid_size, model_cfg.input_features)
+    check_labelled(dataset)
     condition = cfg.data.condition if model_cfg.conditions else None
     task = SegmentTask(dataset, cfg.data.mix_prob, condition)
     trainer = Trainer(SegmentationForward(net), task, cfg.train, out,
-                      save_fn=lambda _module, folder: save_checkpoint(net, model_cfg, folder))
-    history = trainer.fit(resume=resume)
+                      save_fn=lambda _module, folder: save_checkpoint(net, model_cfg, folder),
+                      model_config=model_cfg.to_dict())
+    if resume:
+        trainer.resume()
+    if before_training is not None and trainer.rank == 0:
+        before_training()
+    history = trainer.fit(resume=False)
     result = FineTuneResult(model_cfg, net, out / "final", history, report)
     if cfg.evaluate.mode != "none" and trainer.rank == 0:
         predictor = Predictor(LoadedModel(model_cfg, net, str(out / "final")), trainer.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +13,42 @@ from .layout import Placer, build_shell
 from .rooms import RoomType, furnish
 from .sampling import sample_faces, visible_mask
 from .shapes import BoxSet, SceneObject, surface_color
+
+# Memory of one room, budgeted before it is generated. Every box face of a room is sampled before the hidden ones
+# are dropped; over many seeds that sampled area stays below 3.5 x the interior shell (floor, ceiling and walls) of
+# the room, and generation peaks near 190 bytes per sampled point (256 leaves room). Frames keep depth, colour and
+# three label maps per pixel (22 bytes).
+MAX_POINTS_PER_M2 = 1e5
+ROOM_BUDGET_BYTES = 4 << 30
+SAMPLED_AREA_PER_SHELL_AREA = 3.5
+BYTES_PER_SAMPLED_POINT = 256
+BYTES_PER_FRAME_PIXEL = 24
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def room_estimate(
+    points_per_m2: float, room_x: float, room_y: float, room_z: float, num_frames: int, image_downscale: int
+) -> tuple[float, float]:
+    """(sampled points, bytes) of the largest room a config can draw: an upper bound, so it is checked before any
+    array is allocated rather than discovered by the kernel's OOM killer."""
+    shell = 2 * room_x * room_y + 2 * room_z * (room_x + room_y)
+    points = SAMPLED_AREA_PER_SHELL_AREA * shell * points_per_m2
+    _, width, height = scannet_depth_intrinsic(image_downscale)
+    return points, points * BYTES_PER_SAMPLED_POINT + float(num_frames) * width * height * BYTES_PER_FRAME_PIXEL
+
+
+def check_density(points_per_m2: float, name: str = "points_per_m2") -> None:
+    """A point density must be a finite positive number no larger than MAX_POINTS_PER_M2 (numpy would otherwise
+    fail with "lam value too large" or try to allocate terabytes); ``name`` is the option the user set."""
+    if not isinstance(points_per_m2, (int, float)) or isinstance(points_per_m2, bool):
+        raise ValueError(f"{name} must be a number, got {points_per_m2!r}")
+    if not math.isfinite(points_per_m2) or not 0 < points_per_m2 <= MAX_POINTS_PER_M2:
+        raise ValueError(
+            f"{name} must be a finite number in (0, {MAX_POINTS_PER_M2:g}] points per m^2, got {points_per_m2}"
+        )
 
 
 @dataclass(frozen=True)
@@ -41,7 +78,7 @@ class SceneConfig:
     def __post_init__(self) -> None:
         for name in ("room_x", "room_y", "room_z", "camera_height", "camera_pitch_deg"):
             lo, hi = getattr(self, name)
-            if not lo <= hi:
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
                 raise ValueError(f"SceneConfig.{name} must be (low, high) with low <= high, got {(lo, hi)}")
         if min(self.room_x[0], self.room_y[0]) < 2.5 or self.room_z[0] < 2.2:
             raise ValueError(
@@ -51,11 +88,23 @@ class SceneConfig:
             raise ValueError(f"camera_height {self.camera_height} must lie in [0.5, lowest ceiling - 0.3 m]")
         if not self.room_types:
             raise ValueError("SceneConfig.room_types is empty")
-        if self.points_per_m2 <= 0:
-            raise ValueError(f"SceneConfig.points_per_m2 must be positive, got {self.points_per_m2}")
+        check_density(self.points_per_m2)
         if self.num_frames < 0:
             raise ValueError(f"SceneConfig.num_frames must be >= 0, got {self.num_frames}")
         scannet_depth_intrinsic(self.image_downscale)  # validates the factor
+        self.check_budget()
+
+    def check_budget(self) -> None:
+        """Refuse a room whose estimated memory exceeds ROOM_BUDGET_BYTES, naming the estimate and what to lower."""
+        x, y, z = self.room_x[1], self.room_y[1], self.room_z[1]
+        points, needed = room_estimate(self.points_per_m2, x, y, z, self.num_frames, self.image_downscale)
+        if needed > ROOM_BUDGET_BYTES:
+            raise ValueError(
+                f"a room of up to {x:g} x {y:g} x {z:g} m at points_per_m2 {self.points_per_m2:g} with "
+                f"{self.num_frames} frames would need about {_gib(needed)} of memory ({points / 1e6:,.0f} million "
+                f"sampled points), over the budget of {_gib(ROOM_BUDGET_BYTES)} per room; lower points_per_m2 "
+                "(--points-per-m2), the room size or the number of frames"
+            )
 
 
 @dataclass
