@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from model.arguments import positive_int
+
 from model.errors import CommandError
 
 BACKENDS = ("spconv", "torch", "onnxruntime", "tensorrt")  # = export.backends.BACKENDS (kept import-free for --help)
@@ -35,17 +37,6 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of metres, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number of metres > 0, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type of --max-voxels: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 

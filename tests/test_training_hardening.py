@@ -113,7 +113,7 @@ def test_epochs_flag_takes_positive_integers(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "segment", "--config", str(tmp_path / "c.yaml"), "--epochs", "-5"])
     assert exit_info.value.code == 2
-    assert "--epochs: must be a positive integer, got -5" in capsys.readouterr().err
+    assert "--epochs: must be at least 1, got -5" in capsys.readouterr().err
 
 
 def test_evaluate_detect_iou_must_lie_strictly_between_0_and_1(tmp_path, capsys):

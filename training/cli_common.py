@@ -54,17 +54,6 @@ def apply_overrides(args: argparse.Namespace, cfg: Any, fields: Mapping[str, str
         setattr(target, name, str(value) if isinstance(value, Path) else value)
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts such as ``--epochs``: a negative or zero value would train nothing yet succeed."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def set_threads(cfg: Any) -> None:
     """Apply the config's ``threads`` (torch CPU threads; configs without the field leave torch's default):
     one thread avoids thrashing a busy, shared CPU."""

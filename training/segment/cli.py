@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from model.devices import torch_device
-from training.cli_common import (apply_overrides, check_output_file, checkpoint_line, open_run, positive_int,
-                                 write_json)
+from model.arguments import positive_int
+from training.cli_common import apply_overrides, check_output_file, checkpoint_line, open_run, write_json
 
 log = logging.getLogger(__name__)
 
