@@ -295,3 +295,22 @@ def test_float_labels_in_a_pth_scene_are_refused(tmp_path):
     torch.save({"coord": np.zeros((4, 3), np.float32), "semantic_gt20": np.array([0, 1.5, 2, 3])}, file)
     with pytest.raises(ValueError, match=r"scene\.pth \['semantic_gt20'\]: labels must be whole numbers"):
         load_scene(file)
+
+
+def test_a_data_folder_given_with_data_is_used_with_the_scenes_it_has(tmp_path):
+    """``ponder train detect --data DIR``: the user's folder, however many scenes it holds (data.generate only
+    sizes the config's own root); an incomplete one is still refused."""
+    from training.detect.cli import ensure_data
+    from training.detect.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "training" / "configs" / "detect-small-cpu.yaml")
+    root = tmp_path / "mine"
+    generate_dataset(root, 2, config=SMALL, progress=False)
+    cfg.data.root = str(root)
+    assert cfg.data.generate.scenes > 2
+    ensure_data(cfg, given_root=True)  # used as it is
+    with pytest.raises(ValueError, match="holds 2 generated scenes"):
+        ensure_data(cfg)  # the config's own root must have what it asks for
+    (root / "synthetic.json").unlink()
+    with pytest.raises(ValueError, match="incomplete synthetic dataset"):
+        ensure_data(cfg, given_root=True)

@@ -36,13 +36,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the config's train.device")
 
 
-def ensure_data(cfg) -> None:
-    """Generate the synthetic scenes a config asks for when its data folder does not exist yet."""
+def ensure_data(cfg, given_root: bool = False) -> None:
+    """Generate the synthetic scenes a config asks for when its data folder does not exist yet. A folder given
+    with ``--data`` (``given_root``) is used with however many scenes it holds; an incomplete one is refused."""
     from training.data.synthetic import SceneConfig, generate_dataset
     from training.data.synthetic.dataset import needs_generation
 
     root, gen = Path(cfg.data.root), cfg.data.generate
-    if gen is None or not needs_generation(root, gen.scenes):  # an incomplete generation is refused there
+    if gen is None or not needs_generation(root, 0 if given_root else gen.scenes):  # refuses an incomplete one
         return
     log.info("generating %d synthetic scenes into %s", gen.scenes, root)
     splits = [(cfg.data.train_split, 1.0 - gen.val_fraction)]
@@ -63,7 +64,7 @@ def run_train(args: argparse.Namespace) -> int:
     apply_overrides(args, cfg, {"label_fraction": "data.label_fraction", "data": "data.root", "init": "model.init",
                                 "device": "train.device"})
     run = open_run(args, cfg)
-    ensure_data(cfg)
+    ensure_data(cfg, given_root=args.data is not None)
     model, model_cfg = build_detector(cfg)
     task = DetectTask(cfg, model_cfg)
     _report_label_fraction(cfg, task.num_samples())
