@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from training.cli_common import PSNR, Metric, run_training, set_threads
+from training.cli_common import PSNR, Metric, check_output_file, run_training, set_threads, write_json
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +55,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from training.images.task import build_image_model
 
     cfg = load_config(args.config)
+    check_output_file(args.json)
     set_threads(cfg)
     if args.untrained:
         model = build_image_model(cfg).to(args.device).eval()
@@ -66,7 +67,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         summary = {"images": summary, "point_cloud": _point_scores(args.point_checkpoint, cfg, args.device)}
         print(json.dumps({"point_cloud": {k: v for k, v in summary["point_cloud"].items() if k != "per_view"}}))
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        write_json(args.json, summary)
     return 0
 
 
@@ -121,11 +122,12 @@ def run_segment_evaluate(args: argparse.Namespace) -> int:
     from training.images.segment import ensure_segment_data, evaluate_image_segment, load_segment_config
 
     cfg = load_segment_config(args.config)
+    check_output_file(args.json)
     set_threads(cfg)
     ensure_segment_data(cfg)
     model = load_image_segment_model(args.checkpoint or Path(cfg.out_dir) / "final", args.device)
     scores = evaluate_image_segment(model, cfg, args.point_checkpoint)
     print(json.dumps(scores))
     if args.json:
-        args.json.write_text(json.dumps(scores, indent=2))
+        write_json(args.json, scores)
     return 0
