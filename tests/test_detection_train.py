@@ -18,7 +18,8 @@ from training.data.synthetic import SceneConfig, generate_dataset
 from training.detect.config import AugmentConfig, ConfigError, DetectConfig
 from training.detect.dataset import DetectionSamples, DetectionScenes, find_scene_dirs, voxel_targets
 from training.detect.task import DetectorTrainer, DetectTask, build_detector
-from training.engine import OptimConfig, TrainConfig, Trainer
+from training.engine import Trainer
+from training.train_config import OptimConfig, TrainConfig
 
 SMALL_BACKBONE = {"type": "SpUNet-v1m1", "in_channels": 6, "base_channels": 16,
                   "channels": [16, 24, 32, 48, 48, 32, 24, 24], "layers": [1, 1, 1, 1, 1, 1, 1, 1]}

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.engine import OptimConfig, TrainConfig, Trainer
+from training.engine import Trainer
+from training.train_config import OptimConfig, TrainConfig
 
 
 class Regression:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.engine import OptimConfig, TrainConfig, Trainer
+from training.engine import Trainer
+from training.train_config import OptimConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2

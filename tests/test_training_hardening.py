@@ -24,7 +24,8 @@ from test_pretrain import make_data, tiny_config
 from test_segment_train import TINY_BACKBONE
 from training.cli_common import write_json
 from training.data.synthetic import SceneConfig, generate_dataset
-from training.engine import OptimConfig, ResumeError, TrainConfig, Trainer, TrainingDiverged
+from training.engine import ResumeError, Trainer, TrainingDiverged
+from training.train_config import OptimConfig, TrainConfig
 from training.pretrain.config import PretrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py

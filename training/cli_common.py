@@ -57,7 +57,7 @@ def apply_overrides(args: argparse.Namespace, cfg: Any, fields: Mapping[str, str
 def set_threads(cfg: Any) -> None:
     """Apply the config's ``threads`` (torch CPU threads; configs without the field leave torch's default):
     one thread avoids thrashing a busy, shared CPU."""
-    from training.engine import check_threads
+    from training.train_config import check_threads
 
     threads = getattr(cfg, "threads", None)
     check_threads(threads)

@@ -1,7 +1,7 @@
 """Configuration of detection fine-tuning (encoder + ``DetectionHead``), read from YAML.
 
 Sections: ``model`` (where the encoder comes from, the head), ``data`` (scenes with ``boxes.npy`` /
-``box_labels.npy``), ``augment``, ``loss``, ``eval``, ``train`` (``training.engine.TrainConfig``) and
+``box_labels.npy``), ``augment``, ``loss``, ``eval``, ``train`` (``training.train_config.TrainConfig``) and
 ``out_dir``. See training/configs/detect-small-cpu.yaml and detect-scannet.yaml.
 """
 
@@ -15,7 +15,7 @@ from model.config import BackboneConfig, DetectionConfig
 from model.config_io import FORBID, from_file
 from training.config_io import ConfigError, load, read_yaml
 from training.data.classes import DETECTION_NAMES, SCANNET20_NAMES
-from training.engine import TrainConfig
+from training.train_config import TrainConfig
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from model.config_io import FORBID, from_file
 from model.images.config import ImageModelConfig
 from training.config_io import ConfigError, load, read_yaml
-from training.engine import TrainConfig, check_threads
+from training.train_config import TrainConfig, check_threads
 from training.pretrain.config import DataConfig, FrameConfig, GenerateConfig
 
 

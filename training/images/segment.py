@@ -38,7 +38,7 @@ from model.render.cameras import Camera
 from model.config_io import FORBID, from_file
 from training.config_io import ConfigError, load, read_yaml
 from training.data.formats import load_rgbd_frames, load_scene
-from training.engine import TrainConfig, check_threads
+from training.train_config import TrainConfig, check_threads
 from training.images.config import ImageDataConfig
 from training.pretrain.dataset import find_scenes
 from training.pretrain.evaluate import held_out_frames

@@ -18,7 +18,7 @@ from model.config_io import FORBID, from_file
 from model.render.config import RenderHeadConfig, RenderSection, expand_field
 from training.config_io import ConfigError, as_mapping, load, read_yaml
 from training.data.formats import FrameSelection
-from training.engine import TrainConfig, check_threads
+from training.train_config import TrainConfig, check_threads
 
 
 @dataclass

@@ -16,7 +16,7 @@ from model.config import BackboneConfig
 from model.config_io import FORBID, from_file
 from training.config_io import ConfigError, dump, load, read_yaml
 from training.data.classes import SCANNET20_NAMES
-from training.engine import TrainConfig
+from training.train_config import TrainConfig
 
 HEADS = ("language", "linear")
 LABEL_MODES = ("points", "scenes")
