@@ -144,11 +144,13 @@ def _header_size(view: ImageView) -> tuple[int, int]:
     decompression bomb is reported against our limit), other formats through Pillow's lazy open."""
     from PIL import Image, UnidentifiedImageError
 
+    from model.images.inputs import IMAGE_FORMATS
+
     data = view.data
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     try:
-        with Image.open(io.BytesIO(view.data)) as im:  # reads the header only
+        with Image.open(io.BytesIO(view.data), formats=IMAGE_FORMATS) as im:  # reads the header only
             return im.size
     except Image.DecompressionBombError as exc:
         raise ApiError(413, f"image_{view.key}: {exc}") from exc
@@ -161,11 +163,17 @@ def _header_size(view: ImageView) -> tuple[int, int]:
 def _decode(view: ImageView) -> np.ndarray:
     from PIL import Image
 
-    from model.images.inputs import rgb_pixels
+    from model.images.inputs import IMAGE_FORMATS, rgb_pixels
 
     try:
-        with Image.open(io.BytesIO(view.data)) as im:
-            return rgb_pixels(im)
+        with Image.open(io.BytesIO(view.data), formats=IMAGE_FORMATS) as im:
+            im.load()  # decode first: damage is "corrupt" below, an unusable pixel format is said as such
+            try:
+                return rgb_pixels(im)
+            except ValueError as exc:
+                raise ApiError(422, f"image_{view.key}: {exc}") from exc
+    except ApiError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt upload
         raise ApiError(422, f"image_{view.key}: the image data is corrupt ({type(exc).__name__}: {exc})") from exc
 

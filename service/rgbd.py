@@ -152,10 +152,12 @@ def _open_image(data: bytes, name: str, decode: bool = True):
     """The image, its header checked (size within bounds) before ``decode`` loads the pixels."""
     from PIL import Image, UnidentifiedImageError
 
+    from model.images.inputs import IMAGE_FORMATS
+
     if not data:
         raise RGBDError(f"{name}: the image is empty")
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
         width, height = image.size
         if not (0 < width <= _MAX_IMAGE_SIDE and 0 < height <= _MAX_IMAGE_SIDE):
             raise RGBDTooLarge(f"{name}: the image is {width}x{height}; each side must be 1 to {_MAX_IMAGE_SIDE}")

@@ -194,3 +194,17 @@ def test_sixteen_bit_views_are_scaled_not_clipped_and_unused_images_are_named(tm
     Image.fromarray(grey8.astype(np.float32)).save(tmp_path / "float.tiff")
     with Image.open(tmp_path / "float.tiff") as im, pytest.raises(ValueError, match="floating-point"):
         rgb_pixels(im)
+
+
+def test_an_image_in_another_format_under_a_png_name_is_refused(tmp_path):
+    """Only the PNG and JPEG decoders run on a user's views, whatever the file is called."""
+    from model.images.errors import ImageInputError
+    from model.images.inputs import read_image_folder
+
+    cams = write_views(tmp_path / "views", n=2)
+    with Image.open(tmp_path / "views" / "1.png") as im:
+        im.save(tmp_path / "views" / "1.png.tiff", format="TIFF")
+    (tmp_path / "views" / "1.png.tiff").replace(tmp_path / "views" / "1.png")
+    (tmp_path / "cams.json").write_text(json.dumps({"cameras": cams}))
+    with pytest.raises(ImageInputError, match=r"1\.png: not a readable image"):
+        read_image_folder(tmp_path / "views", tmp_path / "cams.json")

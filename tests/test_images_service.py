@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest_service import gateway, look_at, png_bytes, render_planes  # noqa: E402
@@ -147,6 +148,7 @@ def _png_header_only(width: int, height: int) -> bytes:
     ("too many views", 413, "5 image views exceed the limit of 4"),
     ("image over the pixel limit", 413, "100000x80000 = 8000000000 pixels exceed the limit of 5000"),
     ("corrupt png", 422, "image_1: the image data is corrupt"),
+    ("tiff, not png or jpeg", 422, "image_1: not a readable PNG/JPEG image"),
     ("one view", 422, "at least 2 posed views"),
     ("size disagrees with intrinsics", 422, "the image is 40x30 but its camera says 44x30"),
     ("image without camera", 422, "image_2 have no camera"),
@@ -168,6 +170,10 @@ def test_bad_image_uploads_get_4xx_naming_the_problem(server, case, status, mess
         data = bytearray(images[1])
         data[60:200] = bytes(140)  # IHDR intact (size readable), pixel data destroyed
         images[1] = bytes(data)
+    elif case == "tiff, not png or jpeg":  # a decoder the service does not offer, whatever the part's name
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(images[1])).save(buffer, format="TIFF")
+        images[1] = buffer.getvalue()
     elif case == "one view":
         images, cams = images[:1], cams[:1]
     elif case == "size disagrees with intrinsics":

@@ -25,6 +25,9 @@ from model.render.cameras import (MAX_TRANSLATION, Camera, CameraError, camera_i
                                   read_camera_document)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The decoders PIL may use on a user's image (CLI files and uploads alike): what the suffixes promise, and no
+# exotic decoder (TIFF, PSD, ...) reachable by renaming a file.
+IMAGE_FORMATS = ("PNG", "JPEG")
 MIN_VIEWS = 2
 MIN_BOUNDS_SIDE = 1e-3  # metres, the longest side of the lifted box
 
@@ -163,7 +166,7 @@ def read_image_folder(folder: Path, cameras_path: Path, max_input_pixels: int | 
     sizes = []
     for p in paths:
         try:
-            with Image.open(p) as im:  # the header only
+            with Image.open(p, formats=IMAGE_FORMATS) as im:  # the header only
                 sizes.append(im.size)
         except unreadable as exc:
             raise ImageInputError(f"{p}: not a readable image ({exc})") from None
@@ -177,7 +180,7 @@ def read_image_folder(folder: Path, cameras_path: Path, max_input_pixels: int | 
     images = []
     for p in paths:
         try:
-            with Image.open(p) as im:
+            with Image.open(p, formats=IMAGE_FORMATS) as im:
                 images.append(rgb_pixels(im))
         except unreadable as exc:
             raise ImageInputError(f"{p}: not a readable image ({exc})") from None
