@@ -7,6 +7,9 @@ PYTHON=${PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+# TORCH_INDEX_URL picks the build: e.g. https://download.pytorch.org/whl/cpu for the CPU-only wheel on a
+# machine whose index serves PyPI's default Linux build (CUDA, several GB). Unset: pip's configured index.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+  ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 echo "set-up done: $(.venv/bin/ponder --help >/dev/null && echo 'ponder is at .venv/bin/ponder')"

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from model.pointcloud.readers import SUPPORTED_FORMATS, format_from_name, sniff_format
+from model.pointcloud.readers import SUPPORTED_FORMATS, compression, format_from_name, guess_format
 from service.errors import ApiError
 
 SPOOL_BYTES = 16 << 20
@@ -76,7 +76,11 @@ def _format_of(param: str | None, content_type: str, name: str | None, head: byt
             raise ApiError(415, f"unsupported Content-Type {media!r}: send application/vnd.ponder.<format> "
                                 f"(format one of {', '.join(SUPPORTED_FORMATS)}), application/octet-stream with "
                                 f"?format=, or multipart/form-data with a 'file' part")
-    fmt = format_from_name(name) or mapped or sniff_format(head)
+    fmt = guess_format((name,), head, hinted=mapped)
+    compressed = compression((), head) or (None if fmt else compression((name,), head))
+    if compressed:  # ?format= would not help: the readers take uncompressed files
+        raise ApiError(415, f"{name or 'the upload'} is {compressed}-compressed; decompress it and send the "
+                            "file itself")
     if fmt is None:
         raise ApiError(415, f"cannot tell the point-cloud format of {name or 'the upload'}: pass ?format= "
                             f"(one of {', '.join(SUPPORTED_FORMATS)}), a Content-Type "

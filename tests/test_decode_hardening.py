@@ -356,3 +356,6 @@ def test_unknown_and_compressed_names_say_how_to_proceed():
     assert "--format" in str(info.value) and "?format=" in str(info.value) and "pass format=" not in str(info.value)
     with pytest.raises(PointCloudError, match=r"scan\.ply\.gz: the file is gzip-compressed; decompress it first"):
         read_point_cloud(b"\x1f\x8b\x08\x00" + bytes(20), name="scan.ply.gz")
+    for named in ({"name": "scan.ply"}, {"format": "ply"}):  # the content tells, whatever the name or format says
+        with pytest.raises(PointCloudError, match=r"gzip-compressed; decompress it first"):
+            read_point_cloud(b"\x1f\x8b\x08\x00" + bytes(20), **named)

@@ -267,6 +267,11 @@ BAD_INPUTS = [
     ("unknown format", b"1 2 3", {"format": "obj"}, {}, 415, "unknown point-cloud format 'obj'"),
     ("unknown content type", b"1 2 3", {}, {"Content-Type": "image/png"}, 415, "unsupported Content-Type"),
     ("garbage as ply", b"\x00\x01garbage" * 10, {"format": "ply"}, {}, 422, "not a valid PLY"),
+    ("gzip upload", b"\x1f\x8b\x08\x00" + bytes(60), {"filename": "scan.ply.gz"}, {}, 415,
+     "scan.ply.gz is gzip-compressed; decompress it"),
+    ("gzip under a ply name", b"\x1f\x8b\x08\x00" + bytes(60), {"filename": "scan.ply"}, {}, 415, "gzip-compressed"),
+    ("gzip with ?format=", b"\x1f\x8b\x08\x00" + bytes(60), {"format": "ply"}, {}, 422,
+     "gzip-compressed; decompress it first"),
     ("NaN coordinates", None, {"invalid": "error"}, {}, 422, "NaN or infinite coordinates"),
     ("too many points", None, {"format": "npy"}, {}, 413, "PONDER_MAX_POINTS"),
     ("too large upload", b"x" * 8_000_001, {"format": "xyz"}, {}, 413, "PONDER_MAX_UPLOAD_BYTES"),
@@ -361,3 +366,15 @@ def test_nan_points_are_dropped_and_answers_keep_the_input_length(server, predic
     response = post(server, "/v1/features", body, accept=NPY, up="y")
     assert response.status_code == 200 and response.headers["x-ponder-dropped-points"] == "1"
     assert json.loads(response.headers["x-ponder-up-rotation"]) == [[0, 0, 1], [1, 0, 0], [0, 1, 0]]
+
+
+def test_a_ply_file_under_a_text_name_is_read_as_ply(server, tmp_path):
+    """The readers' rule in the service too: a PLY file saved as .xyz is PLY (its first line says so)."""
+    cloud = scene(500)
+    data = write_format(cloud, tmp_path / "scan.ply").read_bytes()
+    as_xyz = post(server, "/v1/features", data, filename="scan.xyz")
+    as_ply = post(server, "/v1/features", data, filename="scan.ply")
+    assert np.array_equal(npy(as_xyz), npy(as_ply)) and len(npy(as_xyz)) == 500
+    multipart = httpx.post(server.url + "/v1/features", files={"file": ("scan.xyz", data, "text/plain")},
+                           headers={"Accept": NPY}, timeout=120)
+    assert np.array_equal(npy(multipart), npy(as_ply))

@@ -206,17 +206,26 @@ def _normalise(format: str) -> str:
     return fmt
 
 
+def guess_format(names: tuple[str | None, ...], head: bytes, hinted: str | None = None) -> str | None:
+    """The format from the first name with a known suffix (else ``hinted``, e.g. a request's Content-Type), a PLY
+    file under a text name (.xyz/.txt) read as PLY, else the content's magic bytes; None when nothing tells.
+    One rule for files and uploads (``head``: the first 64 bytes or more)."""
+    fmt = next((f for f in map(format_from_name, names) if f), None) or hinted
+    if fmt in _TEXT_FORMATS and _is_ply(head):
+        return "ply"  # a PLY file saved as .xyz/.txt: the content decides
+    return fmt or sniff_format(head[:64])
+
+
 def _resolve_format(format: str | None, names: tuple[str | None, ...], data: bytes, label: str) -> str:
+    # compressed content (by its magic bytes, whatever the name or format says; by the name only when nothing
+    # else tells) would reach a reader as garbage
+    compressed = compression((), data) or (None if format or guess_format(names, data) else compression(names, data))
+    if compressed:
+        raise PointCloudError(f"{label}: the file is {compressed}-compressed; decompress it first")
     if format:
         return _normalise(format)
-    fmt = next((f for f in map(format_from_name, names) if f), None)
-    if fmt in _TEXT_FORMATS and _is_ply(data):
-        return "ply"  # a PLY file saved as .xyz/.txt: the content decides
-    fmt = fmt or sniff_format(data[:64])
+    fmt = guess_format(names, data)
     if fmt is None:
-        compressed = _compression(names, data)
-        if compressed:
-            raise PointCloudError(f"{label}: the file is {compressed}-compressed; decompress it first")
         raise PointCloudError(
             f"{label}: cannot tell the point-cloud format from the name or the content; "
             f"{_HOW_TO_NAME}: one of {', '.join(SUPPORTED_FORMATS)}"
@@ -229,7 +238,7 @@ def _is_ply(data: bytes) -> bool:
     return data[:64].lstrip().startswith((b"ply\n", b"ply\r"))
 
 
-def _compression(names: tuple[str | None, ...], data: bytes) -> str | None:
+def compression(names: tuple[str | None, ...], data: bytes) -> str | None:
     """gzip/bzip2/xz/zstd, from a name's last suffix or the content's magic bytes; None otherwise."""
     for suffix, (compressor, magic) in _COMPRESSED.items():
         if data.startswith(magic) or any(name and os.fspath(name).lower().endswith("." + suffix) for name in names):
