@@ -63,7 +63,7 @@ def run_detect(args: argparse.Namespace) -> int:
         if value is not None and not 0 <= value <= 1:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
     check_device(args.device)
-    check_output_file(args.output, "-o")
+    check_output_file(args.output, "-o", (".json",), "the boxes (JSON)")
     if args.ply is not None:
         check_output_file(args.ply, "--ply", (".ply",), "the box wireframes (binary PLY)")
     # bad input fails before the model loads

@@ -63,13 +63,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.app import create_app
-    from service.settings import ServiceSettings
+    from service.settings import ServiceSettings, settings_problems
 
     overrides = {name: getattr(args, name) for name in _SETTINGS_ARGS if getattr(args, name, None) is not None}
     try:
         settings = ServiceSettings(**overrides)
     except (ValidationError, ValueError) as exc:
-        print(f"ponder serve: invalid settings: {exc}", file=sys.stderr)
+        print(f"ponder serve: invalid settings: {settings_problems(exc)}", file=sys.stderr)
         return 2
     problem = _check_exposure(args.host, settings) or _check_models(settings)
     if problem:

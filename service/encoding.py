@@ -127,8 +127,9 @@ def require_fit(fmt: OutputFormat, arrays: list[str], mixed_rows: bool = False) 
     row count (``mixed_rows``: per-voxel beside per-point arrays). Routes call it before reading the upload, so
     a client is not refused only after its scene went through the encoder."""
     if fmt is OutputFormat.NPY and len(arrays) != 1:
+        other = "" if mixed_rows else f" or {OutputFormat.ARROW.value}"  # name only formats that can carry it
         raise ApiError(406, f"this answer has several arrays ({', '.join(arrays)}); NPY holds one: ask for "
-                            f"{OutputFormat.NPZ.value} or {OutputFormat.ARROW.value}")
+                            f"{OutputFormat.NPZ.value}{other}")
     if fmt is OutputFormat.ARROW and mixed_rows:
         raise ApiError(406, "this answer mixes per-voxel and per-point arrays, which one Arrow table cannot "
                             f"hold: ask for {OutputFormat.NPZ.value}")
@@ -141,9 +142,10 @@ def encode(payload: Payload, fmt: OutputFormat, max_json_values: int) -> Respons
         if payload.num_values <= max_json_values:
             return _json(payload, max_json_values)
         fmt = OutputFormat.NPY if len(payload.arrays) == 1 else OutputFormat.NPZ
-        hint = (f"answered as {fmt.value}: {payload.num_values} values are over the JSON limit of {max_json_values}; "
-                f"choose with Accept: {OutputFormat.NPY.value}, {OutputFormat.NPZ.value}"
-                + (f", {OutputFormat.ARROW.value}" if arrow_available() else "") + f" or {OutputFormat.JSON.value}")
+        choices = [f.value for f in (OutputFormat.NPY, OutputFormat.NPZ) if f is not OutputFormat.NPY
+                   or len(payload.arrays) == 1] + ([OutputFormat.ARROW.value] if arrow_available() else [])
+        hint = (f"answered as {fmt.value}: {payload.num_values} values are over the JSON limit of {max_json_values} "
+                f"(a larger answer is 406 as JSON); choose with Accept: {', '.join(choices)}")
     if fmt is OutputFormat.JSON:
         return _json(payload, max_json_values)
     headers = _meta_headers(payload.meta)

@@ -161,5 +161,5 @@ def output_paths(inputs: list[Path], out_dir: Path, suffix: str) -> dict[Path, P
         if target in owner:
             raise ValueError(f"{owner[target]} and {path} would both be written to {target}; rename one, or "
                              f"extract them in separate runs with different -o folders")
-        owner[target] = targets[path] = target
+        owner[target], targets[path] = path, target
     return targets

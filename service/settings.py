@@ -237,3 +237,19 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of setting names to values")
     return {str(key).lower(): value for key, value in data.items()}
+
+
+def settings_problems(exc: Exception) -> str:
+    """A settings ValidationError in the words an operator used: each field as its environment variable (the
+    same key in a --config file), the problem and the value given, on one line; other errors as they are."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).split())
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error.get("loc", ()))
+        name = f"PONDER_{field.upper()} ({field})" if field else "settings"
+        value = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+        parts.append(f"{name}: {error.get('msg', 'invalid')}{value}")
+    return "; ".join(parts)

@@ -293,3 +293,11 @@ def test_a_folder_without_config_json_is_said_aloud(tmp_path):
     junk.mkdir()
     save_file({"a": torch.zeros(3)}, str(junk / "model.safetensors"))
     assert_refused(ponder("inspect", junk), "no config.json", "cannot be inferred")
+
+
+@pytest.mark.parametrize("command, wrong, right", [("features", "f.txt", ".npy"), ("segment", "s.txt", ".npz"),
+                                                   ("detect", "b.txt", ".json")])
+def test_an_output_suffix_that_does_not_match_is_refused_naming_the_right_one(tmp_path, clouds, command, wrong,
+                                                                              right):
+    assert_refused(ponder(command, clouds["room"], "-o", tmp_path / wrong), f"is written as {right}")
+    assert not (tmp_path / wrong).exists()

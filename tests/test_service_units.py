@@ -15,7 +15,7 @@ import pybreaker
 import pytest
 
 from model.inference import ModelInfo
-from service.encoding import OutputFormat, Payload, arrow_available, encode, negotiate
+from service.encoding import OutputFormat, Payload, arrow_available, encode, negotiate, require_fit
 from service.client import PonderError, retrying_answers
 from service.errors import ApiError
 from service.extract import expand_inputs, output_paths, write_atomic
@@ -116,6 +116,12 @@ def test_binary_answers_round_trip():
         assert list(archive["class_names"]) == ["a", "b"] and str(archive["model"]) == "m"
     with pytest.raises(ApiError, match="NPY holds one"):
         encode(several, OutputFormat.NPY, 10)
+    with pytest.raises(ApiError) as mixed:  # only the formats that can carry it are suggested
+        require_fit(OutputFormat.NPY, ["features", "point_to_voxel"], mixed_rows=True)
+    assert OutputFormat.NPZ.value in mixed.value.detail and OutputFormat.ARROW.value not in mixed.value.detail
+    auto = encode(several, OutputFormat.AUTO, 10)  # over the JSON limit: answered as NPZ, the hint names no JSON
+    hint = auto.headers["x-ponder-hint"].split("choose with Accept:")[1]
+    assert OutputFormat.JSON.value not in hint and OutputFormat.NPY.value not in hint and OutputFormat.NPZ.value in hint
     if arrow_available():
         import pyarrow as pa
 
@@ -289,7 +295,7 @@ def test_extract_inputs_and_output_names(tmp_path_factory, tmp_path):
     assert {p.name for p in expand_inputs([str(tmp_path / "a" / "*.l*")])} == {"y.las"}
     everything = expand_inputs([str(tmp_path)])
     assert {p.name for p in everything} == {"x.ply", "y.las", "b.npz", "b.ply"}
-    with pytest.raises(ValueError, match="b.ply would both be written to .*b.npy"):  # b.npz and b.ply: one name
+    with pytest.raises(ValueError, match=r"b\.npz and .*b\.ply would both be written to .*b\.npy"):  # one name
         output_paths(everything, tmp_path / "out", ".npy")
     targets = output_paths([p for p in everything if p.name != "b.ply"], tmp_path / "out", ".npy")
     rel = {p.name: t.relative_to(tmp_path / "out").as_posix() for p, t in targets.items()}

@@ -83,6 +83,12 @@ def test_worker_refuses_the_same_port_twice_and_a_port_in_use(tmp_path):
         refused(worker(repo, busy, free_port(), free_port()), f"--http-port {busy}", "cannot listen")
 
 
+def test_worker_refuses_a_missing_or_empty_repository_before_its_banner(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for repo in (tmp_path / "missing", tmp_path / "empty"):
+        refused(worker(repo), str(repo), "not a Triton model repository", "ponder export triton-repo")
+
+
 def test_worker_refuses_an_unreadable_config(tmp_path):
     repo = repository(tmp_path / "repo", ensemble=ENSEMBLE.replace('"ensemble"', '"ensemble'))
     refused(worker(repo), "ponder/config.pbtxt", "not a readable Triton model config")
@@ -140,3 +146,15 @@ def test_gateway_startup_says_why_no_triton_endpoint_answered(caplog):
     assert f"127.0.0.1:{port}: " in warning and "no answer" not in warning, warning
     ready, detail = readiness[0]  # /readyz says the same while the gateway keeps trying
     assert not ready and f"127.0.0.1:{port}: " in detail, detail
+
+
+def test_serve_names_bad_settings_by_their_environment_variable(tmp_path):
+    """One line an operator can act on: the variable they set, the problem and the value, every bad one."""
+    import os
+
+    env = {**os.environ, "PONDER_MAX_BATCH": "-1", "PONDER_TRITON_URLS": '["http://a:1"]'}
+    result = subprocess.run([PONDER, "serve", "--port", str(free_port())], capture_output=True, text=True,
+                            timeout=120, env=env)
+    last = refused(result, "PONDER_MAX_BATCH (max_batch)", "greater than or equal to 1", "got '-1'",
+                   "PONDER_TRITON_URLS", "without a scheme")
+    assert "errors.pydantic.dev" not in last and len(result.stderr.strip().splitlines()) == 1, result.stderr

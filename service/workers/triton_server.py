@@ -89,8 +89,9 @@ def check_repository(repo: Path, backend_dir: Path) -> str | None:
 
     from export.triton_repo import read_model_config
 
-    if not repo.is_dir():
-        return None  # serve_repository says so in its own words
+    if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
+        return (f"{repo}: not a Triton model repository (no <model>/config.pbtxt); write one with "
+                "`ponder export triton-repo ENCODER.onnx -o REPO --kind python-onnxruntime`")
     configs = {}
     for path in sorted(repo.glob("*/config.pbtxt")):
         try:
