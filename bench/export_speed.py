@@ -3,7 +3,7 @@ spconv (ConvAlgo.Native, the official layers), the torch gather-matmul graph (`e
 graph exported to ONNX and run in onnxruntime (`export.onnxrt`). Kernel-map building is timed
 separately (it runs once per request on the host, whatever executes the graph).
 
-    .venv/bin/python -m bench.export_speed [--threads 2] [--repeats 2] [--small-only] [--conv]
+    .venv/bin/python bench/export_speed.py [--threads 2] [--repeats 2] [--small-only] [--conv]
 
 Published SpUNet-v1m1 size (39M parameters), random weights scaled to keep activations O(1).
 ``--conv`` adds the single-conv comparison behind `gather_conv`'s formulation (one accumulated matmul
