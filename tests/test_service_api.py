@@ -378,3 +378,10 @@ def test_a_ply_file_under_a_text_name_is_read_as_ply(server, tmp_path):
     multipart = httpx.post(server.url + "/v1/features", files={"file": ("scan.xyz", data, "text/plain")},
                            headers={"Accept": NPY}, timeout=120)
     assert np.array_equal(npy(multipart), npy(as_ply))
+
+
+def test_detect_without_a_model_on_a_server_that_has_no_detector_says_so(server):
+    response = post(server, "/v1/detect", npz_bytes(scene(500)), accept="application/json")
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("no served model can detect") and "detection head" in detail, detail

@@ -85,9 +85,12 @@ def job_card(pipeline: Pipeline, model: str | None, capability: str) -> ModelCar
         # no model named: the first served model that can do it (e.g. the bundled default's detect/render parts)
         capable = [c for c in pipeline.worker.models().values() if capability in c.capabilities]
         card = capable[0] if capable else card
+    need = {"detect": "a detection head (train one with `ponder train detect`)",
+            "render": "a render head (a pre-training checkpoint)"}[capability]
+    if capability not in card.capabilities and model is None:
+        served = ", ".join(f"{name} ({', '.join(c.capabilities)})" for name, c in pipeline.worker.models().items())
+        raise ApiError(422, f"no served model can {capability}: that needs {need}; served: {served}")
     if capability not in card.capabilities:
-        need = {"detect": "a detection head (train one with `ponder train detect`)",
-                "render": "a render head (a pre-training checkpoint)"}[capability]
         raise ApiError(422, f"model {card.info.name!r} ({card.info.kind}) cannot {capability}: that needs "
                             f"{need}; it can do: {', '.join(card.capabilities)}")
     return card
