@@ -265,7 +265,18 @@ def load_checkpoint(path: str | Path, trust: bool = False, config: ModelConfig |
     """Read a checkpoint (see ``read_checkpoint``) and load its weights strictly into the model's
     ``inference_model`` (no spconv); the spconv ``model`` is built when first used."""
     state, config = read_checkpoint(path, trust, config)
+    check_finite(state, str(path))
     return LoadedModel(config, source=str(path), inference_model=_built(config, state, str(path), engine=True))
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or inf (a run that diverged, a damaged conversion): they would give NaN
+    features silently, or crash deep in rendering, instead of this one line naming the tensors."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointError(f"{source}: {len(bad)} weight tensor(s) hold NaN or inf: {', '.join(bad[:3])}{more}; "
+                              "the run that wrote them diverged or the file is damaged")
 
 
 def save_checkpoint(model: nn.Module, config: ModelConfig, out_dir: str | Path) -> Path:

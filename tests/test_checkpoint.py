@@ -207,3 +207,13 @@ def test_a_pickle_that_would_run_code_is_named_and_never_run(tmp_path, monkeypat
     with pytest.raises(CheckpointError, match=r"it stores (posix|os)\.system, which the safe loader refuses"):
         read_official(tmp_path / "evil.pth")
     assert not (tmp_path / "PWNED-by-checkpoint").exists()
+
+
+def test_weights_with_nan_are_refused_naming_the_tensor(tmp_path):
+    loaded = load_checkpoint(fixture_dir("spunet_v1m1_seg") / "checkpoint.pth")
+    state = {k: v.clone() for k, v in loaded.inference_model.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name].view(-1)[0] = float("nan")
+    torch.save({"state_dict": state}, tmp_path / "diverged.pth")
+    with pytest.raises(CheckpointError, match=rf"1 weight tensor\(s\) hold NaN or inf: {name}"):
+        load_checkpoint(tmp_path / "diverged.pth")

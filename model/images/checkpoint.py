@@ -54,6 +54,9 @@ def load_model_folder(path: str | Path, kind: str, what: str, build: Callable[[P
         raise FileNotFoundError(f"{path}: not an {what} folder ({WEIGHTS_FILE} + {CONFIG_FILE} with kind {kind!r})")
     model = build(folder / CONFIG_FILE)
     state = load_file(str(folder / WEIGHTS_FILE))
+    from model.checkpoint import check_finite
+
+    check_finite(state, str(folder))
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
