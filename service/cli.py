@@ -169,7 +169,8 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     import os
 
-    from service.extract import ExtractOptions, expand_inputs, extract
+    from service.extract import ExtractOptions, extract
+    from service.extract_inputs import expand_inputs
 
     if args.concurrency < 1:
         print("ponder extract: --concurrency must be at least 1", file=sys.stderr)

@@ -33,7 +33,7 @@ from tenacity import RetryCallState
 
 from model.conditions import resolve_condition
 from service.client import NPY, PonderError, load_npy, raise_for_problem, retrying_answers
-from service.extract_inputs import InputList, expand_inputs, output_paths, scene_npz  # noqa: F401 - the command's API
+from service.extract_inputs import output_paths, scene_npz
 from service.extract_manifest import (MANIFEST, Manifest, fingerprint, options_differ, remove_stale_temporaries,
                                       write_atomic)
 # retried: time-outs of the upload (408), a busy or restarting gateway; not 501 (the model cannot do it) or

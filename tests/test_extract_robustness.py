@@ -29,7 +29,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest_service import PYTHON, REPO, SPUNET, Server, require_fixtures, scene, write_format  # noqa: E402
 
-from service.extract import MANIFEST, ExtractOptions, expand_inputs, extract  # noqa: E402
+from service.extract import ExtractOptions, extract  # noqa: E402
+from service.extract_inputs import expand_inputs  # noqa: E402
+from service.extract_manifest import MANIFEST  # noqa: E402
 
 
 def ponder_extract(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

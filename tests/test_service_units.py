@@ -18,7 +18,8 @@ from model.inference import ModelInfo
 from service.encoding import OutputFormat, Payload, arrow_available, encode, negotiate, require_fit
 from service.client import PonderError, retrying_answers
 from service.errors import ApiError
-from service.extract import expand_inputs, output_paths, write_atomic
+from service.extract_inputs import expand_inputs, output_paths
+from service.extract_manifest import write_atomic
 from service.logs import JsonFormatter, request_id_var
 from service.middleware import TokenBuckets
 from service.settings import ServiceSettings
