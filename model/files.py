@@ -27,8 +27,15 @@ def replaced_on_success(path: str | Path, tmp: str | Path | None = None, fsync: 
         tmp.unlink(missing_ok=True)
 
 
-
 def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting and restoring it would race
+    with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
