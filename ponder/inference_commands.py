@@ -117,9 +117,11 @@ def check_scale(cloud) -> None:
         return
     extent = float(np.max(coord.max(axis=0) - coord.min(axis=0)))
     if extent > MILLIMETRE_EXTENT_M:
-        print(f"warning: {cloud.source} spans {extent:,.0f} m along its longest side; the model expects metres "
-              "(indoor scenes span tens of metres): if the coordinates are millimetres, scale them by 0.001",
-              file=sys.stderr)
+        import warnings
+
+        warnings.warn(f"{cloud.source} spans {extent:,.0f} m along its longest side; the model expects metres "
+                      "(indoor scenes span tens of metres): if the coordinates are millimetres, scale them by 0.001",
+                      UserWarning, stacklevel=2)
 
 
 def check_voxels(cloud, grid_size: float, cap: int | None) -> int:
