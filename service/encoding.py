@@ -145,7 +145,8 @@ def encode(payload: Payload, fmt: OutputFormat, max_json_values: int) -> Respons
         choices = [f.value for f in (OutputFormat.NPY, OutputFormat.NPZ) if f is not OutputFormat.NPY
                    or len(payload.arrays) == 1] + ([OutputFormat.ARROW.value] if arrow_available() else [])
         hint = (f"answered as {fmt.value}: {payload.num_values} values are over the JSON limit of {max_json_values} "
-                f"(a larger answer is 406 as JSON); choose with Accept: {', '.join(choices)}")
+                f"(PONDER_MAX_JSON_VALUES: asked for as JSON it would be a 406); choose with Accept: "
+                f"{', '.join(choices)}")
     if fmt is OutputFormat.JSON:
         return _json(payload, max_json_values)
     headers = _meta_headers(payload.meta)
