@@ -281,9 +281,9 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
 
 def save_checkpoint(model: nn.Module, config: ModelConfig, out_dir: str | Path) -> Path:
     """Write our format: ``model.safetensors`` (contiguous CPU tensors) and ``config.json``, as one change:
-    both are written in a folder beside ``out_dir`` that then takes its place (`swap_folder_in`), so a crash or
-    a full disk never leaves new weights beside an old config. Files get the usual umask permissions (safetensors
-    alone writes 0600, which the serving images' unprivileged user cannot read)."""
+    both are written in a folder beside ``out_dir`` that then takes its place (`model.files.new_folder_for`), so
+    a crash or a full disk never leaves new weights beside an old config. Files get the usual umask permissions
+    (safetensors alone writes 0600, which the serving images' unprivileged user cannot read)."""
     out = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with new_folder_for(out) as tmp:

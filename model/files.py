@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from model.errors import CommandError
+
 
 @contextmanager
 def replaced_on_success(path: str | Path, tmp: str | Path | None = None, fsync: bool = False) -> Iterator[Path]:
@@ -61,11 +63,11 @@ def new_folder_for(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        mode = 0o666 & ~_umask()
+        umask = _umask()
         for item in tmp.iterdir():
             if item.is_file():
-                item.chmod(mode)
-        tmp.chmod(0o777 & ~_umask())
+                item.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if not path.exists():
             os.rename(tmp, path)
             return
@@ -79,3 +81,42 @@ def new_folder_for(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _nearest_existing(path: Path) -> Path:
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _check_can_create_in(path: Path, flag: str) -> None:
+    """The folder that will hold ``path`` (created when missing, as the writers do) accepts new files. A probe
+    file is created and removed: permission bits say nothing for root, read-only mounts or /proc."""
+    import tempfile
+
+    folder = _nearest_existing(path)
+    if not folder.is_dir():
+        raise CommandError(f"{flag} {path}: {folder} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ponder-write-check-", dir=folder)
+    except OSError as exc:
+        raise CommandError(f"{flag} {path}: cannot create files in {folder} ({exc.strerror or exc})") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | Path, flag: str, suffixes: tuple[str, ...] | None = None,
+                      content: str = "") -> Path:
+    """Refuse an output path that cannot be written, before any model work (not after minutes of inference, and
+    naming the user's path, not our temporary ``.partial`` file). ``suffixes``: the ones that name the format
+    written (the first is suggested); ``content`` says what is written, for that message. Every command's
+    output files (ponder's -o/--colored/--ply, training's --json) go through this one check."""
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{flag} {path}: is a folder; give a file name")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise CommandError(f"{flag} {path}: {content} is written as {suffixes[0]}; name the file "
+                           f"{path.with_suffix(suffixes[0]) if path.suffix else str(path) + suffixes[0]}")
+    _check_can_create_in(path, flag)
+    return path

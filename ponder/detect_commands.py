@@ -25,8 +25,9 @@ import warnings
 from pathlib import Path
 
 from model.pointcloud.gravity import UP_AXES
-from ponder.inference_commands import (INPUT_HELP, add_max_voxels_argument, check_device, check_output_file,
-                                       check_scale, check_voxels, report_prepared)
+from model.files import check_output_file
+from ponder.inference_commands import (INPUT_HELP, add_max_voxels_argument, check_device, check_scale, check_voxels,
+                                       report_prepared)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -95,7 +95,7 @@ def run_features(args: argparse.Namespace) -> int:
 
     from model.files import replaced_on_success
     from model.images import image_features
-    from ponder.inference_commands import check_output_file
+    from model.files import check_output_file
 
     # before the model: an .npz named .npy (or a path that cannot be written) is refused, not found out later
     check_output_file(args.out, "-o", (".npz",), "per-voxel features of posed images (NumPy archive)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from model.arguments import positive_int
 
 from model.errors import CommandError
+from model.files import check_output_file
 
 BACKENDS = ("spconv", "torch", "onnxruntime", "tensorrt")  # = export.backends.BACKENDS (kept import-free for --help)
 UP_AXES = ("z", "-z", "y", "-y", "x", "-x", "auto")  # = model.pointcloud.gravity.UP_AXES
@@ -59,45 +60,6 @@ def check_device(name: str) -> None:
     why = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
            else "no CUDA GPU is visible to PyTorch (driver, CUDA_VISIBLE_DEVICES)")
     raise CommandError(f"CUDA is not available: {why}; use --device cpu")
-
-
-def _nearest_existing(path: Path) -> Path:
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
-
-
-def _check_can_create_in(path: Path, flag: str) -> None:
-    """The folder that will hold ``path`` (created when missing, as the writers do) accepts new files. A probe
-    file is created and removed: permission bits say nothing for root, read-only mounts or /proc."""
-    import os
-    import tempfile
-
-    folder = _nearest_existing(path)
-    if not folder.is_dir():
-        raise CommandError(f"{flag} {path}: {folder} is a file, not a folder")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".ponder-write-check-", dir=folder)
-    except OSError as exc:
-        raise CommandError(f"{flag} {path}: cannot create files in {folder} ({exc.strerror or exc})") from None
-    os.close(handle)
-    os.unlink(probe)
-
-
-def check_output_file(path: str | Path, flag: str, suffixes: tuple[str, ...] | None = None,
-                      content: str = "") -> Path:
-    """Refuse an output path that cannot be written, before any model work (not after minutes of inference, and
-    naming the user's path, not our temporary ``.partial`` file). ``suffixes``: the ones that name the format
-    written (the first is suggested); ``content`` says what is written, for that message."""
-    path = Path(path)
-    if path.is_dir():
-        raise CommandError(f"{flag} {path}: is a folder; {flag} takes a file path")
-    if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise CommandError(f"{flag} {path}: {content} is written as {suffixes[0]}; name the file "
-                           f"{path.with_suffix(suffixes[0]) if path.suffix else str(path) + suffixes[0]}")
-    _check_can_create_in(path, flag)
-    return path
 
 
 def rotation_text(rotation) -> str:

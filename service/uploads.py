@@ -77,7 +77,7 @@ def _format_of(param: str | None, content_type: str, name: str | None, head: byt
                                 f"(format one of {', '.join(SUPPORTED_FORMATS)}), application/octet-stream with "
                                 f"?format=, or multipart/form-data with a 'file' part")
     fmt = guess_format((name,), head, hinted=mapped)
-    compressed = compression((), head) or (None if fmt else compression((name,), head))
+    compressed = compression((name,), head, format_known=fmt is not None)
     if compressed:  # ?format= would not help: the readers take uncompressed files
         raise ApiError(415, f"{name or 'the upload'} is {compressed}-compressed; decompress it and send the "
                             "file itself")

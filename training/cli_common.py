@@ -7,7 +7,7 @@ train|train-segment``), kept in one place so the commands cannot drift apart:
   is never silently overwritten;
 * ``fit_and_report``: resume (checked before anything is written), write the run's ``config.yaml``, train with
   ``training.engine.Trainer`` and print the loss summary and checkpoint line that tests and README commands read;
-* ``check_output_file`` / ``write_json``: an output file (``--json``) checked before the work, written atomically.
+* ``check_json_output`` / ``write_json``: an output file (``--json``) checked before the work, written atomically.
 
 Heavy dependencies (torch, yaml, the engine) are imported inside the functions so that importing a command
 module, as ``ponder --help`` does, stays quick.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -114,20 +113,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return read_config(path)
 
 
-def check_output_file(path: Path | None, option: str = "--json") -> None:
-    """Refuse an output file that cannot be written before the (possibly long) work, not after it: a folder,
-    or a parent that is a file or not writable. A missing parent is created when the file is written."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise IsADirectoryError(f"{option} {path} is a folder; give a file name")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"{option} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{option} {path}: cannot write in {parent}")
+def check_json_output(path: Path | None) -> None:
+    """``--json PATH`` checked before the (possibly long) work, not after it (`model.files.check_output_file`)."""
+    if path is not None:
+        from model.files import check_output_file
+
+        check_output_file(path, "--json")
 
 
 def write_json(path: Path, document: Any) -> None:

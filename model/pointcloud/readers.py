@@ -217,14 +217,10 @@ def guess_format(names: tuple[str | None, ...], head: bytes, hinted: str | None 
 
 
 def _resolve_format(format: str | None, names: tuple[str | None, ...], data: bytes, label: str) -> str:
-    # compressed content (by its magic bytes, whatever the name or format says; by the name only when nothing
-    # else tells) would reach a reader as garbage
-    compressed = compression((), data) or (None if format or guess_format(names, data) else compression(names, data))
+    fmt = _normalise(format) if format else guess_format(names, data)
+    compressed = compression(names, data, format_known=fmt is not None)
     if compressed:
         raise PointCloudError(f"{label}: the file is {compressed}-compressed; decompress it first")
-    if format:
-        return _normalise(format)
-    fmt = guess_format(names, data)
     if fmt is None:
         raise PointCloudError(
             f"{label}: cannot tell the point-cloud format from the name or the content; "
@@ -238,9 +234,11 @@ def _is_ply(data: bytes) -> bool:
     return data[:64].lstrip().startswith((b"ply\n", b"ply\r"))
 
 
-def compression(names: tuple[str | None, ...], data: bytes) -> str | None:
-    """gzip/bzip2/xz/zstd, from a name's last suffix or the content's magic bytes; None otherwise."""
+def compression(names: tuple[str | None, ...], data: bytes, format_known: bool = False) -> str | None:
+    """gzip/bzip2/xz/zstd, from the content's magic bytes (whatever a name or format says: compressed bytes reach
+    a reader as garbage), or from a name's last suffix when no format is known; None otherwise."""
     for suffix, (compressor, magic) in _COMPRESSED.items():
-        if data.startswith(magic) or any(name and os.fspath(name).lower().endswith("." + suffix) for name in names):
+        if data.startswith(magic) or (not format_known and any(name and os.fspath(name).lower().endswith("." + suffix)
+                                                                 for name in names)):
             return compressor
     return None

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from model.devices import torch_device
-from training.cli_common import apply_overrides, check_output_file, fit_and_report, open_run, write_json
+from training.cli_common import apply_overrides, check_json_output, fit_and_report, open_run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for value in args.iou:
         if not 0 < value < 1:  # as the config's eval.iou_thresholds: 0 matches anything, 1 nothing
             raise ValueError(f"--iou thresholds must lie in (0, 1), got {value}")
-    check_output_file(args.json)
+    check_json_output(args.json)
     torch_device(args.device)
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint")

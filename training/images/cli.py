@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from training.cli_common import PSNR, Metric, check_output_file, run_training, set_threads, write_json
+from training.cli_common import PSNR, Metric, check_json_output, run_training, set_threads, write_json
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from training.images.task import build_image_model
 
     cfg = load_config(args.config)
-    check_output_file(args.json)
+    check_json_output(args.json)
     set_threads(cfg)
     if args.untrained:
         model = build_image_model(cfg).to(args.device).eval()
@@ -122,7 +122,7 @@ def run_segment_evaluate(args: argparse.Namespace) -> int:
     from training.images.segment import ensure_segment_data, evaluate_image_segment, load_segment_config
 
     cfg = load_segment_config(args.config)
-    check_output_file(args.json)
+    check_json_output(args.json)
     set_threads(cfg)
     ensure_segment_data(cfg)
     model = load_image_segment_model(args.checkpoint or Path(cfg.out_dir) / "final", args.device)

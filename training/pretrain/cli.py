@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from model.devices import torch_device
-from training.cli_common import PSNR, check_output_file, run_training, write_json
+from training.cli_common import PSNR, check_json_output, run_training, write_json
 
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from training.pretrain.evaluate import evaluate_views
 
     cfg = load_config(args.config)
-    check_output_file(args.json)
+    check_json_output(args.json)
     device = torch_device(args.device)
     checkpoint = args.checkpoint or Path(cfg.out_dir) / "final"
     # an official .pth stores weights only: the render geometry (grid, samples, rays) is the config's, not

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from model.devices import torch_device
 from model.arguments import positive_int
-from training.cli_common import apply_overrides, check_output_file, checkpoint_line, open_run, write_json
+from training.cli_common import apply_overrides, check_json_output, checkpoint_line, open_run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     torch_device(args.device)
     if args.max_scenes is not None and args.max_scenes < 1:
         raise ValueError(f"--max-scenes must be at least 1, got {args.max_scenes}")
-    check_output_file(args.json)
+    check_json_output(args.json)
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.precise, args.condition,
                                   args.device, args.max_scenes, args.trust_checkpoint, progress=True)
     mode = "precise" if args.precise else "fast"
