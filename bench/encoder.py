@@ -24,6 +24,7 @@ import torch
 from model.checkpoint import LoadedModel
 from model.config import BackboneConfig, ModelConfig
 from model.engine.memory import reuse_freed_memory
+from model.engine.cpu_bf16 import bf16_support, cpu_flags, onednn_has_bf16
 from model.engine.encoder import EngineEncoder, SpconvEncoder
 from model.inference import Predictor
 from model.pointcloud.cloud import PointCloud
@@ -109,8 +110,13 @@ def main() -> None:
     predictor = Predictor(loaded)  # places the model: spconv's native algorithm on CPU
     encoders = {"spconv": SpconvEncoder(predictor.model, predictor.device),
                 "torch": EngineEncoder.from_loaded(loaded, "cpu")}
-    if not args.no_bf16:
+    bf16 = bf16_support(onednn_has_bf16(), cpu_flags())
+    if args.no_bf16 or bf16 == "none":  # no oneDNN bf16 kernels: ~70x slower than fp32, minutes per run
+        print("bf16 skipped: " + ("--no-bf16" if args.no_bf16 else
+                                  f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no oneDNN bf16 kernels"))
+    else:
         encoders["torch-bf16"] = EngineEncoder.from_loaded(loaded, "cpu", precision="bf16")
+        print(f"bf16 on this CPU: {bf16} ({'AMX/AVX512-BF16' if bf16 == 'native' else 'no bf16 instructions'})")
 
     print(f"model=SpUNet-v1m1 {'small' if args.small else 'published size'}  "
           f"params={sum(p.numel() for p in predictor.model.parameters()):,}  freed memory reused: {reused}  "

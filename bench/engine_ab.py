@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from encoder import random_segmentor, room_cloud  # bench/encoder.py: the same model, room and 1M-point cloud
+from model.engine.cpu_bf16 import check_cpu_bf16
 from model.engine.encoder import EngineEncoder
 from model.engine.memory import reuse_freed_memory
 from model.inference import Predictor
@@ -57,6 +58,11 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--rounds", type=int, default=12)
     args = parser.parse_args()
+    if args.precision == "bf16":
+        try:
+            check_cpu_bf16()
+        except ValueError as error:
+            parser.error(str(error))
     reuse_freed_memory()
     torch.set_num_threads(args.threads)
 

@@ -30,7 +30,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("features", help="per-voxel features of the scene that posed images show (NPZ)")
     _add_input_arguments(p)
     p.add_argument("-o", "--out", type=Path, required=True, help="output .npz: features (M, C), centres (M, 3) "
-                   "metres, views_seeing (M,), grid_index (M, 3), grid_shape, world_to_unit, bounds")
+                   "metres, views_seeing (M,), grid_index (M, 3), lifted_grid_shape (X, Y, Z), world_to_unit, bounds")
     p.set_defaults(handler=run_features)
 
     p = sub.add_parser("render", help="render novel views (colour + depth) of the scene that posed images show")

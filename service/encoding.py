@@ -197,15 +197,28 @@ def _npy_chunks(array: np.ndarray) -> tuple[int, Iterator[bytes]]:
     return len(head) + array.nbytes, chunks()
 
 
+def _meta_array(value) -> np.ndarray | None:
+    """A metadata value as an NPZ member (the body keeps what headers carry, for clients that save only
+    the file): strings, numbers, and lists of strings or of numbers (``grid_shape``, ``bounds``,
+    ``up_rotation``); None for anything else (nested dicts, ragged lists)."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return np.array(value, dtype=str)
+    if isinstance(value, (str, int, float)):
+        return np.array(value)
+    if isinstance(value, (list, tuple)):
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged
+            return None
+        return array if array.dtype.kind in "biuf" else None
+    return None
+
+
 def _npz_chunks(payload: Payload) -> tuple[int, Iterator[bytes]]:
     """Uncompressed NPZ spooled to a temporary file (memory up to 32 MiB, then disk), then streamed."""
     spool = tempfile.SpooledTemporaryFile(max_size=32 << 20)
-    extra = {}
-    for key, value in payload.meta.items():
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            extra[key] = np.array(value, dtype=str)
-        elif isinstance(value, (str, int, float)):
-            extra[key] = np.array(value)
+    extra = {key: array for key, value in payload.meta.items()
+             if key not in payload.arrays and (array := _meta_array(value)) is not None}
     np.savez(spool, **payload.arrays, **extra)
     size = spool.tell()
     spool.seek(0)

@@ -42,7 +42,7 @@ from service.image_upload import posted_images
 def _meta(name: str, posed, bounds_used: np.ndarray, grid_shape) -> dict:
     return {"model": name, "input": "images", "num_views": len(posed.names), "views": list(posed.names),
             "image_size": [int(posed.images.shape[2]), int(posed.images.shape[1])],
-            "grid_shape": list(grid_shape), "bounds": np.asarray(bounds_used).round(6).tolist()}
+            "lifted_grid_shape": list(grid_shape), "bounds": np.asarray(bounds_used).round(6).tolist()}
 
 
 def _features_work(model, posed, bounds, novel):

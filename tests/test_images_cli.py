@@ -68,7 +68,7 @@ def test_features_from_posed_images(tmp_path, checkpoint, capsys):
         feats, centres, seen = z["features"], z["centres"], z["views_seeing"]
         assert feats.shape[1] == 8 and feats.shape[0] == centres.shape[0] == seen.shape[0] > 0
         assert seen.min() >= 1 and seen.max() <= 3 and np.isfinite(feats).all()
-        assert tuple(z["grid_shape"]) == (12, 12, 6)
+        assert tuple(z["lifted_grid_shape"]) == (12, 12, 6)
         assert (centres >= np.array([0, 0, 0]) - 0.3).all() and (centres <= np.array([4, 4, 2.5]) + 0.3).all()
     assert "3 views ->" in capsys.readouterr().out
 
@@ -161,7 +161,7 @@ def test_bundled_image_model_serves_ponder_features(tmp_path):
                  "-o", str(out)]) == 0
     with np.load(out, allow_pickle=False) as z:
         assert z["features"].shape[1] == config["render"]["projection"]["out_channels"]
-        assert tuple(z["grid_shape"]) == tuple(config["render"]["grid_shape"])
+        assert tuple(z["lifted_grid_shape"]) == tuple(config["render"]["grid_shape"])
         assert len(z["features"]) > 0 and np.isfinite(z["features"]).all()
 
 

@@ -103,6 +103,19 @@ def test_features_from_posed_images_match_the_model_in_process(server, models):
     lo, hi = np.array(BOUNDS)  # the lifted cube holds the box (its longest side, 3 m, plus padding, on every axis)
     assert (got["centres"] >= (lo + hi) / 2 - 1.8).all() and (got["centres"] <= (lo + hi) / 2 + 1.8).all()
     assert str(got["model"]) == "tiny-images" and int(got["num_views"]) == 3
+    assert tuple(got["lifted_grid_shape"]) == (12, 12, 6) and "grid_shape" not in got  # [H, W] of clouds only
+
+
+def test_image_answers_name_the_lifted_grid_not_the_organised_shape(server):
+    images, cams = views()
+    binary = post(server, "/v1/features", images, cams, accept="application/x-npz")
+    assert binary.status_code == 200, binary.text
+    assert json.loads(binary.headers["x-ponder-lifted-grid-shape"]) == [12, 12, 6]
+    assert "x-ponder-grid-shape" not in binary.headers
+    with np.load(io.BytesIO(binary.content), allow_pickle=False) as z:  # the body keeps what the headers say
+        assert z["lifted_grid_shape"].tolist() == [12, 12, 6] and z["bounds"].shape == (2, 3)
+    as_json = post(server, "/v1/features", images, cams, accept="application/json")
+    assert as_json.status_code == 200 and as_json.json()["lifted_grid_shape"] == [12, 12, 6]
 
 
 def test_features_json_and_nerfstudio_transforms(server):

@@ -368,6 +368,24 @@ def test_nan_points_are_dropped_and_answers_keep_the_input_length(server, predic
     assert json.loads(response.headers["x-ponder-up-rotation"]) == [[0, 0, 1], [1, 0, 0], [0, 1, 0]]
 
 
+def test_an_organised_pcd_answers_flat_rows_with_its_height_and_width(server, tmp_path):
+    """A depth camera's organised PCD (NaN holes): flat row-major answers; grid_shape [H, W] in the header,
+    and in the NPZ body too (a client that keeps only the file can still reshape)."""
+    from tests.test_cli_organised import HEIGHT, WIDTH, _write_organised_pcd
+
+    holes = np.zeros(HEIGHT * WIDTH, bool)
+    holes[:WIDTH] = True
+    data = (tmp_path / "frame.pcd")
+    _write_organised_pcd(data, holes)
+    flat = post(server, "/v1/features", data.read_bytes(), format="pcd")
+    assert flat.status_code == 200 and json.loads(flat.headers["x-ponder-grid-shape"]) == [HEIGHT, WIDTH]
+    features = npy(flat)
+    assert len(features) == HEIGHT * WIDTH and np.isnan(features[:WIDTH]).all() and np.isfinite(features[WIDTH:]).all()
+    got = npz(post(server, "/v1/segment", data.read_bytes(), accept=NPZ, format="pcd"))
+    assert got["grid_shape"].tolist() == [HEIGHT, WIDTH] and int(got["dropped_points"]) == WIDTH
+    assert got["labels"].reshape(HEIGHT, WIDTH)[0].tolist() == [-1] * WIDTH
+
+
 def test_a_ply_file_under_a_text_name_is_read_as_ply(server, tmp_path):
     """The readers' rule in the service too: a PLY file saved as .xyz is PLY (its first line says so)."""
     cloud = scene(500)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from model.engine.cpu_bf16 import check_cpu_bf16
 from model.engine.pairs import PRECISIONS
 from model.engine.unet import SpUNetEngine
 from model.pointcloud.voxelize import VoxelizedCloud
@@ -123,6 +124,8 @@ def model_encoder(backend: str, loaded: LoadedModel, device: torch.device | str 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)
+    if precision == "bf16" and device.type == "cpu" and backend != "spconv":
+        check_cpu_bf16()  # refused where oneDNN has no bf16 kernels (~70x slower than fp32)
     if backend == "auto":  # DEFAULT_BACKEND, falling back to spconv for checkpoints the engine cannot run
         try:
             return EngineEncoder.from_loaded(loaded, device, precision)

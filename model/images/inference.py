@@ -32,7 +32,7 @@ class ImageFeatures:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"features": self.features, "centres": self.centres, "views_seeing": self.views_seeing,
-                "grid_index": self.grid_index, "grid_shape": np.asarray(self.grid_shape, dtype=np.int32),
+                "grid_index": self.grid_index, "lifted_grid_shape": np.asarray(self.grid_shape, dtype=np.int32),
                 "world_to_unit": self.world_to_unit, "bounds": self.bounds}
 
 
