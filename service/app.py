@@ -94,6 +94,7 @@ def create_app(settings: ServiceSettings | None = None, worker: Worker | None = 
     # Added innermost first: request context -> auth -> body limit -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        idle_timeout_s=settings.upload_idle_timeout_s,
+                       min_bytes_per_s=settings.upload_min_bytes_per_s,
                        max_inflight_bytes=settings.max_inflight_upload_bytes)
     app.add_middleware(AuthMiddleware, api_keys=settings.api_keys, rate_per_s=settings.rate_limit_per_s,
                        burst=settings.rate_limit_burst)

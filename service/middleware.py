@@ -3,7 +3,8 @@
 * :class:`RequestContextMiddleware` — request id (the client's ``X-Request-ID`` or a new one) on every
   answer and log line, one JSON access-log line per request, and the HTTP metrics;
 * :class:`BodyLimitMiddleware` — refuses bodies over the limit with 413 from ``Content-Length`` at once,
-  or, for chunked uploads, as soon as the bytes read pass the limit, a body that stalls with 408, and bytes
+  or, for chunked uploads, as soon as the bytes read pass the limit, a body that stalls or trickles under a
+  rate floor with 408, and bytes
   that would take what all requests in flight hold past their budget with 503 + Retry-After;
 * :class:`AuthMiddleware` — optional API keys (401 missing / 403 wrong) and a per-key token bucket (429).
 """
@@ -106,18 +107,31 @@ class UploadBudget:
 
 
 class BodyLimitMiddleware:
-    """Upload limits while the body arrives: its size (413), the longest wait for its next bytes (408, so
-    a stalled client does not keep a connection and a deadline running) and the bytes all requests in flight
+    """Upload limits while the body arrives: its size (413), the longest wait for its next bytes and the
+    lowest average rate (408, so a stalled or trickling client does not keep a connection and a deadline
+    running) and the bytes all requests in flight
     hold (503, `UploadBudget`: counted as they arrive, given back when the request has been answered). Bytes
     received, not declared: a client declaring a huge Content-Length and trickling would otherwise hold a
     share of the budget it never uses."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float | None = None,
-                 max_inflight_bytes: int | None = None) -> None:
+                 max_inflight_bytes: int | None = None, min_bytes_per_s: float = 0.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.min_bytes_per_s = min_bytes_per_s
         self.budget = UploadBudget(max_inflight_bytes)
+
+    def _check_rate(self, received: int, elapsed: float) -> None:
+        """408 for an upload whose average rate is under the floor once its first ``idle_timeout_s`` is over
+        (a slow start is no trickle). Judged as bytes arrive: the idle limit covers the gaps between them, so a
+        client sending a byte just inside each idle window is refused within two windows."""
+        if self.min_bytes_per_s <= 0 or self.idle_timeout_s is None or elapsed < self.idle_timeout_s:
+            return
+        if received < self.min_bytes_per_s * elapsed:
+            raise ApiError(408, f"the upload arrives at {received / elapsed:.0f} bytes/s ({received} bytes in "
+                                f"{elapsed:.0f} s), under the floor of {self.min_bytes_per_s:g} bytes/s "
+                                "(PONDER_UPLOAD_MIN_BYTES_PER_S)", headers={"Connection": "close"})
 
     def _too_large(self, size: str) -> ApiError:
         return ApiError(413, f"request body {size} exceeds the limit of {self.max_bytes} bytes "
@@ -137,6 +151,7 @@ class BodyLimitMiddleware:
         received = 0
         held = 0  # bytes of the budget this request holds
         body_done = False
+        started = time.monotonic()
 
         async def counting_receive() -> Message:
             nonlocal received, body_done, held
@@ -155,6 +170,8 @@ class BodyLimitMiddleware:
                 body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise self._too_large(f"(more than {received} bytes read)")
+                if not body_done:
+                    self._check_rate(received, time.monotonic() - started)
                 if not self.budget.take(received - held):
                     raise self.budget.refusal(received - held)
                 held = received

@@ -27,6 +27,7 @@ a mapping of field names to values (``.json`` as JSON, anything else as YAML).
 | breaker_reset_s | 10.0 | how long an open breaker refuses calls before one trial call |
 | max_upload_bytes | 512 MiB | request bodies above this are refused with 413 while they are read |
 | upload_idle_timeout_s | 30.0 | an upload that sends no bytes for this long is refused with 408 (a stalled or trickling client holds no lane place meanwhile: places are taken once the body is in) |
+| upload_min_bytes_per_s | 1024.0 | after its first upload_idle_timeout_s, an upload whose average rate falls below this is refused with 408 (a client trickling a byte at a time would otherwise hold its connection until the request deadline); 0 turns it off |
 | max_inflight_upload_bytes | 2 GiB | request body bytes all requests in flight may hold together (counted as they arrive, given back when answered); an upload whose next bytes would pass it gets 503 + Retry-After. Bounds the memory of many concurrent uploads, which take no lane place until their body is in |
 | max_points | 5_000_000 | clouds with more points are refused with 413 (from the file header, before decoding) |
 | max_voxels | 1_500_000 | most voxels of one scene at the model's grid, counted before normals, kernel maps and the encoder (their memory grows with it: ~3 KB per voxel for the published-size encoder); more get 413 |
@@ -104,6 +105,7 @@ class ServiceSettings(BaseSettings):
 
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     upload_idle_timeout_s: float = Field(default=30.0, gt=0)
+    upload_min_bytes_per_s: float = Field(default=1024.0, ge=0)
     max_inflight_upload_bytes: int = Field(default=2 << 30, ge=1)
     max_points: int = Field(default=5_000_000, ge=1)
     max_voxels: int = Field(default=1_500_000, ge=1)

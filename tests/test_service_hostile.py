@@ -1,5 +1,5 @@
 """Hostile clients against a real gateway (uvicorn on loopback, the bundled default model, a fast lane of two
-places): uploads that stall or trickle hold no lane place and end with 408; a client that leaves mid-upload is
+places): uploads that stall or trickle hold no lane place and end with 408 (idle, or under the rate floor); a client that leaves mid-upload is
 a 499 in the logs, not a 500; an answer format that cannot carry the answer is refused before the upload is
 read; multipart limits are 413s; the precise mode takes scenes as wide as the fast mode does."""
 
@@ -79,6 +79,36 @@ def test_stalled_uploads_hold_no_lane_place_and_end_with_408(server):
         assert reply.startswith("HTTP/1.1 408"), reply[:200]
         assert "PONDER_UPLOAD_IDLE_TIMEOUT_S" in reply
     assert access_status(server, "stalled-0") == 408
+
+
+def test_trickling_upload_ends_with_408_once_its_rate_is_under_the_floor(server):
+    """A byte every 0.4 s never trips the idle limit (2 s); past that first window its average rate (~2.5 B/s)
+    is under PONDER_UPLOAD_MIN_BYTES_PER_S (default 1024) and the next bytes end it, long before the deadline."""
+    sock = stalled_upload(server, "trickling")
+    started = time.monotonic()
+    sock.settimeout(0.4)
+    reply = b""
+    try:
+        while time.monotonic() - started < 30:
+            try:
+                sock.sendall(b"\x00")
+            except OSError:  # the server answered and closed
+                break
+            try:
+                if chunk := sock.recv(65536):
+                    reply += chunk
+                    break
+            except TimeoutError:
+                continue
+        sock.settimeout(10)
+        reply = (reply + read_until_closed(sock).encode()).decode(errors="replace")
+    finally:
+        sock.close()
+    took = time.monotonic() - started
+    assert reply.startswith("HTTP/1.1 408"), reply[:300]
+    assert "PONDER_UPLOAD_MIN_BYTES_PER_S" in reply and "bytes/s" in reply
+    assert IDLE_S <= took < 2 * IDLE_S + 2, took  # after the first idle window, within two
+    assert access_status(server, "trickling") == 408
 
 
 def test_client_leaving_mid_upload_is_499_not_500(server):
