@@ -120,7 +120,7 @@ def main() -> None:
 
     print(f"model=SpUNet-v1m1 {'small' if args.small else 'published size'}  "
           f"params={sum(p.numel() for p in predictor.model.parameters()):,}  freed memory reused: {reused}  "
-          f"load average {load()}")
+          f"load average {load()}  cpu {torch.backends.cpu.get_cpu_capability()}, bf16 {bf16}")
     print(f"fp32 GEMM (4096x96)·(96x96): {gemm_rates(args.threads)}")
     print(f"{'input':<18} {'voxels':>9} {'thr':>3} {'encoder':<11} {'wall s':>7} {'cpu s':>7} {'voxels/s':>9} "
           f"{'vs spconv':>9} {'cpu ratio':>9} {'max|d|/max':>10}")

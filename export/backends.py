@@ -39,19 +39,48 @@ class OnnxEncoder:
 def exported_encoder(loaded: LoadedModel) -> Path:
     """The encoder of ``loaded`` exported once to ONNX and cached by the hash of its weights and config."""
     from export.graph import GatherSpUNet
-    from export.onnx_export import export_onnx
+    from export.onnx_export import export_onnx, weights_digest
 
-    digest = hashlib.sha256(repr(loaded.config.to_dict()).encode() + b"tables=int32")  # int32 table inputs
     state = loaded.state_dict()  # no spconv model needed
-    for name, tensor in state.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    path = CACHE / f"{digest.hexdigest()[:20]}.onnx"
+    weights = weights_digest(state)
+    key = hashlib.sha256(repr(loaded.config.to_dict()).encode() + b"tables=int32" + weights.encode())  # int32 tables
+    path = CACHE / f"{key.hexdigest()[:20]}.onnx"
     if not path.exists():
         graph = GatherSpUNet.from_state_dict(state, loaded.config, heads=False)
         with replaced_on_success(path, path.with_suffix(".partial.onnx")) as tmp:
-            export_onnx(graph, tmp)
+            export_onnx(graph, tmp, extra_metadata={"name": loaded.config.name, "weights_sha256": weights})
     return path
+
+
+def check_engine_matches(path: Path, loaded: LoadedModel) -> None:
+    """ValueError when the ``--engine`` file was exported from other weights than the checkpoint (its
+    ``ponder.weights_sha256``), or, for a file without that digest, when its grid size, input features or
+    conditions differ from the checkpoint's: the engine's features would be silently wrong."""
+    from export.onnx_export import load_onnx, ponder_metadata, read_info, weights_digest
+
+    model = load_onnx(path)
+    props = ponder_metadata(model)
+    info = read_info(model)
+    checkpoint = loaded.source or loaded.config.name
+    if "weights_sha256" in props:
+        if props["weights_sha256"] != weights_digest(loaded.state_dict()):
+            raise ValueError(f"--engine {path}: exported from other weights than the checkpoint {checkpoint} (the "
+                             f"engine's model is named {props.get('name', '?')!r}); export this checkpoint "
+                             "(`ponder export onnx CHECKPOINT -o ENGINE.onnx --features-only`) or leave --engine out "
+                             "(the checkpoint is then exported once and cached)")
+        return
+    config = loaded.config
+    differences = [f"{what} {theirs!r} vs {ours!r}" for what, theirs, ours in (
+        ("grid size", info.grid_size, config.grid_size),
+        ("input features", tuple(info.input_features), tuple(config.input_features)),
+        ("conditions", tuple(info.conditions), tuple(config.conditions))) if theirs != ours]
+    if differences:
+        raise ValueError(f"--engine {path}: does not fit the checkpoint {checkpoint} (engine vs checkpoint: "
+                         f"{'; '.join(differences)})")
+    import warnings
+
+    warnings.warn(f"--engine {path}: exported without a weights digest (before this ponder version), so it cannot be "
+                  "checked against the checkpoint; re-export it to have it checked", stacklevel=2)
 
 
 def make_encoder(backend: str, loaded: LoadedModel, engine: str | Path | None = None, device: str = "cpu",
@@ -63,6 +92,8 @@ def make_encoder(backend: str, loaded: LoadedModel, engine: str | Path | None = 
     path = Path(engine) if engine else exported_encoder(loaded)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such ONNX model (export one with `ponder export onnx --features-only`)")
+    if engine:
+        check_engine_matches(path, loaded)
     ort_device = "tensorrt" if backend == "tensorrt" else ("cuda" if device == "cuda" else "cpu")
     return OnnxEncoder(path, device=ort_device, threads=threads)
 

@@ -78,6 +78,9 @@ def _check_checkpoint_kind(checkpoint: str) -> None:
     from model.images.checkpoint import config_kind
 
     path = Path(checkpoint)
+    if path.suffix.lower() == ".onnx":
+        raise CommandError(f"{checkpoint} is already an ONNX file; `ponder export onnx` takes a checkpoint (pass the "
+                           "ONNX file to `ponder export triton-repo`, or to `ponder features --engine`)")
     kind = config_kind(path) if path.is_dir() else None
     if kind in IMAGE_KINDS:
         raise CommandError(f"{checkpoint} is an image model (kind {kind}); image models cannot be exported, "
@@ -105,7 +108,7 @@ def _check_onnx_output(output: str | Path) -> Path:
 def _export(checkpoint: str, output: Path, features_only: bool, trust: bool, exporter: str = "torchscript",
             opset: int = 18, taps_per_matmul: int | None = None) -> Path:
     from export.graph import GatherSpUNet
-    from export.onnx_export import ExportError, export_onnx
+    from export.onnx_export import ExportError, export_onnx, weights_digest
     from model.checkpoint import load_checkpoint
     from model.errors import CommandError
 
@@ -114,7 +117,8 @@ def _export(checkpoint: str, output: Path, features_only: bool, trust: bool, exp
     graph = GatherSpUNet.from_loaded(loaded, heads=not features_only, taps_per_matmul=taps_per_matmul)
     try:
         return export_onnx(graph, output, opset=opset, exporter=exporter,
-                           extra_metadata={"name": loaded.config.name})
+                           extra_metadata={"name": loaded.config.name,
+                                           "weights_sha256": weights_digest(loaded.state_dict())})
     except ExportError as exc:
         raise CommandError(str(exc)) from exc
 
@@ -159,8 +163,8 @@ def run_tensorrt(args) -> int:
 def run_triton_repo(args) -> int:
     from export.onnx_export import ExportError
     from export.tensorrt import TensorRTUnavailable
-    from export.triton_repo import (check_plan_source, check_repository_output, read_model_config,
-                                    write_triton_repository)
+    from export.triton_repo import (check_model_name, check_no_clash, check_plan_source, check_repository_output,
+                                    read_model_config, step_names, write_triton_repository)
     from model.errors import CommandError
 
     model = Path(args.model)
@@ -174,12 +178,17 @@ def run_triton_repo(args) -> int:
             raise CommandError("--kind tensorrt runs on GPUs only; use --kind onnxruntime or python-onnxruntime "
                                "with --device cpu")
         check_plan_source(args.kind, args.plan)
+        check_model_name(args.name)
+        check_no_clash(Path(args.output), args.name)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     except TensorRTUnavailable as exc:
         raise CommandError(f"{exc}; or pass --plan with an engine built on a GPU host") from exc
     except OSError as exc:  # the checks' own messages name the path
         raise CommandError(str(exc)) from None
+    replaced = [m for m in (args.name, *step_names(args.name)) if (Path(args.output) / m).exists()]
     with tempfile.TemporaryDirectory() as tmp:
-        if model.suffix != ".onnx":
+        if model.suffix.lower() != ".onnx":
             model = _export(str(model), Path(tmp) / "model.onnx", args.features_only, args.trust_checkpoint)
         try:
             folder = write_triton_repository(args.output, model, args.name, instance_count=args.instances,
@@ -192,6 +201,7 @@ def run_triton_repo(args) -> int:
     config = read_model_config(folder)
     summary = {"repository": str(folder.parent), "model": config.name, "kind": args.kind,
                "steps": [s.model_name for s in config.ensemble_scheduling.step],
-               "inputs": [i.name for i in config.input], "outputs": [o.name for o in config.output]}
+               "inputs": [i.name for i in config.input], "outputs": [o.name for o in config.output],
+               "replaced": replaced}
     print(json.dumps(summary), file=sys.stderr)
     return 0

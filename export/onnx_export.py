@@ -13,6 +13,7 @@ the ~2,600-node graph and gives the same numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -153,11 +154,26 @@ def metadata(info: GraphInfo, extra: dict[str, str] | None = None) -> dict[str, 
     return {METADATA_PREFIX + k: v for k, v in {**meta, **(extra or {})}.items()}
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state_dict's names and bytes, stored in an export (``ponder.weights_sha256``) so that an
+    engine passed with ``--engine`` can be checked against the checkpoint it is used with."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def ponder_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The ``ponder.*`` metadata_props of an exported model, without the prefix."""
+    return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+
+
 def read_info(model: onnx.ModelProto | str | Path) -> GraphInfo:
     """GraphInfo back from an exported model's metadata_props."""
     if not isinstance(model, onnx.ModelProto):
         model = load_onnx(model)
-    props = {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+    props = ponder_metadata(model)
     if "kind" not in props:
         raise ExportError("the ONNX model has no ponder metadata; was it exported by `ponder export onnx`?")
     return GraphInfo(

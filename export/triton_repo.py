@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -158,6 +159,39 @@ def ensemble_config(info: GraphInfo, name: str, inputs: list[Spec], outputs: lis
     return config
 
 
+# Folder names Triton and its Python backend handle: a space made both stubs die at start (``stol``) and the
+# server wait for them for ever; a newline or shell characters would end up in configs and logs.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_model_name(name: str) -> None:
+    """ValueError for a name Triton cannot serve as a model folder (letters, digits, ``_ . -``; 100 at most)."""
+    if not MODEL_NAME.fullmatch(name or ""):
+        raise ValueError(f"invalid Triton model name {name!r}: use letters, digits, '_', '.' and '-' (starting with "
+                         "a letter or digit, at most 100)")
+
+
+def check_no_clash(out_dir: Path, name: str) -> None:
+    """ValueError when writing the ensemble ``name`` would replace a folder of ``out_dir`` that is not part of an
+    earlier export of ``name``: another ensemble's step (e.g. ``--name ponder_encoder`` beside ``ponder``) or an
+    unrelated model. Only the folder ``name`` and the steps its ensemble lists are ever replaced."""
+    steps: dict[str, set[str]] = {}  # model folder -> the steps it lists (empty: not an ensemble)
+    for config_path in sorted(out_dir.glob("*/config.pbtxt")) if out_dir.is_dir() else []:
+        try:
+            steps[config_path.parent.name] = {s.model_name for s in read_model_config(config_path)
+                                              .ensemble_scheduling.step}
+        except (OSError, text_format.ParseError):  # unreadable: not an ensemble we could break
+            steps[config_path.parent.name] = set()
+    for folder in (name, *step_names(name)):
+        users = sorted(model for model, listed in steps.items() if folder in listed and model != name)
+        if users:
+            raise ValueError(f"{out_dir / folder} is a step of the ensemble {users[0]!r} there; exporting --name "
+                             f"{name!r} would replace it. Choose another --name")
+        if folder != name and (out_dir / folder).exists() and folder not in steps.get(name, set()):
+            raise ValueError(f"{out_dir / folder} holds a model that is not part of an export of {name!r}; exporting "
+                             f"--name {name!r} would replace it. Choose another --name")
+
+
 def repository_configs(onnx_path: str | Path, name: str, kind: str = "onnxruntime", device: str | None = None,
                        instance_count: int = 1, max_batch_size: int = 0, threads: int = 0) -> dict[str, pb.ModelConfig]:
     """Model name -> config of the three models (ensemble first), validated; nothing is written."""
@@ -173,8 +207,7 @@ def repository_configs(onnx_path: str | Path, name: str, kind: str = "onnxruntim
                          "so Triton cannot batch them (batch scenes in one request instead)")
     if instance_count < 1:
         raise ValueError(f"instance_count must be >= 1, got {instance_count}")
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"invalid Triton model name {name!r}")
+    check_model_name(name)
     import onnx
 
     from export.onnx_export import ExportError, load_onnx, read_info
@@ -260,6 +293,7 @@ def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: st
     existing repository as it was and no partial one in a new folder."""
     out_dir = check_repository_output(out_dir)
     configs = repository_configs(onnx_path, name, kind, device, instance_count, max_batch_size, threads)
+    check_no_clash(out_dir, name)
     check_plan_source(kind, plan_path)
     maps_name, encoder_name = step_names(name)
     parent = out_dir.parent

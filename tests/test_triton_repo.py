@@ -6,6 +6,7 @@ tritonserver of nvidia-pytriton)."""
 from __future__ import annotations
 
 import py_compile
+import subprocess
 from pathlib import Path
 
 import onnx
@@ -13,7 +14,7 @@ import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from conftest import fixture_dir
+from conftest import PONDER, fixture_dir
 from export.onnx_export import read_info
 from export.tensorrt import TensorRTUnavailable, VoxelRange, build_engine, tensorrt_available
 from export.triton_repo import (KINDS, config_metadata, parse_config_json, read_model_config, step_names,
@@ -143,6 +144,46 @@ def test_bad_repository_requests_are_refused(tmp_path, ppt_onnx):
     with pytest.raises(FileNotFoundError):
         write_triton_repository(tmp_path, tmp_path / "missing.onnx", "m")
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("name", ["my model", "x\ny", "-dash-first", "a" * 101, "caf\u00e9"])
+def test_names_triton_cannot_serve_are_refused(tmp_path, ppt_onnx, name):
+    """A space made both Python stubs die at start (stol) and the worker wait for ever: refused at export."""
+    with pytest.raises(ValueError, match="invalid Triton model name"):
+        write_triton_repository(tmp_path / "repo", ppt_onnx, name, kind="python-onnxruntime")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_an_export_never_replaces_another_ensembles_steps_or_unrelated_models(tmp_path, ppt_onnx):
+    repo = tmp_path / "repo"
+    write_triton_repository(repo, ppt_onnx, "ponder", kind="python-onnxruntime")
+    encoder = (repo / "ponder_encoder" / "config.pbtxt").read_text()
+    with pytest.raises(ValueError, match="is a step of the ensemble 'ponder'"):
+        write_triton_repository(repo, ppt_onnx, "ponder_encoder", kind="python-onnxruntime")
+    assert (repo / "ponder_encoder" / "config.pbtxt").read_text() == encoder  # untouched
+    assert sorted(p.name for p in repo.iterdir()) == ["ponder", "ponder_encoder", "ponder_kernel_maps"]
+    (repo / "hand_made_encoder" / "1").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not part of an export of 'hand_made'"):
+        write_triton_repository(repo, ppt_onnx, "hand_made", kind="python-onnxruntime")
+    assert not any((repo / "hand_made_encoder" / "1").iterdir())
+    write_triton_repository(repo, ppt_onnx, "ponder", kind="python-onnxruntime")  # its own export: replaced
+    write_triton_repository(repo, ppt_onnx, "second", kind="python-onnxruntime")  # beside it: fine
+    assert _parse(repo / "ponder").ensemble_scheduling.step[1].model_name == "ponder_encoder"
+
+
+def test_cli_checks_the_name_before_exporting_a_checkpoint(tmp_path, ppt_onnx):
+    from ponder.cli import main as ponder
+
+    repo = tmp_path / "repo"
+    assert ponder(["export", "triton-repo", str(ppt_onnx), "-o", str(repo), "--kind", "python-onnxruntime"]) == 0
+    for name, message in (("a b", "invalid Triton model name"), ("ponder_encoder", "is a step of the ensemble")):
+        result = subprocess.run([PONDER, "export", "triton-repo", str(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth"),
+                                 "-o", str(repo), "--kind", "python-onnxruntime", "--name", name],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    again = subprocess.run([PONDER, "export", "triton-repo", str(ppt_onnx), "-o", str(repo), "--kind",
+                            "python-onnxruntime"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and '"replaced": ["ponder", "ponder_kernel_maps", "ponder_encoder"]' in again.stderr
 
 
 def test_tensorrt_profiles_and_engine(tmp_path, ppt_onnx):
