@@ -12,7 +12,10 @@ and the folder holding the ponder packages on ``PYTHONPATH`` (the kernel-map ste
 Lifetime: the server runs in its own process group (its Python stubs are forked into it) with a
 parent-death signal, so it stops when this process dies for any reason, SIGKILL included; SIGTERM/SIGINT
 are forwarded, and whatever is left of the group after the exit timeout is killed (with the shared-memory
-regions its Python stubs named, which a killed server cannot remove).
+regions its Python stubs used, which a killed server or stub cannot remove).
+
+Supervision (`export.triton_supervise`): a Python stub that dies stops the server and the worker exits
+with ``EXIT_STUB_DIED`` to be restarted; Triton's log is relayed and a failed start ends with its first error.
 
 Python stubs get ``STUB_TIMEOUT_S`` to start instead of Triton's 30 s: on a loaded machine importing torch /
 onnxruntime took longer, and the python backend of Triton 2.51 then waits forever for the stub it gave up on.
@@ -34,12 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export.triton_supervise import WATCH_INTERVAL_S, Supervisor, kill_group, shm_regions
+
 LOG = logging.getLogger("export.triton")
 DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT = 8100, 8101, 8102  # the gateway keeps 8000
 NVIDIA_IMAGE_SERVER = Path("/opt/tritonserver/bin/tritonserver")
 STUB_TIMEOUT_S = 300
 _PR_SET_PDEATHSIG = 1
-_SHM_PREFIX = "triton_python_backend_shm_region_"
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,26 @@ def find_tritonserver(binary: str | Path | None = None) -> TritonInstall:
     """The server to run (see the module docstring for the order). FileNotFoundError when none is found."""
     binary = binary or os.environ.get("PONDER_TRITONSERVER")
     if binary:
-        path = Path(binary)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no tritonserver binary there")
-        return TritonInstall(path, path.resolve().parent.parent / "backends")
+        return explicit_install(Path(binary))
     if NVIDIA_IMAGE_SERVER.is_file():
         return TritonInstall(NVIDIA_IMAGE_SERVER, NVIDIA_IMAGE_SERVER.parent.parent / "backends")
     return pytriton_install()
+
+
+def explicit_install(path: Path) -> TritonInstall:
+    """A binary named by --tritonserver / PONDER_TRITONSERVER: a Triton install (``<root>/bin/tritonserver``
+    beside ``<root>/backends``, NVIDIA's layout) or nvidia-pytriton's, which needs the same backend-folder
+    preparation as the default. Anything else is refused here, in one line, before Triton starts."""
+    flag = "--tritonserver / PONDER_TRITONSERVER"
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise FileNotFoundError(f"{flag} {path}: no executable tritonserver binary there")
+    root = path.resolve().parent.parent
+    if (root / "python_backend_stubs").is_dir():  # nvidia-pytriton's layout
+        return _pytriton_layout(root)
+    if not (root / "backends").is_dir():
+        raise FileNotFoundError(f"{flag} {path}: not a Triton install (expected its backends in {root / 'backends'}, "
+                                "as in /opt/tritonserver/{bin,backends}); leave it unset for nvidia-pytriton's server")
+    return TritonInstall(path, root / "backends")
 
 
 def pytriton_install() -> TritonInstall:
@@ -71,7 +88,11 @@ def pytriton_install() -> TritonInstall:
     except ImportError as exc:
         raise FileNotFoundError("no tritonserver found: install nvidia-pytriton, run in NVIDIA's Triton image, or "
                                 "pass --tritonserver / PONDER_TRITONSERVER") from exc
-    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    return _pytriton_layout(Path(pytriton.__file__).resolve().parent / "tritonserver")
+
+
+def _pytriton_layout(root: Path) -> TritonInstall:
+    """``root`` = nvidia-pytriton's ``tritonserver`` folder; its libraries sit beside the package."""
     libs = root.parent.parent / "nvidia_pytriton.libs"
     return TritonInstall(root / "bin" / "tritonserver", _python_backend_dir(root), (libs,) if libs.is_dir() else ())
 
@@ -128,9 +149,11 @@ def server_command(install: TritonInstall, repo: Path, host: str = "127.0.0.1", 
 
 
 def _die_with_parent(parent: int) -> None:
-    """preexec_fn: SIGTERM when the parent dies (checked after setting, in case it already has)."""
+    """preexec_fn: SIGTERM when the parent dies (checked after setting, in case it already has). SIGPIPE is
+    ignored: the server logs into our pipe, and after our death it must shut down, not die mid-sentence."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc.signal(signal.SIGPIPE, ctypes.c_void_p(1))  # SIG_IGN
     if os.getppid() != parent:
         os._exit(1)
 
@@ -142,50 +165,31 @@ def start_server(command: list[str], env: dict[str, str], **popen: Any) -> subpr
                             **popen)
 
 
-def stop_server(process: subprocess.Popen, grace_s: float = 15.0, sig: int = signal.SIGTERM) -> int:
-    """Ask the server to stop, wait ``grace_s``, then kill its whole group (stubs included)."""
+def stop_server(process: subprocess.Popen, grace_s: float = 15.0, sig: int = signal.SIGTERM,
+                regions: set[str] = frozenset()) -> int:
+    """Ask the server to stop, wait ``grace_s``, then kill its whole group (stubs included) and remove the
+    shared-memory regions its stubs used: ``regions`` (recorded while they lived) and those of live stubs."""
     if process.poll() is None:
         process.send_signal(sig)
         try:
             process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             LOG.warning("tritonserver did not stop within %g s; killing its process group", grace_s)
-    regions = _shm_regions(process.pid)
-    _kill_group(process.pid)
+    regions = set(regions) | shm_regions(process.pid)
+    kill_group(process.pid)
     code = process.wait()
-    for name in regions:  # only a killed stub leaves its region behind
+    for name in regions:  # a clean server removed its own; a killed server or stub cannot
         Path("/dev/shm", name).unlink(missing_ok=True)
     return code
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _shm_regions(pgid: int) -> set[str]:
-    """Shared-memory region names on the command lines of the live processes of group ``pgid``."""
-    names: set[str] = set()
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        names.update(a.decode(errors="replace") for a in args if a.startswith(_SHM_PREFIX.encode()))
-    return names
 
 
 def serve_repository(repo: str | Path, host: str = "127.0.0.1", http_port: int = DEFAULT_HTTP_PORT,
                      grpc_port: int = DEFAULT_GRPC_PORT, metrics_port: int = DEFAULT_METRICS_PORT,
                      tritonserver: str | Path | None = None, exit_timeout_s: int = 5,
-                     extra_args: tuple[str, ...] = ()) -> int:
-    """Run tritonserver on ``repo`` until it exits or this process gets SIGTERM/SIGINT (forwarded);
-    returns the server's exit status. FileNotFoundError for a missing repository or server."""
+                     extra_args: tuple[str, ...] = (), watch_interval_s: float = WATCH_INTERVAL_S) -> int:
+    """Run tritonserver on ``repo`` until it exits, this process gets SIGTERM/SIGINT (forwarded; status 0), or
+    one of its Python stubs dies (server stopped; ``EXIT_STUB_DIED``). Otherwise the server's status, 128 +
+    signal when it was killed. FileNotFoundError for a missing repository or server."""
     repo = Path(repo).resolve()
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
         raise FileNotFoundError(f"{repo}: not a Triton model repository (no <model>/config.pbtxt); write one with "
@@ -193,27 +197,15 @@ def serve_repository(repo: str | Path, host: str = "127.0.0.1", http_port: int =
     install = find_tritonserver(tritonserver)
     command = server_command(install, repo, host, http_port, grpc_port, metrics_port, exit_timeout_s, extra_args)
     LOG.info("starting %s", " ".join(command))
-    process = start_server(command, server_environment(install))
-    received: list[int] = []
-
-    def forward(signum: int, frame: Any) -> None:
-        received.append(signum)
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    process = start_server(command, server_environment(install), stderr=subprocess.PIPE)
+    supervisor = Supervisor(process, host, http_port, stop_wait_s=exit_timeout_s + 10, interval_s=watch_interval_s)
+    previous = {s: signal.signal(s, supervisor.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while True:
-            try:
-                code = process.wait()
-                break
-            except KeyboardInterrupt:  # a handler-less SIGINT race: forward like the handler does
-                forward(signal.SIGINT, None)
-        if received:  # a requested stop is a success; a server that overran its exit timeout was killed below
-            LOG.info("tritonserver stopped after signal %d (its status %d)", received[0], code)
-            return 0
-        return code
+        code = supervisor.run()
     finally:
-        stop_server(process, grace_s=exit_timeout_s + 10)
+        stop_server(process, grace_s=exit_timeout_s + 10, regions=supervisor.watch.regions)
+        supervisor.log.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return supervisor.outcome(code, repo)
+

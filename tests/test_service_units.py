@@ -25,6 +25,7 @@ from service.middleware import TokenBuckets
 from service.settings import ServiceSettings
 from service.workers.base import ModelCard, WorkerInputError
 from service.workers.loading import discover_checkpoints
+from service.workers.triton_cards import card_differences, served_from_metadata
 from service.workers.triton_client import EndpointBreaker, _short
 
 
@@ -255,6 +256,19 @@ def test_model_card_conditions_and_class_names():
     with pytest.raises(ValueError, match="valid: Structured3D, ScanNet"):
         ppt.resolve_condition("Mars")
     assert ModelCard.from_dict(json.loads(json.dumps(ppt.to_dict()))) == ppt
+
+
+def test_endpoints_with_the_same_shapes_but_other_weights_are_told_apart():
+    """A rolling upgrade to fine-tuned weights keeps every shape: only the export's weights digest tells the
+    endpoints apart, so the gateway never mixes two models' numbers under one name."""
+    meta = {"kind": "segmentor", "out_channels": 32, "in_channels": 6, "grid_size": 0.02, "conditions": [],
+            "class_names": {"default": ["a", "b"]}, "num_classes": {"default": 2}, "outputs": ["backbone_feat"]}
+    old = served_from_metadata("ponder", {**meta, "weights_sha256": "a" * 64})
+    new = served_from_metadata("ponder", {**meta, "weights_sha256": "b" * 64})
+    assert old != new and old == served_from_metadata("ponder", {**meta, "weights_sha256": "a" * 64})
+    assert card_differences(new, old) == "weights bbbbbbbbbbbb, expected aaaaaaaaaaaa"
+    assert "feature_dim 24, expected 32" in card_differences(served_from_metadata("ponder", {**meta, "out_channels": 24}),
+                                                             old)
 
 
 def test_json_logs_carry_the_request_id():

@@ -20,6 +20,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         threads = int(params.get("ponder.threads", "0"))
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False  # as export/onnxrt.py: ragged scenes make the arena grow and slow down
         if threads > 0:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

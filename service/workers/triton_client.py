@@ -6,13 +6,21 @@ over gRPC (default) or HTTP with tritonclient's asyncio clients. The request car
 
 Models: every ready ensemble with ponder metadata in its config parameters (read through the repository
 index and the model configs) becomes a model card, in the repository's order, so the gateway needs no
-checkpoint and serves the repository's model as its default.
+checkpoint and serves the repository's model as its default. Cards are read per endpoint: the first listed
+endpoint that answers sets the served cards; an endpoint whose card for a model differs (feature width,
+outputs, conditions, ...) is not used for that model and is named in /readyz. An endpoint's cards are read
+again by every /readyz, before its next call after a failure, and when it refuses an input or answers with
+the wrong shape; once every endpoint with known cards agrees on a new set, the gateway serves that set.
+Every answer is checked against the card before it is returned (a mismatch is a 503 naming the endpoint).
+The cards, their comparison (weights digest included) and the answer check live in `triton_cards`.
 
 Robustness: endpoints are used round-robin; each has a circuit breaker (``breaker_failures`` consecutive
 failures open it for ``breaker_reset_s``, then one trial call decides); transient errors (connection,
 UNAVAILABLE, a model that is not loaded (yet), a dead Python stub, 5xx) are retried on the next endpoint with
-exponential backoff and end as 503 + Retry-After; input errors are not retried (422). In-flight requests are
-bounded by ``queue_size`` (503 beyond it). gRPC channels reconnect within a second once a worker is back.
+exponential backoff and end as 503 + Retry-After naming each endpoint's last error; input errors are not
+retried (422). In-flight requests are bounded by ``queue_size`` (503 beyond it). Readiness and model-list
+calls are bounded by ``CONTROL_TIMEOUT_S``, so a stalled server cannot hang /readyz. gRPC channels reconnect
+within a second once a worker is back.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -29,12 +37,13 @@ import numpy as np
 import pybreaker
 import tenacity
 
-from model.conditions import condition_index, default_condition
-from model.results import ModelInfo
+from model.conditions import condition_index
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerFailed,
                                   WorkerInputError, WorkerUnavailable)
+from service.workers.triton_cards import (Served, answer_problem, card_differences, describe_failure, one_line,
+                                           served_from_metadata)
 
 LOG = logging.getLogger("service.triton")
 _TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
@@ -45,6 +54,9 @@ _INPUT = {"StatusCode.INVALID_ARGUMENT", "StatusCode.FAILED_PRECONDITION", "Stat
 _TRANSIENT_TEXT = re.compile(r"unknown model|is not ready|no available versions|is not healthy|stub process|"
                              r"server is stopping|socket closed", re.IGNORECASE)
 _EXCEPTION_LINE = re.compile(r"^\s*(?:\w+\.)*\w*(?:Error|Exception): .+$", re.MULTILINE)
+# Bound of each readiness / model-list call: a stalled (SIGSTOPped, wedged) server must not hang /readyz,
+# and a healthy one answers these in milliseconds.
+CONTROL_TIMEOUT_S = 2.0
 _CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
                  ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
                  ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.keepalive_time_ms", 2**31 - 1)]
@@ -56,16 +68,8 @@ def _short(message: str) -> str:
     return lines[-1] if lines else message.strip()[:500]
 
 
-def card_from_metadata(name: str, meta: dict) -> ModelCard:
-    """A model card from the ponder metadata of an ensemble config (`export.triton_repo.config_metadata`)."""
-    conditions = tuple(meta.get("conditions") or ())
-    info = ModelInfo(name=name, kind=str(meta["kind"]), conditions=conditions,
-                     class_names={k: tuple(v) for k, v in (meta.get("class_names") or {}).items()},
-                     feature_dim=int(meta["out_channels"]), grid_size=float(meta["grid_size"]),
-                     input_features=tuple(meta.get("input_features") or ("color", "normal")),
-                     version=str(meta.get("version", "1")))
-    return ModelCard(info=info, has_classifier="seg_logits" in (meta.get("outputs") or ()),
-                     default_condition=default_condition(conditions))
+class _TransientError(Exception):
+    pass
 
 
 class EndpointBreaker(pybreaker.CircuitBreaker):
@@ -102,10 +106,11 @@ class _Endpoint:
     client: Any
     breaker: EndpointBreaker
     protocol: str = "grpc"
-
-
-class _TransientError(Exception):
-    pass
+    cards: dict[str, Served] | None = None  # last read; None until the endpoint has listed its models
+    stale: bool = True  # read the cards again before the next call (never read, or failed since)
+    last_error: str = ""  # the last failure, one short line: 503 bodies and /readyz
+    excluded: dict[str, str] = field(default_factory=dict)  # model -> why this endpoint is not used for it
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one card read at a time
 
 
 def _is_grpc(client: Any) -> bool:
@@ -121,10 +126,9 @@ class TritonWorker(Worker):
         self._endpoints: list[_Endpoint] = []
         self._next = 0
         self._in_flight = 0
+        self._served: dict[str, Served] = {}  # the cards the gateway serves (see the module docstring)
         self._cards: dict[str, ModelCard] = {}
-        self._in_channels: dict[str, int] = {}
         self._discovery: asyncio.Task | None = None
-        self._discovery_errors: dict[str, str] = {}  # the last failure per endpoint: startup warning, /readyz
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def _client_module(self):
@@ -153,8 +157,8 @@ class TritonWorker(Worker):
         try:
             await asyncio.wait_for(asyncio.shield(self._discovery), timeout=wait)
         except TimeoutError:
-            last = "; ".join(f"{url}: {error}" for url, error in self._discovery_errors.items()) or "no answer"
-            LOG.warning("no Triton endpoint answered within %g s (%s); still trying in the background", wait, last)
+            LOG.warning("no Triton endpoint answered within %g s (%s); still trying in the background", wait,
+                        self._last_errors() or "no answer")
 
     async def stop(self) -> None:
         if self._discovery is not None and not self._discovery.done():
@@ -165,87 +169,184 @@ class TritonWorker(Worker):
             except Exception as exc:  # noqa: BLE001 - closing is best effort
                 LOG.debug("closing the client of %s: %s", endpoint.url, exc)
 
+    def _last_errors(self, endpoints: list[_Endpoint] | None = None) -> str:
+        return "; ".join(f"{e.url}: {e.last_error}" for e in endpoints or self._endpoints if e.last_error)
+
     async def _discover_models(self) -> None:
+        """Read every endpoint's cards (all at once, each bounded) until one answers; the first listed one that
+        did sets the served cards, so the choice does not depend on which server happened to answer first."""
         delay = 0.2
-        while not self._cards:
-            for endpoint in self._endpoints:
-                try:
-                    cards = await self._cards_of(endpoint.client)
-                except Exception as exc:  # noqa: BLE001 - retried until a server answers
-                    LOG.debug("model discovery on %s failed: %s", endpoint.url, exc)
-                    self._discovery_errors[endpoint.url] = " ".join(str(exc).split())[:300] or type(exc).__name__
-                    continue
-                if cards:
-                    self._cards = {name: card for name, (card, _) in cards.items()}
-                    self._in_channels = {name: channels for name, (_, channels) in cards.items()}
-                    LOG.info("Triton at %s serves %s", endpoint.url, ", ".join(self._cards))
-                    return
-                LOG.warning("Triton at %s serves no ready ponder ensemble yet", endpoint.url)
-                self._discovery_errors[endpoint.url] = "serves no ready ponder ensemble yet"
+        while not self._served:
+            await asyncio.gather(*(self._read_quietly(e) for e in self._endpoints))
+            self._reconcile()
+            if self._served:
+                LOG.info("Triton serves %s (cards from %s)", ", ".join(self._served),
+                         next(e.url for e in self._endpoints if e.cards is not None))
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    @staticmethod
-    async def _cards_of(client: Any) -> dict[str, tuple[ModelCard, int]]:
-        """Name -> (card, input channels) of every ready ensemble carrying ponder metadata, in index order."""
+    # -- model cards per endpoint ----------------------------------------------------------------------
+    async def _control(self, call: Any, what: str) -> Any:
+        """Await a readiness / model-list call for at most CONTROL_TIMEOUT_S (a stalled server never answers)."""
+        try:
+            return await asyncio.wait_for(call, CONTROL_TIMEOUT_S)
+        except TimeoutError:
+            raise TimeoutError(f"no answer to {what} within {CONTROL_TIMEOUT_S:g} s (is the server stalled?)") \
+                from None
+
+    async def _cards_of(self, client: Any) -> dict[str, Served]:
+        """Name -> Served of every ready ensemble carrying ponder metadata, in index order."""
         from export.triton_repo import config_metadata, parse_config_json
 
-        index = await client.get_model_repository_index(as_json=True) if _is_grpc(client) else \
-            await client.get_model_repository_index()
+        grpc = _is_grpc(client)
+        index = await self._control(client.get_model_repository_index(**({"as_json": True} if grpc else {})),
+                                    "the model list")
         entries = index.get("models", []) if isinstance(index, dict) else index
         cards = {}
         for entry in entries:
             name = entry.get("name")
             if not name or entry.get("state", "READY") != "READY":
                 continue
-            raw = await client.get_model_config(name, as_json=True) if _is_grpc(client) else \
-                await client.get_model_config(name)
+            raw = await self._control(client.get_model_config(name, **({"as_json": True} if grpc else {})),
+                                      f"the config of {name!r}")
             config = parse_config_json(raw)
             meta = config_metadata(config)
             if config.platform == "ensemble" and "kind" in meta and "out_channels" in meta:
-                cards[name] = (card_from_metadata(name, meta), int(meta["in_channels"]))
+                cards[name] = served_from_metadata(name, meta)
         return cards
+
+    async def _read(self, endpoint: _Endpoint) -> None:
+        """Read the endpoint's cards again (raises on failure; then the endpoint stays stale)."""
+        async with endpoint.lock:
+            try:
+                cards = await self._cards_of(endpoint.client)
+                if not cards:
+                    raise _TransientError("serves no ready ponder ensemble yet")
+            except Exception as exc:
+                endpoint.stale, endpoint.last_error = True, describe_failure(endpoint.url, endpoint.protocol, exc)
+                raise
+            endpoint.cards, endpoint.stale = cards, False
+
+    async def _read_quietly(self, endpoint: _Endpoint) -> bool:
+        """_read, for discovery and after a suspicious answer: a failure is kept in ``last_error``."""
+        try:
+            await self._read(endpoint)
+            return True
+        except Exception as exc:  # noqa: BLE001 - retried later; the error is in last_error
+            LOG.debug("model list of %s: %s", endpoint.url, exc)
+            return False
+
+    async def _refresh(self, endpoint: _Endpoint) -> None:
+        await self._read(endpoint)
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Apply the card rule after a read: the first cards read are served; later, a set that every endpoint
+        with known cards agrees on replaces them (a redeployed worker); an endpoint whose card for a model
+        differs from the served one is excluded from that model, logged once per reason."""
+        known = [e.cards for e in self._endpoints if e.cards is not None]
+        if not known:
+            return
+        if not self._served:
+            self._adopt(known[0])
+        elif known[0] != self._served and all(cards == known[0] for cards in known):
+            LOG.warning("every Triton endpoint with known models now serves %s, unlike before (%s); serving "
+                        "the new model cards", ", ".join(known[0]), self._changes(known[0]))
+            self._adopt(known[0])
+        for endpoint in self._endpoints:
+            excluded = {}
+            for name, served in self._served.items():
+                if endpoint.cards is None:
+                    continue
+                mine = endpoint.cards.get(name)
+                if mine != served:
+                    excluded[name] = "does not serve it" if mine is None else card_differences(mine, served)
+            for name, why in excluded.items():
+                if endpoint.excluded.get(name) != why:
+                    LOG.warning("Triton endpoint %s is not used for model %r: %s", endpoint.url, name, why)
+            endpoint.excluded = excluded
+
+    def _adopt(self, cards: dict[str, Served]) -> None:
+        self._served = dict(cards)
+        self._cards = {name: served.card for name, served in cards.items()}
+
+    def _changes(self, cards: dict[str, Served]) -> str:
+        changed = [f"{name}: {card_differences(cards[name], self._served[name])}" for name in cards
+                   if name in self._served and cards[name] != self._served[name]]
+        gone = [name for name in self._served if name not in cards]
+        return "; ".join(changed + ([f"gone: {', '.join(gone)}"] if gone else [])) or "other models"
 
     def models(self) -> dict[str, ModelCard]:
         return self._cards
 
+    # -- readiness ---------------------------------------------------------------------------------------
+    async def _endpoint_ready(self, endpoint: _Endpoint) -> str | None:
+        """None when the endpoint is ready (its cards read again on the way), else why not; bounded."""
+        if endpoint.breaker.refusing:
+            return f"circuit breaker open (last error: {endpoint.last_error or 'unknown'})"
+        try:
+            if not await self._control(endpoint.client.is_server_ready(), "the readiness check"):
+                raise _TransientError("the server says it is not ready")
+            await self._refresh(endpoint)
+        except Exception as exc:  # noqa: BLE001 - an unreachable endpoint is simply not ready
+            endpoint.stale, endpoint.last_error = True, describe_failure(endpoint.url, endpoint.protocol, exc)
+            LOG.debug("readiness of %s: %s", endpoint.url, exc)
+            return endpoint.last_error
+        return None
+
     async def ready(self) -> tuple[bool, str]:
-        if not self._cards:
-            last = "; ".join(f"{url}: {error}" for url, error in self._discovery_errors.items())
+        if not self._served:
+            last = self._last_errors()
             return False, "no Triton endpoint has answered the model list yet" + (f" (last: {last})" if last else "")
-        for endpoint in self._endpoints:
-            if endpoint.breaker.refusing:
-                continue
-            try:
-                if await endpoint.client.is_server_ready():
-                    return True, f"Triton endpoint {endpoint.url} is ready"
-            except Exception as exc:  # noqa: BLE001 - an unreachable endpoint is simply not ready
-                LOG.debug("readiness of %s: %s", endpoint.url, exc)
-        return False, f"no Triton endpoint is ready ({', '.join(e.url for e in self._endpoints)})"
+        problems = await asyncio.gather(*(self._endpoint_ready(e) for e in self._endpoints))
+        usable = [e.url for e, problem in zip(self._endpoints, problems)
+                  if problem is None and len(e.excluded) < len(self._served)]
+        notes = [f"{e.url}: {problem}" for e, problem in zip(self._endpoints, problems) if problem is not None]
+        notes += [f"{e.url} is not used for model {name!r}: {why}" for e in self._endpoints
+                  for name, why in e.excluded.items()]
+        suffix = f" ({'; '.join(notes)})" if notes else ""
+        if usable:
+            return True, f"Triton endpoint{'s' if len(usable) > 1 else ''} {', '.join(usable)} ready{suffix}"
+        return False, f"no Triton endpoint is ready{suffix}"
 
     def queue_depth(self) -> int:
         return self._in_flight
 
     # -- inference ---------------------------------------------------------------------------------------
-    def _pick(self) -> _Endpoint | None:
-        """The next endpoint in round-robin order whose breaker lets a call through."""
+    def _usable(self, model: str, expected: Served) -> list[_Endpoint]:
+        """Endpoints a request prepared for ``expected`` may go to: same card, or cards to be read first."""
+        return [e for e in self._endpoints if e.stale or (e.cards or {}).get(model) == expected]
+
+    def _pick(self, model: str, expected: Served) -> _Endpoint:
+        """The next endpoint in round-robin order that serves ``model`` as ``expected`` (or whose cards are to
+        be read again) and whose breaker lets a call through; else _TransientError saying why none does."""
+        usable = self._usable(model, expected)
+        if not usable:
+            why = "; ".join(f"{e.url}: " + ("does not serve it" if model not in (e.cards or {})
+                                            else card_differences(e.cards[model], expected))
+                            for e in self._endpoints)
+            raise WorkerUnavailable(f"no Triton endpoint serves model {model!r} with the card this request was "
+                                    f"prepared for ({why}); a retry uses the gateway's current card")
         for _ in range(len(self._endpoints)):
             endpoint = self._endpoints[self._next % len(self._endpoints)]
             self._next += 1
-            if endpoint.breaker.admits():
+            if endpoint in usable and endpoint.breaker.admits():
                 return endpoint
-        return None
+        last = self._last_errors(usable)
+        raise _TransientError("every Triton endpoint's circuit breaker is open" + (f"; last: {last}" if last else ""))
 
-    def _request(self, job: EncodeJob) -> tuple[list, list]:
-        """The ensemble's inputs (see the module docstring) and requested outputs; a scene that cannot be
-        one is refused here (WorkerInputError), before it reaches a server."""
+    def _request(self, job: EncodeJob) -> tuple[list, list, Served]:
+        """The ensemble's inputs (see the module docstring), requested outputs and the entry they were built
+        from; a scene that cannot be one is refused here (WorkerInputError), before it reaches a server."""
         module, _ = self._client_module()
-        card = self._cards.get(job.model)
-        if card is None:
+        served = self._served.get(job.model)
+        if served is None:
             raise WorkerUnavailable(f"no Triton endpoint has listed model {job.model!r} yet")
+        card = served.card
         grid = np.ascontiguousarray(job.voxels.grid_coord, dtype=np.int32)  # (M, 3)
         feat = np.ascontiguousarray(job.voxels.feat, dtype=np.float32)  # (M, C)
-        channels = self._in_channels.get(job.model, feat.shape[-1])
+        channels = served.in_channels
         if grid.ndim != 2 or grid.shape[1] != 3 or len(grid) == 0 or feat.shape != (len(grid), channels):
             raise WorkerInputError(f"model {job.model!r} takes grid_coord (M, 3) and feat (M, {channels}) with M >= 1; "
                                    f"got {grid.shape} and {feat.shape}")
@@ -269,7 +370,7 @@ class TritonWorker(Worker):
         names = ["backbone_feat"] + (["seg_logits"] if job.want_logits and card.has_classifier else [])
         outputs = [module.InferRequestedOutput(n, binary_data=True) if http else module.InferRequestedOutput(n)
                    for n in names]
-        return inputs, outputs
+        return inputs, outputs, served
 
     def _classify_error(self, exc: Exception) -> Exception:
         from tritonclient.utils import InferenceServerException
@@ -298,16 +399,16 @@ class TritonWorker(Worker):
         if self._in_flight >= self.settings.queue_size:
             self.metrics.rejected.inc()
             raise WorkerBusy(f"{self._in_flight} requests are already waiting for Triton; retry shortly")
-        inputs, outputs = self._request(job)
+        inputs, outputs, served = self._request(job)
         self._in_flight += 1
         self.metrics.queue_depth.set(self._in_flight)
         try:
-            return await self._call_with_retries(job, inputs, outputs)
+            return await self._call_with_retries(job, inputs, outputs, served)
         finally:
             self._in_flight -= 1
             self.metrics.queue_depth.set(self._in_flight)
 
-    async def _call_with_retries(self, job: EncodeJob, inputs: list, outputs: list) -> EncodeOutput:
+    async def _call_with_retries(self, job: EncodeJob, inputs: list, outputs: list, served: Served) -> EncodeOutput:
         """One call, retried by tenacity on transient errors (the next endpoint each time, waits of
         ``triton_backoff_s`` doubling per retry); gives up with WorkerUnavailable (503)."""
         attempts = self.settings.triton_retries + 1
@@ -319,17 +420,35 @@ class TritonWorker(Worker):
                                           wait=tenacity.wait_exponential(multiplier=self.settings.triton_backoff_s),
                                           retry=tenacity.retry_if_exception_type(_TransientError),
                                           retry_error_callback=gave_up)
-        return await retrying(self._call_once, job, inputs, outputs)
+        return await retrying(self._call_once, job, inputs, outputs, served)
 
-    async def _call_once(self, job: EncodeJob, inputs: list, outputs: list) -> EncodeOutput:
-        endpoint = self._pick()
-        if endpoint is None:
-            raise _TransientError("every Triton endpoint's circuit breaker is open")
+    async def _now_differs(self, endpoint: _Endpoint, model: str, expected: Served) -> str | None:
+        """Read the endpoint's cards again after a suspicious answer: how its ``model`` now differs, if it does."""
+        if not await self._read_quietly(endpoint):
+            return None
+        self._reconcile()
+        mine = endpoint.cards.get(model) if endpoint.cards else None
+        if mine == expected:
+            return None
+        if mine is None:
+            return "no longer serves it"
+        return f"now serves another model ({card_differences(mine, expected)})"
+
+    async def _call_once(self, job: EncodeJob, inputs: list, outputs: list, served: Served) -> EncodeOutput:
+        endpoint = self._pick(job.model, served)
         start = time.perf_counter()
+        other = None
         try:
             with endpoint.breaker.calling():
                 try:
-                    result = await endpoint.client.infer(job.model, inputs, outputs=outputs)
+                    if endpoint.stale:  # failed since its cards were read (or never read): a worker may be new
+                        await self._refresh(endpoint)
+                    mine = (endpoint.cards or {}).get(job.model)
+                    if mine != served:
+                        other = "does not serve it" if mine is None else card_differences(mine, served)
+                        result = None
+                    else:
+                        result = await endpoint.client.infer(job.model, inputs, outputs=outputs)
                 except Exception as exc:  # noqa: BLE001 - sorted into input / transient / unexpected
                     error = self._classify_error(exc)
                     if error is exc:
@@ -337,19 +456,37 @@ class TritonWorker(Worker):
                     raise error from exc
         except pybreaker.CircuitBreakerError as exc:  # opened by a concurrent call since _pick
             raise _TransientError(f"{endpoint.url}: {exc}") from exc
-        except WorkerInputError:
+        except WorkerInputError as exc:
+            # the gateway checked the input against its card: a refusal may mean the worker was redeployed
+            changed = await self._now_differs(endpoint, job.model, served)
+            if changed:
+                raise _TransientError(f"{endpoint.url} {changed}; not the input's fault") from exc
             raise
         except Exception as error:
             self.metrics.triton_errors.labels(endpoint.url).inc()
             self.metrics.breaker_open.labels(endpoint.url).set(endpoint.breaker.current_state != "closed")
             if isinstance(error, _TransientError):
                 LOG.warning("Triton call to %s failed: %s", endpoint.url, error)
+                endpoint.stale, endpoint.last_error = True, one_line(error)
                 raise _TransientError(f"{endpoint.url}: {error}") from error
             raise
+        if other is not None:
+            raise _TransientError(f"{endpoint.url} is not used for model {job.model!r}: {other}")
         self.metrics.breaker_open.labels(endpoint.url).set(0)
+        features = result.as_numpy("backbone_feat")
+        logits = result.as_numpy("seg_logits") if len(outputs) > 1 else None
+        problem = answer_problem(job, served, features, logits, len(outputs) > 1)
+        if problem is not None:  # never a 200 with another model's numbers
+            self.metrics.triton_errors.labels(endpoint.url).inc()
+            changed = await self._now_differs(endpoint, job.model, served)
+            message = f"{endpoint.url} answered {problem}" + (f"; it {changed}" if changed else "")
+            LOG.warning("Triton endpoint %s: %s", endpoint.url, message)
+            endpoint.last_error = message
+            if not self._usable(job.model, served):  # no endpoint left for this request's card: say why now
+                raise WorkerUnavailable(message + ("; retry: the gateway serves its new model card now"
+                                                   if self._served.get(job.model) != served else ""))
+            raise _TransientError(message)
         self.metrics.worker_latency.labels(self.kind).observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(1)
         self.metrics.voxels.inc(job.voxels.num_voxels)
-        features = result.as_numpy("backbone_feat")
-        logits = result.as_numpy("seg_logits") if len(outputs) > 1 else None
         return EncodeOutput(features=features, logits=logits)

@@ -4,7 +4,13 @@ encoder). The gateway (``PONDER_WORKER=triton PONDER_TRITON_URLS=HOST:GRPC_PORT`
 the repository's configs; see `service.workers.triton_client`.
 
 Default ports 8100 (HTTP), 8101 (gRPC), 8102 (metrics) stay clear of the gateway's 8000. The launcher and
-its lifetime rules (own process group, parent-death signal, signals forwarded) are `export.triton_serve`.
+its lifetime rules (own process group, parent-death signal, signals forwarded, the watch on its Python stubs)
+are `export.triton_serve`.
+
+Exit status, for whatever restarts the worker: 0 stopped on request (SIGTERM/SIGINT); 2 refused before Triton
+started (one line); 75 (``EXIT_STUB_DIED``) a Python stub died and the server was stopped, since Triton would
+fail every request while still reporting healthy; 128 + N tritonserver was killed by signal N; otherwise
+Triton's own status (1: the repository did not load; the last line names the first error).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=port_number, default=DEFAULT_METRICS_PORT,
                         help=f"default {DEFAULT_METRICS_PORT}")
     parser.add_argument("--tritonserver", default=None,
-                        help="tritonserver binary (default: PONDER_TRITONSERVER, NVIDIA's image, or nvidia-pytriton's)")
+                        help="tritonserver binary of a Triton install (<root>/bin beside <root>/backends) or "
+                             "nvidia-pytriton's (default: PONDER_TRITONSERVER, NVIDIA's image, or nvidia-pytriton's)")
     parser.add_argument("--exit-timeout", type=int, default=5, metavar="S",
                         help="seconds Triton waits for in-flight requests and its models when stopping (default 5)")
 
