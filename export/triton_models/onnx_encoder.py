@@ -20,7 +20,6 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         threads = int(params.get("ponder.threads", "0"))
         options = ort.SessionOptions()
-        options.enable_cpu_mem_arena = False  # as export/onnxrt.py: ragged scenes make the arena grow and slow down
         if threads > 0:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -29,6 +28,10 @@ class TritonPythonModel:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = ort.InferenceSession(path, options, providers=providers)
+        # as export/onnxrt.py: the CPU arena gives its free memory back after each request (it kept 4.6 GB of a
+        # 131k-voxel room's buffers otherwise, for ~15 % more time per request)
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
 
@@ -37,7 +40,7 @@ class TritonPythonModel:
         for request in requests:
             feeds = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
             try:
-                values = self.session.run(self.outputs, feeds)
+                values = self.session.run(self.outputs, feeds, self.run_options)
             except Exception as exc:  # noqa: BLE001 - step 1 checked the input, so this is the server's fault
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"onnxruntime: {exc}")))
                 continue
