@@ -216,13 +216,16 @@ def repository_configs(onnx_path: str | Path, name: str, kind: str = "onnxruntim
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = " ".join(str(exc).split())[:300] or type(exc).__name__  # the checker's lines break mid-sentence
         raise ExportError(f"{onnx_path}: not a valid ONNX model ({first})") from None
     try:
         info = read_info(model)
     except ExportError as exc:
         raise ExportError(f"{onnx_path}: {exc}") from None
-    inputs, outputs = graph_specs(model, info)
+    try:
+        inputs, outputs = graph_specs(model, info)
+    except ValueError as exc:
+        raise ExportError(f"{onnx_path}: {exc}") from None
     extra = {p.key: p.value for p in model.metadata_props if p.key.startswith("ponder.")}
     maps_name, encoder_name = step_names(name)
     return {name: ensemble_config(info, name, inputs, outputs, extra),

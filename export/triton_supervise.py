@@ -29,6 +29,7 @@ from typing import IO, Any
 LOG = logging.getLogger("export.triton")
 EXIT_STUB_DIED = 75  # EX_TEMPFAIL: a Python stub died; restarting the worker is the fix
 WATCH_INTERVAL_S = 1.0
+LOADING_ZOMBIE_S = 10.0  # a stub unreaped this long before readiness crashed at start (see lost_while_loading)
 _SHM_PREFIX = "triton_python_backend_shm_region_"
 _STUB_BINARY = "triton_python_backend_stub"
 
@@ -46,6 +47,7 @@ class _Member:
     pid: int
     zombie: bool
     args: tuple[str, ...]
+    comm: str = ""  # the kernel's (15-character) process name: all a zombie still has
 
 
 def _group_members(pgid: int) -> list[_Member]:
@@ -53,14 +55,15 @@ def _group_members(pgid: int) -> list[_Member]:
     members = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            stat = (entry / "stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
             if int(fields[2]) != pgid:
                 continue
             args = (entry / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
             continue
         decoded = tuple(a.decode(errors="replace") for a in args if a)
-        members.append(_Member(int(entry.name), fields[0] == "Z", decoded))
+        members.append(_Member(int(entry.name), fields[0] == "Z", decoded, stat[stat.find("(") + 1:stat.rfind(")")]))
     return members
 
 
@@ -98,6 +101,8 @@ class StubWatch:
         self.pgid = pgid
         self.regions: set[str] = set()
         self.watched: dict[int, Stub] | None = None
+        self.seen: dict[int, Stub] = {}  # every stub seen alive: names a zombie's model
+        self.zombie_since: dict[int, float] = {}
 
     def arm(self) -> None:
         self.watched = {}
@@ -110,11 +115,25 @@ class StubWatch:
         for member in members.values():
             self.regions |= _regions_in(member.args)
             stub = Stub.parse(member.pid, member.args)
-            if stub and not member.zombie and self.watched is not None:
-                self.watched.setdefault(stub.pid, stub)
+            if stub and not member.zombie:
+                self.seen[stub.pid] = stub
+                if self.watched is not None:
+                    self.watched.setdefault(stub.pid, stub)
+            if member.zombie and member.comm.startswith(_STUB_BINARY[:15]):
+                self.zombie_since.setdefault(member.pid, time.monotonic())
         for pid, stub in (self.watched or {}).items():
             if pid not in members or members[pid].zombie:
                 return stub
+        return None
+
+    def lost_while_loading(self, grace_s: float = LOADING_ZOMBIE_S) -> Stub | None:
+        """A stub left a zombie for ``grace_s`` before the server was ready: it crashed at start (e.g. on a model
+        name with a space, ``stol``) and Triton 2.51 then waits for it for ever without a word. Stubs that
+        finish normally while models load (config auto-complete) are reaped at once."""
+        now = time.monotonic()
+        for pid, since in self.zombie_since.items():
+            if now - since >= grace_s:
+                return self.seen.get(pid, Stub(pid, "unknown", "unknown"))
         return None
 
 
@@ -189,6 +208,7 @@ class Supervisor:
         self.watch = StubWatch(process.pid)
         self.received: list[int] = []
         self.dead: Stub | None = None
+        self.failed_loading: Stub | None = None
         self._stopping_since: float | None = None
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
@@ -224,6 +244,13 @@ class Supervisor:
                 LOG.info("tritonserver is ready; watching its Python stubs: %s", ", ".join(
                     sorted(f"{s.instance} (pid {s.pid})" for s in (self.watch.watched or {}).values())) or "none")
             self.dead = self.watch.check()
+            if not ready and (lost := self.watch.lost_while_loading()) is not None:
+                LOG.error("a Python stub (%s, pid %d) crashed while tritonserver loaded the repository (its log "
+                          "above says why) and the server would wait for it for ever; stopping it",
+                          f"model {lost.model!r}" if lost.model != "unknown" else "model unknown", lost.pid)
+                self.failed_loading = lost
+                self._stop()
+                continue
             if self.dead is not None:
                 LOG.error("the Python stub of model %r (instance %s, pid %d) died; Triton would fail every request "
                           "to it from now on, so tritonserver is stopped and the worker exits with status %d to be "
@@ -234,6 +261,11 @@ class Supervisor:
         """The worker's exit status, with one closing line saying why when it is not a requested stop."""
         if self.dead is not None:
             return EXIT_STUB_DIED
+        if self.failed_loading is not None:  # not a restartable failure: the repository does not load
+            LOG.error("tritonserver could not load %s: a Python stub crashed at start%s%s", repo,
+                      f" (model {self.failed_loading.model!r})" if self.failed_loading.model != "unknown" else "",
+                      f"; {self.log.first_error()}" if self.log.first_error() else "")
+            return 1
         if self.received:  # a requested stop is a success, even one that had to kill the server
             LOG.info("tritonserver stopped after signal %d (its status %d)", self.received[0], code)
             return 0

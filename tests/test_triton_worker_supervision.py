@@ -191,6 +191,26 @@ def test_a_repository_triton_refuses_ends_with_its_first_error(repo, tmp_path):
     assert "model.onnx" in last and "File doesn't exist" in last, last
 
 
+def test_a_stub_that_crashes_while_models_load_ends_the_worker_instead_of_a_silent_wait(repo, tmp_path):
+    """A model folder whose name has a space (renamed by hand: the export refuses it) makes both Python stubs die at
+    start ('stol'); Triton 2.51 then waits for them for ever, no port open, no error. The worker stops it."""
+    spaced = tmp_path / "spaced"
+    shutil.copytree(repo, spaced)
+    for folder in ("ponder", "ponder_kernel_maps", "ponder_encoder"):
+        config = spaced / folder / "config.pbtxt"
+        config.write_text(config.read_text().replace("ponder", "my ponder"))
+        (spaced / folder).rename(spaced / folder.replace("ponder", "my ponder"))
+    worker = start_worker(spaced, tmp_path)
+    try:
+        code, _ = wait_exit(worker, 120)
+    finally:
+        worker.stop()
+    lines = worker.log.read_text().strip().splitlines()
+    assert code == 1, lines[-3:]
+    assert "a Python stub crashed at start" in lines[-1], lines[-1]
+    assert any("crashed while tritonserver loaded the repository" in line for line in lines)
+
+
 @pytest.mark.parametrize("setting", ["flag", "environment"])
 def test_a_tritonserver_path_that_is_no_triton_install_is_refused_in_one_line(tmp_path, setting):
     """M4: not '[Errno 2] No such file or directory: /usr/backends' but what was expected, naming the setting."""

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from export.triton_serve import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+from model.arguments import non_negative_int
 from service.ports import port_in_use, port_number
 
 
@@ -34,7 +35,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tritonserver", default=None,
                         help="tritonserver binary of a Triton install (<root>/bin beside <root>/backends) or "
                              "nvidia-pytriton's (default: PONDER_TRITONSERVER, NVIDIA's image, or nvidia-pytriton's)")
-    parser.add_argument("--exit-timeout", type=int, default=5, metavar="S",
+    parser.add_argument("--exit-timeout", type=non_negative_int, default=5, metavar="S",
                         help="seconds Triton waits for in-flight requests and its models when stopping (default 5)")
 
 
