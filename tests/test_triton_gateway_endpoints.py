@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest_service import (SPUNET, npz_bytes, processes_mentioning, require_fixtures, scene,  # noqa: E402
                               start_gateway, start_triton_repo_worker)
 
+pytestmark = pytest.mark.slow  # two Triton workers and two gateways, ~60 s: run with -m slow
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model" / "default_model"
 BREAKER = {"PONDER_TRITON_BACKOFF_S": "0.01", "PONDER_BREAKER_FAILURES": "2", "PONDER_BREAKER_RESET_S": "1"}
 

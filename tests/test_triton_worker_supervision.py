@@ -23,6 +23,7 @@ from conftest_service import SPUNET, Server, free_port, processes_mentioning, re
 
 from export.triton_supervise import EXIT_STUB_DIED  # noqa: E402
 
+pytestmark = pytest.mark.slow  # several Triton workers started and killed, ~60 s: run with -m slow
 SHM = Path("/dev/shm")
 PONDER_BIN = str(Path(sys.executable).parent / "ponder")
 
