@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.checkpoint import LoadedModel
 from model.engine.encoder import MODEL_BACKENDS
 from model.files import replaced_on_success
+
+if TYPE_CHECKING:  # onnxruntime is imported only when an export backend is used
+    from export.onnxrt import OnnxRunner
 
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 BACKENDS = (*MODEL_BACKENDS, *EXPORT_BACKENDS)  # CLI values; no --backend = "auto" (fastest exact)
@@ -52,15 +56,14 @@ def exported_encoder(loaded: LoadedModel) -> Path:
     return path
 
 
-def check_engine_matches(path: Path, loaded: LoadedModel) -> None:
+def check_engine_matches(runner: OnnxRunner, loaded: LoadedModel) -> None:
     """ValueError when the ``--engine`` file was exported from other weights than the checkpoint (its
     ``ponder.weights_sha256``), or, for a file without that digest, when its grid size, input features or
-    conditions differ from the checkpoint's: the engine's features would be silently wrong."""
-    from export.onnx_export import load_onnx, ponder_metadata, read_info, weights_digest
+    conditions differ from the checkpoint's: the engine's features would be silently wrong. Reads what the
+    runner already parsed (the file is not loaded again)."""
+    from export.onnx_export import weights_digest
 
-    model = load_onnx(path)
-    props = ponder_metadata(model)
-    info = read_info(model)
+    path, props, info = runner.path, runner.metadata, runner.info
     checkpoint = loaded.source or loaded.config.name
     if "weights_sha256" in props:
         if props["weights_sha256"] != weights_digest(loaded.state_dict()):
@@ -92,10 +95,11 @@ def make_encoder(backend: str, loaded: LoadedModel, engine: str | Path | None = 
     path = Path(engine) if engine else exported_encoder(loaded)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such ONNX model (export one with `ponder export onnx --features-only`)")
-    if engine:
-        check_engine_matches(path, loaded)
     ort_device = "tensorrt" if backend == "tensorrt" else ("cuda" if device == "cuda" else "cpu")
-    return OnnxEncoder(path, device=ort_device, threads=threads)
+    encoder = OnnxEncoder(path, device=ort_device, threads=threads)
+    if engine:
+        check_engine_matches(encoder.runner, loaded)
+    return encoder
 
 
 def load(checkpoint: str | Path | None = None, device: str = "cpu", trust_checkpoint: bool = False,

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.graph import GraphInfo
-from export.onnx_export import read_info
+from export.onnx_export import load_onnx, ponder_metadata, read_info
 from model.conditions import condition_index
 from model.sparse.kernel_maps import KernelMaps, build_kernel_maps
 
@@ -74,7 +74,10 @@ class OnnxRunner:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such ONNX model")
-        self.info = read_info(self.path)
+        model = load_onnx(self.path)
+        self.info = read_info(model)
+        self.metadata = ponder_metadata(model)  # ``ponder.*`` without the prefix: name, weights digest, ...
+        del model
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import PONDER, fixture_dir
 from export.backends import check_engine_matches
+from export.onnxrt import OnnxRunner
 from export.onnx_export import ponder_metadata, weights_digest
 from model.checkpoint import load_checkpoint
 
@@ -62,6 +63,6 @@ def test_cli_runs_the_matching_engine_and_refuses_another_checkpoints(engines, t
 def test_engines_without_a_digest_are_compared_by_their_settings(engines, tmp_path):
     spunet = load_checkpoint(fixture_dir("spunet_v1m1_seg") / "checkpoint.pth")
     with pytest.warns(UserWarning, match="without a weights digest"):
-        check_engine_matches(_without_digest(engines["spunet_v1m1_seg"], tmp_path / "old.onnx"), spunet)
+        check_engine_matches(OnnxRunner(_without_digest(engines["spunet_v1m1_seg"], tmp_path / "old.onnx")), spunet)
     with pytest.raises(ValueError, match="does not fit the checkpoint.*conditions"):
-        check_engine_matches(_without_digest(engines["ppt_v1m3_seg"], tmp_path / "old_ppt.onnx"), spunet)
+        check_engine_matches(OnnxRunner(_without_digest(engines["ppt_v1m3_seg"], tmp_path / "old_ppt.onnx")), spunet)

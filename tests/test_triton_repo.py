@@ -171,7 +171,7 @@ def test_an_export_never_replaces_another_ensembles_steps_or_unrelated_models(tm
     assert _parse(repo / "ponder").ensemble_scheduling.step[1].model_name == "ponder_encoder"
 
 
-def test_cli_checks_the_name_before_exporting_a_checkpoint(tmp_path, ppt_onnx):
+def test_cli_refuses_bad_names_and_clashes_in_one_line_and_lists_what_it_replaced(tmp_path, ppt_onnx):
     from ponder.cli import main as ponder
 
     repo = tmp_path / "repo"
