@@ -26,7 +26,7 @@ from service.settings import ServiceSettings
 from service.workers.base import ModelCard, WorkerInputError
 from service.workers.loading import discover_checkpoints
 from service.workers.triton_cards import card_differences, served_from_metadata
-from service.workers.triton_client import EndpointBreaker, _short
+from service.workers.triton_endpoint import EndpointBreaker, short_error
 
 
 def body_of(response) -> bytes:
@@ -236,7 +236,7 @@ def test_extract_gives_up_with_the_last_error():
 
 def test_triton_error_text_is_shortened_to_the_exception_line():
     message = "Model execute error: Traceback (most recent call last):\n  File x\nValueError: unknown condition 'X'\n\nAt:\n"
-    assert _short(message) == "ValueError: unknown condition 'X'"
+    assert short_error(message) == "ValueError: unknown condition 'X'"
 
 
 def card(conditions=(), names=None) -> ModelCard:

@@ -12,7 +12,8 @@ outputs, conditions, ...) is not used for that model and is named in /readyz. An
 again by every /readyz, before its next call after a failure, and when it refuses an input or answers with
 the wrong shape; once every endpoint with known cards agrees on a new set, the gateway serves that set.
 Every answer is checked against the card before it is returned (a mismatch is a 503 naming the endpoint).
-The cards, their comparison (weights digest included) and the answer check live in `triton_cards`.
+The cards, their comparison (weights digest included) and the answer check live in `triton_cards`; each
+endpoint's state, its breaker and the sorting of failures in `triton_endpoint`.
 
 Robustness: endpoints are used round-robin; each has a circuit breaker (``breaker_failures`` consecutive
 failures open it for ``breaker_reset_s``, then one trial call decides); transient errors (connection,
@@ -27,10 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -40,81 +38,17 @@ import tenacity
 from model.conditions import condition_index
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
-from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerFailed,
-                                  WorkerInputError, WorkerUnavailable)
+from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerInputError,
+                                  WorkerUnavailable)
 from service.workers.triton_cards import (Served, answer_problem, card_differences, describe_failure, one_line,
                                            served_from_metadata)
+from service.workers.triton_endpoint import (CHANNEL_ARGS, Endpoint, EndpointBreaker, TransientError, classify_error,
+                                              is_grpc)
 
 LOG = logging.getLogger("service.triton")
-_TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
-              "StatusCode.ABORTED", "StatusCode.CANCELLED", "StatusCode.NOT_FOUND", "429", "502", "503", "504"}
-_INPUT = {"StatusCode.INVALID_ARGUMENT", "StatusCode.FAILED_PRECONDITION", "StatusCode.OUT_OF_RANGE", "400"}
-# A model that is not (yet / any more) loaded or a stub that died reads like this whatever the status says;
-# the gateway checked the model name against the server's own list, so none of them is the input's fault.
-_TRANSIENT_TEXT = re.compile(r"unknown model|is not ready|no available versions|is not healthy|stub process|"
-                             r"server is stopping|socket closed", re.IGNORECASE)
-_EXCEPTION_LINE = re.compile(r"^\s*(?:\w+\.)*\w*(?:Error|Exception): .+$", re.MULTILINE)
 # Bound of each readiness / model-list call: a stalled (SIGSTOPped, wedged) server must not hang /readyz,
 # and a healthy one answers these in milliseconds.
 CONTROL_TIMEOUT_S = 2.0
-_CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
-                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                 ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.keepalive_time_ms", 2**31 - 1)]
-
-
-def _short(message: str) -> str:
-    """The last ``SomeError: text`` line of a server-side traceback (the whole message if none)."""
-    lines = [m.group(0).strip() for m in _EXCEPTION_LINE.finditer(message)]
-    return lines[-1] if lines else message.strip()[:500]
-
-
-class _TransientError(Exception):
-    pass
-
-
-class EndpointBreaker(pybreaker.CircuitBreaker):
-    """pybreaker's circuit breaker for one endpoint: closed -> (``failures`` in a row) -> open -> (after
-    ``reset_s``) the next call is the trial, whose outcome closes or re-opens it. Input errors are the
-    caller's fault, not the server's, and a cancelled call (the client's deadline) says nothing about it: both
-    count as successes (``exclude``). Calls run inside ``with breaker.calling():`` around the awaited request.
-
-    What pybreaker leaves to its user is asked here from its own state and storage: whether it is still
-    refusing (pybreaker keeps saying "open" after the timeout until a call arrives) and whether a call would
-    be let through now; a trial in flight (pybreaker's "half-open") admits no second one."""
-
-    def __init__(self, failures: int, reset_s: float, name: str | None = None) -> None:
-        self.storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-        super().__init__(fail_max=failures, reset_timeout=reset_s, name=name, state_storage=self.storage,
-                         exclude=[WorkerInputError, asyncio.CancelledError], throw_new_error_on_trip=False)
-
-    @property
-    def refusing(self) -> bool:
-        """Open and still within ``reset_s`` of opening."""
-        opened = self.storage.opened_at
-        return (self.current_state == pybreaker.STATE_OPEN and opened is not None
-                and datetime.now(timezone.utc) < opened + timedelta(seconds=self.reset_timeout))
-
-    def admits(self) -> bool:
-        """Whether a call would be let through now: closed, or open past ``reset_s`` (it becomes the trial)."""
-        state = self.current_state
-        return state == pybreaker.STATE_CLOSED or (state == pybreaker.STATE_OPEN and not self.refusing)
-
-
-@dataclass
-class _Endpoint:
-    url: str
-    client: Any
-    breaker: EndpointBreaker
-    protocol: str = "grpc"
-    cards: dict[str, Served] | None = None  # last read; None until the endpoint has listed its models
-    stale: bool = True  # read the cards again before the next call (never read, or failed since)
-    last_error: str = ""  # the last failure, one short line: 503 bodies and /readyz
-    excluded: dict[str, str] = field(default_factory=dict)  # model -> why this endpoint is not used for it
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one card read at a time
-
-
-def _is_grpc(client: Any) -> bool:
-    return type(client).__module__.startswith("tritonclient.grpc")
 
 
 class TritonWorker(Worker):
@@ -123,7 +57,7 @@ class TritonWorker(Worker):
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._endpoints: list[_Endpoint] = []
+        self._endpoints: list[Endpoint] = []
         self._next = 0
         self._in_flight = 0
         self._served: dict[str, Served] = {}  # the cards the gateway serves (see the module docstring)
@@ -146,8 +80,8 @@ class TritonWorker(Worker):
         _, aio = self._client_module()
         for url in self.settings.triton_urls:
             # gRPC: a short reconnect backoff, so a restarted worker is used again within a second
-            extra = {"channel_args": _CHANNEL_ARGS} if self.settings.triton_protocol == "grpc" else {}
-            self._endpoints.append(_Endpoint(url=url, client=aio.InferenceServerClient(url=url, **extra),
+            extra = {"channel_args": CHANNEL_ARGS} if self.settings.triton_protocol == "grpc" else {}
+            self._endpoints.append(Endpoint(url=url, client=aio.InferenceServerClient(url=url, **extra),
                                              protocol=self.settings.triton_protocol,
                                              breaker=EndpointBreaker(self.settings.breaker_failures,
                                                                      self.settings.breaker_reset_s, url)))
@@ -169,7 +103,7 @@ class TritonWorker(Worker):
             except Exception as exc:  # noqa: BLE001 - closing is best effort
                 LOG.debug("closing the client of %s: %s", endpoint.url, exc)
 
-    def _last_errors(self, endpoints: list[_Endpoint] | None = None) -> str:
+    def _last_errors(self, endpoints: list[Endpoint] | None = None) -> str:
         return "; ".join(f"{e.url}: {e.last_error}" for e in endpoints or self._endpoints if e.last_error)
 
     async def _discover_models(self) -> None:
@@ -199,7 +133,7 @@ class TritonWorker(Worker):
         """Name -> Served of every ready ensemble carrying ponder metadata, in index order."""
         from export.triton_repo import config_metadata, parse_config_json
 
-        grpc = _is_grpc(client)
+        grpc = is_grpc(client)
         index = await self._control(client.get_model_repository_index(**({"as_json": True} if grpc else {})),
                                     "the model list")
         entries = index.get("models", []) if isinstance(index, dict) else index
@@ -216,19 +150,19 @@ class TritonWorker(Worker):
                 cards[name] = served_from_metadata(name, meta)
         return cards
 
-    async def _read(self, endpoint: _Endpoint) -> None:
+    async def _read(self, endpoint: Endpoint) -> None:
         """Read the endpoint's cards again (raises on failure; then the endpoint stays stale)."""
         async with endpoint.lock:
             try:
                 cards = await self._cards_of(endpoint.client)
                 if not cards:
-                    raise _TransientError("serves no ready ponder ensemble yet")
+                    raise TransientError("serves no ready ponder ensemble yet")
             except Exception as exc:
                 endpoint.stale, endpoint.last_error = True, describe_failure(endpoint.url, endpoint.protocol, exc)
                 raise
             endpoint.cards, endpoint.stale = cards, False
 
-    async def _read_quietly(self, endpoint: _Endpoint) -> bool:
+    async def _read_quietly(self, endpoint: Endpoint) -> bool:
         """_read, for discovery and after a suspicious answer: a failure is kept in ``last_error``."""
         try:
             await self._read(endpoint)
@@ -237,7 +171,7 @@ class TritonWorker(Worker):
             LOG.debug("model list of %s: %s", endpoint.url, exc)
             return False
 
-    async def _refresh(self, endpoint: _Endpoint) -> None:
+    async def _refresh(self, endpoint: Endpoint) -> None:
         await self._read(endpoint)
         self._reconcile()
 
@@ -281,13 +215,13 @@ class TritonWorker(Worker):
         return self._cards
 
     # -- readiness ---------------------------------------------------------------------------------------
-    async def _endpoint_ready(self, endpoint: _Endpoint) -> str | None:
+    async def _endpoint_ready(self, endpoint: Endpoint) -> str | None:
         """None when the endpoint is ready (its cards read again on the way), else why not; bounded."""
         if endpoint.breaker.refusing:
             return f"circuit breaker open (last error: {endpoint.last_error or 'unknown'})"
         try:
             if not await self._control(endpoint.client.is_server_ready(), "the readiness check"):
-                raise _TransientError("the server says it is not ready")
+                raise TransientError("the server says it is not ready")
             await self._refresh(endpoint)
         except Exception as exc:  # noqa: BLE001 - an unreachable endpoint is simply not ready
             endpoint.stale, endpoint.last_error = True, describe_failure(endpoint.url, endpoint.protocol, exc)
@@ -314,13 +248,13 @@ class TritonWorker(Worker):
         return self._in_flight
 
     # -- inference ---------------------------------------------------------------------------------------
-    def _usable(self, model: str, expected: Served) -> list[_Endpoint]:
+    def _usable(self, model: str, expected: Served) -> list[Endpoint]:
         """Endpoints a request prepared for ``expected`` may go to: same card, or cards to be read first."""
         return [e for e in self._endpoints if e.stale or (e.cards or {}).get(model) == expected]
 
-    def _pick(self, model: str, expected: Served) -> _Endpoint:
+    def _pick(self, model: str, expected: Served) -> Endpoint:
         """The next endpoint in round-robin order that serves ``model`` as ``expected`` (or whose cards are to
-        be read again) and whose breaker lets a call through; else _TransientError saying why none does."""
+        be read again) and whose breaker lets a call through; else TransientError saying why none does."""
         usable = self._usable(model, expected)
         if not usable:
             why = "; ".join(f"{e.url}: " + ("does not serve it" if model not in (e.cards or {})
@@ -334,7 +268,7 @@ class TritonWorker(Worker):
             if endpoint in usable and endpoint.breaker.admits():
                 return endpoint
         last = self._last_errors(usable)
-        raise _TransientError("every Triton endpoint's circuit breaker is open" + (f"; last: {last}" if last else ""))
+        raise TransientError("every Triton endpoint's circuit breaker is open" + (f"; last: {last}" if last else ""))
 
     def _request(self, job: EncodeJob) -> tuple[list, list, Served]:
         """The ensemble's inputs (see the module docstring), requested outputs and the entry they were built
@@ -372,29 +306,6 @@ class TritonWorker(Worker):
                    for n in names]
         return inputs, outputs, served
 
-    def _classify_error(self, exc: Exception) -> Exception:
-        from tritonclient.utils import InferenceServerException
-
-        if isinstance(exc, InferenceServerException):
-            status = str(exc.status() or "")
-            text = exc.message() or str(exc)
-            message = _short(text)
-            if status in _TRANSIENT or not status or _TRANSIENT_TEXT.search(text):  # no status: no connection
-                return _TransientError(message)
-            if status in _INPUT:
-                return WorkerInputError(f"the model server refused the input: {message}")
-            return WorkerFailed(f"{status}: {message}")
-        if isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError)):
-            return _TransientError(f"{type(exc).__name__}: {exc}")
-        try:
-            import aiohttp
-
-            if isinstance(exc, aiohttp.ClientError):
-                return _TransientError(f"{type(exc).__name__}: {exc}")
-        except ImportError:
-            pass
-        return exc
-
     async def run(self, job: EncodeJob) -> EncodeOutput:
         if self._in_flight >= self.settings.queue_size:
             self.metrics.rejected.inc()
@@ -418,11 +329,11 @@ class TritonWorker(Worker):
 
         retrying = tenacity.AsyncRetrying(stop=tenacity.stop_after_attempt(attempts),
                                           wait=tenacity.wait_exponential(multiplier=self.settings.triton_backoff_s),
-                                          retry=tenacity.retry_if_exception_type(_TransientError),
+                                          retry=tenacity.retry_if_exception_type(TransientError),
                                           retry_error_callback=gave_up)
         return await retrying(self._call_once, job, inputs, outputs, served)
 
-    async def _now_differs(self, endpoint: _Endpoint, model: str, expected: Served) -> str | None:
+    async def _now_differs(self, endpoint: Endpoint, model: str, expected: Served) -> str | None:
         """Read the endpoint's cards again after a suspicious answer: how its ``model`` now differs, if it does."""
         if not await self._read_quietly(endpoint):
             return None
@@ -450,28 +361,28 @@ class TritonWorker(Worker):
                     else:
                         result = await endpoint.client.infer(job.model, inputs, outputs=outputs)
                 except Exception as exc:  # noqa: BLE001 - sorted into input / transient / unexpected
-                    error = self._classify_error(exc)
+                    error = classify_error(exc)
                     if error is exc:
                         raise
                     raise error from exc
         except pybreaker.CircuitBreakerError as exc:  # opened by a concurrent call since _pick
-            raise _TransientError(f"{endpoint.url}: {exc}") from exc
+            raise TransientError(f"{endpoint.url}: {exc}") from exc
         except WorkerInputError as exc:
             # the gateway checked the input against its card: a refusal may mean the worker was redeployed
             changed = await self._now_differs(endpoint, job.model, served)
             if changed:
-                raise _TransientError(f"{endpoint.url} {changed}; not the input's fault") from exc
+                raise TransientError(f"{endpoint.url} {changed}; not the input's fault") from exc
             raise
         except Exception as error:
             self.metrics.triton_errors.labels(endpoint.url).inc()
             self.metrics.breaker_open.labels(endpoint.url).set(endpoint.breaker.current_state != "closed")
-            if isinstance(error, _TransientError):
+            if isinstance(error, TransientError):
                 LOG.warning("Triton call to %s failed: %s", endpoint.url, error)
                 endpoint.stale, endpoint.last_error = True, one_line(error)
-                raise _TransientError(f"{endpoint.url}: {error}") from error
+                raise TransientError(f"{endpoint.url}: {error}") from error
             raise
         if other is not None:
-            raise _TransientError(f"{endpoint.url} is not used for model {job.model!r}: {other}")
+            raise TransientError(f"{endpoint.url} is not used for model {job.model!r}: {other}")
         self.metrics.breaker_open.labels(endpoint.url).set(0)
         features = result.as_numpy("backbone_feat")
         logits = result.as_numpy("seg_logits") if len(outputs) > 1 else None
@@ -485,7 +396,7 @@ class TritonWorker(Worker):
             if not self._usable(job.model, served):  # no endpoint left for this request's card: say why now
                 raise WorkerUnavailable(message + ("; retry: the gateway serves its new model card now"
                                                    if self._served.get(job.model) != served else ""))
-            raise _TransientError(message)
+            raise TransientError(message)
         self.metrics.worker_latency.labels(self.kind).observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(1)
         self.metrics.voxels.inc(job.voxels.num_voxels)
