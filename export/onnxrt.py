@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from export.graph import GraphInfo
 from export.onnx_export import load_onnx, ponder_metadata, read_info
+from export.ort_session import release_arena_after_run, session_options
 from model.conditions import condition_index
 from model.sparse.kernel_maps import KernelMaps, build_kernel_maps
 
@@ -58,15 +59,6 @@ def make_inputs(info: GraphInfo, feat: np.ndarray, grid_coord: np.ndarray, batch
     return feeds
 
 
-def release_arena_after_run() -> ort.RunOptions:
-    """Run options that give the CPU arena's free memory back after each run. The arena keeps the largest scene's
-    buffers otherwise: published-size encoder, 131k-voxel room, 2 threads, 4.6 GB still held after a run (RSS
-    0.93 -> 5.52 GiB) against 0.1 GB with this, for 7.7 s instead of 6.6 s a run; without any arena, 9.6 s."""
-    options = ort.RunOptions()
-    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    return options
-
-
 class OnnxRunner:
     """One onnxruntime session around an exported model (thread-safe: onnxruntime sessions are)."""
 
@@ -78,11 +70,8 @@ class OnnxRunner:
         self.info = read_info(model)
         self.metadata = ponder_metadata(model)  # ``ponder.*`` without the prefix: name, weights digest, ...
         del model
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), options, providers=available_providers(device))
+        self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                            providers=available_providers(device))
         self._run_options = release_arena_after_run()
         ints = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
         self._int_inputs = {i.name: ints[i.type] for i in self.session.get_inputs() if i.type in ints}
