@@ -26,6 +26,7 @@ import onnx
 import torch
 
 from export.graph import GatherSpUNet, GraphInfo  # GatherSpUNet: model.engine's gather formulation
+from export.node_order import order_for_onnxruntime
 from model.files import replaced_on_success
 from model.sparse.kernel_maps import KernelMaps
 
@@ -232,6 +233,7 @@ def export_onnx(graph: GatherSpUNet, path: str | Path, opset: int = DEFAULT_OPSE
         extra = {"taps_per_matmul": str(graph.taps_per_matmul or "auto"), **(extra_metadata or {})}
         onnx.helper.set_model_props(model, metadata(info, extra))
         model.producer_name = "ponder-serve"
+        order_for_onnxruntime(model.graph)  # listed so onnxruntime's default order runs one gather at a time
         check_graph(model)
         with replaced_on_success(path, Path(work) / "model.onnx") as tmp:
             onnx.save_model(model, str(tmp))

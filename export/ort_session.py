@@ -2,17 +2,20 @@
 Triton stub of ``--kind python-onnxruntime`` (`export/triton_models/onnx_encoder.py`). Imports only
 onnxruntime, so the stub pulls in nothing else.
 
-Memory (published size, 2 threads, peak RSS above the loaded session, separate processes):
+Execution order: in the graph's own order (priority-based). Files exported before `export.node_order` existed
+list each tap's gather after the previous tap's Gemm, and onnxruntime's default order then makes all 27 gathered
+operands of a conv before its first Gemm. Peak RSS above the loaded session, published size, 2 threads,
+separate processes (time per run in brackets):
 
-| scene | default order | priority order | time per run (default / priority) |
-|---|---|---|---|
-| 131k-voxel room | 2.60 GB | 0.48 GB | 8.2-8.7 / 7.6-8.2 s |
-| 1M-point cloud, 307k voxels | 5.74 GB | 1.05 GB | 14.5 / 14.3 s |
+| file, order | 131k-voxel room | 307k voxels |
+|---|---|---|
+| exporter's listing, default order | 2.60 GiB (8.2-8.7 s) | 5.74 GiB (14.5 s) |
+| exporter's listing, priority order | 0.48 GiB (7.2-8.2 s) | 1.05 GiB (14.3 s) |
+| `export.node_order` listing, default order | 0.48 GiB (8.3-9.4 s) | 1.20 GiB (13.2 s) |
+| `export.node_order` listing, priority order | 0.53 GiB (8.0-8.2 s) | 1.32 GiB (11.7 s) |
 
-onnxruntime's default order is a depth-first walk from the outputs that takes a node's latest-made input first:
-in a conv, every tap's ``Gemm(gathered_k, W_k, sum_{k-1})`` has its gather made after ``sum_{k-1}``, so all
-27 gathered operands are made before the first Gemm runs and live at once. The priority order follows the
-graph's node order, which the exporter wrote in execution order (gather, Gemm, next tap): one operand at a time.
+(The last two rows ran beside other work; their times are noisier.) Priority order stays the setting, so files
+from before `export.node_order` get the low peak too.
 """
 
 from __future__ import annotations

@@ -54,3 +54,22 @@ def test_a_run_peaks_at_one_gathered_operand_at_a_time(tmp_path, monkeypatch):
     runner.run_scenes([voxels])
     # 76k voxels: 0.12-0.13 GiB above the start in the graph's order; 0.45 GiB in onnxruntime's default order
     assert _peak_rss_gib() - before < 0.25
+
+
+def test_an_exported_file_keeps_the_peak_low_in_onnxruntimes_default_order(tmp_path, monkeypatch):
+    """What NVIDIA's onnxruntime backend does (no execution-order setting): plain session options. The export's
+    node listing (`export.node_order`) alone keeps one gathered operand at a time."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr("export.backends.CACHE", tmp_path)
+    loaded = load_checkpoint(DEFAULT_MODEL_DIR)
+    voxels = Predictor(loaded).prepare(read_point_cloud(ROOM))
+    runner = OnnxRunner(exported_encoder(loaded), device="cpu", threads=1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    runner.session = ort.InferenceSession(str(runner.path), options, providers=["CPUExecutionProvider"])
+    runner.run_scenes([voxels])
+    _reset_peak()
+    before = _rss_gib()
+    runner.run_scenes([voxels])
+    assert _peak_rss_gib() - before < 0.25  # 0.45 GiB for the exporter's own listing
