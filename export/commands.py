@@ -43,15 +43,17 @@ def add_export_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="exported .onnx, or a checkpoint (exported to ONNX on the way)")
     p.add_argument("-o", "--output", required=True, help="repository folder (created if missing)")
     p.add_argument("--name", default="ponder", help="Triton model name of the ensemble (the name clients call)")
-    p.add_argument("--kind", choices=("onnxruntime", "tensorrt", "python-onnxruntime"), default="onnxruntime",
-                   help="encoder step: Triton's onnxruntime backend, a TensorRT plan, or the ONNX file in onnxruntime "
+    p.add_argument("--kind", choices=("onnxruntime", "tensorrt", "python-onnxruntime", "python-torch"),
+                   default="onnxruntime",
+                   help="encoder step: Triton's onnxruntime backend, a TensorRT plan, the ONNX file in onnxruntime "
                         "inside a Python-backend model (for Triton builds with only the Python backend, e.g. "
-                        "nvidia-pytriton's)")
+                        "nvidia-pytriton's), or the checkpoint in ponder's torch engine inside a Python-backend "
+                        "model (the fast CPU worker; needs a checkpoint, not an .onnx)")
     p.add_argument("--device", choices=("gpu", "cpu"), default=None,
-                   help="instance_group kind of both steps (default: cpu for python-onnxruntime, else gpu)")
+                   help="instance_group kind of both steps (default: cpu for the python-* kinds, else gpu)")
     p.add_argument("--instances", type=int, default=1, help="instance_group count")
     p.add_argument("--threads", type=int, default=0,
-                   help="python-onnxruntime: onnxruntime intra-op threads (0: onnxruntime's default)")
+                   help="python-* kinds: intra-op threads of onnxruntime or torch (0: the library's default)")
     p.add_argument("--plan", help="prebuilt TensorRT engine for --kind tensorrt (else it is built here)")
     p.add_argument("--features-only", action="store_true", help="when exporting a checkpoint: no head")
     p.add_argument("--trust-checkpoint", action="store_true")
@@ -105,15 +107,19 @@ def _check_onnx_output(output: str | Path) -> Path:
     return path
 
 
-def _export(checkpoint: str, output: Path, features_only: bool, trust: bool, exporter: str = "torchscript",
-            opset: int = 18, taps_per_matmul: int | None = None) -> Path:
-    from export.graph import GatherSpUNet
-    from export.onnx_export import ExportError, export_onnx, weights_digest
+def _load(checkpoint: str, trust: bool):
     from model.checkpoint import load_checkpoint
-    from model.errors import CommandError
 
     _check_checkpoint_kind(checkpoint)
-    loaded = load_checkpoint(checkpoint, trust=trust)
+    return load_checkpoint(checkpoint, trust=trust)
+
+
+def _export(loaded, output: Path, features_only: bool, exporter: str = "torchscript", opset: int = 18,
+            taps_per_matmul: int | None = None) -> Path:
+    from export.graph import GatherSpUNet
+    from export.onnx_export import ExportError, export_onnx, weights_digest
+    from model.errors import CommandError
+
     graph = GatherSpUNet.from_loaded(loaded, heads=not features_only, taps_per_matmul=taps_per_matmul)
     try:
         return export_onnx(graph, output, opset=opset, exporter=exporter,
@@ -129,7 +135,7 @@ def run_onnx(args) -> int:
     check_export_options(args.opset, args.exporter, args.taps_per_matmul, opset_name="--opset",
                          taps_name="--taps-per-matmul")
     output = _check_onnx_output(args.output)
-    path = _export(args.checkpoint, output, args.features_only, args.trust_checkpoint, args.exporter,
+    path = _export(_load(args.checkpoint, args.trust_checkpoint), output, args.features_only, args.exporter,
                    args.opset, args.taps_per_matmul)
     desc = describe(path)
     print(f"wrote {path}: inputs {list(desc['inputs'])}, outputs {desc['outputs']}", file=sys.stderr)
@@ -164,7 +170,7 @@ def run_triton_repo(args) -> int:
     from export.onnx_export import ExportError
     from export.tensorrt import TensorRTUnavailable
     from export.triton_repo import (check_model_name, check_no_clash, check_plan_source, check_repository_output,
-                                    read_model_config, step_names, write_triton_repository)
+                                    check_weights_source, read_model_config, step_names, write_triton_repository)
     from model.errors import CommandError
 
     model = Path(args.model)
@@ -173,11 +179,13 @@ def run_triton_repo(args) -> int:
         if args.instances < 1:
             raise CommandError(f"--instances must be >= 1, got {args.instances}")
         if args.threads < 0:
-            raise CommandError(f"--threads must be >= 0 (0: onnxruntime's default), got {args.threads}")
+            raise CommandError(f"--threads must be >= 0 (0: the library's default), got {args.threads}")
         if args.kind == "tensorrt" and args.device == "cpu":
-            raise CommandError("--kind tensorrt runs on GPUs only; use --kind onnxruntime or python-onnxruntime "
-                               "with --device cpu")
+            raise CommandError("--kind tensorrt runs on GPUs only; use --kind onnxruntime, python-onnxruntime or "
+                               "python-torch with --device cpu")
         check_plan_source(args.kind, args.plan)
+        if args.kind == "python-torch" and model.suffix.lower() == ".onnx":
+            check_weights_source(args.kind, model, None)  # refused: the torch engine needs the checkpoint
         check_model_name(args.name)
         check_no_clash(Path(args.output), args.name)
     except ValueError as exc:
@@ -187,13 +195,15 @@ def run_triton_repo(args) -> int:
     except OSError as exc:  # the checks' own messages name the path
         raise CommandError(str(exc)) from None
     replaced = [m for m in (args.name, *step_names(args.name)) if (Path(args.output) / m).exists()]
+    weights = None
     with tempfile.TemporaryDirectory() as tmp:
         if model.suffix.lower() != ".onnx":
-            model = _export(str(model), Path(tmp) / "model.onnx", args.features_only, args.trust_checkpoint)
+            weights = _load(str(model), args.trust_checkpoint)
+            model = _export(weights, Path(tmp) / "model.onnx", args.features_only)
         try:
             folder = write_triton_repository(args.output, model, args.name, instance_count=args.instances,
                                              kind=args.kind, device=args.device, plan_path=args.plan,
-                                             threads=args.threads)
+                                             threads=args.threads, weights=weights)
         except TensorRTUnavailable as exc:
             raise CommandError(f"{exc}; or pass --plan with an engine built on a GPU host") from exc
         except (ValueError, ExportError) as exc:

@@ -6,7 +6,9 @@ Layout (``NAME`` = ``--name``; the three model folders are the same for every ki
     NAME_kernel_maps/     Python backend, 1/ponder_kernel_maps.py: grid_coord + batch -> kernel-map tables
     NAME_encoder/         the exported graph: 1/model.onnx (onnxruntime), 1/model.plan (tensorrt), or
                           1/ponder_onnx_encoder.py + 1/model.onnx (python-onnxruntime: the same ONNX file in
-                          onnxruntime inside a Python-backend model, for Triton builds without that backend)
+                          onnxruntime inside a Python-backend model, for Triton builds without that backend), or
+                          1/ponder_torch_encoder.py + 1/checkpoint/ (python-torch: the checkpoint in ponder's
+                          torch engine, valid pairs on CPU instances: the fast CPU worker)
 
 The Python models are not called ``model.py`` (Triton's default): the stub puts their folder on ``sys.path``,
 where a ``model.py`` would shadow the ``model`` package the kernel-map step imports.
@@ -41,11 +43,15 @@ if TYPE_CHECKING:  # onnx and export.onnx_export (torch) only where a repository
     import onnx     # reads configs with this module and has neither
 
     from export.graph import GraphInfo
+    from model.checkpoint import LoadedModel
 
-KINDS = ("python-onnxruntime", "onnxruntime", "tensorrt")
+KINDS = ("python-onnxruntime", "python-torch", "onnxruntime", "tensorrt")
+PYTHON_KINDS = ("python-onnxruntime", "python-torch")  # Python-backend encoders: CPU instances by default
 KERNEL_MAPS_FILE = "ponder_kernel_maps.py"
 ENCODER_FILES = {"python-onnxruntime": ("python", "ponder_onnx_encoder.py"),
+                 "python-torch": ("python", "ponder_torch_encoder.py"),
                  "onnxruntime": ("onnxruntime", "model.onnx"), "tensorrt": ("tensorrt", "model.plan")}
+ENCODER_TEMPLATES = {"python-onnxruntime": "onnx_encoder.py", "python-torch": "torch_encoder.py"}
 DEVICES = {"gpu": pb.ModelInstanceGroup.KIND_GPU, "cpu": pb.ModelInstanceGroup.KIND_CPU}
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 ONNX_TO_TRITON = {6: pb.TYPE_INT32, 7: pb.TYPE_INT64, 1: pb.TYPE_FP32}  # onnx.TensorProto INT32, INT64, FLOAT
@@ -130,7 +136,7 @@ def encoder_config(name: str, kind: str, inputs: list[Spec], outputs: list[Spec]
     _add(config.output, outputs)
     config.instance_group.add(kind=DEVICES[device], count=instances)
     config.parameters["ponder.step"].string_value = "encoder"
-    if kind == "python-onnxruntime":
+    if kind in PYTHON_KINDS:
         config.parameters["ponder.threads"].string_value = str(threads)
     return config
 
@@ -197,7 +203,7 @@ def repository_configs(onnx_path: str | Path, name: str, kind: str = "onnxruntim
     """Model name -> config of the three models (ensemble first), validated; nothing is written."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
-    device = device or ("cpu" if kind == "python-onnxruntime" else "gpu")
+    device = device or ("cpu" if kind in PYTHON_KINDS else "gpu")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {sorted(DEVICES)}, got {device!r}")
     if kind == "tensorrt" and device == "cpu":
@@ -281,14 +287,32 @@ def check_plan_source(kind: str, plan_path: str | Path | None) -> None:
         raise TensorRTUnavailable("TensorRT is not installed (pip install 'ponder-serve[tensorrt]' on a GPU host)")
 
 
+def check_weights_source(kind: str, onnx_path: str | Path, weights: LoadedModel | None) -> None:
+    """For kind="python-torch": ``weights`` are given and are those the ONNX file was exported from (ValueError
+    otherwise); nothing for the other kinds."""
+    if kind != "python-torch":
+        return
+    if weights is None:
+        raise ValueError("--kind python-torch runs the checkpoint's weights in the torch engine: pass the "
+                         "checkpoint, not an exported .onnx file")
+    from export.onnx_export import load_onnx, ponder_metadata, weights_digest
+
+    exported = ponder_metadata(load_onnx(onnx_path)).get("weights_sha256")
+    if exported is not None and exported != weights_digest(weights.state_dict()):
+        raise ValueError(f"{onnx_path} was exported from other weights than the checkpoint given")
+
+
 def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: str, max_batch_size: int = 0,
                             instance_count: int = 1, kind: str = "onnxruntime", device: str | None = None,
-                            plan_path: str | Path | None = None, threads: int = 0) -> Path:
+                            plan_path: str | Path | None = None, threads: int = 0,
+                            weights: LoadedModel | None = None) -> Path:
     """Write the ensemble and its two steps under ``out_dir`` (see the module docstring); returns the
-    ensemble's folder. device: instance kind of both steps (default: cpu for python-onnxruntime, gpu
+    ensemble's folder. device: instance kind of both steps (default: cpu for the python-* kinds, gpu
     otherwise). For kind="tensorrt", ``plan_path`` is the engine built from the ONNX file
     (`export.tensorrt.build_engine`); without one it is built here, which needs TensorRT and a GPU.
-    threads: onnxruntime intra-op threads of the python-onnxruntime encoder (0 = onnxruntime's default).
+    threads: intra-op threads of a python-* encoder (0 = its library's default). For kind="python-torch",
+    ``weights`` is the checkpoint the ONNX file was exported from (its ``ponder.weights_sha256`` must match): the
+    configs still come from the ONNX file, so every kind serves the same tensors and model card.
 
     All-or-nothing: the inputs are checked first, the three model folders are built in a temporary folder
     beside ``out_dir``, and only a complete build replaces them (each as a whole, so no file of an earlier
@@ -298,6 +322,7 @@ def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: st
     configs = repository_configs(onnx_path, name, kind, device, instance_count, max_batch_size, threads)
     check_no_clash(out_dir, name)
     check_plan_source(kind, plan_path)
+    check_weights_source(kind, onnx_path, weights)
     maps_name, encoder_name = step_names(name)
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -309,9 +334,14 @@ def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: st
             (built / model_name / "config.pbtxt").write_text(text_format.MessageToString(config))
         shutil.copyfile(TEMPLATES / "kernel_maps.py", built / maps_name / "1" / KERNEL_MAPS_FILE)
         version = built / encoder_name / "1"
+        if kind in ENCODER_TEMPLATES:
+            shutil.copyfile(TEMPLATES / ENCODER_TEMPLATES[kind], version / ENCODER_FILES[kind][1])
         if kind == "python-onnxruntime":
-            shutil.copyfile(TEMPLATES / "onnx_encoder.py", version / ENCODER_FILES[kind][1])
             shutil.copyfile(onnx_path, version / "model.onnx")
+        elif kind == "python-torch":
+            from model.checkpoint import save_checkpoint
+
+            save_checkpoint(weights.inference_model, weights.config, version / "checkpoint")
         elif kind == "onnxruntime":
             shutil.copyfile(onnx_path, version / "model.onnx")
         elif plan_path is not None:

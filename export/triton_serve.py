@@ -3,7 +3,8 @@
 
 Which server: ``--tritonserver PATH`` / ``PONDER_TRITONSERVER``, else NVIDIA's image layout
 (``/opt/tritonserver``: every backend, including onnxruntime and tensorrt), else the binary inside
-nvidia-pytriton, which has only the Python backend (so ``--kind python-onnxruntime`` repositories). The
+nvidia-pytriton, which has only the Python backend (so ``--kind python-torch`` and ``python-onnxruntime``
+repositories). The
 pytriton binary needs a backend folder holding the Python backend plus the stub built for this Python, the
 Python LIBDIR and the wheel's bundled libraries on ``LD_LIBRARY_PATH``; every server gets this interpreter's
 ``bin`` first on ``PATH`` (the stub's embedded Python finds its prefix, hence the venv's packages, there)

@@ -1,5 +1,5 @@
 """The one serving path end to end, with real processes: ``ponder export triton-repo --kind python-onnxruntime``
-writes an ensemble repository from the fixture checkpoints, ``ponder worker --triton --repo`` runs the
+(and ``--kind python-torch``, as ``NAME_torch``) writes an ensemble repository from the fixture checkpoints, ``ponder worker --triton --repo`` runs the
 tritonserver binary of nvidia-pytriton on it, and a real uvicorn gateway with ``PONDER_WORKER=triton`` calls
 it. Features and logits must equal the in-process worker's (spconv model) within 1e-4. Also: the client's
 retries, breaker and HTTP protocol, input errors as 4xx, and losing the worker under load (503 + Retry-After,
@@ -24,6 +24,7 @@ from conftest_service import (PPT, SPUNET, free_port, npz_bytes, processes_menti
                               scene, start_gateway, start_triton_repo_worker)
 
 MODELS = {"ppt_v1m3_seg": PPT, "spunet_v1m1_seg": SPUNET}  # ensemble name -> checkpoint it was exported from
+TORCH_SUFFIX = "_torch"  # the same checkpoints as --kind python-torch ensembles (the torch engine in the stub)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,8 @@ def stack(tmp_path_factory):
     for name, checkpoint in MODELS.items():
         assert ponder(["export", "triton-repo", str(checkpoint), "-o", str(repo), "--name", name,
                        "--kind", "python-onnxruntime", "--threads", "1"]) == 0
+        assert ponder(["export", "triton-repo", str(checkpoint), "-o", str(repo), "--name", name + TORCH_SUFFIX,
+                       "--kind", "python-torch", "--threads", "1"]) == 0
     worker, ports = start_triton_repo_worker(repo, folder)
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there: exercises retries and the breaker
     gateway = start_gateway({"PONDER_WORKER": "triton", "PONDER_TRITON_URLS": f"{dead},127.0.0.1:{ports[1]}",
@@ -81,24 +84,27 @@ def in_process(predictor, name: str, voxels, condition):
 def test_gateway_lists_the_repository_models_from_the_ensemble_configs(stack):
     _, _, _, gateway, predictors = stack[:5]
     ready = httpx.get(gateway.url + "/readyz").json()
-    assert ready["ready"] and ready["worker"] == "triton" and ready["models"] == list(MODELS)
+    assert ready["ready"] and ready["worker"] == "triton"
+    assert sorted(ready["models"]) == sorted([*MODELS, *(name + TORCH_SUFFIX for name in MODELS)])
     entries = {e["name"]: e for e in httpx.get(gateway.url + "/v1/models").json()["models"]}
     assert entries["ppt_v1m3_seg"]["conditions"] == ["Structured3D", "ScanNet", "S3DIS"]
     assert entries["ppt_v1m3_seg"]["can_segment"] and len(entries["ppt_v1m3_seg"]["classes"]["S3DIS"]) == 13
     assert entries["spunet_v1m1_seg"]["conditions"] == []
     for name, predictor in predictors.items():
-        assert entries[name]["feature_dim"] == predictor.info.feature_dim
+        assert entries[name]["feature_dim"] == entries[name + TORCH_SUFFIX]["feature_dim"] == predictor.info.feature_dim
+        assert entries[name + TORCH_SUFFIX]["conditions"] == entries[name]["conditions"]
 
 
 @pytest.mark.parametrize("name, condition", [("ppt_v1m3_seg", "S3DIS"), ("ppt_v1m3_seg", None),
-                                             ("spunet_v1m1_seg", None)])
+                                             ("spunet_v1m1_seg", None), ("ppt_v1m3_seg_torch", "S3DIS"),
+                                             ("spunet_v1m1_seg_torch", None)])
 def test_features_and_logits_equal_the_inprocess_worker(stack, name, condition):
     _, _, _, gateway, predictors = stack[:5]
-    predictor = predictors[name]
+    predictor = predictors[name.removesuffix(TORCH_SUFFIX)]
     cloud = scene()  # the whole fixture room
     body = npz_bytes(cloud)
     voxels = predictor.prepare(cloud)
-    local = in_process(predictor, name, voxels, predictor.resolve_condition(condition))
+    local = in_process(predictor, name.removesuffix(TORCH_SUFFIX), voxels, predictor.resolve_condition(condition))
     params = {"model": name, **({"condition": condition} if condition else {})}
     response = post(gateway, "/v1/features", body, **params)
     assert response.status_code == 200, response.text

@@ -17,8 +17,8 @@ from tritonclient.grpc import model_config_pb2 as pb
 from conftest import PONDER, fixture_dir
 from export.onnx_export import read_info
 from export.tensorrt import TensorRTUnavailable, VoxelRange, build_engine, tensorrt_available
-from export.triton_repo import (KINDS, config_metadata, parse_config_json, read_model_config, step_names,
-                                write_triton_repository)
+from export.triton_repo import (KINDS, PYTHON_KINDS, config_metadata, parse_config_json, read_model_config,
+                                step_names, write_triton_repository)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 GATEWAY = ["grid_coord", "batch", "feat"]
@@ -31,6 +31,13 @@ def ppt_onnx(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("onnx") / "ppt.onnx"
     assert ponder(["export", "onnx", str(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth"), "-o", str(path)]) == 0
     return path
+
+
+@pytest.fixture(scope="module")
+def ppt_weights():
+    from model.checkpoint import load_checkpoint
+
+    return load_checkpoint(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth")
 
 
 def _parse(folder: Path) -> pb.ModelConfig:
@@ -89,13 +96,14 @@ def test_ensemble_layout_and_configs(tmp_path, ppt_onnx):
     assert read_model_config(folder) == ensemble
 
 
-def test_all_kinds_share_names_and_differ_only_in_the_encoder(tmp_path, ppt_onnx):
+def test_all_kinds_share_names_and_differ_only_in_the_encoder(tmp_path, ppt_onnx, ppt_weights):
     plan = tmp_path / "prebuilt.plan"
     plan.write_bytes(b"engine bytes")  # copied as is; its contents are TensorRT's business
     configs = {}
     for kind in KINDS:
         repo = tmp_path / kind
-        write_triton_repository(repo, ppt_onnx, "m", kind=kind, plan_path=plan if kind == "tensorrt" else None)
+        write_triton_repository(repo, ppt_onnx, "m", kind=kind, plan_path=plan if kind == "tensorrt" else None,
+                                weights=ppt_weights if kind == "python-torch" else None)
         configs[kind] = {p.name: _parse(p) for p in repo.iterdir()}
     for kind, models in configs.items():
         assert sorted(models) == ["m", "m_encoder", "m_kernel_maps"]
@@ -104,7 +112,7 @@ def test_all_kinds_share_names_and_differ_only_in_the_encoder(tmp_path, ppt_onnx
         assert [i.name for i in encoder.input] == [i.name for i in configs["onnxruntime"]["m_encoder"].input]
         assert [(i.data_type, list(i.dims)) for i in encoder.input] == \
             [(i.data_type, list(i.dims)) for i in configs["onnxruntime"]["m_encoder"].input]
-        device = pb.ModelInstanceGroup.KIND_CPU if kind == "python-onnxruntime" else pb.ModelInstanceGroup.KIND_GPU
+        device = pb.ModelInstanceGroup.KIND_CPU if kind in PYTHON_KINDS else pb.ModelInstanceGroup.KIND_GPU
         for step in ("m_encoder", "m_kernel_maps"):
             assert [g.kind for g in models[step].instance_group] == [device]
     assert configs["onnxruntime"]["m_encoder"].backend == "onnxruntime"
@@ -116,6 +124,38 @@ def test_all_kinds_share_names_and_differ_only_in_the_encoder(tmp_path, ppt_onnx
     cpu = write_triton_repository(tmp_path / "cpu", ppt_onnx, "c", kind="onnxruntime", device="cpu", instance_count=3)
     groups = _parse(cpu.parent / "c_encoder").instance_group
     assert [(g.kind, g.count) for g in groups] == [(pb.ModelInstanceGroup.KIND_CPU, 3)]
+
+
+def test_python_torch_holds_the_checkpoint_the_onnx_file_came_from(tmp_path, ppt_onnx, ppt_weights):
+    from export.onnx_export import weights_digest
+    from model.checkpoint import load_checkpoint
+
+    repo = tmp_path / "repo"
+    write_triton_repository(repo, ppt_onnx, "m", kind="python-torch", threads=2, weights=ppt_weights)
+    version = repo / "m_encoder" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["checkpoint", "ponder_torch_encoder.py"]
+    py_compile.compile(str(version / "ponder_torch_encoder.py"), cfile=str(tmp_path / "x.pyc"), doraise=True)
+    stored = load_checkpoint(version / "checkpoint")
+    assert weights_digest(stored.state_dict()) == weights_digest(ppt_weights.state_dict())
+    assert stored.config.kind == ppt_weights.config.kind
+    encoder = _parse(repo / "m_encoder")
+    assert encoder.backend == "python" and encoder.default_model_filename == "ponder_torch_encoder.py"
+    assert config_metadata(encoder)["threads"] == 2
+
+
+def test_python_torch_refuses_an_onnx_file_alone_or_other_weights(tmp_path, ppt_onnx):
+    from model.checkpoint import load_checkpoint
+
+    with pytest.raises(ValueError, match="pass the checkpoint, not an exported .onnx file"):
+        write_triton_repository(tmp_path / "repo", ppt_onnx, "m", kind="python-torch")
+    other = load_checkpoint(fixture_dir("spunet_v1m1_seg") / "checkpoint.pth")
+    with pytest.raises(ValueError, match="exported from other weights"):
+        write_triton_repository(tmp_path / "repo", ppt_onnx, "m", kind="python-torch", weights=other)
+    assert not (tmp_path / "repo").exists()
+    result = subprocess.run([PONDER, "export", "triton-repo", str(ppt_onnx), "-o", str(tmp_path / "repo"), "--kind",
+                             "python-torch"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "pass the checkpoint, not an exported .onnx file" in result.stderr, result.stderr
+    assert not (tmp_path / "repo").exists()
 
 
 def test_table_types_follow_the_onnx_graph(tmp_path, ppt_onnx):

@@ -105,7 +105,7 @@ def test_bundled_server_refuses_an_onnxruntime_repository_with_the_kind_to_use(t
     if (find_tritonserver().backend_dir / "onnxruntime").is_dir():
         pytest.skip("this Triton server has the onnxruntime backend")
     refused(worker(repository(tmp_path / "repo", backend="onnxruntime")), "backend 'onnxruntime'",
-            "--kind python-onnxruntime")
+            "--kind python-torch")
 
 
 @pytest.mark.parametrize("url, needle", [("http://127.0.0.1:8101", "without a scheme (e.g. '127.0.0.1:8101')"),

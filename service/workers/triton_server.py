@@ -99,7 +99,7 @@ def check_repository(repo: Path, backend_dir: Path) -> str | None:
 
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
         return (f"{repo}: not a Triton model repository (no <model>/config.pbtxt); write one with "
-                "`ponder export triton-repo ENCODER.onnx -o REPO --kind python-onnxruntime`")
+                "`ponder export triton-repo CHECKPOINT -o REPO --kind python-torch`")
     configs = {}
     for path in sorted(repo.glob("*/config.pbtxt")):
         try:
@@ -116,6 +116,6 @@ def check_repository(repo: Path, backend_dir: Path) -> str | None:
         if backend and not (backend_dir / backend).is_dir():
             return (f"{repo / name}: backend {backend!r} is not in this Triton server ({backend_dir} has "
                     f"{', '.join(sorted(p.name for p in backend_dir.iterdir() if p.is_dir())) or 'none'}); "
-                    "re-export with `ponder export triton-repo ... --kind python-onnxruntime` for this server, "
+                    "re-export with `ponder export triton-repo ... --kind python-torch` (or python-onnxruntime) for this server, "
                     "or run NVIDIA's Triton image (docker compose) for onnxruntime/tensorrt repositories")
     return None
