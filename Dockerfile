@@ -12,7 +12,8 @@
 #                   docker build --target worker -t ponder-worker .
 #   worker-cpu    stand-in of `worker` for CPU machines without NVIDIA's image (CI, this project's compose check):
 #                 Debian/python base + the CPU build of torch + nvidia-pytriton, whose tritonserver has only the
-#                 Python backend, so it serves `--kind python-onnxruntime` repositories, mounted at /models.
+#                 Python backend, so it serves `--kind python-torch` / `python-onnxruntime` repositories, mounted
+#                 at /models.
 #                   docker build --target worker-cpu -t ponder-worker-cpu .
 # Every image runs as uid 10001. Dependencies are installed in a layer before the code, so a code change
 # rebuilds only the last, small layer (`pip install --no-deps .`). That layer's cache key is the requirement list
@@ -129,8 +130,8 @@ CMD ["ponder-worker"]
 
 # ---------------------------------------------------------------------------------------------------------
 # The CPU worker: same entrypoint and ports as `worker`, the tritonserver binary of nvidia-pytriton (Python backend
-# only, hence `ponder export triton-repo --kind python-onnxruntime` repositories). No bundled repository: it needs
-# one at /models and says so otherwise (exporting at build time would need spconv in the image).
+# only, hence `ponder export triton-repo --kind python-torch` or `python-onnxruntime` repositories). No bundled
+# repository: it needs one at /models and says so otherwise (exporting at build time would need spconv in the image).
 FROM python-base AS worker-cpu
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

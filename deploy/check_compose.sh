@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole compose check on a CPU machine, with podman-compose (PyPI) and images built from local bases:
 #   1. images (deploy/check_images.sh, layers reused): gateway, worker-cpu, Prometheus from Debian's package;
-#   2. the default model exported as a `--kind python-onnxruntime` Triton repository, and its in-process features
+#   2. the default model exported as a `--kind python-torch` Triton repository, and its in-process features
 #      of the fixture scene (`ponder features`) as the reference;
 #   3. `podman-compose -f docker-compose.yml -f deploy/compose.cpu.yml up -d` (gateway + CPU Triton worker +
 #      Prometheus), one request through the gateway to the worker compared with the reference (1e-4), one
@@ -32,7 +32,7 @@ export CONTAINERS_CONF="$DIR/containers.conf" CONTAINERS_STORAGE_CONF="$DIR/stor
 
 start=$SECONDS
 rm -rf "$DIR/triton-repo"
-"$PY" -m ponder.cli export triton-repo model/default_model --kind python-onnxruntime -o "$DIR/triton-repo" \
+"$PY" -m ponder.cli export triton-repo model/default_model --kind python-torch -o "$DIR/triton-repo" \
   > "$DIR/export.log" 2>&1 || { tail -n 20 "$DIR/export.log" >&2; exit 1; }
 chmod -R a+rX "$DIR/triton-repo"
 "$PY" -m ponder.cli features "$SCENE" -o "$DIR/reference.npy" > "$DIR/reference.log" 2>&1 \
