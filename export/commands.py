@@ -10,6 +10,10 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay inside the handlers
+    from model.checkpoint import LoadedModel
 
 
 def add_export_arguments(subparsers: argparse._SubParsersAction) -> None:
@@ -107,14 +111,15 @@ def _check_onnx_output(output: str | Path) -> Path:
     return path
 
 
-def _load(checkpoint: str, trust: bool):
+def _load(checkpoint: str, trust: bool) -> LoadedModel:
+    """A point-cloud checkpoint (an image model or an .onnx file is refused in one line)."""
     from model.checkpoint import load_checkpoint
 
     _check_checkpoint_kind(checkpoint)
     return load_checkpoint(checkpoint, trust=trust)
 
 
-def _export(loaded, output: Path, features_only: bool, exporter: str = "torchscript", opset: int = 18,
+def _export(loaded: LoadedModel, output: Path, features_only: bool, exporter: str = "torchscript", opset: int = 18,
             taps_per_matmul: int | None = None) -> Path:
     from export.graph import GatherSpUNet
     from export.onnx_export import ExportError, export_onnx, weights_digest
