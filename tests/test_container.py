@@ -1,7 +1,7 @@
 """The images, built and run with podman (deploy/check_images.sh): the full gateway image with nothing mounted
 serves the bundled default model and answers /v1/features as the in-process gateway does; a public bind without
 API keys is refused; the slim gateway image holds no torch, spconv or Triton server. The compose stack
-(deploy/check_compose.sh: podman-compose, slim gateway + CPU Triton worker on an exported python-onnxruntime
+(deploy/check_compose.sh: podman-compose, slim gateway + CPU Triton worker on an exported python-torch
 repository + Prometheus) answers a request through the gateway as the in-process model does.
 
 Slow and needs root + podman/runc/mmdebstrap:  .venv/bin/python -m pytest -m container tests/test_container.py
