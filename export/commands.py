@@ -190,7 +190,7 @@ def run_triton_repo(args) -> int:
                                "python-torch with --device cpu")
         check_plan_source(args.kind, args.plan)
         if args.kind == "python-torch" and model.suffix.lower() == ".onnx":
-            check_weights_source(args.kind, model, None)  # refused: the torch engine needs the checkpoint
+            check_weights_source(args.kind, None)  # refused: the torch engine needs the checkpoint
         check_model_name(args.name)
         check_no_clash(Path(args.output), args.name)
     except ValueError as exc:

@@ -287,19 +287,18 @@ def check_plan_source(kind: str, plan_path: str | Path | None) -> None:
         raise TensorRTUnavailable("TensorRT is not installed (pip install 'ponder-serve[tensorrt]' on a GPU host)")
 
 
-def check_weights_source(kind: str, onnx_path: str | Path, weights: LoadedModel | None) -> None:
-    """For kind="python-torch": ``weights`` are given and are those the ONNX file was exported from (ValueError
-    otherwise); nothing for the other kinds."""
+def check_weights_source(kind: str, weights: LoadedModel | None, exported_digest: str | None = None) -> None:
+    """For kind="python-torch": ``weights`` are given and, when the ONNX file recorded its weights' digest
+    (``exported_digest``), are those it was exported from (ValueError otherwise); nothing for the other kinds."""
     if kind != "python-torch":
         return
     if weights is None:
         raise ValueError("--kind python-torch runs the checkpoint's weights in the torch engine: pass the "
                          "checkpoint, not an exported .onnx file")
-    from export.onnx_export import load_onnx, ponder_metadata, weights_digest
+    from export.onnx_export import weights_digest
 
-    exported = ponder_metadata(load_onnx(onnx_path)).get("weights_sha256")
-    if exported is not None and exported != weights_digest(weights.state_dict()):
-        raise ValueError(f"{onnx_path} was exported from other weights than the checkpoint given")
+    if exported_digest is not None and exported_digest != weights_digest(weights.state_dict()):
+        raise ValueError("the ONNX file was exported from other weights than the checkpoint given")
 
 
 def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: str, max_batch_size: int = 0,
@@ -322,7 +321,9 @@ def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: st
     configs = repository_configs(onnx_path, name, kind, device, instance_count, max_batch_size, threads)
     check_no_clash(out_dir, name)
     check_plan_source(kind, plan_path)
-    check_weights_source(kind, onnx_path, weights)
+    params = configs[name].parameters
+    check_weights_source(kind, weights, params["ponder.weights_sha256"].string_value
+                         if "ponder.weights_sha256" in params else None)
     maps_name, encoder_name = step_names(name)
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)

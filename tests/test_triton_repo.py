@@ -149,7 +149,7 @@ def test_python_torch_refuses_an_onnx_file_alone_or_other_weights(tmp_path, ppt_
     with pytest.raises(ValueError, match="pass the checkpoint, not an exported .onnx file"):
         write_triton_repository(tmp_path / "repo", ppt_onnx, "m", kind="python-torch")
     other = load_checkpoint(fixture_dir("spunet_v1m1_seg") / "checkpoint.pth")
-    with pytest.raises(ValueError, match="exported from other weights"):
+    with pytest.raises(ValueError, match="exported from other weights than the checkpoint given"):
         write_triton_repository(tmp_path / "repo", ppt_onnx, "m", kind="python-torch", weights=other)
     assert not (tmp_path / "repo").exists()
     result = subprocess.run([PONDER, "export", "triton-repo", str(ppt_onnx), "-o", str(tmp_path / "repo"), "--kind",
