@@ -13,7 +13,7 @@
 #   worker-cpu    stand-in of `worker` for CPU machines without NVIDIA's image (CI, this project's compose check):
 #                 Debian/python base + the CPU build of torch + nvidia-pytriton, whose tritonserver has only the
 #                 Python backend, so it serves `--kind python-torch` / `python-onnxruntime` repositories, mounted
-#                 at /models.
+#                 at /models (else the default model's, python-torch, exported at build time).
 #                   docker build --target worker-cpu -t ponder-worker-cpu .
 # Every image runs as uid 10001. Dependencies are installed in a layer before the code, so a code change
 # rebuilds only the last, small layer (`pip install --no-deps .`). That layer's cache key is the requirement list
@@ -130,8 +130,9 @@ CMD ["ponder-worker"]
 
 # ---------------------------------------------------------------------------------------------------------
 # The CPU worker: same entrypoint and ports as `worker`, the tritonserver binary of nvidia-pytriton (Python backend
-# only, hence `ponder export triton-repo --kind python-torch` or `python-onnxruntime` repositories). No bundled
-# repository: it needs one at /models and says so otherwise (exporting at build time would need spconv in the image).
+# only, hence `ponder export triton-repo --kind python-torch` or `python-onnxruntime` repositories). Like `worker`, it
+# serves the default model's repository (python-torch kind, exported at build time; no spconv needed) when nothing is
+# mounted at /models.
 FROM python-base AS worker-cpu
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -144,7 +145,8 @@ COPY export ./export
 COPY service ./service
 COPY ponder ./ponder
 COPY deploy/worker-entrypoint.sh /usr/local/bin/ponder-worker
-RUN pip install --no-deps . && rm -rf build
+RUN pip install --no-deps . && rm -rf build \
+    && ponder export triton-repo model/default_model --kind python-torch -o /opt/ponder/default-repo
 USER 10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Start Triton on the repository mounted at PONDER_WORKER_REPO (default /models); when nothing is mounted there
-# (no config.pbtxt), serve the default model's repository exported when the image was built, and say so. The
-# CPU worker image (target worker-cpu) has no such repository: it exits with status 2 and says what to mount.
+# (no config.pbtxt), serve the default model's repository exported when the image was built (onnxruntime kind in
+# `worker`, python-torch in `worker-cpu`), and say so. An image without one exits with status 2 saying what to mount.
 set -eu
 REPO=${PONDER_WORKER_REPO:-/models}
 DEFAULT=${PONDER_WORKER_DEFAULT_REPO:-/opt/ponder/default-repo}

@@ -2,7 +2,8 @@
 serves the bundled default model and answers /v1/features as the in-process gateway does; a public bind without
 API keys is refused; the slim gateway image holds no torch, spconv or Triton server. The compose stack
 (deploy/check_compose.sh: podman-compose, slim gateway + CPU Triton worker on an exported python-torch
-repository + Prometheus) answers a request through the gateway as the in-process model does.
+repository + Prometheus) answers a request through the gateway as the in-process model does; the CPU worker image
+with nothing mounted serves the default model it was built with.
 
 Slow and needs root + podman/runc/mmdebstrap:  .venv/bin/python -m pytest -m container tests/test_container.py
 (first run: ~2 min for the base image, ~6 min for the cold builds on 2 cores; the compose check adds the
@@ -31,6 +32,12 @@ NPY = "application/x-npy"
 
 def _check(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _podman(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["podman", "--root", "/tmp/ponder-podman/storage", "--runroot", "/tmp/ponder-podman/run",
+                           "--storage-driver", "overlay", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "CONTAINERS_CONF": "/tmp/ponder-podman/containers.conf"})
 
 
 def _require_podman() -> None:
@@ -96,13 +103,49 @@ def test_public_bind_without_api_keys_is_refused_in_the_image(images):
 def test_slim_gateway_image_has_no_torch_spconv_or_triton_server(images):
     probe = ("import importlib.util as u; print(' '.join(m for m in ('torch', 'spconv', 'pytriton', 'fastapi', "
              "'tritonclient') if u.find_spec(m)))")
-    result = subprocess.run(["podman", "--root", "/tmp/ponder-podman/storage", "--runroot", "/tmp/ponder-podman/run",
-                             "--storage-driver", "overlay", "run", "--rm", "--network", "host",
-                             "localhost/ponder-gateway:check", "python", "-c", probe],
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "CONTAINERS_CONF": "/tmp/ponder-podman/containers.conf"})
+    result = _podman("run", "--rm", "--network", "host", "localhost/ponder-gateway:check", "python", "-c", probe)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["fastapi", "tritonclient"]
+
+
+def test_cpu_worker_image_with_nothing_mounted_serves_the_default_model(podman_storage):
+    """worker-cpu without a repository at /models: the default model's python-torch repository exported into
+    the image, answering through a gateway on this machine as the in-process gateway does."""
+    require_fixtures()
+    built = _check("build", "worker-cpu")
+    assert built.returncode == 0, built.stderr[-3000:]
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    name = "ponder-check-worker-default"
+    _podman("rm", "-f", name)
+    started = _podman("run", "-d", "--name", name, "--network", "host", "-e", f"PONDER_TRITON_HTTP_PORT={http}",
+                      "-e", f"PONDER_TRITON_GRPC_PORT={grpc}", "-e", f"PONDER_TRITON_METRICS_PORT={metrics}",
+                      "localhost/ponder-worker-cpu:check")
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        deadline, ready = time.monotonic() + 300, False
+        while time.monotonic() < deadline and not ready:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{http}/v2/models/ponder/ready", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        shown = _podman("logs", name)
+        logs = shown.stdout + shown.stderr
+        assert ready, logs[-3000:]
+        assert "serving the bundled default model" in logs
+        body = npz_bytes(scene(3000))
+        headers = {"Accept": NPY, "Content-Type": "application/octet-stream"}
+        with gateway({"PONDER_WORKER": "triton", "PONDER_TRITON_URLS": f"127.0.0.1:{grpc}"}) as through_worker:
+            answer = httpx.post(through_worker.url + "/v1/features", content=body, headers=headers, timeout=120)
+        with gateway({}) as local:
+            expected = httpx.post(local.url + "/v1/features", content=body, headers=headers, timeout=120)
+        assert answer.status_code == 200, answer.text
+        features = np.load(io.BytesIO(answer.content), allow_pickle=False)
+        reference = np.load(io.BytesIO(expected.content), allow_pickle=False)
+        assert features.shape == reference.shape == (3000, 32)
+        np.testing.assert_allclose(features, reference, atol=1e-4)
+    finally:
+        _podman("rm", "-f", name)
 
 
 def test_compose_stack_answers_through_the_cpu_triton_worker_like_the_in_process_model(podman_storage):
