@@ -46,12 +46,12 @@ if TYPE_CHECKING:  # onnx and export.onnx_export (torch) only where a repository
     from model.checkpoint import LoadedModel
 
 KINDS = ("python-onnxruntime", "python-torch", "onnxruntime", "tensorrt")
-PYTHON_KINDS = ("python-onnxruntime", "python-torch")  # Python-backend encoders: CPU instances by default
 KERNEL_MAPS_FILE = "ponder_kernel_maps.py"
 ENCODER_FILES = {"python-onnxruntime": ("python", "ponder_onnx_encoder.py"),
                  "python-torch": ("python", "ponder_torch_encoder.py"),
                  "onnxruntime": ("onnxruntime", "model.onnx"), "tensorrt": ("tensorrt", "model.plan")}
 ENCODER_TEMPLATES = {"python-onnxruntime": "onnx_encoder.py", "python-torch": "torch_encoder.py"}
+PYTHON_KINDS = tuple(ENCODER_TEMPLATES)  # Python-backend encoders: CPU instances by default
 DEVICES = {"gpu": pb.ModelInstanceGroup.KIND_GPU, "cpu": pb.ModelInstanceGroup.KIND_CPU}
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 ONNX_TO_TRITON = {6: pb.TYPE_INT32, 7: pb.TYPE_INT64, 1: pb.TYPE_FP32}  # onnx.TensorProto INT32, INT64, FLOAT
@@ -337,14 +337,12 @@ def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: st
         version = built / encoder_name / "1"
         if kind in ENCODER_TEMPLATES:
             shutil.copyfile(TEMPLATES / ENCODER_TEMPLATES[kind], version / ENCODER_FILES[kind][1])
-        if kind == "python-onnxruntime":
+        if kind in ("python-onnxruntime", "onnxruntime"):
             shutil.copyfile(onnx_path, version / "model.onnx")
         elif kind == "python-torch":
             from model.checkpoint import save_checkpoint
 
             save_checkpoint(weights.inference_model, weights.config, version / "checkpoint")
-        elif kind == "onnxruntime":
-            shutil.copyfile(onnx_path, version / "model.onnx")
         elif plan_path is not None:
             shutil.copyfile(plan_path, version / "model.plan")
         else:

@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from model.checkpoint import load_checkpoint
+from model.engine.encoder import engine_formulation
 from model.engine.memory import reuse_freed_memory
 from model.engine.unet import SpUNetEngine
 
@@ -34,7 +35,7 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
         folder = os.path.join(args["model_repository"], args["model_version"], "checkpoint")
         engine = SpUNetEngine.from_loaded(load_checkpoint(folder), heads="seg_logits" in self.outputs,
-                                          formulation="gather" if gpu else "pairs")
+                                          formulation=engine_formulation(self.device))
         if list(engine.outputs) != self.outputs:
             raise ValueError(f"the checkpoint in {folder} gives {list(engine.outputs)}, the config promises "
                              f"{self.outputs}: export the repository again")

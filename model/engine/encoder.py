@@ -96,7 +96,7 @@ class EngineEncoder:
                     precision: str = "fp32") -> "EngineEncoder":
         """ValueError when the checkpoint is not a SpUNet the engine can run."""
         device = torch.device(device)
-        formulation = "pairs" if device.type == "cpu" or precision != "fp32" else "gather"
+        formulation = engine_formulation(device, precision)
         engine = SpUNetEngine.from_state_dict(loaded.state_dict(), loaded.config, heads=False,
                                               formulation=formulation, precision=precision)
         return cls(engine, device)
@@ -110,6 +110,12 @@ class EngineEncoder:
         index = self.engine.condition_index(condition) if self.engine.conditions else 0
         (features,) = self.engine(*self.engine.example_inputs(maps, feat, index))
         return _split(features, batch)
+
+
+def engine_formulation(device: torch.device | str, precision: str = "fp32") -> str:
+    """The engine's fastest exact formulation on ``device``: valid pairs on CPU (and in bf16), the dense gather
+    formulation on CUDA in fp32 (one kernel per tap, no scatter)."""
+    return "pairs" if torch.device(device).type == "cpu" or precision != "fp32" else "gather"
 
 
 def default_backend(device: torch.device | str) -> str:
