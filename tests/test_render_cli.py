@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -195,12 +194,14 @@ def test_views_are_written_as_they_finish_and_ctrl_c_keeps_them(trained, tmp_pat
     command = [sys.executable, "-m", "ponder.cli", "render", str(ply), "--checkpoint", str(trained["out"] / "final"),
                "--cameras", str(cams), "-o", str(out), "--device", "cpu"]
     proc = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while not (out / "0_depth.npy").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # Interrupt once the first view is reported (its line follows its files): waiting for the files alone
+    # raced the report line, so a SIGINT in between kept a view that was never printed (CI at 2afa126).
+    first_line = proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
+    stdout = first_line + stdout
     assert proc.returncode == 130, stdout + stderr
     written = sorted(out.glob("*_color.png"))
     assert 1 <= len(written) < 60, written
