@@ -96,7 +96,7 @@ def _check_checkpoint_kind(checkpoint: str) -> None:
 def _check_onnx_output(output: str | Path) -> Path:
     """``-o`` of ``export onnx``, checked before any model work: an .onnx file path whose folder accepts
     new files (named in the message, never a temporary file or a bare errno)."""
-    from export.triton_repo import creation_problem
+    from export.triton_folders import creation_problem
     from model.errors import CommandError
 
     path = Path(output)
@@ -174,8 +174,9 @@ def run_tensorrt(args) -> int:
 def run_triton_repo(args) -> int:
     from export.onnx_export import ExportError
     from export.tensorrt import TensorRTUnavailable
-    from export.triton_repo import (check_model_name, check_no_clash, check_plan_source, check_repository_output,
-                                    check_weights_source, read_model_config, step_names, write_triton_repository)
+    from export.triton_folders import check_repository_output
+    from export.triton_repo import (check_model_name, check_no_clash, check_plan_source, check_weights_source,
+                                    model_folders, read_model_config, write_triton_repository)
     from model.errors import CommandError
 
     model = Path(args.model)
@@ -192,14 +193,14 @@ def run_triton_repo(args) -> int:
         if args.kind == "python-torch" and model.suffix.lower() == ".onnx":
             check_weights_source(args.kind, None)  # refused: the torch engine needs the checkpoint
         check_model_name(args.name)
-        check_no_clash(Path(args.output), args.name)
+        dropped = check_no_clash(Path(args.output), args.name, args.kind)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     except TensorRTUnavailable as exc:
         raise CommandError(f"{exc}; or pass --plan with an engine built on a GPU host") from exc
     except OSError as exc:  # the checks' own messages name the path
         raise CommandError(str(exc)) from None
-    replaced = [m for m in (args.name, *step_names(args.name)) if (Path(args.output) / m).exists()]
+    replaced = [m for m in model_folders(args.name, args.kind) if (Path(args.output) / m).exists()]
     weights = None
     with tempfile.TemporaryDirectory() as tmp:
         if model.suffix.lower() != ".onnx":
@@ -217,6 +218,6 @@ def run_triton_repo(args) -> int:
     summary = {"repository": str(folder.parent), "model": config.name, "kind": args.kind,
                "steps": [s.model_name for s in config.ensemble_scheduling.step],
                "inputs": [i.name for i in config.input], "outputs": [o.name for o in config.output],
-               "replaced": replaced}
+               "replaced": replaced, "removed": list(dropped)}
     print(json.dumps(summary), file=sys.stderr)
     return 0

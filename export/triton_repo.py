@@ -1,14 +1,16 @@
 """Triton model repository for an exported encoder: one ensemble that takes what the gateway has.
 
-Layout (``NAME`` = ``--name``; the three model folders are the same for every kind)::
+Layout (``NAME`` = ``--name``)::
 
     NAME/                 ensemble (the model clients call); its parameters carry the ponder metadata
     NAME_kernel_maps/     Python backend, 1/ponder_kernel_maps.py: grid_coord + batch -> kernel-map tables
+                          (not for python-torch, whose encoder builds its own)
     NAME_encoder/         the exported graph: 1/model.onnx (onnxruntime), 1/model.plan (tensorrt), or
                           1/ponder_onnx_encoder.py + 1/model.onnx (python-onnxruntime: the same ONNX file in
                           onnxruntime inside a Python-backend model, for Triton builds without that backend), or
                           1/ponder_torch_encoder.py + 1/checkpoint/ (python-torch: the checkpoint in ponder's
-                          torch engine, valid pairs on CPU instances: the fast CPU worker)
+                          torch engine, which builds the tables itself from the gateway's tensors and runs valid
+                          pairs on CPU instances: the fast CPU worker)
 
 The Python models are not called ``model.py`` (Triton's default): the stub puts their folder on ``sys.path``,
 where a ``model.py`` would shadow the ``model`` package the kernel-map step imports.
@@ -16,8 +18,8 @@ where a ``model.py`` would shadow the ``model`` package the kernel-map step impo
 Ensemble inputs ``grid_coord (M, 3) INT32``, ``batch (M,) INT32`` (scene index of each row),
 ``feat (M, C) FP32`` and, for conditional (PDNorm / PPT) models only, ``condition (1,) INT64`` (index into
 the ``ponder.conditions`` parameter); outputs ``backbone_feat (M, C_out) FP32`` and, when the graph was
-exported with its head, ``seg_logits (M, K) FP32``. The tables travel between the steps inside the server.
-Their data type is whatever the ONNX graph takes (read from its inputs).
+exported with its head, ``seg_logits (M, K) FP32``: the same for every kind. The tables travel between the
+steps inside the server; their data type is whatever the ONNX graph takes (read from its inputs).
 
 Configs are Triton's own ``ModelConfig`` protobuf (shipped by tritonclient) written in its text format, so
 every field name and enum is checked by protobuf. ``max_batch_size`` is 0 everywhere: a request is one or
@@ -29,7 +31,6 @@ scenes go in one request with distinct ``batch`` ids instead; concurrency comes 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -38,6 +39,8 @@ from typing import TYPE_CHECKING
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as pb
+
+from export.triton_folders import check_repository_output, swap_in
 
 if TYPE_CHECKING:  # onnx and export.onnx_export (torch) only where a repository is written: the gateway
     import onnx     # reads configs with this module and has neither
@@ -64,6 +67,18 @@ Spec = tuple[str, int, list[int]]  # (tensor name, Triton data type, dims; -1 = 
 def step_names(name: str) -> tuple[str, str]:
     """(kernel-map model, encoder model) of the ensemble ``name``."""
     return name + KERNEL_MAPS_SUFFIX, name + ENCODER_SUFFIX
+
+
+def builds_own_tables(kind: str) -> bool:
+    """The python-torch encoder builds the kernel maps itself (no tables through shared memory); every other
+    kind's encoder takes them from the kernel-map step."""
+    return kind == "python-torch"
+
+
+def model_folders(name: str, kind: str) -> tuple[str, ...]:
+    """The model folders an export of ``kind`` named ``name`` writes: the ensemble first, then its steps."""
+    maps_name, encoder_name = step_names(name)
+    return (name, encoder_name) if builds_own_tables(kind) else (name, maps_name, encoder_name)
 
 
 def graph_specs(onnx_model: onnx.ModelProto, info: GraphInfo) -> tuple[list[Spec], list[Spec]]:
@@ -126,36 +141,47 @@ def kernel_maps_config(info: GraphInfo, name: str, inputs: list[Spec], device: s
     return config
 
 
-def encoder_config(name: str, kind: str, inputs: list[Spec], outputs: list[Spec], device: str, instances: int,
-                   threads: int = 0) -> pb.ModelConfig:
-    """Step 2: the exported graph in the backend of ``kind``."""
+def encoder_config(info: GraphInfo, name: str, kind: str, inputs: list[Spec], outputs: list[Spec], device: str,
+                   instances: int, threads: int = 0) -> pb.ModelConfig:
+    """Step 2: the exported graph in the backend of ``kind`` (the tables in); for python-torch the only step
+    (the gateway's tensors in, checked as the kernel-map step checks them)."""
     backend, filename = ENCODER_FILES[kind]
     config = _base(name, backend=backend)
     config.default_model_filename = filename
-    _add(config.input, inputs)
+    _add(config.input, gateway_specs(info, inputs) if builds_own_tables(kind) else inputs)
     _add(config.output, outputs)
     config.instance_group.add(kind=DEVICES[device], count=instances)
-    config.parameters["ponder.step"].string_value = "encoder"
+    params = {"ponder.step": "encoder"}
     if kind in PYTHON_KINDS:
-        config.parameters["ponder.threads"].string_value = str(threads)
+        params["ponder.threads"] = str(threads)
+    if builds_own_tables(kind):
+        params.update({"ponder.in_channels": str(info.in_channels), "ponder.num_conditions": str(len(info.conditions))})
+    for key, value in params.items():
+        config.parameters[key].string_value = value
     return config
 
 
 def ensemble_config(info: GraphInfo, name: str, inputs: list[Spec], outputs: list[Spec],
-                    extra: dict[str, str] | None = None) -> pb.ModelConfig:
-    """The model clients call: gateway tensors in, encoder outputs out, tables passed inside the server."""
+                    extra: dict[str, str] | None = None, own_tables: bool = False) -> pb.ModelConfig:
+    """The model clients call: gateway tensors in, encoder outputs out, tables passed inside the server
+    (``own_tables``: one step, the encoder, which builds them itself)."""
     maps_name, encoder_name = step_names(name)
     config = _base(name, platform="ensemble")
     _add(config.input, gateway_specs(info, inputs))
     _add(config.output, outputs)
-    maps = config.ensemble_scheduling.step.add(model_name=maps_name, model_version=-1)
-    for n, _, _ in gateway_specs(info, inputs):
-        maps.input_map[n] = n
-    encoder = config.ensemble_scheduling.step.add(model_name=encoder_name, model_version=-1)
-    for n, _, _ in inputs:
-        encoder.input_map[n] = n
-        if n not in GATEWAY_INPUTS:
-            maps.output_map[n] = n
+    if own_tables:
+        encoder = config.ensemble_scheduling.step.add(model_name=encoder_name, model_version=-1)
+        for n, _, _ in gateway_specs(info, inputs):
+            encoder.input_map[n] = n
+    else:
+        maps = config.ensemble_scheduling.step.add(model_name=maps_name, model_version=-1)
+        for n, _, _ in gateway_specs(info, inputs):
+            maps.input_map[n] = n
+        encoder = config.ensemble_scheduling.step.add(model_name=encoder_name, model_version=-1)
+        for n, _, _ in inputs:
+            encoder.input_map[n] = n
+            if n not in GATEWAY_INPUTS:
+                maps.output_map[n] = n
     for n, _, _ in outputs:
         encoder.output_map[n] = n
     from export.onnx_export import metadata
@@ -177,10 +203,12 @@ def check_model_name(name: str) -> None:
                          "a letter or digit, at most 100)")
 
 
-def check_no_clash(out_dir: Path, name: str) -> None:
+def check_no_clash(out_dir: Path, name: str, kind: str) -> tuple[str, ...]:
     """ValueError when writing the ensemble ``name`` would replace a folder of ``out_dir`` that is not part of an
     earlier export of ``name``: another ensemble's step (e.g. ``--name ponder_encoder`` beside ``ponder``) or an
-    unrelated model. Only the folder ``name`` and the steps its ensemble lists are ever replaced."""
+    unrelated model. Only the folder ``name`` and the steps its ensemble lists are ever replaced. Returns the
+    steps of the earlier export that this one drops (``NAME_kernel_maps`` when python-torch replaces another
+    kind), which go with it unless another ensemble lists them."""
     steps: dict[str, set[str]] = {}  # model folder -> the steps it lists (empty: not an ensemble)
     for config_path in sorted(out_dir.glob("*/config.pbtxt")) if out_dir.is_dir() else []:
         try:
@@ -188,7 +216,8 @@ def check_no_clash(out_dir: Path, name: str) -> None:
                                               .ensemble_scheduling.step}
         except (OSError, text_format.ParseError):  # unreadable: not an ensemble we could break
             steps[config_path.parent.name] = set()
-    for folder in (name, *step_names(name)):
+    written = model_folders(name, kind)
+    for folder in written:
         users = sorted(model for model, listed in steps.items() if folder in listed and model != name)
         if users:
             raise ValueError(f"{out_dir / folder} is a step of the ensemble {users[0]!r} there; exporting --name "
@@ -196,11 +225,14 @@ def check_no_clash(out_dir: Path, name: str) -> None:
         if folder != name and (out_dir / folder).exists() and folder not in steps.get(name, set()):
             raise ValueError(f"{out_dir / folder} holds a model that is not part of an export of {name!r}; exporting "
                              f"--name {name!r} would replace it. Choose another --name")
+    return tuple(folder for folder in step_names(name) if folder not in written and folder in steps.get(name, set())
+                 and (out_dir / folder).is_dir() and not any(folder in listed for model, listed in steps.items()
+                                                             if model != name))
 
 
 def repository_configs(onnx_path: str | Path, name: str, kind: str = "onnxruntime", device: str | None = None,
                        instance_count: int = 1, max_batch_size: int = 0, threads: int = 0) -> dict[str, pb.ModelConfig]:
-    """Model name -> config of the three models (ensemble first), validated; nothing is written."""
+    """Model name -> config of each model of `model_folders` (ensemble first), validated; nothing is written."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     device = device or ("cpu" if kind in PYTHON_KINDS else "gpu")
@@ -234,38 +266,11 @@ def repository_configs(onnx_path: str | Path, name: str, kind: str = "onnxruntim
         raise ExportError(f"{onnx_path}: {exc}") from None
     extra = {p.key: p.value for p in model.metadata_props if p.key.startswith("ponder.")}
     maps_name, encoder_name = step_names(name)
-    return {name: ensemble_config(info, name, inputs, outputs, extra),
-            maps_name: kernel_maps_config(info, maps_name, inputs, device, instance_count),
-            encoder_name: encoder_config(encoder_name, kind, inputs, outputs, device, instance_count, threads)}
-
-
-def creation_problem(path: str | Path) -> str | None:
-    """Why ``path`` cannot be created (its nearest existing parent is a file, or does not accept new files), or
-    None. A probe file is created and removed: permission bits say nothing for root, read-only mounts or /proc."""
-    folder = Path(path).parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        return f"{folder} is a file, not a folder"
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".ponder-write-check-", dir=folder)
-    except OSError as exc:
-        return f"cannot create files in {folder} ({exc.strerror or exc})"
-    os.close(handle)
-    os.unlink(probe)
-    return None
-
-
-def check_repository_output(out_dir: str | Path, flag: str = "output") -> Path:
-    """Refuse a repository folder that cannot be written (a file, a file among its parents, a folder that
-    does not accept new files), before any work; ``flag`` names the option in the messages."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{flag} {out_dir}: is a file; {flag} takes a repository folder")
-    problem = creation_problem(out_dir / "x" if out_dir.is_dir() else out_dir)
-    if problem:
-        raise PermissionError(f"{flag} {out_dir}: {problem}")
-    return out_dir
+    configs = {name: ensemble_config(info, name, inputs, outputs, extra, own_tables=builds_own_tables(kind))}
+    if not builds_own_tables(kind):
+        configs[maps_name] = kernel_maps_config(info, maps_name, inputs, device, instance_count)
+    configs[encoder_name] = encoder_config(info, encoder_name, kind, inputs, outputs, device, instance_count, threads)
+    return configs
 
 
 def check_plan_source(kind: str, plan_path: str | Path | None) -> None:
@@ -305,21 +310,22 @@ def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: st
                             instance_count: int = 1, kind: str = "onnxruntime", device: str | None = None,
                             plan_path: str | Path | None = None, threads: int = 0,
                             weights: LoadedModel | None = None) -> Path:
-    """Write the ensemble and its two steps under ``out_dir`` (see the module docstring); returns the
-    ensemble's folder. device: instance kind of both steps (default: cpu for the python-* kinds, gpu
+    """Write the ensemble and its steps under ``out_dir`` (see the module docstring); returns the
+    ensemble's folder. device: instance kind of the steps (default: cpu for the python-* kinds, gpu
     otherwise). For kind="tensorrt", ``plan_path`` is the engine built from the ONNX file
     (`export.tensorrt.build_engine`); without one it is built here, which needs TensorRT and a GPU.
     threads: intra-op threads of a python-* encoder (0 = its library's default). For kind="python-torch",
     ``weights`` is the checkpoint the ONNX file was exported from (its ``ponder.weights_sha256`` must match): the
     configs still come from the ONNX file, so every kind serves the same tensors and model card.
 
-    All-or-nothing: the inputs are checked first, the three model folders are built in a temporary folder
-    beside ``out_dir``, and only a complete build replaces them (each as a whole, so no file of an earlier
-    export stays beside the new ones; other models in ``out_dir`` are left alone). A failure leaves an
-    existing repository as it was and no partial one in a new folder."""
+    All-or-nothing: the inputs are checked first, the model folders are built in a temporary folder beside
+    ``out_dir``, and only a complete build replaces them (each as a whole, so no file of an earlier export
+    stays beside the new ones; a step the earlier export had and this one has not goes; other models in
+    ``out_dir`` are left alone). A failure leaves an existing repository as it was and no partial one in a
+    new folder."""
     out_dir = check_repository_output(out_dir)
     configs = repository_configs(onnx_path, name, kind, device, instance_count, max_batch_size, threads)
-    check_no_clash(out_dir, name)
+    dropped = check_no_clash(out_dir, name, kind)
     check_plan_source(kind, plan_path)
     params = configs[name].parameters
     check_weights_source(kind, weights, params["ponder.weights_sha256"].string_value
@@ -333,7 +339,8 @@ def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: st
         for model_name, config in configs.items():
             (built / model_name / "1").mkdir(parents=True)  # an ensemble needs a version folder too
             (built / model_name / "config.pbtxt").write_text(text_format.MessageToString(config))
-        shutil.copyfile(TEMPLATES / "kernel_maps.py", built / maps_name / "1" / KERNEL_MAPS_FILE)
+        if maps_name in configs:
+            shutil.copyfile(TEMPLATES / "kernel_maps.py", built / maps_name / "1" / KERNEL_MAPS_FILE)
         version = built / encoder_name / "1"
         if kind in ENCODER_TEMPLATES:
             shutil.copyfile(TEMPLATES / ENCODER_TEMPLATES[kind], version / ENCODER_FILES[kind][1])
@@ -349,37 +356,10 @@ def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, name: st
             from export.tensorrt import build_engine
 
             build_engine(onnx_path, version / "model.plan")
-        _swap_in(built, out_dir, list(configs), staging)
+        swap_in(built, out_dir, list(configs), staging, remove=dropped)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir / name
-
-
-def _swap_in(built: Path, out_dir: Path, names: list[str], staging: Path) -> None:
-    """Move the complete repository ``built`` into place: one rename when ``out_dir`` is new, else each model
-    folder replaces its namesake (the old one is moved aside and restored if a later rename fails)."""
-    if not out_dir.exists():
-        os.rename(built, out_dir)
-        return
-    old = staging / "old"
-    old.mkdir()
-    done: list[tuple[str, bool]] = []  # (model name, had an old folder)
-    try:
-        for model_name in names:
-            target = out_dir / model_name
-            had = target.exists() or target.is_symlink()
-            if had:
-                os.rename(target, old / model_name)
-            done.append((model_name, had))
-            os.rename(built / model_name, target)
-    except OSError:
-        for model_name, had in reversed(done):
-            target = out_dir / model_name
-            if target.is_dir() and not (built / model_name).exists():
-                os.rename(target, built / model_name)
-            if had:
-                os.rename(old / model_name, target)
-        raise
 
 
 def read_model_config(path: str | Path) -> pb.ModelConfig:

@@ -125,26 +125,30 @@ def test_bad_input_is_a_client_error_not_a_hang(stack):
     body = npz_bytes(scene(1000, seed=4))
     bad = post(gateway, "/v1/features", body, timeout=60, condition="Mars")
     assert bad.status_code == 422 and "Mars" in bad.json()["detail"]
-    # straight to Triton: rows that do not match, and an out-of-range condition, are INVALID_ARG (HTTP 400)
+    # straight to Triton, both kinds (python-torch checks in its one step): rows that do not match, an
+    # out-of-range condition and duplicate voxels are INVALID_ARG (HTTP 400)
     triton = client.InferenceServerClient(f"127.0.0.1:{ports[0]}", network_timeout=60)
     grid = np.array([[0, 0, 0], [0, 0, 1], [5, 5, 5]], np.int32)
 
-    def call(feat_rows: int, condition: int):
-        tensors = [("grid_coord", grid, "INT32"), ("batch", np.zeros(3, np.int32), "INT32"),
+    def call(model: str, feat_rows: int, condition: int, coords: np.ndarray = grid):
+        tensors = [("grid_coord", coords, "INT32"), ("batch", np.zeros(3, np.int32), "INT32"),
                    ("feat", np.zeros((feat_rows, 6), np.float32), "FP32"),
                    ("condition", np.array([condition]), "INT64")]
         inputs = []
         for n, a, t in tensors:
             inputs.append(client.InferInput(n, list(a.shape), t))
             inputs[-1].set_data_from_numpy(a)
-        return triton.infer("ppt_v1m3_seg", inputs)
+        return triton.infer(model, inputs)
 
     try:
-        assert call(3, 1).as_numpy("backbone_feat").shape == (3, 24)
-        for rows, condition, text in ((2, 1, "feat must have shape (3, 6)"), (3, 9, "condition index 9")):
-            with pytest.raises(Exception) as info:
-                call(rows, condition)
-            assert info.value.status() == "400" and text in info.value.message()
+        for model in ("ppt_v1m3_seg", "ppt_v1m3_seg" + TORCH_SUFFIX):
+            assert call(model, 3, 1).as_numpy("backbone_feat").shape == (3, 24)
+            for rows, condition, coords, text in ((2, 1, grid, "feat must have shape (3, 6)"),
+                                                  (3, 9, grid, "condition index 9"),
+                                                  (3, 1, grid[[0, 1, 0]], "duplicate")):
+                with pytest.raises(Exception) as info:
+                    call(model, rows, condition, coords)
+                assert info.value.status() == "400" and text in info.value.message(), (model, info.value.message())
     finally:
         triton.close()
 

@@ -1,5 +1,5 @@
-"""Triton model repository: the ensemble (kernel maps -> encoder) of every kind, its config.pbtxt files parsed
-with Triton's own protobuf schema and checked. Serving it in a real tritonserver behind the gateway is
+"""Triton model repository: the ensemble (kernel maps -> encoder; python-torch: one encoder step that builds its
+own tables) of every kind, its config.pbtxt files parsed with Triton's own protobuf schema and checked. Serving it in a real tritonserver behind the gateway is
 tests/test_service_triton.py (python-onnxruntime kind; the onnxruntime/tensorrt backends are not in the
 tritonserver of nvidia-pytriton)."""
 
@@ -105,16 +105,25 @@ def test_all_kinds_share_names_and_differ_only_in_the_encoder(tmp_path, ppt_onnx
         write_triton_repository(repo, ppt_onnx, "m", kind=kind, plan_path=plan if kind == "tensorrt" else None,
                                 weights=ppt_weights if kind == "python-torch" else None)
         configs[kind] = {p.name: _parse(p) for p in repo.iterdir()}
+    reference = configs["onnxruntime"]
     for kind, models in configs.items():
-        assert sorted(models) == ["m", "m_encoder", "m_kernel_maps"]
-        assert models["m"] == configs["onnxruntime"]["m"]  # same ensemble, same tensor names
-        encoder = models["m_encoder"]
-        assert [i.name for i in encoder.input] == [i.name for i in configs["onnxruntime"]["m_encoder"].input]
-        assert [(i.data_type, list(i.dims)) for i in encoder.input] == \
-            [(i.data_type, list(i.dims)) for i in configs["onnxruntime"]["m_encoder"].input]
         device = pb.ModelInstanceGroup.KIND_CPU if kind in PYTHON_KINDS else pb.ModelInstanceGroup.KIND_GPU
-        for step in ("m_encoder", "m_kernel_maps"):
+        for step in set(models) - {"m"}:
             assert [g.kind for g in models[step].instance_group] == [device]
+        # what clients see is the same for every kind: the ensemble's tensors and metadata
+        for field in ("input", "output", "parameters"):
+            assert getattr(models["m"], field) == getattr(reference["m"], field), (kind, field)
+        if kind == "python-torch":  # one step that takes the gateway's tensors and builds the tables itself
+            assert sorted(models) == ["m", "m_encoder"]
+            assert [s.model_name for s in models["m"].ensemble_scheduling.step] == ["m_encoder"]
+            assert [(i.name, i.data_type, list(i.dims)) for i in models["m_encoder"].input] == \
+                [(i.name, i.data_type, list(i.dims)) for i in reference["m"].input]
+            continue
+        assert sorted(models) == ["m", "m_encoder", "m_kernel_maps"]
+        assert models["m"] == reference["m"]  # same ensemble, same tensor names
+        encoder = models["m_encoder"]
+        assert [(i.name, i.data_type, list(i.dims)) for i in encoder.input] == \
+            [(i.name, i.data_type, list(i.dims)) for i in reference["m_encoder"].input]
     assert configs["onnxruntime"]["m_encoder"].backend == "onnxruntime"
     assert configs["onnxruntime"]["m_encoder"].default_model_filename == "model.onnx"
     assert configs["tensorrt"]["m_encoder"].backend == "tensorrt"
@@ -140,7 +149,27 @@ def test_python_torch_holds_the_checkpoint_the_onnx_file_came_from(tmp_path, ppt
     assert stored.config.kind == ppt_weights.config.kind
     encoder = _parse(repo / "m_encoder")
     assert encoder.backend == "python" and encoder.default_model_filename == "ponder_torch_encoder.py"
-    assert config_metadata(encoder)["threads"] == 2
+    meta = config_metadata(encoder)
+    assert (meta["threads"], meta["in_channels"], meta["num_conditions"]) == (2, 6, 3)  # what its checks need
+    assert [i.name for i in encoder.input] == GATEWAY + ["condition"]
+    assert sorted(p.name for p in repo.iterdir()) == ["m", "m_encoder"]  # no kernel-map step: no tables in shm
+
+
+def test_a_python_torch_export_drops_the_kernel_map_step_of_the_earlier_export(tmp_path, ppt_onnx, ppt_weights):
+    """Re-exporting ``ponder`` as python-torch removes its old kernel-map step (Triton would still load it); the
+    other way round brings it back; a folder named like the step that is not one is never removed."""
+    repo = tmp_path / "repo"
+    write_triton_repository(repo, ppt_onnx, "ponder", kind="python-onnxruntime")
+    write_triton_repository(repo, ppt_onnx, "ponder", kind="python-torch", weights=ppt_weights)
+    assert sorted(p.name for p in repo.iterdir()) == ["ponder", "ponder_encoder"]
+    write_triton_repository(repo, ppt_onnx, "ponder", kind="python-onnxruntime")
+    assert sorted(p.name for p in repo.iterdir()) == ["ponder", "ponder_encoder", "ponder_kernel_maps"]
+    assert _parse(repo / "ponder").ensemble_scheduling.step[0].model_name == "ponder_kernel_maps"
+
+    write_triton_repository(repo, ppt_onnx, "other", kind="python-torch", weights=ppt_weights)
+    (repo / "other_kernel_maps" / "1").mkdir(parents=True)  # not a step of the ensemble "other": left alone
+    write_triton_repository(repo, ppt_onnx, "other", kind="python-torch", weights=ppt_weights)
+    assert (repo / "other_kernel_maps" / "1").is_dir()
 
 
 def test_python_torch_refuses_an_onnx_file_alone_or_other_weights(tmp_path, ppt_onnx):
@@ -224,6 +253,10 @@ def test_cli_refuses_bad_names_and_clashes_in_one_line_and_lists_what_it_replace
     again = subprocess.run([PONDER, "export", "triton-repo", str(ppt_onnx), "-o", str(repo), "--kind",
                             "python-onnxruntime"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and '"replaced": ["ponder", "ponder_kernel_maps", "ponder_encoder"]' in again.stderr
+    torch_kind = subprocess.run([PONDER, "export", "triton-repo", str(fixture_dir("ppt_v1m3_seg") / "checkpoint.pth"),
+                                 "-o", str(repo), "--kind", "python-torch"], capture_output=True, text=True, timeout=120)
+    assert torch_kind.returncode == 0, torch_kind.stderr
+    assert '"replaced": ["ponder", "ponder_encoder"], "removed": ["ponder_kernel_maps"]' in torch_kind.stderr
 
 
 def test_tensorrt_profiles_and_engine(tmp_path, ppt_onnx):

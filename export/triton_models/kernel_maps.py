@@ -1,11 +1,11 @@
 """Step 1 of the ponder ensemble (Triton Python backend): the kernel-map tables of a request.
 
 Inputs ``grid_coord (M, 3) INT32``, ``batch (M,) INT32``, ``feat (M, C) FP32`` and, for conditional models,
-``condition (1,) INT64``. ``feat`` and ``condition`` are only checked here (rows, channels, range): the
-encoder takes them straight from the ensemble, and a table built for other rows would silently read the
-wrong voxels. Outputs every table the config lists, in the config's data type, built by
-``model.sparse.kernel_maps.build_kernel_maps`` on the instance's device; GPU instances hand the tables to the
-encoder through DLPack without a host copy. A bad request is answered with INVALID_ARG (a client error).
+``condition (1,) INT64``. ``feat`` and ``condition`` are only checked here (`export.scene_request`): the
+encoder takes them straight from the ensemble. Outputs every table the config lists, in the config's data
+type, built by ``model.sparse.kernel_maps.build_kernel_maps`` on the instance's device; GPU instances hand
+the tables to the encoder through DLPack without a host copy. A bad request is answered with INVALID_ARG
+(a client error).
 
 Needs the ponder package importable by the stub's Python (``ponder worker --triton`` arranges that).
 """
@@ -16,6 +16,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
+from export.scene_request import check_scene_request
 from model.sparse.kernel_maps import KernelMapError, build_kernel_maps
 
 TORCH_TYPES = {"TYPE_INT32": torch.int32, "TYPE_INT64": torch.int64}
@@ -55,13 +56,9 @@ class TritonPythonModel:
         grid = pb_utils.get_input_tensor_by_name(request, "grid_coord").as_numpy()
         batch = pb_utils.get_input_tensor_by_name(request, "batch").as_numpy()
         feat = pb_utils.get_input_tensor_by_name(request, "feat").as_numpy()
-        if feat.shape != (len(grid), self.in_channels):
-            raise ValueError(f"feat must have shape ({len(grid)}, {self.in_channels}) for {len(grid)} voxels, "
-                             f"got {tuple(feat.shape)}")
-        if self.num_conditions:
-            condition = pb_utils.get_input_tensor_by_name(request, "condition").as_numpy().reshape(-1)
-            if not 0 <= int(condition[0]) < self.num_conditions:
-                raise ValueError(f"condition index {int(condition[0])} out of range [0, {self.num_conditions})")
+        condition = pb_utils.get_input_tensor_by_name(request, "condition") if self.num_conditions else None
+        check_scene_request(grid, feat, None if condition is None else condition.as_numpy(), self.in_channels,
+                            self.num_conditions)
         maps = build_kernel_maps(torch.from_numpy(grid).to(self.device), torch.from_numpy(batch).to(self.device),
                                  num_levels=self.num_levels, stem_kernel=self.stem_kernel)
         return dict(zip(maps.table_names(), maps.tables()))

@@ -1,8 +1,13 @@
-"""Step 2 of the ponder ensemble for ``--kind python-torch``: the checkpoint in ``checkpoint/`` beside this file,
-run by ponder's torch engine inside a Triton Python-backend model. Same tensors as the ONNX encoder's step (the
-tables of step 1 in, ``backbone_feat`` [+ ``seg_logits``] out), computed as the in-process worker computes them:
-valid pairs on CPU instances (3-4x faster than the exported gather graph in onnxruntime there), the gather
-formulation on GPU instances. ``ponder.threads`` sets torch's intra-op threads (0 = torch's default).
+"""The one step of the ponder ensemble for ``--kind python-torch``: the checkpoint in ``checkpoint/`` beside this
+file, run by ponder's torch engine inside a Triton Python-backend model, exactly as the in-process worker runs
+it: the gateway's tensors in (``grid_coord``, ``batch``, ``feat`` [, ``condition``]), kernel maps built here on
+the instance's device, then the engine (valid pairs on CPU instances, 3-4x faster than the exported gather graph
+in onnxruntime there; the gather formulation on GPU instances); ``backbone_feat`` [+ ``seg_logits``] out.
+
+Building the tables here rather than in a kernel-map step keeps them out of Triton's shared memory: on CPU that
+copy into and out of ``/dev/shm`` was ~20 % of a request (0.8 GB of tables at 1M voxels). A bad request is
+answered with INVALID_ARG (a client error), as the kernel-map step answers it. ``ponder.threads`` sets torch's
+intra-op threads (0 = torch's default).
 
 Needs the ponder package importable by the stub's Python (``ponder worker --triton`` arranges that).
 """
@@ -13,12 +18,14 @@ import os
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-from torch.utils.dlpack import from_dlpack, to_dlpack
+from torch.utils.dlpack import to_dlpack
 
+from export.scene_request import check_scene_request
 from model.checkpoint import load_checkpoint
 from model.engine.encoder import engine_formulation
 from model.engine.memory import reuse_freed_memory
 from model.engine.unet import SpUNetEngine
+from model.sparse.kernel_maps import KernelMapError
 
 
 class TritonPythonModel:
@@ -31,7 +38,8 @@ class TritonPythonModel:
         reuse_freed_memory()  # as every ponder command: freed buffers stay in the heap for the next request
         gpu = args.get("model_instance_kind") == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
-        self.inputs = [i["name"] for i in config["input"]]
+        self.in_channels = int(params["ponder.in_channels"])
+        self.num_conditions = int(params["ponder.num_conditions"])
         self.outputs = [o["name"] for o in config["output"]]
         folder = os.path.join(args["model_repository"], args["model_version"], "checkpoint")
         engine = SpUNetEngine.from_loaded(load_checkpoint(folder), heads="seg_logits" in self.outputs,
@@ -42,24 +50,36 @@ class TritonPythonModel:
         self.engine = engine.to(self.device).eval()
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            tensors = [self._input(request, name) for name in self.inputs]
-            try:
-                with torch.no_grad():
-                    values = self.engine(*tensors)
-            except Exception as exc:  # noqa: BLE001 - step 1 checked the input, so this is the server's fault
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"torch engine: {exc}")))
-                continue
-            responses.append(pb_utils.InferenceResponse(
-                output_tensors=[self._output(name, value) for name, value in zip(self.outputs, values)]))
-        return responses
+        return [self._answer(request) for request in requests]
 
-    def _input(self, request, name):
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
-        if tensor.is_cpu():
-            return torch.from_numpy(tensor.as_numpy()).to(self.device)
-        return from_dlpack(tensor.to_dlpack()).to(self.device)
+    def _answer(self, request):
+        try:
+            inputs = self._inputs(request)
+        except (KernelMapError, ValueError) as exc:
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(str(exc), code=pb_utils.TritonError.INVALID_ARG))
+        try:
+            with torch.no_grad():
+                values = self.engine(*inputs)
+        except Exception as exc:  # noqa: BLE001 - the input was checked above, so this is the server's fault
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"torch engine: {exc}"))
+        return pb_utils.InferenceResponse(
+            output_tensors=[self._output(name, value) for name, value in zip(self.outputs, values)])
+
+    def _inputs(self, request):
+        """The engine's arguments: the request's features, the tables built from its voxels, its condition."""
+        def array(name):
+            return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+        grid, batch, feat = array("grid_coord"), array("batch"), array("feat")
+        index = check_scene_request(grid, feat, array("condition") if self.num_conditions else None,
+                                    self.in_channels, self.num_conditions)
+        maps = self.engine.kernel_maps(torch.from_numpy(grid).to(self.device),
+                                       torch.from_numpy(batch).to(self.device))
+        inputs = (torch.from_numpy(feat).to(self.device), *maps.tables())
+        if self.engine.conditions:
+            inputs += (torch.tensor([index or 0], dtype=torch.int64, device=self.device),)
+        return inputs
 
     def _output(self, name, value):
         value = value.contiguous()
