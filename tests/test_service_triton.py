@@ -153,6 +153,96 @@ def test_bad_input_is_a_client_error_not_a_hang(stack):
         triton.close()
 
 
+def _triton_inputs(client, grid: np.ndarray) -> list:
+    inputs = []
+    for name, array, dtype in (("grid_coord", grid.astype(np.int32), "INT32"), ("batch", np.zeros(len(grid), np.int32),
+                                                                                "INT32"),
+                               ("feat", np.random.default_rng(0).random((len(grid), 6), np.float32), "FP32")):
+        inputs.append(client.InferInput(name, list(array.shape), dtype))
+        inputs[-1].set_data_from_numpy(array)
+    return inputs
+
+
+def test_a_scene_whose_deadline_passed_in_the_queue_is_skipped_not_computed(stack):
+    """The gateway sends its deadline with each call (export/scene_request.py). A scene still queued in Triton
+    once it has passed (behind a large scene sent straight to Triton; the gateway has answered 504) is skipped
+    by the step, not computed for nobody, and the worker serves the next request."""
+    import tritonclient.http as client
+
+    from export.scene_request import DEADLINE_GRACE_S
+
+    _, state, ports, gateway, _ = stack[:5]
+    worker = state["worker"]
+    url, model = f"127.0.0.1:{ports[0]}", "spunet_v1m1_seg" + TORCH_SUFFIX  # python-torch: one step, no check between
+    side = 89
+    block = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)  # 704,969 voxels
+    triton = client.InferenceServerClient(url, network_timeout=300)
+    body = npz_bytes(scene(1000, seed=5))
+
+    def counts() -> tuple[int, int]:
+        stats = triton.get_inference_statistics(model + "_encoder")["model_stats"][0]["inference_stats"]
+        return int(stats["success"]["count"]), int(stats["fail"]["count"])
+
+    def busy(done: list) -> None:
+        other = client.InferenceServerClient(url, network_timeout=300)
+        start = time.perf_counter()
+        try:
+            done.append(other.infer(model, _triton_inputs(client, block)).as_numpy("backbone_feat").shape)
+        finally:
+            done.append(time.perf_counter() - start)
+            other.close()
+
+    try:
+        before = counts()
+        skipped_before = worker.log.read_text().count(f"{model}_encoder: skipped")
+        done: list = []
+        thread = threading.Thread(target=busy, args=(done,))
+        thread.start()
+        time.sleep(0.5)  # the large scene is running; the next one waits behind it
+        late = post(gateway, "/v1/features", body, model=model, timeout_s=1)
+        assert late.status_code == 504, late.text
+        thread.join(120)
+        assert done[0] == (len(block), 24)
+        assert done[1] > 0.5 + 1 + DEADLINE_GRACE_S + 1, f"the large scene took {done[1]:.1f} s: too short a queue"
+        after = post(gateway, "/v1/features", body, model=model)
+        assert after.status_code == 200, after.text
+        # the 504'd scene reached the step after the large one and was skipped there (Triton counts an answered
+        # error as a success of the step, so the worker's log says which)
+        assert counts()[0] - before[0] == 3
+        skipped = [line for line in worker.log.read_text().splitlines()
+                   if f"{model}_encoder: skipped: the caller's deadline passed" in line]
+        assert len(skipped) == skipped_before + 1, skipped
+    finally:
+        triton.close()
+
+
+def test_a_passed_or_malformed_deadline_is_answered_by_every_kind(stack):
+    """Straight to Triton: a request whose deadline passed is skipped (CANCELLED), a deadline that is not an
+    integer is a client error, a future one is served (python-onnxruntime: checked by both steps; python-torch: its one)."""
+    import tritonclient.http as client
+
+    from export.scene_request import DEADLINE_PARAMETER
+
+    ports = stack[2]
+    triton = client.InferenceServerClient(f"127.0.0.1:{ports[0]}", network_timeout=60)
+    inputs = _triton_inputs(client, np.array([[0, 0, 0], [0, 0, 1], [5, 5, 5]]))
+    try:
+        for model in ("spunet_v1m1_seg", "spunet_v1m1_seg" + TORCH_SUFFIX):
+            now_ms = int(time.time() * 1000)
+            answer = triton.infer(model, inputs, parameters={DEADLINE_PARAMETER: now_ms + 60_000})
+            assert answer.as_numpy("backbone_feat").shape == (3, 24)
+            # a skip is CANCELLED, which Triton 2.51's HTTP endpoint answers with 400 (gRPC: CANCELLED); the
+            # gateway reads the text and treats it as transient (service/workers/triton_endpoint.py)
+            for deadline, text in ((now_ms - 5000, "skipped: the caller's deadline passed"),
+                                   ("soon", f"{DEADLINE_PARAMETER} must be an integer")):
+                with pytest.raises(Exception) as info:
+                    triton.infer(model, inputs, parameters={DEADLINE_PARAMETER: deadline})
+                assert text in info.value.message(), (model, info.value.message())
+                assert info.value.status() == "400", (model, info.value.status(), info.value.message())
+    finally:
+        triton.close()
+
+
 def test_dead_endpoint_is_retried_around_and_its_breaker_opens(stack):
     gateway = stack[3]
     body = npz_bytes(scene(1000, seed=4))

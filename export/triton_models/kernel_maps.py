@@ -5,7 +5,7 @@ Inputs ``grid_coord (M, 3) INT32``, ``batch (M,) INT32``, ``feat (M, C) FP32`` a
 encoder takes them straight from the ensemble. Outputs every table the config lists, in the config's data
 type, built by ``model.sparse.kernel_maps.build_kernel_maps`` on the instance's device; GPU instances hand
 the tables to the encoder through DLPack without a host copy. A bad request is answered with INVALID_ARG
-(a client error).
+(a client error); one whose caller's deadline has passed is skipped (CANCELLED).
 
 Needs the ponder package importable by the stub's Python (``ponder worker --triton`` arranges that).
 """
@@ -16,7 +16,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from export.scene_request import check_scene_request
+from export.scene_request import check_scene_request, skip_reason
 from model.sparse.kernel_maps import KernelMapError, build_kernel_maps
 
 TORCH_TYPES = {"TYPE_INT32": torch.int32, "TYPE_INT64": torch.int64}
@@ -25,6 +25,7 @@ TORCH_TYPES = {"TYPE_INT32": torch.int32, "TYPE_INT64": torch.int64}
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        self.name = args["model_name"]
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.num_levels = int(params["ponder.num_levels"])
         self.stem_kernel = int(params["ponder.stem_kernel"])
@@ -39,6 +40,11 @@ class TritonPythonModel:
 
     def _answer(self, request):
         try:
+            skipped = skip_reason(request.parameters())  # the caller has given up (see export.scene_request)
+            if skipped:
+                pb_utils.Logger.log_warn(f"{self.name}: {skipped}")
+                return pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(skipped, code=pb_utils.TritonError.CANCELLED))
             tables = self._tables(request)
         except (KernelMapError, ValueError) as exc:
             return pb_utils.InferenceResponse(

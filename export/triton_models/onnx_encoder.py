@@ -3,8 +3,9 @@ beside this file) in onnxruntime, inside a Triton Python-backend model. Same ten
 backend's model, for Triton builds that ship only the Python backend (the one inside nvidia-pytriton).
 
 GPU instances use onnxruntime's CUDA provider when this onnxruntime has it; ``ponder.threads`` sets the
-intra-op threads (0 = onnxruntime's default). Needs the ponder package importable by the stub's Python (``ponder
-worker --triton`` arranges that), for its onnxruntime settings.
+intra-op threads (0 = onnxruntime's default). A request whose caller's deadline has passed while it waited
+is skipped (CANCELLED; see export.scene_request). Needs the ponder package importable by the stub's Python
+(``ponder worker --triton`` arranges that), for its onnxruntime settings.
 """
 
 import json
@@ -15,11 +16,13 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from export.ort_session import release_arena_after_run, session_options
+from export.scene_request import skip_reason
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        self.name = args["model_name"]
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         threads = int(params.get("ponder.threads", "0"))
         providers = ["CPUExecutionProvider"]
@@ -36,6 +39,15 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            try:  # step 1 refused a malformed deadline; one that passed while this waited here skips the scene
+                skipped = skip_reason(request.parameters())
+            except ValueError:
+                skipped = None
+            if skipped:
+                pb_utils.Logger.log_warn(f"{self.name}: {skipped}")
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(skipped, code=pb_utils.TritonError.CANCELLED)))
+                continue
             feeds = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
             try:
                 values = self.session.run(self.outputs, feeds, self.run_options)

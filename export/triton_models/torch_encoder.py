@@ -6,8 +6,8 @@ in onnxruntime there; the gather formulation on GPU instances); ``backbone_feat`
 
 Building the tables here rather than in a kernel-map step keeps them out of Triton's shared memory: on CPU that
 copy into and out of ``/dev/shm`` was ~20 % of a request (0.8 GB of tables at 1M voxels). A bad request is
-answered with INVALID_ARG (a client error), as the kernel-map step answers it. ``ponder.threads`` sets torch's
-intra-op threads (0 = torch's default).
+answered with INVALID_ARG (a client error), as the kernel-map step answers it; one whose caller's deadline
+has passed is skipped (CANCELLED). ``ponder.threads`` sets torch's intra-op threads (0 = torch's default).
 
 Needs the ponder package importable by the stub's Python (``ponder worker --triton`` arranges that).
 """
@@ -20,7 +20,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from export.scene_request import check_scene_request
+from export.scene_request import check_scene_request, skip_reason
 from model.checkpoint import load_checkpoint
 from model.engine.encoder import engine_formulation
 from model.engine.memory import reuse_freed_memory
@@ -31,6 +31,7 @@ from model.sparse.kernel_maps import KernelMapError
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        self.name = args["model_name"]
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         threads = int(params.get("ponder.threads", "0"))
         if threads > 0:
@@ -54,6 +55,11 @@ class TritonPythonModel:
 
     def _answer(self, request):
         try:
+            skipped = skip_reason(request.parameters())  # the caller has given up (see export.scene_request)
+            if skipped:
+                pb_utils.Logger.log_warn(f"{self.name}: {skipped}")
+                return pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(skipped, code=pb_utils.TritonError.CANCELLED))
             inputs = self._inputs(request)
         except (KernelMapError, ValueError) as exc:
             return pb_utils.InferenceResponse(

@@ -19,9 +19,10 @@ Robustness: endpoints are used round-robin; each has a circuit breaker (``breake
 failures open it for ``breaker_reset_s``, then one trial call decides); transient errors (connection,
 UNAVAILABLE, a model that is not loaded (yet), a dead Python stub, 5xx) are retried on the next endpoint with
 exponential backoff and end as 503 + Retry-After naming each endpoint's last error; input errors are not
-retried (422). In-flight requests are bounded by ``queue_size`` (503 beyond it). Readiness and model-list
-calls are bounded by ``CONTROL_TIMEOUT_S``, so a stalled server cannot hang /readyz. gRPC channels reconnect
-within a second once a worker is back.
+retried (422). Each call carries the request's deadline (`deadline_parameters`): a scene still queued in
+Triton when it passes is skipped there, not computed for nobody. In-flight requests are bounded by
+``queue_size`` (503 beyond it). Readiness and model-list calls are bounded by ``CONTROL_TIMEOUT_S``, so a
+stalled server cannot hang /readyz. gRPC channels reconnect within a second once a worker is back.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import numpy as np
 import pybreaker
 import tenacity
 
+from export.scene_request import DEADLINE_PARAMETER
+from model.cancel import CancelToken
 from model.conditions import condition_index
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
@@ -49,6 +52,14 @@ LOG = logging.getLogger("service.triton")
 # Bound of each readiness / model-list call: a stalled (SIGSTOPped, wedged) server must not hang /readyz,
 # and a healthy one answers these in milliseconds.
 CONTROL_TIMEOUT_S = 2.0
+
+
+def deadline_parameters(token: CancelToken | None) -> dict[str, int]:
+    """A job's deadline as the Triton steps read it (`export.scene_request`: Unix time in ms), or {} without
+    one. Sent per call, since the token's clock (monotonic) means nothing on another host."""
+    if token is None or token.deadline is None:
+        return {}
+    return {DEADLINE_PARAMETER: int((time.time() + token.deadline - time.monotonic()) * 1000)}
 
 
 class TritonWorker(Worker):
@@ -359,7 +370,8 @@ class TritonWorker(Worker):
                         other = "does not serve it" if mine is None else card_differences(mine, served)
                         result = None
                     else:
-                        result = await endpoint.client.infer(job.model, inputs, outputs=outputs)
+                        result = await endpoint.client.infer(job.model, inputs, outputs=outputs,
+                                                             parameters=deadline_parameters(job.cancel) or None)
                 except Exception as exc:  # noqa: BLE001 - sorted into input / transient / unexpected
                     error = classify_error(exc)
                     if error is exc:

@@ -21,7 +21,8 @@ _INPUT = {"StatusCode.INVALID_ARGUMENT", "StatusCode.FAILED_PRECONDITION", "Stat
 # A model that is not (yet / any more) loaded or a stub that died reads like this whatever the status says;
 # the gateway checked the model name against the server's own list, so none of them is the input's fault.
 _TRANSIENT_TEXT = re.compile(r"unknown model|is not ready|no available versions|is not healthy|stub process|"
-                             r"server is stopping|socket closed", re.IGNORECASE)
+                             r"server is stopping|socket closed|"
+                             r"the caller's deadline passed", re.IGNORECASE)  # export.scene_request: clock skew
 _EXCEPTION_LINE = re.compile(r"^\s*(?:\w+\.)*\w*(?:Error|Exception): .+$", re.MULTILINE)
 CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
                  ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
