@@ -194,7 +194,7 @@ def test_a_scene_whose_deadline_passed_in_the_queue_is_skipped_not_computed(stac
 
     try:
         before = counts()
-        skipped_before = worker.log.read_text().count(f"{model}_encoder: skipped")
+        skipped_before = worker.log.read_text().count(f"{model}_encoder: request ")
         done: list = []
         thread = threading.Thread(target=busy, args=(done,))
         thread.start()
@@ -210,8 +210,9 @@ def test_a_scene_whose_deadline_passed_in_the_queue_is_skipped_not_computed(stac
         # error as a success of the step, so the worker's log says which)
         assert counts()[0] - before[0] == 3
         skipped = [line for line in worker.log.read_text().splitlines()
-                   if f"{model}_encoder: skipped: the caller's deadline passed" in line]
+                   if f"{model}_encoder: request " in line and "skipped: the caller's deadline passed" in line]
         assert len(skipped) == skipped_before + 1, skipped
+        assert f"request {late.headers['x-request-id']}: skipped" in skipped[-1]  # the gateway's id, in the worker
     finally:
         triton.close()
 

@@ -42,7 +42,7 @@ class TritonPythonModel:
         try:
             skipped = skip_reason(request.parameters())  # the caller has given up (see export.scene_request)
             if skipped:
-                pb_utils.Logger.log_warn(f"{self.name}: {skipped}")
+                pb_utils.Logger.log_warn(f"{self.name}: request {request.request_id() or '-'}: {skipped}")
                 return pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(skipped, code=pb_utils.TritonError.CANCELLED))
             tables = self._tables(request)

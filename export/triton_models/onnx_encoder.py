@@ -44,7 +44,7 @@ class TritonPythonModel:
             except ValueError:
                 skipped = None
             if skipped:
-                pb_utils.Logger.log_warn(f"{self.name}: {skipped}")
+                pb_utils.Logger.log_warn(f"{self.name}: request {request.request_id() or '-'}: {skipped}")
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(skipped, code=pb_utils.TritonError.CANCELLED)))
                 continue

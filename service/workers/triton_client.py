@@ -19,8 +19,8 @@ Robustness: endpoints are used round-robin; each has a circuit breaker (``breake
 failures open it for ``breaker_reset_s``, then one trial call decides); transient errors (connection,
 UNAVAILABLE, a model that is not loaded (yet), a dead Python stub, 5xx) are retried on the next endpoint with
 exponential backoff and end as 503 + Retry-After naming each endpoint's last error; input errors are not
-retried (422). Each call carries the request's deadline (`deadline_parameters`): a scene still queued in
-Triton when it passes is skipped there, not computed for nobody. In-flight requests are bounded by
+retried (422). Each call carries the request's id and deadline (`deadline_parameters`): a scene still queued
+in Triton when it passes is skipped there, not computed for nobody, and the step's log line names the id. In-flight requests are bounded by
 ``queue_size`` (503 beyond it). Readiness and model-list calls are bounded by ``CONTROL_TIMEOUT_S``, so a
 stalled server cannot hang /readyz. gRPC channels reconnect within a second once a worker is back.
 """
@@ -39,6 +39,7 @@ import tenacity
 from export.scene_request import DEADLINE_PARAMETER
 from model.cancel import CancelToken
 from model.conditions import condition_index
+from service.logs import request_id_var
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 from service.workers.base import (EncodeJob, EncodeOutput, ModelCard, Worker, WorkerBusy, WorkerInputError,
@@ -371,6 +372,7 @@ class TritonWorker(Worker):
                         result = None
                     else:
                         result = await endpoint.client.infer(job.model, inputs, outputs=outputs,
+                                                             request_id=request_id_var.get() or "",
                                                              parameters=deadline_parameters(job.cancel) or None)
                 except Exception as exc:  # noqa: BLE001 - sorted into input / transient / unexpected
                     error = classify_error(exc)
