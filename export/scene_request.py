@@ -11,7 +11,8 @@ ms, set by the gateway to its own request deadline): a request still queued when
 skipped, not run, as the in-process worker skips an expired job. Triton does not pass a client's cancellation
 on to a step that is already queued, so without this a worker behind on a queue of large scenes would compute
 every abandoned one before the next live one. The clocks of gateway and worker hosts are assumed in sync
-(NTP); ``DEADLINE_GRACE_S`` absorbs small skews.
+(NTP); ``DEADLINE_GRACE_S`` absorbs small skews. `checked` is what every Python step does first with a
+request: skip it, refuse it, or read it.
 """
 
 from __future__ import annotations
@@ -61,3 +62,20 @@ def skip_reason(parameters: str | dict | None) -> str | None:
     """Why a step skips this request (its caller's deadline passed), or None to run it; ValueError as above."""
     late = seconds_past_deadline(parameters)
     return None if late is None else f"skipped: the caller's deadline passed {late:.1f} s before its turn"
+
+
+def checked(request, model_name: str, pb_utils, read):
+    """What a Python step does first with a request: ``(read(request), None)`` to work on it, else ``(None, the
+    error response)``: skipped (CANCELLED, and a warning naming the step and the request id) when its caller's
+    deadline passed, INVALID_ARG when ``read`` refuses the input (ValueError, KernelMapError included).
+    ``pb_utils`` is the stub's ``triton_python_backend_utils``, which exists only inside Triton."""
+    try:
+        skipped = skip_reason(request.parameters())
+        if skipped:
+            pb_utils.Logger.log_warn(f"{model_name}: request {request.request_id() or '-'}: {skipped}")
+            return None, pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(skipped, code=pb_utils.TritonError.CANCELLED))
+        return read(request), None
+    except ValueError as exc:
+        return None, pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(str(exc), code=pb_utils.TritonError.INVALID_ARG))

@@ -16,8 +16,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from export.scene_request import check_scene_request, skip_reason
-from model.sparse.kernel_maps import KernelMapError, build_kernel_maps
+from export.scene_request import check_scene_request, checked
+from model.sparse.kernel_maps import build_kernel_maps
 
 TORCH_TYPES = {"TYPE_INT32": torch.int32, "TYPE_INT64": torch.int64}
 
@@ -39,16 +39,9 @@ class TritonPythonModel:
         return [self._answer(request) for request in requests]
 
     def _answer(self, request):
-        try:
-            skipped = skip_reason(request.parameters())  # the caller has given up (see export.scene_request)
-            if skipped:
-                pb_utils.Logger.log_warn(f"{self.name}: request {request.request_id() or '-'}: {skipped}")
-                return pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(skipped, code=pb_utils.TritonError.CANCELLED))
-            tables = self._tables(request)
-        except (KernelMapError, ValueError) as exc:
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(exc), code=pb_utils.TritonError.INVALID_ARG))
+        tables, refused = checked(request, self.name, pb_utils, self._tables)
+        if refused is not None:
+            return refused
         out = []
         for name, dtype in self.outputs:
             table = tables[name].to(dtype).contiguous()

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from export.ort_session import release_arena_after_run, session_options
-from export.scene_request import skip_reason
+from export.scene_request import checked
 
 
 class TritonPythonModel:
@@ -38,17 +38,11 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = []
-        for request in requests:
-            try:  # step 1 refused a malformed deadline; one that passed while this waited here skips the scene
-                skipped = skip_reason(request.parameters())
-            except ValueError:
-                skipped = None
-            if skipped:
-                pb_utils.Logger.log_warn(f"{self.name}: request {request.request_id() or '-'}: {skipped}")
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(skipped, code=pb_utils.TritonError.CANCELLED)))
+        for request in requests:  # a scene whose caller's deadline passed while it waited here is skipped
+            feeds, refused = checked(request, self.name, pb_utils, self._feeds)
+            if refused is not None:
+                responses.append(refused)
                 continue
-            feeds = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
             try:
                 values = self.session.run(self.outputs, feeds, self.run_options)
             except Exception as exc:  # noqa: BLE001 - step 1 checked the input, so this is the server's fault
@@ -57,3 +51,6 @@ class TritonPythonModel:
             tensors = [pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in zip(self.outputs, values)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
+
+    def _feeds(self, request):
+        return {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}

@@ -20,12 +20,11 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from export.scene_request import check_scene_request, skip_reason
+from export.scene_request import check_scene_request, checked
 from model.checkpoint import load_checkpoint
 from model.engine.encoder import engine_formulation
 from model.engine.memory import reuse_freed_memory
 from model.engine.unet import SpUNetEngine
-from model.sparse.kernel_maps import KernelMapError
 
 
 class TritonPythonModel:
@@ -54,16 +53,9 @@ class TritonPythonModel:
         return [self._answer(request) for request in requests]
 
     def _answer(self, request):
-        try:
-            skipped = skip_reason(request.parameters())  # the caller has given up (see export.scene_request)
-            if skipped:
-                pb_utils.Logger.log_warn(f"{self.name}: request {request.request_id() or '-'}: {skipped}")
-                return pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(skipped, code=pb_utils.TritonError.CANCELLED))
-            inputs = self._inputs(request)
-        except (KernelMapError, ValueError) as exc:
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(exc), code=pb_utils.TritonError.INVALID_ARG))
+        inputs, refused = checked(request, self.name, pb_utils, self._inputs)
+        if refused is not None:
+            return refused
         try:
             with torch.no_grad():
                 values = self.engine(*inputs)
