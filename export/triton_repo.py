@@ -225,9 +225,11 @@ def check_no_clash(out_dir: Path, name: str, kind: str) -> tuple[str, ...]:
         if folder != name and (out_dir / folder).exists() and folder not in steps.get(name, set()):
             raise ValueError(f"{out_dir / folder} holds a model that is not part of an export of {name!r}; exporting "
                              f"--name {name!r} would replace it. Choose another --name")
-    return tuple(folder for folder in step_names(name) if folder not in written and folder in steps.get(name, set())
-                 and (out_dir / folder).is_dir() and not any(folder in listed for model, listed in steps.items()
-                                                             if model != name))
+    earlier = steps.get(name, set())
+    used_by_others = set().union(*(listed for model, listed in steps.items() if model != name))
+    return tuple(folder for folder in step_names(name)
+                 if folder in earlier and folder not in written and folder not in used_by_others
+                 and (out_dir / folder).is_dir())
 
 
 def repository_configs(onnx_path: str | Path, name: str, kind: str = "onnxruntime", device: str | None = None,

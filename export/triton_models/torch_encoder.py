@@ -75,8 +75,8 @@ class TritonPythonModel:
         maps = self.engine.kernel_maps(torch.from_numpy(grid).to(self.device),
                                        torch.from_numpy(batch).to(self.device))
         inputs = (torch.from_numpy(feat).to(self.device), *maps.tables())
-        if self.engine.conditions:
-            inputs += (torch.tensor([index or 0], dtype=torch.int64, device=self.device),)
+        if index is not None:  # a conditional model (the config and the checkpoint agree: same digest at export)
+            inputs += (torch.tensor([index], dtype=torch.int64, device=self.device),)
         return inputs
 
     def _output(self, name, value):
